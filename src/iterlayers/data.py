@@ -1,0 +1,150 @@
+"""Offline datasets. Nothing here downloads anything.
+
+Every loader returns a :class:`Dataset` of float32 features and int64 (classification) or float32
+(regression) targets, already split into train/test with a fixed seed, so experiments are reproducible.
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 samples, 64 features, 10 classes).
+- ``mnist1d``: the MNIST-1D benchmark, *generated* with ``mnist1d.data.make_dataset`` (never downloaded).
+- ``npz`` / ``pt`` files of a user: arrays ``x``, ``y`` (and optionally ``x_test``, ``y_test``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Dataset", "load_digits", "load_mnist1d", "load_file", "load_dataset", "DATASETS"]
+
+
+@dataclass
+class Dataset:
+    """A train/test split held as tensors."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int | None  # None for regression
+
+    @property
+    def num_features(self) -> int:
+        return int(np.prod(self.x_train.shape[1:]))
+
+    def subset(self, n_train: int | None = None, n_test: int | None = None) -> "Dataset":
+        """First ``n_train`` / ``n_test`` samples (the splits are already shuffled)."""
+        return Dataset(
+            self.name,
+            self.x_train[:n_train],
+            self.y_train[:n_train],
+            self.x_test[:n_test],
+            self.y_test[:n_test],
+            self.num_classes,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset({self.name!r}, train={tuple(self.x_train.shape)}, test={tuple(self.x_test.shape)}, "
+            f"classes={self.num_classes})"
+        )
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(x))
+    n_test = int(round(test_fraction * len(x)))
+    return x[perm[n_test:]], y[perm[n_test:]], x[perm[:n_test]], y[perm[:n_test]]
+
+
+def _standardize(x_train: np.ndarray, x_test: np.ndarray):
+    mean = x_train.mean(0, keepdims=True)
+    std = x_train.std(0, keepdims=True) + 1e-6
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def load_digits(*, seed: int = 0, test_fraction: float = 0.25, standardize: bool = True) -> Dataset:
+    """scikit-learn's bundled digits (8x8 images, flattened to 64 features, 10 classes)."""
+    from sklearn.datasets import load_digits as _sk_digits
+
+    bunch = _sk_digits()
+    x = bunch.data.astype(np.float64) / 16.0
+    y = bunch.target.astype(np.int64)
+    xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
+    if standardize:
+        xtr, xte = _standardize(xtr, xte)
+    return Dataset("digits", _f32(xtr), torch.from_numpy(ytr), _f32(xte), torch.from_numpy(yte), 10)
+
+
+def load_mnist1d(*, seed: int = 0, num_samples: int = 5000, train_split: float = 0.8) -> Dataset:
+    """MNIST-1D (40-sample 1-D signals, 10 classes), generated locally with ``make_dataset``."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = int(num_samples)
+    args.train_split = float(train_split)
+    args.seed = int(seed)
+    state = np.random.get_state()  # make_dataset reseeds numpy's global RNG; leave the caller's alone
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    return Dataset(
+        "mnist1d",
+        _f32(data["x"]),
+        torch.from_numpy(np.asarray(data["y"], dtype=np.int64)),
+        _f32(data["x_test"]),
+        torch.from_numpy(np.asarray(data["y_test"], dtype=np.int64)),
+        10,
+    )
+
+
+def load_file(path: str | Path, *, seed: int = 0, test_fraction: float = 0.25) -> Dataset:
+    """A user's ``.npz`` or ``.pt`` file holding ``x``, ``y`` and optionally ``x_test``, ``y_test``.
+
+    ``.pt`` files are read with ``weights_only=True``: loading data never executes code.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: np.asarray(f[k]) for k in f.files}
+    elif path.suffix == ".pt":
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: expected a dict of tensors with keys 'x' and 'y'")
+        arrays = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in obj.items()}
+    else:
+        raise ValueError(f"{path}: unsupported extension {path.suffix!r}; use .npz or .pt")
+    missing = {"x", "y"} - set(arrays)
+    if missing:
+        raise ValueError(f"{path}: missing arrays {sorted(missing)}; found {sorted(arrays)}")
+    x, y = arrays["x"], arrays["y"]
+    if len(x) != len(y):
+        raise ValueError(f"{path}: x has {len(x)} rows but y has {len(y)}")
+    if "x_test" in arrays and "y_test" in arrays:
+        xtr, ytr, xte, yte = x, y, arrays["x_test"], arrays["y_test"]
+    else:
+        xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
+    classification = np.issubdtype(np.asarray(y).dtype, np.integer)
+    conv = (lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64))) if classification else _f32
+    ncls = int(max(ytr.max(), yte.max()) + 1) if classification else None
+    return Dataset(path.stem, _f32(xtr), conv(ytr), _f32(xte), conv(yte), ncls)
+
+
+def _f32(a) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+DATASETS = {"digits": load_digits, "mnist1d": load_mnist1d}
+
+
+def load_dataset(name: str, *, seed: int = 0) -> Dataset:
+    """A built-in dataset by name, or a path to a ``.npz`` / ``.pt`` file."""
+    if name in DATASETS:
+        return DATASETS[name](seed=seed)
+    if name.endswith((".npz", ".pt")):
+        return load_file(name, seed=seed)
+    raise ValueError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)} or a path to a .npz/.pt file")
