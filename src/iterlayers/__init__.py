@@ -1,2 +1,53 @@
-"""iterlayers: deep networks whose layers are iterative algorithms."""
+"""iterlayers: deep networks whose layers are iterative algorithms.
+
+Core API (see README.md):
+
+- :func:`solve` — batched fixed-point solvers (Picard, Anderson, Broyden, GMRES) with per-sample stopping.
+- :func:`deq_solve` — a differentiable fixed point with a choice of gradient mode.
+- :class:`DEQ` — the equilibrium layer as an ``nn.Module``.
+"""
+from .implicit import BACKWARD_MODES, deq_solve, implicit_backward
+from .layers import DEQ
+from .solvers import (
+    SOLVERS,
+    AndersonSolver,
+    BroydenSolver,
+    ConvergenceError,
+    ConvergenceWarning,
+    FixedPointSolver,
+    GMRESSolver,
+    IterlayersError,
+    NonFiniteInputError,
+    PicardSolver,
+    ShapeMismatchError,
+    Solution,
+    SolverStats,
+    make_solver,
+    register_solver,
+    solve,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "solve",
+    "Solution",
+    "deq_solve",
+    "implicit_backward",
+    "DEQ",
+    "BACKWARD_MODES",
+    "SOLVERS",
+    "make_solver",
+    "register_solver",
+    "FixedPointSolver",
+    "PicardSolver",
+    "AndersonSolver",
+    "BroydenSolver",
+    "GMRESSolver",
+    "SolverStats",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "IterlayersError",
+    "NonFiniteInputError",
+    "ShapeMismatchError",
+]

@@ -1,0 +1,164 @@
+"""Batched fixed-point solvers: tensors in, tensors and statistics out (no nn.Module, no autograd)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ._base import FixedPointSolver
+from ._loop import ON_FAILURE, run_loop
+from .anderson import AndersonSolver
+from .broyden import BroydenSolver
+from .errors import (
+    ConvergenceError,
+    ConvergenceWarning,
+    IterlayersError,
+    NonFiniteInputError,
+    ShapeMismatchError,
+)
+from .gmres import GMRESSolver
+from .picard import PicardSolver
+from .stats import CONVERGED, DIVERGED, MAX_ITER, SolverStats
+
+__all__ = [
+    "solve",
+    "Solution",
+    "make_solver",
+    "register_solver",
+    "SOLVERS",
+    "FixedPointSolver",
+    "PicardSolver",
+    "AndersonSolver",
+    "BroydenSolver",
+    "GMRESSolver",
+    "SolverStats",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "IterlayersError",
+    "NonFiniteInputError",
+    "ShapeMismatchError",
+    "CONVERGED",
+    "DIVERGED",
+    "MAX_ITER",
+]
+
+SOLVERS: dict[str, type[FixedPointSolver]] = {
+    "picard": PicardSolver,
+    "anderson": AndersonSolver,
+    "broyden": BroydenSolver,
+    "gmres": GMRESSolver,
+}
+
+
+def register_solver(cls: type[FixedPointSolver]) -> type[FixedPointSolver]:
+    """Register a solver class under ``cls.name`` (usable as a decorator)."""
+    SOLVERS[cls.name] = cls
+    return cls
+
+
+def make_solver(solver: str | FixedPointSolver, options: dict | None = None) -> FixedPointSolver:
+    """A solver value from its name and options; unknown names or options raise a TypeError naming the valid ones."""
+    options = dict(options or {})
+    if isinstance(solver, FixedPointSolver):
+        if options:
+            raise TypeError(f"options {sorted(options)} given with a solver instance; set them on the instance")
+        solver.validate()
+        return solver
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; valid: {sorted(SOLVERS)}")
+    cls = SOLVERS[solver]
+    unknown = sorted(set(options) - set(cls.option_names()))
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {unknown} for solver {solver!r}; valid options: {cls.option_names()} "
+            f"plus solve()'s atol, rtol, max_iter, on_failure, return_trace, divergence_ratio"
+        )
+    inst = cls(**options)
+    inst.validate()
+    return inst
+
+
+@dataclass
+class Solution:
+    """The result of :func:`solve`: the fixed point ``z`` (shaped like ``z0``) and its :class:`SolverStats`."""
+
+    z: torch.Tensor | tuple
+    stats: SolverStats
+
+    def __iter__(self):
+        return iter((self.z, self.stats))
+
+
+def check_common(atol, rtol, max_iter, on_failure, divergence_ratio) -> None:
+    """Validate the options every solve shares; errors name the option."""
+    if not (isinstance(atol, (int, float)) and atol >= 0):
+        raise ValueError(f"atol must be a non-negative number, got {atol!r}")
+    if not (isinstance(rtol, (int, float)) and rtol >= 0):
+        raise ValueError(f"rtol must be a non-negative number, got {rtol!r}")
+    if atol == 0 and rtol == 0:
+        raise ValueError("atol and rtol are both 0: no sample could ever be declared converged")
+    if not (isinstance(max_iter, int) and max_iter >= 0):
+        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+    if on_failure not in ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {list(ON_FAILURE)}, got {on_failure!r}")
+    if not (isinstance(divergence_ratio, (int, float)) and divergence_ratio > 1):
+        raise ValueError(f"divergence_ratio must be a number > 1, got {divergence_ratio!r}")
+
+
+def solve(
+    f: Callable,
+    z0,
+    *,
+    args: Sequence = (),
+    solver: str | FixedPointSolver = "anderson",
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    max_iter: int = 100,
+    on_failure: str = "warn",
+    return_trace: bool = False,
+    divergence_ratio: float = 1e6,
+    **solver_options,
+) -> Solution:
+    """Solve the fixed-point problem ``z = f(z, *args)`` for a batch of samples (without gradients).
+
+    Args:
+        f: maps a batched state (a tensor, or a tuple of tensors, first dimension = batch) to a state of the
+            same structure, shape and dtype.
+        z0: the initial state.
+        args: batched inputs passed to ``f`` after ``z``. Passing inputs here (rather than capturing them in
+            a closure) lets the loop evaluate ``f`` on the unconverged samples alone.
+        solver: ``"picard"``, ``"anderson"``, ``"broyden"``, ``"gmres"`` (affine maps), or a solver instance.
+        atol, rtol: sample ``i`` has converged when ``||f(z_i) - z_i|| <= atol + rtol * ||f(z_i)||``.
+        max_iter: iteration limit.
+        on_failure: ``"raise"`` a :class:`ConvergenceError`, ``"warn"`` with a :class:`ConvergenceWarning`,
+            or ``"ignore"``; in every case the best iterate of each sample is returned and the failure is
+            visible in ``stats``.
+        return_trace: record the per-sample residual after every iteration.
+        divergence_ratio: a sample whose residual exceeds this multiple of its initial residual (or gets
+            NaN/Inf) is declared diverged and frozen.
+        **solver_options: options of the chosen solver (e.g. ``m``, ``lam``, ``damping`` for Anderson).
+
+    Returns:
+        :class:`Solution` with ``z`` and ``stats``.
+    """
+    check_common(atol, rtol, max_iter, on_failure, divergence_ratio)
+    s = make_solver(solver, solver_options)
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    # solve() never differentiates (use iterlayers.deq_solve / DEQ for gradients): building a graph
+    # through every iteration would cost memory proportional to max_iter for nothing.
+    with torch.no_grad():
+        z, stats = run_loop(
+            f,
+            z0,
+            solver=s,
+            args=args,
+            atol=float(atol),
+            rtol=float(rtol),
+            max_iter=max_iter,
+            on_failure=on_failure,
+            return_trace=return_trace,
+            divergence_ratio=float(divergence_ratio),
+        )
+    return Solution(z, stats)

@@ -1,0 +1,181 @@
+"""The one generic solver loop: per-sample stopping, residuals, divergence, best iterate, statistics.
+
+Every solver in :mod:`iterlayers.solvers` runs through :func:`run_loop`. A sample has converged when
+
+    ||f(z) - z||_2 <= atol + rtol * ||f(z)||_2        (2-norm over all non-batch dimensions).
+
+Converged samples are frozen. When the map receives its batched inputs through ``args`` (as
+:class:`iterlayers.DEQ` does), the active samples are gathered and ``f`` runs on them alone, so a converged
+sample costs nothing; a closure ``f(z)`` that captures batched tensors cannot be sliced and is evaluated on
+the whole batch (the frozen rows are then discarded).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+
+from ._base import FixedPointSolver
+from ._state import StateSpec, check_finite
+from .errors import ConvergenceError, ConvergenceWarning
+from .stats import CONVERGED, DIVERGED, MAX_ITER, SolverStats
+
+__all__ = ["run_loop", "ON_FAILURE"]
+
+ON_FAILURE = ("raise", "warn", "ignore")
+
+
+def _slice_args(args: Sequence, idx: torch.Tensor | None, batch: int) -> tuple:
+    if idx is None:
+        return tuple(args)
+    return tuple(
+        a.index_select(0, idx) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a
+        for a in args
+    )
+
+
+def run_loop(
+    f: Callable,
+    z0,
+    *,
+    solver: FixedPointSolver,
+    args: Sequence = (),
+    atol: float,
+    rtol: float,
+    max_iter: int,
+    on_failure: str,
+    return_trace: bool,
+    divergence_ratio: float,
+    check_inputs: bool = True,
+):
+    """Solve ``z = f(z, *args)`` from ``z0``; return ``(z, stats)`` with ``z`` shaped like ``z0``."""
+    spec = StateSpec.of(z0)
+    B = spec.batch_size
+    if check_inputs:
+        check_finite(z0, "z0")
+        for i, a in enumerate(args):
+            check_finite(a, f"args[{i}]")
+    sliceable = len(args) > 0
+
+    nfe = 0
+
+    def f_flat(zf: torch.Tensor, idx: torch.Tensor | None, full: torch.Tensor | None) -> torch.Tensor:
+        nonlocal nfe
+        nfe += 1
+        if idx is None or sliceable:
+            out = f(spec.unflatten(zf), *_slice_args(args, idx, B))
+            return spec.flatten(out)
+        # A closure cannot be sliced: evaluate the whole batch with the frozen rows in place.
+        zz = full.clone()
+        zz.index_copy_(0, idx, zf)
+        return spec.flatten(f(spec.unflatten(zz), *args)).index_select(0, idx)
+
+    z = spec.flatten(z0).clone()
+    nfe += 1
+    fz0 = f(z0, *args)
+    spec.check_output(fz0, B)
+    fz = spec.flatten(fz0).clone()
+
+    def residuals(zz, ff):
+        r = (ff - zz).norm(dim=1)
+        fn = ff.norm(dim=1)
+        return r, fn
+
+    res, fnorm = residuals(z, fz)
+    finite = torch.isfinite(res) & torch.isfinite(fz).all(1)
+    res = torch.where(finite, res, torch.full_like(res, float("inf")))
+    res0 = res.clone()
+    best_z, best_fz, best_res = z.clone(), fz.clone(), res.clone()
+    last_res = res.clone()
+    nstep = torch.zeros(B, dtype=torch.long, device=z.device)
+    converged = res <= atol + rtol * fnorm
+    diverged = ~finite
+    trace = [res.clone()] if return_trace else None
+    state = solver.init(z, fz)
+    div_limit = divergence_ratio * torch.maximum(res0, torch.full_like(res0, atol))
+
+    for _ in range(max_iter):
+        active = ~(converged | diverged)
+        n_active = int(active.sum())
+        if n_active == 0:
+            break
+        idx = None if n_active == B else active.nonzero().flatten()
+        za = z if idx is None else z.index_select(0, idx)
+        fza = fz if idx is None else fz.index_select(0, idx)
+        z_new, fz_new = solver.step(state, za, fza, idx, lambda zz, _i=idx: f_flat(zz, _i, z))
+        r_new, fn_new = residuals(z_new, fz_new)
+        ok = torch.isfinite(r_new) & torch.isfinite(fz_new).all(1)
+        r_new = torch.where(ok, r_new, torch.full_like(r_new, float("inf")))
+        if idx is None:
+            z, fz = z_new, fz_new
+            z_new_full, r_full, fn_full, ok_full = z, r_new, fn_new, ok
+            nstep += 1
+        else:
+            z.index_copy_(0, idx, z_new)
+            fz.index_copy_(0, idx, fz_new)
+            r_full = last_res.index_copy(0, idx, r_new)
+            fn_full = fnorm.index_copy(0, idx, fn_new)
+            ok_full = torch.ones_like(active).index_copy(0, idx, ok)
+            nstep += active.long()
+        fnorm = torch.where(active, fn_full, fnorm)
+        last_res = torch.where(active, r_full, last_res)
+        improved = active & (last_res < best_res)
+        if bool(improved.any()):
+            m = improved.unsqueeze(1)
+            best_z = torch.where(m, z, best_z)
+            best_fz = torch.where(m, fz, best_fz)
+            best_res = torch.where(improved, last_res, best_res)
+        converged = converged | (active & (last_res <= atol + rtol * fnorm))
+        diverged = diverged | (active & (~ok_full | (last_res > div_limit)))
+        if return_trace:
+            trace.append(last_res.clone())
+
+    # Return the best iterate of every sample: for a converged sample it is the converged one.
+    out_z, out_fz, out_res = best_z, best_fz, best_res
+    if solver.verify_final:
+        nfe += 1
+        out_fz = spec.flatten(f(spec.unflatten(out_z), *args))
+        out_res = (out_fz - out_z).norm(dim=1)
+        out_res = torch.where(torch.isfinite(out_res), out_res, torch.full_like(out_res, float("inf")))
+    out_fnorm = out_fz.norm(dim=1)
+    converged = out_res <= atol + rtol * out_fnorm
+    best_flag = best_res < last_res
+    status = CONVERGED if bool(converged.all()) else (DIVERGED if bool(diverged.any()) else MAX_ITER)
+    stats = SolverStats(
+        solver=solver.name,
+        nstep=nstep,
+        abs_residual=out_res,
+        rel_residual=out_res / out_fnorm.clamp_min(torch.finfo(out_fnorm.dtype).tiny),
+        converged=converged,
+        diverged=diverged & ~converged,
+        best=best_flag,
+        nfe=nfe,
+        status=status,
+        atol=float(atol),
+        rtol=float(rtol),
+        max_iter=int(max_iter),
+        trace=trace,
+        info=solver.extra_info(state),
+    )
+    if status != CONVERGED:
+        _report_failure(stats, on_failure)
+    return spec.unflatten(out_z), stats
+
+
+def _report_failure(stats: SolverStats, on_failure: str) -> None:
+    if on_failure == "ignore":
+        return
+    bad = (~stats.converged).nonzero().flatten()
+    shown = bad[:5].tolist()
+    what = "diverged (NaN/Inf or residual blow-up)" if stats.status == DIVERGED else "did not converge"
+    msg = (
+        f"{stats.solver} solve {what}: {len(bad)} of {stats.batch_size} samples above tolerance "
+        f"(atol={stats.atol:g}, rtol={stats.rtol:g}) after max_iter={stats.max_iter}; samples {shown}"
+        f"{'...' if len(bad) > 5 else ''} have residuals "
+        f"{[float(f'{r:.3g}') for r in stats.abs_residual[bad[:5]].tolist()]} after "
+        f"{stats.nstep[bad[:5]].tolist()} iterations"
+    )
+    if on_failure == "raise":
+        raise ConvergenceError(msg, stats)
+    warnings.warn(msg, ConvergenceWarning, stacklevel=4)

@@ -1,0 +1,99 @@
+"""Anderson acceleration (type II), batched, with ridge regularisation, damping and a safeguard.
+
+With the last ``n <= m`` iterates ``z_i`` and residuals ``g_i = f(z_i) - z_i`` of a sample, the mixing weights
+solve the constrained least-squares problem
+
+    alpha = argmin_{sum(alpha) = 1} || sum_i alpha_i g_i ||^2 + lam * s * ||alpha||^2,
+
+whose solution is ``alpha = a / sum(a)`` with ``(G G^T + lam s I) a = 1`` (``G`` stacks the ``g_i`` as rows and
+``s`` is the mean of ``diag(G G^T)``, so ``lam`` is scale free). The next iterate is
+
+    z_{k+1} = sum_i alpha_i (z_i + beta g_i)        (beta = damping).
+
+The first step (one history entry) is a damped Picard step. When the mixing system is singular or its
+solution is not finite (e.g. repeated residuals with ``lam = 0``) the affected samples take a damped Picard
+step instead of crashing; ``SolverStats.info["anderson_fallbacks"]`` counts these.
+(Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 2011.)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ._base import FixedPointSolver, rows, set_rows
+
+__all__ = ["AndersonSolver"]
+
+
+@dataclasses.dataclass
+class AndersonSolver(FixedPointSolver):
+    """Anderson acceleration.
+
+    Args:
+        m: history size (number of past iterates mixed).
+        lam: relative ridge regularisation of the mixing system.
+        damping: ``beta`` in ``(0, 1]``, the weight of ``f`` in the mixed update.
+    """
+
+    name = "anderson"
+    m: int = 5
+    lam: float = 1e-4
+    damping: float = 1.0
+
+    def validate(self) -> None:
+        if not isinstance(self.m, int) or self.m < 1:
+            raise ValueError(f"anderson: m must be a positive integer, got {self.m!r}")
+        if self.lam < 0:
+            raise ValueError(f"anderson: lam must be >= 0, got {self.lam}")
+        if not 0.0 < self.damping <= 1.0:
+            raise ValueError(f"anderson: damping must be in (0, 1], got {self.damping}")
+
+    def init(self, z, fz):
+        b, n = z.shape
+        return {
+            "X": z.new_zeros(b, self.m, n),
+            "G": z.new_zeros(b, self.m, n),
+            "k": 0,
+            "fallbacks": 0,
+        }
+
+    def step(self, state, z, fz, idx, fn):
+        X, G, k = state["X"], state["G"], state["k"]
+        g = fz - z
+        slot = k % self.m
+        if idx is None:
+            X[:, slot] = z
+            G[:, slot] = g
+            Xa, Ga = X, G
+        else:
+            X[idx, slot] = z
+            G[idx, slot] = g
+            Xa, Ga = rows(X, idx), rows(G, idx)
+        state["k"] = k = k + 1
+        nh = min(k, self.m)
+        if nh == 1:
+            z_new = z + self.damping * g
+            return z_new, fn(z_new)
+        Xh, Gh = Xa[:, :nh], Ga[:, :nh]
+        # The small mixing system is solved in float64 whatever the state's dtype: it is nh x nh, so this
+        # costs nothing and keeps float32 runs from losing the acceleration to round-off.
+        H = torch.bmm(Gh, Gh.transpose(1, 2)).double()
+        scale = H.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        H = H + (self.lam * scale).unsqueeze(-1) * torch.eye(nh, dtype=H.dtype, device=H.device)
+        ones = torch.ones(H.shape[0], nh, 1, dtype=H.dtype, device=H.device)
+        a, info = torch.linalg.solve_ex(H, ones)
+        a = a.squeeze(-1)
+        total = a.sum(-1, keepdim=True)
+        alpha = a / total
+        ok = (info == 0) & torch.isfinite(alpha).all(-1) & (total.squeeze(-1).abs() > 0)
+        alpha = torch.where(ok.unsqueeze(-1), alpha, torch.zeros_like(alpha)).to(z.dtype)
+        mixed = torch.einsum("bi,bin->bn", alpha, Xh + self.damping * Gh)
+        if not bool(ok.all()):
+            picard = z + self.damping * g
+            mixed = torch.where(ok.unsqueeze(-1), mixed, picard)
+            state["fallbacks"] += int((~ok).sum())
+        return mixed, fn(mixed)
+
+    def extra_info(self, state):
+        return {"anderson_fallbacks": int(state.get("fallbacks", 0))}

@@ -1,0 +1,107 @@
+"""Limited-memory ("good") Broyden's method for ``g(z) = f(z) - z = 0``.
+
+The inverse Jacobian of ``g`` is approximated as ``H = -I + sum_i u_i v_i^T`` (``-I`` is exact when ``f`` is
+constant, so the first step is a Picard step). A quasi-Newton step ``dz = -H g`` is taken, optionally shortened
+by a backtracking line search on ``||g||``, and ``H`` receives the rank-one update
+
+    H <- H + (dz - H dg) (dz^T H) / (dz^T H dg),     dz = z_new - z, dg = g_new - g,
+
+which makes ``H dg = dz`` (the secant condition). At most ``memory`` pairs ``(u_i, v_i)`` are kept, so memory
+does not grow with ``max_iter``. When the memory is full the method restarts from ``H = -I``: each update is
+defined relative to the ones before it, so overwriting the oldest pair (a ring buffer) leaves an
+inconsistent ``H`` and was seen to diverge on linear problems where the restarted method converges.
+(Broyden 1965; as used for DEQs by Bai et al. 2019.)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ._base import FixedPointSolver, rows
+
+__all__ = ["BroydenSolver"]
+
+
+def _apply(U, V, x):
+    """``H x`` with ``H = -I + U^T V`` stored as rows: ``-x + sum_i u_i (v_i . x)``."""
+    return -x + torch.einsum("bin,bi->bn", U, torch.einsum("bin,bn->bi", V, x))
+
+
+def _apply_t(U, V, x):
+    """``x^T H`` as a row vector: ``-x + sum_i (x . u_i) v_i``."""
+    return -x + torch.einsum("bin,bi->bn", V, torch.einsum("bin,bn->bi", U, x))
+
+
+@dataclasses.dataclass
+class BroydenSolver(FixedPointSolver):
+    """Limited-memory Broyden.
+
+    Args:
+        memory: number of rank-one updates kept before a restart.
+        line_search: backtrack ``dz -> dz/2`` (up to ``ls_steps`` times) while ``||g||`` does not decrease.
+        ls_steps: maximum number of halvings in the line search.
+    """
+
+    name = "broyden"
+    memory: int = 20
+    line_search: bool = False
+    ls_steps: int = 3
+
+    def validate(self) -> None:
+        if not isinstance(self.memory, int) or self.memory < 1:
+            raise ValueError(f"broyden: memory must be a positive integer, got {self.memory!r}")
+        if not isinstance(self.ls_steps, int) or self.ls_steps < 0:
+            raise ValueError(f"broyden: ls_steps must be a non-negative integer, got {self.ls_steps!r}")
+
+    def init(self, z, fz):
+        b, n = z.shape
+        return {"U": z.new_zeros(b, self.memory, n), "V": z.new_zeros(b, self.memory, n), "k": 0, "skipped": 0, "restarts": 0}
+
+    def step(self, state, z, fz, idx, fn):
+        if state["k"] == self.memory:
+            state["U"].zero_()
+            state["V"].zero_()
+            state["k"] = 0
+            state["restarts"] += 1
+        U, V = rows(state["U"], idx), rows(state["V"], idx)
+        g = fz - z
+        dz = -_apply(U, V, g)
+        z_new = z + dz
+        fz_new = fn(z_new)
+        if self.line_search:
+            gnorm = g.norm(dim=1)
+            t = 1.0
+            for _ in range(self.ls_steps):
+                worse = ~((fz_new - z_new).norm(dim=1) < gnorm)
+                if not bool(worse.any()):
+                    break
+                t *= 0.5
+                z_try = torch.where(worse.unsqueeze(1), z + t * dz, z_new)
+                # Only the samples that backtrack need f again, but f is evaluated batched; the others
+                # keep their accepted values.
+                f_try = fn(z_try)
+                z_new = z_try
+                fz_new = torch.where(worse.unsqueeze(1), f_try, fz_new)
+        dz = z_new - z
+        dg = (fz_new - z_new) - g
+        Hdg = _apply(U, V, dg)
+        vT = _apply_t(U, V, dz)
+        denom = (vT * dg).sum(1, keepdim=True)
+        tiny = torch.finfo(z.dtype).eps * dz.norm(dim=1, keepdim=True) * dg.norm(dim=1, keepdim=True)
+        ok = denom.abs() > tiny
+        u = torch.where(ok, (dz - Hdg) / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(dz))
+        vT = torch.where(ok, vT, torch.zeros_like(vT))
+        state["skipped"] += int((~ok).sum())
+        slot = state["k"]
+        if idx is None:
+            state["U"][:, slot] = u
+            state["V"][:, slot] = vT
+        else:
+            state["U"][idx, slot] = u
+            state["V"][idx, slot] = vT
+        state["k"] += 1
+        return z_new, fz_new
+
+    def extra_info(self, state):
+        return {"broyden_skipped_updates": int(state.get("skipped", 0)), "broyden_restarts": int(state.get("restarts", 0))}

@@ -1,0 +1,85 @@
+"""Statistics every solve returns, per sample and in total."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["SolverStats", "CONVERGED", "MAX_ITER", "DIVERGED"]
+
+CONVERGED = "converged"
+MAX_ITER = "max_iter"
+DIVERGED = "diverged"
+
+
+@dataclass
+class SolverStats:
+    """What happened during one batched solve.
+
+    Per-sample tensors have shape ``[B]``:
+
+    - ``nstep``: iterations taken by the sample (it stops counting once it has converged),
+    - ``abs_residual``: ``||f(z) - z||_2`` of the returned iterate (2-norm over all non-batch dimensions),
+    - ``rel_residual``: ``abs_residual / ||f(z)||_2``,
+    - ``converged``: ``abs_residual <= atol + rtol * ||f(z)||``,
+    - ``diverged``: NaN/Inf met or the residual grew past ``divergence_ratio`` times its initial value,
+    - ``best``: the returned iterate is the best-so-far one, not the last one (only where the last was worse).
+
+    ``nfe`` counts batched evaluations of ``f``; ``status`` is ``"converged"`` when every sample converged,
+    ``"diverged"`` when some sample diverged, ``"max_iter"`` otherwise. ``trace`` (with
+    ``return_trace=True``) lists the per-sample absolute residual after each iteration, ``trace[0]`` being the
+    initial one. ``info`` holds solver-specific counters (e.g. Anderson safeguard fallbacks).
+    """
+
+    solver: str
+    nstep: torch.Tensor
+    abs_residual: torch.Tensor
+    rel_residual: torch.Tensor
+    converged: torch.Tensor
+    diverged: torch.Tensor
+    best: torch.Tensor
+    nfe: int
+    status: str
+    atol: float
+    rtol: float
+    max_iter: int
+    trace: list[torch.Tensor] | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def residual(self) -> torch.Tensor:
+        """Alias of ``abs_residual``."""
+        return self.abs_residual
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.nstep.shape[0])
+
+    def trace_tensor(self) -> torch.Tensor:
+        """The residual trace as a ``[iterations + 1, B]`` tensor (requires ``return_trace=True``)."""
+        if self.trace is None:
+            raise ValueError("no residual trace was recorded; pass return_trace=True to the solve")
+        return torch.stack(self.trace)
+
+    def summary(self) -> dict:
+        """Plain-Python scalars, for logs and metrics files."""
+        return {
+            "solver": self.solver,
+            "status": self.status,
+            "mean_nstep": float(self.nstep.float().mean()),
+            "max_nstep": int(self.nstep.max()) if self.nstep.numel() else 0,
+            "nfe": int(self.nfe),
+            "mean_abs_residual": float(self.abs_residual.mean()),
+            "max_abs_residual": float(self.abs_residual.max()) if self.abs_residual.numel() else 0.0,
+            "mean_rel_residual": float(self.rel_residual.mean()),
+            "converged_fraction": float(self.converged.float().mean()),
+            **{k: v for k, v in self.info.items() if isinstance(v, (int, float, str))},
+        }
+
+    def __str__(self) -> str:
+        s = self.summary()
+        return (
+            f"{self.solver}: {s['status']}, {s['converged_fraction']:.0%} of {self.batch_size} converged, "
+            f"steps mean {s['mean_nstep']:.1f} max {s['max_nstep']}, nfe {s['nfe']}, "
+            f"residual mean {s['mean_abs_residual']:.2e} max {s['max_abs_residual']:.2e}"
+        )

@@ -1,0 +1,113 @@
+"""Every failure mode has a clear, typed outcome."""
+import warnings
+
+import pytest
+import torch
+
+import iterlayers as il
+from problems import LinearCell, ShiftCell, TanhCell, expanding_cell
+
+
+def test_divergent_map_raises_with_details():
+    cell = expanding_cell(5, 1.5)
+    x = torch.ones(3, 5, dtype=torch.float64)
+    with pytest.raises(il.ConvergenceError, match="diverged") as info:
+        il.solve(cell, torch.zeros_like(x), args=(x,), solver="picard", max_iter=100, on_failure="raise")
+    st = info.value.stats
+    assert st.status == "diverged" and bool(st.diverged.all())
+    assert "samples [0, 1, 2]" in str(info.value)
+
+
+def test_divergence_returns_best_iterate_and_finite_values():
+    cell = expanding_cell(5, 1.5)
+    x = torch.ones(2, 5, dtype=torch.float64)
+    sol = il.solve(cell, torch.zeros_like(x), args=(x,), solver="picard", max_iter=100, on_failure="ignore")
+    assert torch.isfinite(sol.z).all()
+    # The best iterate of a diverging Picard run is its first one.
+    torch.testing.assert_close(sol.stats.abs_residual, x.norm(dim=1))
+    assert bool(sol.stats.best.all())
+
+
+def test_nan_produced_by_map_is_reported_as_divergence():
+    def f(z):
+        return torch.where(z > 2, torch.full_like(z, float("nan")), z + 1)
+
+    sol = il.solve(f, torch.zeros(2, 3), solver="picard", max_iter=10, on_failure="ignore")
+    assert sol.stats.status == "diverged"
+    assert torch.isfinite(sol.z).all()
+
+
+def test_max_iter_warns_by_default_and_reports_status():
+    cell = TanhCell(6, norm=0.99, seed=1)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    with pytest.warns(il.ConvergenceWarning, match="did not converge"):
+        sol = il.solve(cell, torch.zeros_like(x), args=(x,), solver="picard", atol=1e-14, rtol=0, max_iter=3)
+    assert sol.stats.status == "max_iter"
+    assert sol.stats.nstep.tolist() == [3, 3]
+
+
+def test_ignore_is_silent():
+    x = torch.ones(2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sol = il.solve(ShiftCell(), torch.zeros_like(x), args=(x,), max_iter=5, on_failure="ignore")
+    assert sol.stats.status in ("max_iter", "diverged")
+
+
+def test_no_fixed_point_with_singular_anderson_system_falls_back():
+    """f(z) = z + c repeats the same residual: the mixing system is singular with lam = 0."""
+    x = torch.ones(2, 4, dtype=torch.float64)
+    sol = il.solve(ShiftCell(), torch.zeros_like(x), args=(x,), solver="anderson", lam=0.0, max_iter=20,
+                   on_failure="ignore")
+    assert sol.stats.info["anderson_fallbacks"] > 0
+    assert sol.stats.status != "converged"
+    assert torch.isfinite(sol.z).all()
+
+
+def test_nan_input_rejected_before_iterating():
+    calls = []
+
+    def f(z, x):
+        calls.append(1)
+        return z
+
+    x = torch.ones(3, 2)
+    x[1, 0] = float("nan")
+    with pytest.raises(il.NonFiniteInputError, match=r"args\[0\].*samples \[1\]"):
+        il.solve(f, torch.zeros(3, 2), args=(x,))
+    z0 = torch.zeros(3, 2)
+    z0[2, 1] = float("inf")
+    with pytest.raises(il.NonFiniteInputError, match="z0"):
+        il.solve(lambda z: z, z0)
+    assert calls == []
+
+
+def test_shape_and_dtype_mismatch():
+    with pytest.raises(il.ShapeMismatchError, match=r"shape \(2, 3\).*shape \(2, 4\)"):
+        il.solve(lambda z: z[:, :3], torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="dtype"):
+        il.solve(lambda z: z.double(), torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="floating-point"):
+        il.solve(lambda z: z, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(il.ShapeMismatchError, match="batch"):
+        il.solve(lambda z: z, torch.zeros(0, 4))
+    with pytest.raises(il.ShapeMismatchError, match="batch size"):
+        il.solve(lambda z: z, (torch.zeros(2, 4), torch.zeros(3, 4)))
+
+
+def test_unknown_options_and_bad_values():
+    z = torch.zeros(1, 2)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['mm'\].*valid options: \['m', 'lam', 'damping'\]"):
+        il.solve(lambda z: z, z, solver="anderson", mm=3)
+    with pytest.raises(ValueError, match="unknown solver 'newton'; valid"):
+        il.solve(lambda z: z, z, solver="newton")
+    with pytest.raises(ValueError, match="on_failure must be one of"):
+        il.solve(lambda z: z, z, on_failure="explode")
+    with pytest.raises(ValueError, match="damping must be in"):
+        il.solve(lambda z: z, z, solver="picard", damping=1.5)
+    with pytest.raises(ValueError, match="atol and rtol are both 0"):
+        il.solve(lambda z: z, z, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="backward must be one of"):
+        il.DEQ(lambda z, x: z, backward="magic")
+    with pytest.raises(TypeError, match="unknown option"):
+        il.DEQ(lambda z, x: z, solver_options={"history": 5})

@@ -1,0 +1,83 @@
+"""The DEQ module: dtypes, modes, stats, options, compile, DistributedDataParallel."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import iterlayers as il
+from problems import TanhCell
+
+
+class Nested(nn.Module):
+    """Parameters deep inside submodules and a custom initial state of a different shape than x."""
+
+    def __init__(self):
+        super().__init__()
+        self.inject = nn.Sequential(nn.Linear(3, 8))
+        self.body = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        with torch.no_grad():
+            self.body[0].weight.mul_(0.5 / torch.linalg.matrix_norm(self.body[0].weight, 2))
+
+    def init_state(self, x):
+        return x.new_zeros(x.shape[0], 8)
+
+    def forward(self, z, x):
+        return self.body[1](self.body[0](z) + self.inject(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtypes_and_custom_state(dtype):
+    cell = Nested().to(dtype)
+    deq = il.DEQ(cell, atol=1e-5 if dtype == torch.float32 else 1e-10, rtol=0)
+    x = torch.randn(5, 3, dtype=dtype)
+    z = deq(x)
+    assert z.shape == (5, 8) and z.dtype == dtype
+    z.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in cell.parameters())
+    assert deq.stats["forward"].status == "converged" and deq.stats["backward"].status == "converged"
+
+
+def test_eval_max_iter_and_repr():
+    deq = il.DEQ(TanhCell(4, norm=0.99), max_iter=50, eval_max_iter=2, atol=1e-12, rtol=0, on_failure="ignore")
+    x = torch.randn(2, 4, dtype=torch.float64)
+    deq.eval()
+    deq(x)
+    assert int(deq.stats["forward"].nstep.max()) == 2
+    assert "solver='anderson'" in repr(deq) and "backward='implicit'" in repr(deq)
+
+
+def test_torch_compile_of_the_cell():
+    cell = TanhCell(4, norm=0.5)
+    compiled = torch.compile(cell, backend="aot_eager", dynamic=True)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    z = il.DEQ(compiled, atol=1e-10, rtol=0)(x)
+    z.sum().backward()
+    g1 = x.grad.clone()
+    x.grad = None
+    il.DEQ(cell, atol=1e-10, rtol=0)(x).sum().backward()
+    torch.testing.assert_close(g1, x.grad)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    from ddp_worker import make_model, run_worker
+
+    torch.manual_seed(0)
+    model = make_model()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randn(8, 2, dtype=torch.float64)
+    torch.save({"state": model.state_dict(), "x": x, "y": y}, tmp_path / "inputs.pt")
+    nn.functional.mse_loss(model(x), y).backward()
+    single = {k: p.grad.clone() for k, p in model.named_parameters()}
+    mp.spawn(run_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    grads = torch.load(tmp_path / "grads.pt", weights_only=True)
+    for k in single:
+        torch.testing.assert_close(grads[k], single[k], atol=1e-10, rtol=1e-8)
