@@ -1,0 +1,112 @@
+"""A data-independent description of a deep frame architecture: input shape, widths, connections, layer kind.
+
+``FrameArchitecture`` is what the deep frame potential depends on (Murdock & Lucey, CVPR 2020: its minimisers
+"depend only on network structure"): it turns raw layer weights (``nn.Linear`` / ``nn.Conv1d`` layout) into
+the layer frames ``B_j`` and counts parameters, so the same object drives the dataless potential
+minimisation and the construction of the trainable network.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .global_frame import STRUCTURES, GlobalFrame, assemble_global_frame, conv_matrix
+
+__all__ = ["KINDS", "FrameArchitecture"]
+
+KINDS = ("fc", "conv")
+
+
+@dataclass(frozen=True)
+class FrameArchitecture:
+    """``widths`` are units (``fc``) or channels (``conv``, 1-D, stride 1, 'same' zero padding, odd kernel).
+
+    ``input_shape``: ``(d,)`` for ``fc``; ``(C, L)`` for ``conv``. Layer ``j`` reads ``x`` / the previous code
+    (chain), the residual stream (residual; all widths equal), or the concatenation of ``x`` and all previous
+    codes (dense).
+    """
+
+    input_shape: tuple[int, ...]
+    widths: tuple[int, ...]
+    structure: str = "chain"
+    kind: str = "fc"
+    kernel_size: int = 3
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.widths or any(w < 1 for w in self.widths):
+            raise ValueError(f"widths must be a non-empty tuple of positive ints, got {self.widths}")
+        if self.kind == "fc" and len(self.input_shape) != 1:
+            raise ValueError(f"fc input_shape must be (d,), got {self.input_shape}")
+        if self.kind == "conv":
+            if len(self.input_shape) != 2:
+                raise ValueError(f"conv input_shape must be (C, L), got {self.input_shape}")
+            if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+                raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size}")
+        if self.structure == "residual" and len(set(self.widths)) > 1:
+            raise ValueError(f"residual structure needs equal widths, got {self.widths}")
+        if not self.name:
+            object.__setattr__(self, "name", f"{self.kind}-{self.structure}-d{self.depth}-w{self.widths[0]}")
+
+    @property
+    def depth(self) -> int:
+        return len(self.widths)
+
+    @property
+    def _spatial(self) -> int:
+        return self.input_shape[1] if self.kind == "conv" else 1
+
+    def in_channels(self, j: int) -> int:
+        """Input channels (``conv``) / features (``fc``) of layer ``j`` (0-based)."""
+        c0 = self.input_shape[0]
+        if j == 0:
+            return c0
+        if self.structure == "dense":
+            return c0 + sum(self.widths[:j])
+        return self.widths[j - 1]
+
+    def weight_shapes(self) -> list[tuple[int, ...]]:
+        if self.kind == "fc":
+            return [(w, self.in_channels(j)) for j, w in enumerate(self.widths)]
+        return [(w, self.in_channels(j), self.kernel_size) for j, w in enumerate(self.widths)]
+
+    @property
+    def feature_sizes(self) -> tuple[int, ...]:
+        """Flattened code sizes ``n_j`` (units, or channels x length)."""
+        return tuple(w * self._spatial for w in self.widths)
+
+    def num_parameters(self, *, bias: bool = True) -> int:
+        """Parameters of the feature layers (weights and, by default, biases); the classifier is excluded."""
+        total = sum(math.prod(s) for s in self.weight_shapes())
+        return total + (sum(self.widths) if bias else 0)
+
+    def init_weights(self, *, generator: torch.Generator | None = None, dtype=torch.float32) -> list[torch.Tensor]:
+        """Gaussian weights in ``nn.Linear`` / ``nn.Conv1d`` layout (scale is irrelevant to the potential)."""
+        return [torch.randn(s, generator=generator, dtype=dtype) / math.sqrt(math.prod(s[1:])) for s in self.weight_shapes()]
+
+    def layer_frames(self, weights) -> list[torch.Tensor]:
+        """Layer frames ``B_j`` ``[in_j, n_j]``: ``W^T`` for ``fc``; ``conv_matrix(W)^T`` for ``conv``."""
+        weights = list(weights)
+        if len(weights) != self.depth:
+            raise ValueError(f"expected {self.depth} weight tensors, got {len(weights)}")
+        out = []
+        for j, (W, s) in enumerate(zip(weights, self.weight_shapes())):
+            if tuple(W.shape) != s:
+                raise ValueError(f"layer {j + 1}: weight shape {tuple(W.shape)} != expected {s}")
+            if self.kind == "fc":
+                out.append(W.transpose(0, 1))
+            else:
+                shape = (self.in_channels(j), self.input_shape[1])
+                out.append(conv_matrix(W, shape, padding=self.kernel_size // 2).transpose(0, 1))
+        return out
+
+    def global_frame(self, weights, *, normalize_atoms: bool = True) -> GlobalFrame:
+        return assemble_global_frame(self.layer_frames(weights), structure=self.structure, normalize_atoms=normalize_atoms)
