@@ -81,3 +81,19 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     grads = torch.load(tmp_path / "grads.pt", weights_only=True)
     for k in single:
         torch.testing.assert_close(grads[k], single[k], atol=1e-10, rtol=1e-8)
+
+
+def test_unrolled_layer_matches_plain_loop_and_converges_to_deq():
+    cell = TanhCell(5, norm=0.5, seed=3)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    layer = il.Unrolled(cell, steps=4, damping=0.5, return_all=True)
+    zs = layer(x)
+    z = torch.zeros_like(x)
+    for k in range(4):
+        z = 0.5 * z + 0.5 * cell(z, x)
+        torch.testing.assert_close(zs[k], z)
+    assert len(layer.residuals) == 4 and "steps=4" in repr(layer)
+    deep = il.Unrolled(cell, steps=80)(x)
+    torch.testing.assert_close(deep, il.DEQ(cell, atol=1e-13, rtol=0)(x), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="steps must be"):
+        il.Unrolled(cell, steps=-1)

@@ -7,7 +7,7 @@ Core API (see README.md):
 - :class:`DEQ` — the equilibrium layer as an ``nn.Module``.
 """
 from .implicit import BACKWARD_MODES, deq_solve, implicit_backward
-from .layers import DEQ
+from .layers import DEQ, Unrolled
 from .solvers import (
     SOLVERS,
     AndersonSolver,
@@ -35,6 +35,7 @@ __all__ = [
     "deq_solve",
     "implicit_backward",
     "DEQ",
+    "Unrolled",
     "BACKWARD_MODES",
     "SOLVERS",
     "make_solver",

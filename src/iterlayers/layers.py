@@ -7,7 +7,7 @@ from torch import nn
 from .implicit import BACKWARD_MODES, _check_backward, deq_solve
 from .solvers import check_common, make_solver
 
-__all__ = ["DEQ"]
+__all__ = ["DEQ", "Unrolled"]
 
 
 class DEQ(nn.Module):
@@ -127,3 +127,43 @@ class DEQ(nn.Module):
             f"solver={solver!r}, backward={self.backward_mode!r}, atol={self.atol:g}, rtol={self.rtol:g}, "
             f"max_iter={self.max_iter}, on_failure={self.on_failure!r}"
         )
+
+
+class Unrolled(nn.Module):
+    r"""``steps`` damped iterations of a cell with ordinary backprop through all of them.
+
+        z_{k+1} = (1 - beta) z_k + beta cell(z_k, x),    k = 0, ..., steps - 1,
+
+    the finite-depth counterpart of :class:`DEQ` (a weight-tied network of depth ``steps``). Returns
+    ``z_steps``, or every iterate ``[z_1, ..., z_steps]`` with ``return_all=True`` (for per-step losses or
+    the convergence-vs-depth curves of an unrolled algorithm layer). ``residuals`` holds the per-sample
+    ``||cell(z_k, x) - z_k||`` of the last call, so the analysis toolkit can fit its rate.
+    """
+
+    def __init__(self, cell, *, steps: int, damping: float = 1.0, return_all: bool = False):
+        super().__init__()
+        if not callable(cell):
+            raise TypeError(f"cell must be a module or callable cell(z, x), got {type(cell).__name__}")
+        if not (isinstance(steps, int) and steps >= 0):
+            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+        if not 0.0 < damping <= 1.0:
+            raise ValueError(f"damping must be in (0, 1], got {damping!r}")
+        self.cell = cell
+        self.steps = steps
+        self.damping = float(damping)
+        self.return_all = return_all
+        self.residuals: list[torch.Tensor] = []
+
+    def forward(self, x, z0=None):
+        z = (self.cell.init_state(x) if hasattr(self.cell, "init_state") else torch.zeros_like(x)) if z0 is None else z0
+        out, self.residuals = [], []
+        for _ in range(self.steps):
+            fz = self.cell(z, x)
+            self.residuals.append((fz - z).detach().flatten(1).norm(dim=1))
+            z = fz if self.damping == 1.0 else z + self.damping * (fz - z)
+            if self.return_all:
+                out.append(z)
+        return out if self.return_all else z
+
+    def extra_repr(self) -> str:
+        return f"steps={self.steps}, damping={self.damping:g}, return_all={self.return_all}"

@@ -1,0 +1,228 @@
+"""Parametrised cells whose fixed point provably exists and is unique, and weight-parametrisation helpers.
+
+``MonotoneLinear`` (Winston & Kolter, "Monotone operator equilibrium networks", NeurIPS 2020, arXiv 2006.08591)
+-----------------------------------------------------------------------------------------------------------
+Weights ``W = (1 - m) I - A^T A + B - B^T`` with free ``A, B`` and ``m > 0``. Then ``G := I - W =
+m I + A^T A - (B - B^T)`` has symmetric part ``m I + A^T A >= m I``: the operator ``z -> G z`` is strongly
+monotone. The equilibrium ``z* = relu(W z* + U x + b)`` is the solution of the monotone inclusion
+``0 in G z - (U x + b) + N_{z >= 0}(z)`` (ReLU is the proximal map of the indicator of the non-negative
+orthant), which exists and is unique for every x because a strongly monotone plus a maximal monotone operator
+is invertible. With ``activation="identity"`` it is ``z* = G^{-1} (U x + b)``.
+
+The naive Picard map ``z -> relu(W z + u)`` need not converge (``||W||`` can exceed 1), so the cell implements
+the *forward-backward splitting* step (Winston & Kolter, Alg. 1) with step ``alpha``:
+
+    cell(z, x) = relu(z - alpha (G z - (U x + b))) = relu((1 - alpha) z + alpha (W z + U x + b)).
+
+Its fixed points are exactly the equilibria above (for ReLU, ``relu(y) = z`` is the complementarity
+``z >= 0, z - y >= 0, z . (z - y) = 0``, and ``z - y`` is ``alpha (G z - u)`` in one case and ``G z - u`` in
+the other, so alpha cancels). It is a contraction: ``||I - alpha G||_2^2 <= 1 - 2 alpha m + alpha^2 L^2``
+with ``L = ||G||_2``, which is ``< 1`` for ``0 < alpha < 2 m / L^2``; ``alpha="auto"`` takes the minimiser
+``alpha = m / L^2`` (factor ``sqrt(1 - m^2 / L^2)``), recomputed from the current weights. So plain Picard or
+Anderson on this cell reaches the unique point from any start.
+
+``SpectralNormLinear``
+---------------------
+``cell(z, x) = act(W z + U x + b)`` with ``W = V min(1, bound / sigma_max(V))`` (exact largest singular value,
+differentiable), so ``||W||_2 <= bound`` after every optimiser step, and with a 1-Lipschitz activation the cell
+is a ``bound``-contraction in z: unique fixed point, Picard rate ``<= bound`` (Banach).
+
+``spectral_norm`` / ``weight_norm`` wrap ``torch.nn.utils.parametrizations`` for arbitrary layers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrizations as _tp
+from torch.nn.utils import parametrize as _parametrize
+
+__all__ = ["MonotoneLinear", "SpectralNormLinear", "spectral_norm", "weight_norm"]
+
+_ACTS = {"relu": torch.relu, "tanh": torch.tanh, "identity": lambda t: t}
+
+
+def _check_features(value, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _input_term(U: Tensor, b: Tensor | None, x: Tensor | None, batch: int, features: int, like: Tensor) -> Tensor:
+    if x is None:
+        u = like.new_zeros(batch, features)
+    else:
+        if x.dim() != 2 or x.shape[1] != U.shape[1]:
+            raise ValueError(f"x must have shape [B, {U.shape[1]}], got {tuple(x.shape)}")
+        u = x @ U.T
+    return u if b is None else u + b
+
+
+class MonotoneLinear(nn.Module):
+    """Monotone-operator equilibrium cell ``z -> act(z - alpha (G z - U x - b))``, ``G = I - W`` (see module doc).
+
+    Args:
+        features: state size n (z is ``[B, n]``).
+        in_features: input size (x is ``[B, in_features]``; default n).
+        m: strong-monotonicity parameter ``m > 0`` (``G + G^T >= 2 m I``).
+        activation: ``"relu"`` or ``"identity"`` (proximal maps whose fixed points do not depend on alpha).
+        alpha: forward-backward step, a number in ``(0, 2 m / L^2)`` or ``"auto"`` (``m / L^2``).
+        bias: learn ``b``.
+        init_scale: std of A and B entries times ``sqrt(n)``.
+    """
+
+    def __init__(self, features: int, *, in_features: int | None = None, m: float = 1.0,
+                 activation: str = "relu", alpha: float | str = "auto", bias: bool = True, init_scale: float = 1.0):
+        super().__init__()
+        self.features = _check_features(features, "features")
+        self.in_features = _check_features(features if in_features is None else in_features, "in_features")
+        if not isinstance(m, (int, float)) or not m > 0:
+            raise ValueError(f"m must be a positive number, got {m!r}")
+        if activation not in ("relu", "identity"):
+            raise ValueError(f"activation must be one of ('relu', 'identity') for MonotoneLinear, got {activation!r}")
+        if not (alpha == "auto" or (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0)):
+            raise ValueError(f"alpha must be 'auto' or a positive number, got {alpha!r}")
+        if not isinstance(init_scale, (int, float)) or init_scale < 0:
+            raise ValueError(f"init_scale must be a non-negative number, got {init_scale!r}")
+        self.m, self.activation, self.alpha = float(m), activation, alpha
+        n = self.features
+        self.A = nn.Parameter(torch.randn(n, n) * (init_scale / math.sqrt(n)))
+        self.B = nn.Parameter(torch.randn(n, n) * (init_scale / math.sqrt(n)))
+        self.U = nn.Parameter(torch.empty(n, self.in_features))
+        nn.init.kaiming_uniform_(self.U, a=math.sqrt(5))
+        self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+        self._alpha_cache: tuple | None = None
+
+    def W(self) -> Tensor:
+        """``W = (1 - m) I - A^T A + B - B^T``."""
+        eye = torch.eye(self.features, dtype=self.A.dtype, device=self.A.device)
+        return (1 - self.m) * eye - self.A.T @ self.A + self.B - self.B.T
+
+    def G(self) -> Tensor:
+        """``G = I - W = m I + A^T A - (B - B^T)``, strongly monotone with constant m."""
+        eye = torch.eye(self.features, dtype=self.A.dtype, device=self.A.device)
+        return self.m * eye + self.A.T @ self.A - (self.B - self.B.T)
+
+    def step_size(self) -> float:
+        """The forward-backward step alpha (``m / ||G||_2^2`` for ``"auto"``), cached per weight version."""
+        if self.alpha != "auto":
+            return float(self.alpha)
+        key = (self.A._version, self.B._version, self.A.data_ptr(), self.B.data_ptr(), self.A.dtype)
+        if self._alpha_cache is None or self._alpha_cache[0] != key:
+            with torch.no_grad():
+                L = float(torch.linalg.matrix_norm(self.G().double(), ord=2))
+            self._alpha_cache = (key, self.m / L ** 2)
+        return self._alpha_cache[1]
+
+    def lipschitz_bound(self) -> float:
+        """``||I - alpha G||_2`` (exact): the contraction factor of the cell in z (the activation is 1-Lipschitz)."""
+        with torch.no_grad():
+            G = self.G().double()
+            eye = torch.eye(self.features, dtype=G.dtype, device=G.device)
+            return float(torch.linalg.matrix_norm(eye - self.step_size() * G, ord=2))
+
+    def init_state(self, x: Tensor) -> Tensor:
+        return torch.zeros(x.shape[0], self.features, dtype=x.dtype, device=x.device)
+
+    def input_term(self, x: Tensor | None, batch: int, like: Tensor) -> Tensor:
+        return _input_term(self.U, self.bias, x, batch, self.features, like)
+
+    def equilibrium_map(self, z: Tensor, x: Tensor | None = None) -> Tensor:
+        """The undamped map ``act(W z + U x + b)`` whose fixed point is the equilibrium (may not contract)."""
+        return _ACTS[self.activation](z @ self.W().T + self.input_term(x, z.shape[0], z))
+
+    def forward(self, z: Tensor, x: Tensor | None = None) -> Tensor:
+        if z.dim() != 2 or z.shape[1] != self.features:
+            raise ValueError(f"z must have shape [B, {self.features}], got {tuple(z.shape)}")
+        a = self.step_size()
+        y = z - a * (z @ self.G().T - self.input_term(x, z.shape[0], z))
+        return _ACTS[self.activation](y)
+
+    def extra_repr(self) -> str:
+        return (f"features={self.features}, in_features={self.in_features}, m={self.m:g}, "
+                f"activation={self.activation!r}, alpha={self.alpha!r}, bias={self.bias is not None}")
+
+
+class SpectralNormLinear(nn.Module):
+    """Contractive linear cell ``act(W z + U x + b)`` with ``||W||_2 <= bound`` enforced exactly (see module doc).
+
+    Args:
+        features: state size n; in_features: input size (default n).
+        bound: spectral-norm bound of W, a number in ``(0, 1)`` for a contraction (``(0, inf)`` accepted).
+        activation: ``"tanh"``, ``"relu"`` or ``"identity"`` (all 1-Lipschitz).
+        bias: learn ``b``.
+    """
+
+    def __init__(self, features: int, *, in_features: int | None = None, bound: float = 0.9,
+                 activation: str = "tanh", bias: bool = True):
+        super().__init__()
+        self.features = _check_features(features, "features")
+        self.in_features = _check_features(features if in_features is None else in_features, "in_features")
+        if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not bound > 0:
+            raise ValueError(f"bound must be a positive number, got {bound!r}")
+        if activation not in _ACTS:
+            raise ValueError(f"activation must be one of {tuple(_ACTS)}, got {activation!r}")
+        self.bound, self.activation = float(bound), activation
+        self.V = nn.Parameter(torch.empty(features, features))
+        nn.init.kaiming_uniform_(self.V, a=math.sqrt(5))
+        self.U = nn.Parameter(torch.empty(features, self.in_features))
+        nn.init.kaiming_uniform_(self.U, a=math.sqrt(5))
+        self.bias = nn.Parameter(torch.zeros(features)) if bias else None
+
+    @property
+    def weight(self) -> Tensor:
+        """``W = V min(1, bound / sigma_max(V))``; differentiable (through the top singular value)."""
+        sigma = torch.linalg.matrix_norm(self.V, ord=2)
+        return self.V * torch.clamp(self.bound / sigma.clamp_min(torch.finfo(self.V.dtype).tiny), max=1.0)
+
+    def lipschitz_bound(self) -> float:
+        with torch.no_grad():
+            return float(torch.linalg.matrix_norm(self.weight.double(), ord=2))
+
+    def init_state(self, x: Tensor) -> Tensor:
+        return torch.zeros(x.shape[0], self.features, dtype=x.dtype, device=x.device)
+
+    def forward(self, z: Tensor, x: Tensor | None = None) -> Tensor:
+        if z.dim() != 2 or z.shape[1] != self.features:
+            raise ValueError(f"z must have shape [B, {self.features}], got {tuple(z.shape)}")
+        return _ACTS[self.activation](z @ self.weight.T + _input_term(self.U, self.bias, x, z.shape[0],
+                                                                       self.features, z))
+
+    def extra_repr(self) -> str:
+        return (f"features={self.features}, in_features={self.in_features}, bound={self.bound:g}, "
+                f"activation={self.activation!r}, bias={self.bias is not None}")
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, w: Tensor) -> Tensor:
+        return w * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:g}"
+
+
+def spectral_norm(module: nn.Module, *, bound: float = 1.0, name: str = "weight",
+                  n_power_iterations: int = 1) -> nn.Module:
+    """Reparametrise ``module.<name>`` as ``bound * W / sigma_max(W)`` (torch's spectral-norm parametrisation,
+    Miyato et al. 2018, followed by a scale). Torch estimates sigma by ``n_power_iterations`` power steps per
+    training-mode forward, so ``||W||_2 ~= bound`` (an estimate; use ``SpectralNormLinear`` for an exact bound)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if not isinstance(bound, (int, float)) or not bound > 0:
+        raise ValueError(f"bound must be a positive number, got {bound!r}")
+    _tp.spectral_norm(module, name=name, n_power_iterations=n_power_iterations)
+    if bound != 1.0:
+        _parametrize.register_parametrization(module, name, _Scale(bound))
+    return module
+
+
+def weight_norm(module: nn.Module, *, name: str = "weight", dim: int = 0) -> nn.Module:
+    """Reparametrise ``module.<name>`` as ``g v / ||v||`` (Salimans & Kingma 2016) via torch's parametrisation."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    return _tp.weight_norm(module, name=name, dim=dim)
