@@ -7,7 +7,9 @@ Core API (see README.md):
 - :class:`DEQ` — the equilibrium layer as an ``nn.Module``.
 """
 from .implicit import BACKWARD_MODES, deq_solve, implicit_backward
+from . import analysis
 from .layers import DEQ, Unrolled
+from .parametrizations import MonotoneLinear, SpectralNormLinear, spectral_norm, weight_norm
 from .solvers import (
     SOLVERS,
     AndersonSolver,
@@ -35,6 +37,11 @@ __all__ = [
     "deq_solve",
     "implicit_backward",
     "DEQ",
+    "analysis",
+    "MonotoneLinear",
+    "SpectralNormLinear",
+    "spectral_norm",
+    "weight_norm",
     "Unrolled",
     "BACKWARD_MODES",
     "SOLVERS",
