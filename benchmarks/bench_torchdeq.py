@@ -114,7 +114,7 @@ def bench_case(name, cell, x, tol, max_iter, reps, ours, theirs):
                          fwd_res=float(st.abs_residual.max()), converged=st.status == "converged",
                          bwd_s=t_b, bwd_nfe=bst.nfe if bst else None, saved_MB=mem / 2**20))
     for solver in theirs:
-        deq = get_deq(f_solver=solver, f_max_iter=max_iter, f_tol=tol, b_solver="anderson" if solver != "broyden"
+        deq = get_deq(ift=True, f_solver=solver, f_max_iter=max_iter, f_tol=tol, b_solver="anderson" if solver != "broyden"
                       else "broyden", b_max_iter=max_iter, b_tol=tol)
 
         def fwd(xx):

@@ -76,69 +76,67 @@ def run_loop(
     fz0 = f(z0, *args)
     spec.check_output(fz0, B)
     fz = spec.flatten(fz0).clone()
+    inf = torch.tensor(float("inf"), dtype=z.dtype, device=z.device)
 
-    def residuals(zz, ff):
+    def residual(zz, ff):
         r = (ff - zz).norm(dim=1)
-        fn = ff.norm(dim=1)
-        return r, fn
+        # NaN/Inf anywhere in f(z) makes the norm non-finite: such a sample is reported as diverged.
+        return torch.where(torch.isfinite(r), r, inf), ff.norm(dim=1)
 
-    res, fnorm = residuals(z, fz)
-    finite = torch.isfinite(res) & torch.isfinite(fz).all(1)
-    res = torch.where(finite, res, torch.full_like(res, float("inf")))
-    res0 = res.clone()
-    best_z, best_fz, best_res = z.clone(), fz.clone(), res.clone()
-    last_res = res.clone()
+    res, fnorm = residual(z, fz)
+    finite = torch.isfinite(res)
+    best_z, best_res, best_fnorm = z, res.clone(), fnorm.clone()
+    # Whether the best iterate of a sample is its current one. While it is for every sample, best_z is the
+    # current z itself (z is never modified in place), so tracking the best costs no copy.
+    best_is_last = torch.ones(B, dtype=torch.bool, device=z.device)
+    last_res = res
     nstep = torch.zeros(B, dtype=torch.long, device=z.device)
     converged = res <= atol + rtol * fnorm
     diverged = ~finite
     trace = [res.clone()] if return_trace else None
     state = solver.init(z, fz)
-    div_limit = divergence_ratio * torch.maximum(res0, torch.full_like(res0, atol))
+    div_limit = divergence_ratio * torch.clamp(res, min=atol)
 
     for _ in range(max_iter):
         active = ~(converged | diverged)
         n_active = int(active.sum())
         if n_active == 0:
             break
-        idx = None if n_active == B else active.nonzero().flatten()
-        za = z if idx is None else z.index_select(0, idx)
-        fza = fz if idx is None else fz.index_select(0, idx)
-        z_new, fz_new = solver.step(state, za, fza, idx, lambda zz, _i=idx: f_flat(zz, _i, z))
-        r_new, fn_new = residuals(z_new, fz_new)
-        ok = torch.isfinite(r_new) & torch.isfinite(fz_new).all(1)
-        r_new = torch.where(ok, r_new, torch.full_like(r_new, float("inf")))
-        if idx is None:
-            z, fz = z_new, fz_new
-            z_new_full, r_full, fn_full, ok_full = z, r_new, fn_new, ok
-            nstep += 1
+        if n_active == B:
+            z, fz = solver.step(state, z, fz, None, lambda zz: f_flat(zz, None, None))
+            r, fn = residual(z, fz)
         else:
-            z.index_copy_(0, idx, z_new)
-            fz.index_copy_(0, idx, fz_new)
-            r_full = last_res.index_copy(0, idx, r_new)
-            fn_full = fnorm.index_copy(0, idx, fn_new)
-            ok_full = torch.ones_like(active).index_copy(0, idx, ok)
-            nstep += active.long()
-        fnorm = torch.where(active, fn_full, fnorm)
-        last_res = torch.where(active, r_full, last_res)
+            idx = active.nonzero().flatten()
+            z_new, fz_new = solver.step(
+                state, z.index_select(0, idx), fz.index_select(0, idx), idx,
+                lambda zz, _i=idx, _z=z: f_flat(zz, _i, _z),
+            )
+            r_new, fn_new = residual(z_new, fz_new)
+            z = z.index_copy(0, idx, z_new)
+            fz = fz.index_copy(0, idx, fz_new)
+            r = last_res.index_copy(0, idx, r_new)
+            fn = fnorm.index_copy(0, idx, fn_new)
+        nstep += active.long()
+        last_res = torch.where(active, r, last_res)
+        fnorm = torch.where(active, fn, fnorm)
         improved = active & (last_res < best_res)
-        if bool(improved.any()):
-            m = improved.unsqueeze(1)
-            best_z = torch.where(m, z, best_z)
-            best_fz = torch.where(m, fz, best_fz)
-            best_res = torch.where(improved, last_res, best_res)
+        best_is_last = improved | (best_is_last & ~active)
+        if bool(best_is_last.all()):
+            best_z = z
+        elif bool(improved.any()):
+            best_z = torch.where(improved.unsqueeze(1), z, best_z)
+        best_res = torch.where(improved, last_res, best_res)
+        best_fnorm = torch.where(improved, fnorm, best_fnorm)
         converged = converged | (active & (last_res <= atol + rtol * fnorm))
-        diverged = diverged | (active & (~ok_full | (last_res > div_limit)))
+        diverged = diverged | (active & (~torch.isfinite(last_res) | (last_res > div_limit)))
         if return_trace:
             trace.append(last_res.clone())
 
     # Return the best iterate of every sample: for a converged sample it is the converged one.
-    out_z, out_fz, out_res = best_z, best_fz, best_res
+    out_z, out_res, out_fnorm = best_z, best_res, best_fnorm
     if solver.verify_final:
         nfe += 1
-        out_fz = spec.flatten(f(spec.unflatten(out_z), *args))
-        out_res = (out_fz - out_z).norm(dim=1)
-        out_res = torch.where(torch.isfinite(out_res), out_res, torch.full_like(out_res, float("inf")))
-    out_fnorm = out_fz.norm(dim=1)
+        out_res, out_fnorm = residual(out_z, spec.flatten(f(spec.unflatten(out_z), *args)))
     converged = out_res <= atol + rtol * out_fnorm
     best_flag = best_res < last_res
     status = CONVERGED if bool(converged.all()) else (DIVERGED if bool(diverged.any()) else MAX_ITER)

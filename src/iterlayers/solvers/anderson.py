@@ -88,7 +88,8 @@ class AndersonSolver(FixedPointSolver):
         alpha = a / total
         ok = (info == 0) & torch.isfinite(alpha).all(-1) & (total.squeeze(-1).abs() > 0)
         alpha = torch.where(ok.unsqueeze(-1), alpha, torch.zeros_like(alpha)).to(z.dtype)
-        mixed = torch.einsum("bi,bin->bn", alpha, Xh + self.damping * Gh)
+        mixed = torch.bmm(alpha.unsqueeze(1), Xh).squeeze(1)
+        mixed = mixed.add_(torch.bmm(alpha.unsqueeze(1), Gh).squeeze(1), alpha=self.damping)
         if not bool(ok.all()):
             picard = z + self.damping * g
             mixed = torch.where(ok.unsqueeze(-1), mixed, picard)
