@@ -1,0 +1,173 @@
+"""Kawaguchi's implicit linear model: well-posedness, direct vs iterative equilibrium, exact gradients."""
+import pytest
+import torch
+
+from iterlayers.models.implicit_linear import (
+    EquilibriumCell,
+    ImplicitLinearModel,
+    column_softmax,
+    implicit_gradient,
+    logistic_loss,
+    loss_grad,
+    squared_loss,
+)
+
+F64 = torch.float64
+
+
+def _data(n=9, d=6, my=3, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=dtype), torch.randn(n, my, generator=g, dtype=dtype),
+            torch.randint(0, my, (n,), generator=g))
+
+
+def test_column_softmax_is_column_stochastic_and_matches_formula():
+    a = torch.randn(5, 5, dtype=F64) * 3
+    s = column_softmax(a)
+    expected = torch.exp(a) / torch.exp(a).sum(0, keepdim=True)
+    torch.testing.assert_close(s, expected, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(s.sum(0), torch.ones(5, dtype=F64), rtol=0, atol=1e-14)
+    assert (s > 0).all()
+    with pytest.raises(ValueError, match="square"):
+        column_softmax(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1, 1.0, 10.0, 100.0])
+def test_equilibrium_exists_and_is_unique_for_any_weights(scale):
+    x, _, _ = _data(n=7, d=5)
+    model = ImplicitLinearModel(5, 5, 2, gamma=0.9, init_scale=scale, seed=3, dtype=F64, solver="anderson")
+    cf = model.contraction_factor()
+    # columns of sigma(A) sum to one: ||gamma sigma(A)||_1 = gamma, and 1 is an eigenvalue of sigma(A)^T
+    assert cf["norm_1"] == pytest.approx(0.9, abs=1e-12)
+    assert cf["spectral_radius"] == pytest.approx(0.9, abs=1e-9)
+    with torch.no_grad():
+        z = model.equilibrium_point(x, method="direct")
+        u = model.features(x)
+        S = model.weight_map()
+        torch.testing.assert_close(z, 0.9 * z @ S.T + u, rtol=0, atol=1e-12)
+        # the Neumann series sum_l (gamma S)^l u converges to the same point (infinite weight-tied depth)
+        zl = torch.zeros_like(u)
+        for _ in range(400):
+            zl = 0.9 * zl @ S.T + u
+        torch.testing.assert_close(zl, z, rtol=0, atol=1e-10)
+        # iterative solves from very different starts all land on the direct solution: uniqueness
+        for z0 in (torch.zeros_like(u), 100.0 * torch.randn_like(u), -u):
+            zi = model.equilibrium_point(x, method="iterative", z0=z0)
+            torch.testing.assert_close(zi, z, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("solver", ["anderson", "picard", "broyden"])
+def test_direct_and_iterative_agree(dtype, atol, solver):
+    x, _, _ = _data(n=16, d=8, dtype=dtype)
+    model = ImplicitLinearModel(8, 6, 4, gamma=0.8, seed=1, dtype=dtype, solver=solver, max_iter=300)
+    with torch.no_grad():
+        fd = model(x, method="direct")
+        fi = model(x, method="iterative")
+    assert fd.dtype == dtype and fd.shape == (16, 4)
+    torch.testing.assert_close(fi, fd, rtol=0, atol=atol)
+    assert bool(model.last_stats["forward"].converged.all())
+
+
+@pytest.mark.parametrize("loss,reduction", [("squared", "sum"), ("squared", "mean"), ("logistic", "sum"),
+                                            ("logistic", "mean")])
+def test_closed_form_gradient_equals_autograd_and_core_implicit_backward(loss, reduction):
+    x, yr, yl = _data(n=10, d=6, my=3)
+    y = yr if loss == "squared" else yl
+    model = ImplicitLinearModel(6, 4, 3, gamma=0.85, init_scale=2.0, seed=2, dtype=F64, atol=1e-13)
+    gA, gB = implicit_gradient(model, x, y, loss=loss, reduction=reduction)
+    for method, tol in (("direct", 1e-11), ("iterative", 1e-9)):
+        model.zero_grad()
+        model.loss(x, y, loss=loss, reduction=reduction, method=method).backward()
+        torch.testing.assert_close(model.A.grad, gA, rtol=0, atol=tol)
+        torch.testing.assert_close(model.B.grad, gB, rtol=0, atol=tol)
+    assert model.last_stats["backward"] is not None and bool(model.last_stats["backward"].converged.all())
+
+
+def test_closed_form_gradient_matches_central_finite_differences():
+    x, yr, _ = _data(n=8, d=5, my=2, seed=4)
+    model = ImplicitLinearModel(5, 3, 2, gamma=0.7, init_scale=1.5, seed=5, dtype=F64)
+    gA, gB = implicit_gradient(model, x, yr)
+    h = 1e-6
+    for param, grad in ((model.A, gA), (model.B, gB)):
+        for idx in [(0, 0), (1, 2), (param.shape[0] - 1, 1)]:
+            with torch.no_grad():
+                old = param[idx].item()
+                param[idx] = old + h
+                lp = float(model.loss(x, yr))
+                param[idx] = old - h
+                lm = float(model.loss(x, yr))
+                param[idx] = old
+            assert (lp - lm) / (2 * h) == pytest.approx(float(grad[idx]), rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("method,atol", [("direct", 1e-7), ("iterative", 1e-5)])
+def test_gradcheck_float64_through_the_equilibrium(method, atol):
+    x, yr, _ = _data(n=5, d=3, my=2, seed=6)
+    model = ImplicitLinearModel(3, 3, 2, gamma=0.6, seed=7, dtype=F64, atol=1e-13, max_iter=400)
+
+    def loss(a, b):
+        out = torch.func.functional_call(model, {"cell.A": a, "B": b}, (x,), {"method": method})
+        return squared_loss(out, yr)
+
+    a = model.A.detach().clone().requires_grad_()
+    b = model.B.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(loss, (a, b), eps=1e-6, atol=atol)
+
+
+def test_losses_and_their_gradients():
+    q = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    lab = torch.tensor([0, 2, 1, 2])
+    onehot = torch.nn.functional.one_hot(lab, 3).to(F64)
+    qd = q.detach()
+    assert float(squared_loss(qd, onehot)) == pytest.approx(float(((qd - onehot) ** 2).sum()))
+    ref = torch.nn.functional.cross_entropy(qd, lab, reduction="sum")
+    assert float(logistic_loss(qd, lab)) == pytest.approx(float(ref), rel=1e-13)
+    assert float(logistic_loss(qd, lab, reduction="mean")) == pytest.approx(float(ref) / 4, rel=1e-13)
+    for kind, y in (("squared", onehot), ("logistic", lab)):
+        (g_auto,) = torch.autograd.grad((squared_loss if kind == "squared" else logistic_loss)(q, y), q)
+        torch.testing.assert_close(loss_grad(kind, q.detach(), y), g_auto, rtol=1e-12, atol=1e-14)
+
+
+def test_feature_maps_and_shapes():
+    x = torch.randn(4, 2, 3, dtype=F64)
+    ident = ImplicitLinearModel(6, 6, 2, dtype=F64)
+    torch.testing.assert_close(ident.features(x), x.reshape(4, 6))
+    proj = ImplicitLinearModel(6, 3, 2, dtype=F64, seed=0)
+    assert proj.features(x).shape == (4, 3)
+    assert not any(p.requires_grad for p in proj.phi.parameters())
+    lin = torch.nn.Linear(6, 4).double()
+    custom = ImplicitLinearModel(torch.nn.Sequential(torch.nn.Flatten(), lin), 4, 2, dtype=F64)
+    assert not lin.weight.requires_grad  # phi is fixed, as in the paper
+    assert custom(x).shape == (4, 2)
+    bad = ImplicitLinearModel(lambda t: t.reshape(t.shape[0], -1), 5, 2, dtype=F64)
+    with pytest.raises(ValueError, match=r"\[N, 5\]"):
+        bad(x)
+    # the end-to-end map R = B U reproduces the model: f(x) = R phi(x)
+    with torch.no_grad():
+        torch.testing.assert_close(proj(x), proj.features(x) @ proj.shallow_weight().T, rtol=1e-12, atol=1e-12)
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="gamma"):
+        ImplicitLinearModel(3, 3, 1, gamma=1.0)
+    with pytest.raises(ValueError, match="gamma"):
+        EquilibriumCell(3, gamma=0.0)
+    with pytest.raises(ValueError, match="equilibrium"):
+        ImplicitLinearModel(3, 3, 1, equilibrium="newton")
+    with pytest.raises(ValueError, match="width"):
+        ImplicitLinearModel(3, 0, 1)
+    with pytest.raises(TypeError, match="features"):
+        ImplicitLinearModel("x", 3, 1)
+    with pytest.raises(ValueError, match="backward"):
+        ImplicitLinearModel(3, 3, 1, backward="adjoint")
+    model = ImplicitLinearModel(3, 3, 2)
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="loss"):
+        model.loss(x, torch.zeros(4, 2), loss="hinge")
+    with pytest.raises(ValueError, match="reduction"):
+        model.loss(x, torch.zeros(4, 2), reduction="max")
+    with pytest.raises(ValueError, match="labels"):
+        model.loss(x, torch.tensor([0, 1, 2, 3]), loss="logistic")
+    with pytest.raises(ValueError, match="method"):
+        model.equilibrium_point(x, method="fast")
