@@ -1,0 +1,174 @@
+"""Base class of algorithm layers: ``k`` unrolled steps of an optimiser, or its fixed point.
+
+An algorithm layer ``Alg^k_phi`` maps an energy ``E`` (see :mod:`.energy`) to the ``k``-th iterate of
+an optimisation algorithm started at ``y_0`` (``0`` by default, as in Chen et al. 2020).  Its
+parameters ``phi`` are the step sizes (and momenta for subclasses):
+
+* ``tied=True``: one value shared by all steps; ``tied=False``: one value per step (a length-``k``
+  vector, "untied" unrolling as in LISTA-type networks);
+* ``learn_step=True``: the step sizes are ``nn.Parameter``\\ s trained end to end; otherwise buffers.
+
+Subclasses define the state (a tuple of [B, n] tensors, e.g. ``(x, x_prev)`` for momentum methods),
+``_update(t, state, energy)`` and ``_output(state)``.  Where the update map with tied parameters has the
+minimiser as a fixed point (GD, heavy ball, NAG with constant momentum, ISTA), :meth:`solve` runs it to
+convergence as a deep-equilibrium layer through the core solver with implicit gradients.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .energy import BoundEnergy, Energy, Quadratic
+from ._equilibrium import equilibrium
+
+__all__ = ["UnrolledAlgorithm", "bind_energy"]
+
+
+def bind_energy(energy, x=None) -> BoundEnergy:
+    """Accept a :class:`BoundEnergy`, an :class:`Energy` with its input ``x``, or a pair ``(Q, b)``."""
+    if isinstance(energy, BoundEnergy):
+        if x is not None:
+            raise TypeError("x must be None when a bound energy is passed")
+        return energy
+    if isinstance(energy, Energy):
+        if x is None:
+            raise TypeError(f"{type(energy).__name__} needs its input x")
+        return energy.bind(x)
+    if isinstance(energy, (tuple, list)) and len(energy) == 2:
+        return Quadratic(*energy)
+    raise TypeError("energy must be a BoundEnergy, an Energy (with x) or a pair (Q, b); "
+                    f"got {type(energy).__name__}")
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _per_step(module: nn.Module, name: str, value, *, k: int, tied: bool, learn: bool) -> None:
+    """Register ``name`` as a [1] (tied) or [k] (untied) float64 parameter/buffer."""
+    if isinstance(value, Tensor):
+        t = value.detach().to(torch.float64).flatten()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        t = torch.tensor([float(value)], dtype=torch.float64)
+    elif isinstance(value, Sequence):
+        t = torch.tensor([float(v) for v in value], dtype=torch.float64)
+    else:
+        raise TypeError(f"{name} must be a float, a sequence of floats or a tensor, got {type(value).__name__}")
+    n = 1 if tied else k
+    if t.numel() == 1:
+        t = t.repeat(n)
+    if t.numel() != n:
+        raise ValueError(f"{name} needs 1 value (tied) or k={k} values (untied), got {t.numel()}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} must be finite, got {t.tolist()}")
+    if learn:
+        module.register_parameter(name, nn.Parameter(t))
+    else:
+        module.register_buffer(name, t)
+
+
+class UnrolledAlgorithm(nn.Module):
+    """``k`` steps of an iterative optimiser as a layer (see module docstring).
+
+    Options (keyword-only): ``k`` (positive int), ``step_size`` (float, or ``k`` floats when untied),
+    ``tied`` (bool), ``learn_step`` (bool).
+    """
+
+    has_fixed_point: bool = True
+    state_size: int = 1  # number of [B, n] tensors in the state
+
+    def __init__(self, *, k: int = 10, step_size=1.0, tied: bool = True, learn_step: bool = False):
+        super().__init__()
+        self.k = _positive_int(k, "k")
+        if not isinstance(tied, bool):
+            raise TypeError(f"tied must be a bool, got {tied!r}")
+        if not isinstance(learn_step, bool):
+            raise TypeError(f"learn_step must be a bool, got {learn_step!r}")
+        self.tied, self.learn_step = tied, learn_step
+        _per_step(self, "step_size", step_size, k=self.k, tied=tied, learn=learn_step)
+
+    # -- per-step parameters -------------------------------------------------------------------
+    def _at(self, p: Tensor, t: int, like: Tensor) -> Tensor:
+        return (p[0] if self.tied else p[t]).to(like.dtype)
+
+    def step_at(self, t: int, like: Tensor) -> Tensor:
+        """Step size of step ``t`` (0-based) in ``like``'s dtype."""
+        return self._at(self.step_size, t, like)
+
+    # -- subclass interface ----------------------------------------------------------------------
+    def _init_state(self, y0: Tensor) -> tuple[Tensor, ...]:
+        return (y0,) * self.state_size
+
+    def _update(self, t: int, state: tuple[Tensor, ...], energy: BoundEnergy) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def _output(self, state: tuple[Tensor, ...]) -> Tensor:
+        return state[0]
+
+    # -- unrolled forward ------------------------------------------------------------------------
+    def forward(self, energy, x=None, *, y0: Tensor | None = None, steps: int | None = None,
+                return_all: bool = False):
+        """``y^k = Alg^k(E)``; ``return_all=True`` gives the list ``[y^0, ..., y^k]``.
+
+        ``steps`` overrides ``k`` for tied layers (evaluate the same layer at other depths).
+        """
+        bound = bind_energy(energy, x)
+        if steps is None:
+            steps = self.k
+        else:
+            steps = _positive_int(steps, "steps")
+            if not self.tied and steps > self.k:
+                raise ValueError(f"an untied layer has only k={self.k} steps, asked for steps={steps}")
+        if y0 is None:
+            y0 = bound.zeros()
+        elif y0.shape != bound.zeros().shape:
+            raise ValueError(f"y0 must have shape {tuple(bound.zeros().shape)}, got {tuple(y0.shape)}")
+        state = self._init_state(y0)
+        trace = [self._output(state)] if return_all else None
+        for t in range(steps):
+            state = self._update(t, state, bound)
+            if return_all:
+                trace.append(self._output(state))
+        return trace if return_all else self._output(state)
+
+    # -- equilibrium (DEQ) mode ------------------------------------------------------------------
+    def fixed_point_map(self, energy: BoundEnergy):
+        """The tied update as a map on the flattened state ``z = cat(state)`` [B, state_size * n]."""
+        if not self.tied:
+            raise ValueError("fixed_point_map needs tied parameters (tied=True)")
+        if not self.has_fixed_point:
+            raise ValueError(f"{type(self).__name__} has no stationary update map (time-varying momentum)")
+        n = energy.dim
+
+        def f(z: Tensor) -> Tensor:
+            state = tuple(z[:, i * n:(i + 1) * n] for i in range(self.state_size))
+            return torch.cat(self._update(0, state, energy), dim=-1)
+
+        return f
+
+    def solve(self, energy, x=None, *, y0: Tensor | None = None, solver: str = "anderson",
+              backward: str = "implicit", atol: float = 1e-8, rtol: float = 0.0, max_iter: int = 500,
+              **options) -> Tensor:
+        """Run the algorithm to its fixed point (the minimiser) with implicit gradients.
+
+        ``z* = T(z*)`` for the tied update ``T``; by the implicit function theorem the gradient of a
+        loss ``l(y*)`` needs only ``(I - J_T(z*))^{-T}``, not the iterates (memory independent of the
+        number of iterations).  Delegates to ``iterlayers.deq_solve`` (options such as
+        ``backward_solver``, ``backward_atol``, ``on_failure`` pass through).
+        """
+        bound = bind_energy(energy, x)
+        f = self.fixed_point_map(bound)
+        if y0 is None:
+            y0 = bound.zeros()
+        z0 = torch.cat(self._init_state(y0), dim=-1)
+        z = equilibrium(f, z0, solver=solver, backward=backward, atol=atol, rtol=rtol, max_iter=max_iter,
+                        **options)
+        n = bound.dim
+        return self._output(tuple(z[:, i * n:(i + 1) * n] for i in range(self.state_size)))
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, tied={self.tied}, learn_step={self.learn_step}"

@@ -1,0 +1,286 @@
+"""The ``iterlayers`` command: ``train``, ``analyze``, ``reproduce``, ``bench``.
+
+Every wrong option name or value ends the command with exit status 2 and ONE line on stderr that names the
+valid choices, e.g. ``iterlayers: error: unknown model 'foo'; valid: deq_conv, deq_mlp, mlp``. Set
+``ITERLAYERS_DEBUG=1`` to see the full traceback instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from iterlayers.experiments import ORDER as EXPERIMENT_ORDER
+
+REPRODUCE_CHOICES = (*EXPERIMENT_ORDER, "all")
+DEBUG_ENV = "ITERLAYERS_DEBUG"
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+class _App(typer.Typer):
+    """A Typer app whose errors are one line (see :func:`main`)."""
+
+    def __call__(self, *args, **kwargs):  # the console-script entry point calls app()
+        sys.exit(main(*args, **kwargs))
+
+
+app = _App(
+    name="iterlayers",
+    help="Deep networks whose layers are iterative algorithms: train, analyse and reproduce.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def main(argv: list[str] | None = None, prog_name: str = "iterlayers") -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
+    from typer._click import exceptions as click_exc
+
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except click_exc.ClickException as err:  # parse errors: bad int, unknown option, missing argument
+        return _fail(err.format_message(), err.exit_code if err.exit_code else 2)
+    except (typer.Abort, KeyboardInterrupt):
+        print(f"{prog_name}: aborted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, TypeError, FileNotFoundError) as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        return _fail(str(err), 2)
+    return rv if isinstance(rv, int) else 0
+
+
+def _fail(message: str, code: int) -> int:
+    line = " ".join(str(message).split())  # one line, whatever the message held
+    print(f"iterlayers: error: {line}", file=sys.stderr)
+    return code
+
+
+def _choice(option: str, value: str, choices) -> str:
+    if value not in choices:
+        raise CLIError(f"{option} {value!r} is not valid; choose one of: {', '.join(choices)}")
+    return value
+
+
+def _parse_options(pairs: list[str] | None) -> dict:
+    """``KEY=VALUE`` pairs; VALUE is read as JSON when it parses (numbers, true/false, lists), else a string."""
+    out: dict = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise CLIError(f"--option {pair!r} is not KEY=VALUE (e.g. --option width=32)")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+# --------------------------------------------------------------------------------------------- train
+@app.command()
+def train(
+    model: Annotated[Optional[str], typer.Option(help="Model name (deq_mlp, deq_conv, mlp, ...).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="digits, mnist1d, or a path to a .npz/.pt file.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Number of epochs (default 5).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size, split over processes (default 64).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 1e-3).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adam (default) or sgd (momentum 0.9).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of data split, init and data order (default 0).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default cpu).")] = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the DEQ cells.")] = False,
+    out: Annotated[Path, typer.Option(help="Output directory: metrics.csv and checkpoints.")] = Path("runs/train"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out exactly.")] = False,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Also checkpoint every N steps (0: epoch ends).")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Model option KEY=VALUE (repeatable).")] = None,
+    n_train: Annotated[Optional[int], typer.Option(help="Use only the first N training samples.")] = None,
+    n_test: Annotated[Optional[int], typer.Option(help="Use only the first N test samples.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 0).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")] = False,
+    compile_backend: Annotated[str, typer.Option(hidden=True)] = "inductor",
+) -> None:
+    """Train a model; per-epoch metrics (with DEQ solver statistics) go to OUT/metrics.csv.
+
+    Under `torchrun --nproc_per_node=N -m iterlayers train ...` the run uses DistributedDataParallel and gives
+    the same result as one process with the same (global) --batch-size.
+    """
+    from iterlayers.data import DATASETS
+    from iterlayers.models import MODELS
+    from iterlayers.training import OPTIMIZERS, TrainConfig
+    from iterlayers.training import train as run_training
+
+    if model is not None:
+        _choice("--model", model, sorted(MODELS))
+    if optimizer is not None:
+        _choice("--optimizer", optimizer, OPTIMIZERS)
+    if data is not None and data not in DATASETS:
+        if not data.endswith((".npz", ".pt")):
+            raise CLIError(f"--data {data!r} is not valid; choose one of: {', '.join(sorted(DATASETS))} or a .npz/.pt file")
+        if not Path(data).exists():
+            raise CLIError(f"--data file {data!r} does not exist")
+    if resume:
+        if not (out / "checkpoint.json").exists():
+            raise CLIError(f"--resume: no checkpoint in {str(out)!r} (expected {out / 'checkpoint.json'})")
+        fixed = {"model": model, "data": data, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
+                 "seed": seed, "option": option,
+                 "n_train": n_train, "n_test": n_test, "weight_decay": weight_decay}
+        given = [k for k, v in fixed.items() if v is not None]
+        if given:
+            raise CLIError(f"--resume continues the saved run; these options cannot change: {', '.join(given)}")
+        from iterlayers.checkpoint import load_checkpoint
+
+        saved = load_checkpoint(out).config
+        cfg = TrainConfig.from_dict(saved)
+        cfg.epochs = epochs if epochs is not None else cfg.epochs
+        cfg.device = device if device is not None else cfg.device
+        cfg.checkpoint_every = checkpoint_every if checkpoint_every is not None else cfg.checkpoint_every
+        cfg.compile, cfg.compile_backend = compile, compile_backend
+    else:
+        cfg = TrainConfig(
+            model=model or "deq_mlp",
+            data=data or "digits",
+            epochs=5 if epochs is None else epochs,
+            batch_size=64 if batch_size is None else batch_size,
+            lr=1e-3 if lr is None else lr,
+            optimizer=optimizer or "adam",
+            weight_decay=0.0 if weight_decay is None else weight_decay,
+            seed=0 if seed is None else seed,
+            device=device or "cpu",
+            compile=compile,
+            compile_backend=compile_backend,
+            checkpoint_every=0 if checkpoint_every is None else checkpoint_every,
+            model_options=_parse_options(option),
+            n_train=n_train,
+            n_test=n_test,
+        )
+    cfg.out = str(out)
+    cfg.validate()
+    result = run_training(cfg, resume=resume, progress=None if not quiet else False)
+    if int(os.environ.get("RANK", "0")) == 0 and not quiet and result.rows:
+        last = result.rows[-1]
+        typer.echo(f"done: test accuracy {last['test_acc']:.4f}, metrics in {out / 'metrics.csv'}, checkpoint in {out}")
+
+
+# -------------------------------------------------------------------------------------------- analyze
+@app.command()
+def analyze(
+    checkpoint: Annotated[Path, typer.Argument(help="A training output directory (or its checkpoint.json).")],
+    batch_size: Annotated[int, typer.Option(help="How many test samples to analyse.")] = 64,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    plot: Annotated[Optional[Path], typer.Option(help="Also save the report's figure (PNG) here.")] = None,
+) -> None:
+    """Print the analysis report (spectra, contraction, rates, sensitivity) of a checkpoint's DEQ layer."""
+    import torch
+
+    from iterlayers.checkpoint import load_checkpoint
+    from iterlayers.data import load_dataset
+    from iterlayers.models import build_model
+    from iterlayers.training import TrainConfig, deq_layers, resolve_device
+
+    if batch_size < 1:
+        raise CLIError(f"--batch-size must be a positive integer, got {batch_size}")
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(ckpt.config)
+    data = load_dataset(cfg.data, seed=cfg.seed)
+    x = data.x_test[:batch_size].reshape(min(batch_size, len(data.x_test)), -1).to(dev)
+    model = build_model(cfg.model, x.shape[1], data.num_classes, **cfg.model_options)
+    model.load_state_dict(ckpt.model_state)
+    model.to(dev).eval()
+    layers = deq_layers(model)
+    if not layers:
+        raise CLIError(f"model {cfg.model!r} has no DEQ layer to analyse")
+    captured: dict = {}
+    handle = layers[0].register_forward_pre_hook(lambda mod, args: captured.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    try:
+        from iterlayers.analysis import report
+    except ImportError as err:
+        raise CLIError(f"iterlayers.analysis.report is not available ({err})") from None
+    typer.echo(f"checkpoint {ckpt.directory} (model {cfg.model}, data {cfg.data}, step {ckpt.progress.get('global_step')})")
+    typer.echo(f"forward solve on {len(x)} test samples: {layers[0].stats['forward']}")
+    result = report(layers[0], captured["x"])
+    typer.echo(result if isinstance(result, str) else _format_report(result))
+    if plot is not None and hasattr(result, "plot"):
+        typer.echo(f"figure: {result.plot(plot)}")
+
+
+def _format_report(result) -> str:
+    if isinstance(result, dict):
+        width = max((len(str(k)) for k in result), default=0)
+        return "\n".join(f"{str(k):<{width}}  {v}" for k, v in result.items())
+    return str(result)
+
+
+# ------------------------------------------------------------------------------------------ reproduce
+@app.command()
+def reproduce(
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(REPRODUCE_CHOICES)}.")],
+    quick: Annotated[bool, typer.Option("--quick/--full", help="Quick settings (make run) or paper scale.")] = True,
+    tiny: Annotated[bool, typer.Option("--tiny", help="Test-suite settings (seconds).")] = False,
+    out: Annotated[Path, typer.Option(help="Output directory; writes OUT/<experiment>/ and OUT/REPORT.md.")] = Path("results"),
+    seed: Annotated[int, typer.Option(help="Seed of every experiment.")] = 0,
+) -> int:
+    """Run experiments and assemble OUT/REPORT.md (figures, tables, paper's claims vs ours, benchmarks)."""
+    from iterlayers.experiments import run_experiment
+    from iterlayers.report import write_report
+
+    _choice("experiment", name, REPRODUCE_CHOICES)
+    names = list(EXPERIMENT_ORDER) if name == "all" else [name]
+    outcomes = []
+    for n in names:
+        typer.echo(f"== {n} ({'tiny' if tiny else 'quick' if quick else 'full'}) ==")
+        outcome = run_experiment(n, out=out / n, quick=quick, tiny=tiny, seed=seed)
+        outcomes.append(outcome)
+        tail = f": {outcome.error}" if outcome.error else ""
+        typer.echo(f"== {n}: {outcome.status} in {outcome.seconds:.1f} s{tail}")
+    path = write_report(out)
+    typer.echo(f"report: {path}")
+    failed = [o.name for o in outcomes if o.status != "ok"]
+    if failed:
+        print(f"iterlayers: {len(failed)} experiment(s) did not complete: {', '.join(failed)} (see {path})", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- bench
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller sizes, fewer repeats.")] = False,
+    out: Annotated[Path, typer.Option(help="Output directory of the benchmark table.")] = Path("results/bench"),
+) -> int:
+    """Benchmark iterlayers against torchdeq (benchmarks/bench_torchdeq.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchdeq") is None:
+        raise CLIError("torchdeq is not installed; install the benchmark extra: pip install -e .[bench]")
+    script = _repo_root() / "benchmarks" / "bench_torchdeq.py"
+    if not script.exists():
+        raise CLIError(f"benchmark script not found at {script} (run from a source checkout)")
+    cmd = [sys.executable, str(script), "--out", str(out.resolve())] + (["--quick"] if quick else [])
+    return subprocess.call(cmd, cwd=_repo_root())
+
+
+@app.callback()
+def _root() -> None:
+    """Deep networks whose layers are iterative algorithms: train, analyse and reproduce."""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Ready-made networks, by name: ``build_model(name, in_features, num_classes, **options)``.
+
+Every factory has the signature ``factory(in_features, num_classes, **options) -> nn.Module``; options are
+keyword-only and validated by the model (a bad value raises ``ValueError``/``TypeError`` naming it).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from torch import nn
+
+__all__ = ["MODELS", "build_model", "register_model"]
+
+
+def _lazy(module: str, attr: str) -> Callable[..., nn.Module]:
+    # Import on use so the registry (and the CLI's --help) never pays for, or breaks on, an unused model.
+    def factory(in_features: int, num_classes: int, **options) -> nn.Module:
+        cls = getattr(importlib.import_module(f"iterlayers.models.{module}"), attr)
+        return cls(in_features, num_classes, **options)
+
+    factory.__name__ = f"build_{attr}"
+    factory.__doc__ = f"Build iterlayers.models.{module}.{attr}."
+    return factory
+
+
+def _implicit_linear(in_features: int, num_classes: int, *, width: int = 64, equilibrium: str = "iterative",
+                     **options) -> nn.Module:
+    """Kawaguchi's deep equilibrium linear model f(x) = B (I - gamma sigma(A))^{-1} phi(x) as a classifier."""
+    from iterlayers.models.implicit_linear import ImplicitLinearModel
+
+    options.setdefault("atol", 1e-5)  # float32 training; the model's own default (1e-6) sits at rounding level
+    return ImplicitLinearModel(in_features, width, num_classes, equilibrium=equilibrium, **options)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "deq_mlp": _lazy("deq_mlp", "DEQMLP"),
+    "deq_conv": _lazy("deq_conv", "DEQConv"),
+    "mlp": _lazy("deq_mlp", "MLPClassifier"),
+    "implicit_linear": _implicit_linear,
+}
+
+
+def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Add ``factory(in_features, num_classes, **options)`` to :data:`MODELS` under ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("model name must be a non-empty string")
+    MODELS[name] = factory
+
+
+def build_model(name: str, in_features: int, num_classes: int, **options) -> nn.Module:
+    """Build the registered model ``name``; an unknown name raises ``ValueError`` listing the valid ones."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
+    try:
+        return MODELS[name](in_features, num_classes, **options)
+    except TypeError as err:
+        # An unknown keyword reaches the constructor as TypeError; say which model rejected it.
+        raise TypeError(f"model {name!r}: {err}") from None

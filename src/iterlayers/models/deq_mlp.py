@@ -1,0 +1,164 @@
+"""A deep-equilibrium classifier for feature vectors, and the explicit MLP it is compared with.
+
+Model (Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019, arXiv 1909.01377)::
+
+    u   = U x + b                       (encoder, computed once: the "input injection")
+    z*  = sigma(W z* + u)               (the equilibrium layer, solved by iterlayers.DEQ)
+    y   = H z* + c                      (linear head)
+
+Why it converges: sigma in {tanh, relu} is 1-Lipschitz, so z -> sigma(W z + u) is a contraction with factor
+||W||_2 whenever ||W||_2 < 1 (Banach), and Picard iteration converges linearly, ||z_k - z*|| <= ||W||_2^k ||z_0 - z*||.
+With ``norm="spectral"`` the layer uses W = gamma * V / ||V||_2 (spectral normalisation, Miyato et al. 2018,
+computed exactly and statelessly, so every solver iteration sees the same map), which guarantees the factor
+gamma < 1. ``norm="weight"`` uses weight normalisation w_i = g_i v_i / ||v_i|| (Salimans & Kingma 2016): it
+eases optimisation but bounds nothing; ``norm="none"`` uses V as is.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["MLPCell", "DEQMLP", "MLPClassifier", "ACTIVATIONS", "NORMS"]
+
+ACTIVATIONS = ("tanh", "relu")
+NORMS = ("spectral", "weight", "none")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class MLPCell(nn.Module):
+    """The equilibrium map f(z, u) = sigma(W z + u) on R^width, with a normalised W.
+
+    Args:
+        width: dimension of z and u.
+        activation: ``"tanh"`` or ``"relu"`` (both 1-Lipschitz).
+        norm: ``"spectral"`` (W = gamma V / ||V||_2, a gamma-contraction), ``"weight"`` or ``"none"``.
+        gamma: the target spectral norm for ``norm="spectral"``, in (0, 1).
+    """
+
+    def __init__(self, width: int, *, activation: str = "tanh", norm: str = "spectral", gamma: float = 0.9):
+        super().__init__()
+        _check_positive_int("width", width)
+        _check_choice("activation", activation, ACTIVATIONS)
+        _check_choice("norm", norm, NORMS)
+        if not (isinstance(gamma, (int, float)) and 0.0 < float(gamma) < 1.0):
+            raise ValueError(f"gamma must lie in (0, 1), got {gamma!r}")
+        self.width = int(width)
+        self.activation = activation
+        self.norm = norm
+        self.gamma = float(gamma)
+        v = torch.empty(width, width)
+        nn.init.orthogonal_(v)
+        self.v = nn.Parameter(v * (0.5 if norm == "none" else 1.0))
+        if norm == "weight":
+            self.g = nn.Parameter(self.v.detach().norm(dim=1) * self.gamma)
+        else:
+            self.register_parameter("g", None)
+
+    def weight(self) -> torch.Tensor:
+        """The effective matrix W used by the map."""
+        if self.norm == "spectral":
+            sigma = torch.linalg.matrix_norm(self.v, ord=2)
+            return self.v * (self.gamma / sigma)
+        if self.norm == "weight":
+            return self.v * (self.g / self.v.norm(dim=1)).unsqueeze(1)
+        return self.v
+
+    def lipschitz_bound(self) -> float:
+        """An upper bound on the Lipschitz constant of z -> f(z, u): ||W||_2 (sigma is 1-Lipschitz)."""
+        with torch.no_grad():
+            return float(torch.linalg.matrix_norm(self.weight(), ord=2))
+
+    def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        pre = torch.nn.functional.linear(z, self.weight()) + u
+        return torch.tanh(pre) if self.activation == "tanh" else torch.relu(pre)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, activation={self.activation!r}, norm={self.norm!r}, gamma={self.gamma}"
+
+
+class DEQMLP(nn.Module):
+    """Encoder -> :class:`iterlayers.DEQ` over an :class:`MLPCell` -> linear head.
+
+    Args:
+        in_features: number of input features (inputs are flattened).
+        num_classes: number of output logits.
+        width: hidden width of the equilibrium state.
+        activation, norm, gamma: see :class:`MLPCell`.
+        solver, backward, atol, rtol, max_iter, **deq_options: passed to :class:`iterlayers.DEQ`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        width: int = 64,
+        activation: str = "tanh",
+        norm: str = "spectral",
+        gamma: float = 0.9,
+        solver: str = "anderson",
+        backward: str = "implicit",
+        atol: float = 1e-4,
+        rtol: float = 0.0,
+        max_iter: int = 40,
+        **deq_options,
+    ):
+        super().__init__()
+        from iterlayers import DEQ  # the core engine; imported here so this module imports without it
+
+        _check_positive_int("in_features", in_features)
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("width", width)
+        self.in_features = int(in_features)
+        self.num_classes = int(num_classes)
+        self.encoder = nn.Linear(in_features, width)
+        self.cell = MLPCell(width, activation=activation, norm=norm, gamma=gamma)
+        deq_options.setdefault("on_failure", "ignore")
+        self.deq = DEQ(self.cell, solver=solver, backward=backward, atol=atol, rtol=rtol,
+                       max_iter=max_iter, **deq_options)
+        self.head = nn.Linear(width, num_classes)
+
+    def inject(self, x: torch.Tensor) -> torch.Tensor:
+        """The input injection u = U x + b fed to the equilibrium layer."""
+        return self.encoder(x.reshape(x.shape[0], -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.deq(self.inject(x)))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_classes={self.num_classes}"
+
+
+class MLPClassifier(nn.Module):
+    """The explicit baseline: x -> sigma(U x + b) -> head, i.e. one step of the DEQ map from z = 0."""
+
+    def __init__(self, in_features: int, num_classes: int, *, width: int = 64, activation: str = "tanh", depth: int = 1):
+        super().__init__()
+        _check_positive_int("in_features", in_features)
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("width", width)
+        _check_positive_int("depth", depth)
+        _check_choice("activation", activation, ACTIVATIONS)
+        act = nn.Tanh if activation == "tanh" else nn.ReLU
+        layers: list[nn.Module] = []
+        dims = [in_features] + [width] * depth
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), act()]
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+        self.in_features, self.num_classes = int(in_features), int(num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.reshape(x.shape[0], -1))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_classes={self.num_classes}"
