@@ -45,6 +45,24 @@ class MLPCell(nn.Module):
         return torch.tanh(self.W(z) + self.U(x))
 
 
+class OscillatingCell(nn.Module):
+    """``tanh(W z + U x / 2)`` with symmetric ``W`` of spectrum ``[-1.5, 0.6]``: near the fixed point the
+    Jacobian has eigenvalues below -1, so plain (undamped) fixed-point iteration oscillates and fails."""
+
+    def __init__(self, d: int, seed: int = 1):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+        self.W = nn.Linear(d, d, bias=False)
+        self.U = nn.Linear(d, d, bias=False)
+        with torch.no_grad():
+            self.W.weight.copy_(Q @ torch.diag(torch.linspace(-1.5, 0.6, d)) @ Q.T)
+            self.U.weight.copy_(0.5 * torch.randn(d, d, generator=g) / d**0.5)
+
+    def forward(self, z, x):
+        return torch.tanh(self.W(z) + self.U(x))
+
+
 class ConvCell(nn.Module):
     """``relu-free`` small conv cell ``tanh(conv2(tanh(conv1(z))) + x)``, scaled to be contractive."""
 
@@ -187,7 +205,7 @@ def main(argv=None):
     theirs = ["fixed_point_iter", "anderson", "broyden"]
     rows = []
     rows += bench_case("mlp d=512 contractive", MLPCell(d, 0.9), x, tol, 60, reps, ours, theirs)
-    rows += bench_case("mlp d=512 hard (||W||=2.5)", MLPCell(d, 2.5), x, tol, 100, reps, ours, theirs)
+    rows += bench_case("mlp d=512 hard (Picard oscillates)", OscillatingCell(d), x, tol, 100, reps, ours, theirs)
     xc = torch.randn(64, 16, 16, 16)
     rows += bench_case("conv 16x16x16, batch 64", ConvCell(16), xc, tol, 60, reps, ours, theirs)
     mem = memory_flatness(MLPCell(d, 0.9), x)

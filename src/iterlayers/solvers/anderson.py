@@ -6,7 +6,9 @@ solve the constrained least-squares problem
     alpha = argmin_{sum(alpha) = 1} || sum_i alpha_i g_i ||^2 + lam * s * ||alpha||^2,
 
 whose solution is ``alpha = a / sum(a)`` with ``(G G^T + lam s I) a = 1`` (``G`` stacks the ``g_i`` as rows and
-``s`` is the mean of ``diag(G G^T)``, so ``lam`` is scale free). The next iterate is
+``s`` is the smallest of the ``||g_i||^2``, so ``lam`` is scale free). The ridge is scaled by the smallest
+residual, not the mean: residuals of a converging solve span orders of magnitude, and a ridge sized by the
+oldest (largest) one would swamp the newest entries and stall the acceleration. The next iterate is
 
     z_{k+1} = sum_i alpha_i (z_i + beta g_i)        (beta = damping).
 
@@ -79,7 +81,7 @@ class AndersonSolver(FixedPointSolver):
         # The small mixing system is solved in float64 whatever the state's dtype: it is nh x nh, so this
         # costs nothing and keeps float32 runs from losing the acceleration to round-off.
         H = torch.bmm(Gh, Gh.transpose(1, 2)).double()
-        scale = H.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        scale = H.diagonal(dim1=1, dim2=2).amin(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
         H = H + (self.lam * scale).unsqueeze(-1) * torch.eye(nh, dtype=H.dtype, device=H.device)
         ones = torch.ones(H.shape[0], nh, 1, dtype=H.dtype, device=H.device)
         a, info = torch.linalg.solve_ex(H, ones)

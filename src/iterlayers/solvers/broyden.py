@@ -25,12 +25,15 @@ __all__ = ["BroydenSolver"]
 
 def _apply(U, V, x):
     """``H x`` with ``H = -I + U^T V`` stored as rows: ``-x + sum_i u_i (v_i . x)``."""
-    return -x + torch.einsum("bin,bi->bn", U, torch.einsum("bin,bn->bi", V, x))
+    if U.shape[1] == 0:
+        return -x
+    c = torch.bmm(V, x.unsqueeze(2))  # [b, k, 1]
+    return torch.baddbmm(-x.unsqueeze(1), c.transpose(1, 2), U).squeeze(1)
 
 
 def _apply_t(U, V, x):
     """``x^T H`` as a row vector: ``-x + sum_i (x . u_i) v_i``."""
-    return -x + torch.einsum("bin,bi->bn", V, torch.einsum("bin,bn->bi", U, x))
+    return _apply(V, U, x)
 
 
 @dataclasses.dataclass
@@ -64,7 +67,9 @@ class BroydenSolver(FixedPointSolver):
             state["V"].zero_()
             state["k"] = 0
             state["restarts"] += 1
-        U, V = rows(state["U"], idx), rows(state["V"], idx)
+        # Only the k updates made since the last restart are non-zero: use just those.
+        k = state["k"]
+        U, V = rows(state["U"][:, :k], idx), rows(state["V"][:, :k], idx)
         g = fz - z
         dz = -_apply(U, V, g)
         z_new = z + dz
