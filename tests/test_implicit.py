@@ -161,3 +161,16 @@ def test_no_grad_returns_detached_fixed_point():
         z = deq(x)
     assert not z.requires_grad
     assert deq.stats["backward"] is None and deq.stats["forward"].status == "converged"
+
+
+def test_small_incoming_gradients_are_not_silently_zeroed():
+    """The adjoint tolerance is relative to ||g||: a tiny loss scale must not make u = 0 look converged."""
+    cell = TanhCell(6, norm=0.9, seed=21)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    deq = il.DEQ(cell, atol=1e-6, rtol=0, max_iter=300, backward_atol=1e-6, backward_rtol=0)
+    z = deq(x)
+    g = 1e-9 * torch.randn_like(z)
+    (z * g).sum().backward()
+    assert int(deq.stats["backward"].nstep.min()) > 0
+    gx, _ = dense_ift_grads(cell, x, z.detach(), g)
+    torch.testing.assert_close(x.grad, gx, atol=0, rtol=1e-4)

@@ -60,15 +60,24 @@ def implicit_backward(
 
     ``fz`` must have been computed from the leaf ``z_star`` with a retained graph; only vector-Jacobian
     products are used, so ``J`` is never formed.
+
+    The system is linear in ``(u, grad)``, so it is solved for the unit right-hand side
+    ``grad_i / ||grad_i||`` per sample and rescaled: the tolerances are *relative* to the incoming gradient.
+    An absolute tolerance would declare the adjoint of a small gradient (a mean-reduced loss, a nearly fitted
+    model) converged at ``u = 0`` and return a silently zero gradient. The iteration starts from the
+    right-hand side itself (the first Neumann term, i.e. the JFB gradient).
     """
+    scale = grad.norm(dim=1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    rhs = grad / scale
 
     def adjoint(u):
         (vjp,) = torch.autograd.grad(fz, z_star, u, retain_graph=True)
-        return vjp + grad
+        return vjp + rhs
 
-    return run_loop(
+    u, stats = run_loop(
         adjoint,
-        torch.zeros_like(grad),
+        rhs.clone(),
         solver=solver,
         atol=atol,
         rtol=rtol,
@@ -78,6 +87,7 @@ def implicit_backward(
         divergence_ratio=1e6,
         check_inputs=False,
     )
+    return u * scale, stats
 
 
 def _unrolled(f_flat, z, args, *, damping, atol, rtol, max_iter, return_trace):

@@ -31,7 +31,8 @@ class DEQ(nn.Module):
         on_failure: ``"raise"``, ``"warn"`` or ``"ignore"`` when a solve (forward or backward) fails.
         solver_options: options of the forward solver (e.g. ``{"m": 6}`` for Anderson).
         backward_solver, backward_atol, backward_rtol, backward_max_iter, backward_solver_options: the
-            same for the adjoint solve of ``backward="implicit"`` (defaults: the forward tolerances).
+            same for the adjoint solve of ``backward="implicit"`` (defaults: the forward tolerances; the
+            adjoint tolerance is relative to the norm of each sample's incoming gradient).
         phantom_steps, phantom_damping: ``k`` and ``lambda`` of the phantom gradient.
         eval_max_iter: iteration limit in eval mode (``model.eval()``), if different.
         return_trace: record residual traces in ``stats["forward"].trace``.
