@@ -42,7 +42,11 @@ def test_two_processes_match_one_process(tmp_path):
         assert int(a["global_step"]) == b["global_step"] == 5 * b["epoch"]
         for k in ("train_loss", "test_loss", "train_acc", "test_acc"):
             assert float(a[k]) == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
-        assert float(a["fwd_iters"]) == pytest.approx(b["fwd_iters"], abs=0.05)
+        # Iteration counts are integers per sample: one whose residual lands within round-off of the
+        # tolerance can take one step more or less when its batch partners (and so the BLAS blocking of the
+        # batched matmul) change between 8- and 16-sample batches. Allow that for a few of the 80 samples;
+        # the losses above and the weights below are held to 1e-5.
+        assert float(a["fwd_iters"]) == pytest.approx(b["fwd_iters"], abs=0.1)
     ddp_state = load_checkpoint(tmp_path / "ddp").model_state
     record = load_checkpoint(tmp_path / "ddp").record
     assert record["world_size"] == 2
