@@ -79,34 +79,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old content or the new one, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+def _atomic_replace(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, and move it over ``path``.
 
-
-def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
-    """Save tensors as safetensors through a temporary file and :func:`os.replace`."""
-    path = Path(path)
+    Readers see the old content or the new one, never a mix; a failure leaves no temporary file behind.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses shared or non-contiguous storage; a private contiguous CPU copy is always valid.
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        _st_save(flat, tmp, metadata=metadata)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -115,6 +97,18 @@ def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old content or the new one, never a mix."""
+    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+    """Save tensors as safetensors through a temporary file and :func:`os.replace`."""
+    # safetensors refuses shared or non-contiguous storage; a private contiguous CPU copy is always valid.
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    _atomic_replace(Path(path), lambda tmp: _st_save(flat, tmp, metadata=metadata))
 
 
 # --------------------------------------------------------------------------------------- optimizer / RNG
