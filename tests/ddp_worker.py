@@ -1,5 +1,6 @@
 """Worker for the two-process DistributedDataParallel test (importable by spawned processes)."""
 import os
+import sys
 
 import torch
 from torch import nn
@@ -39,3 +40,10 @@ def run_worker(rank, world, port, folder):
             torch.save({k: p.grad for k, p in model.named_parameters()}, os.path.join(folder, "grads.pt"))
     finally:
         torch.distributed.destroy_process_group()
+    # Everything is written and the group is destroyed: skip interpreter finalisation. There, Gloo's C++
+    # threads can still hold objects whose destruction needs the interpreter, and under load that aborts a
+    # worker that succeeded ("terminate called without an active exception", SIGABRT); the CLI's torchrun
+    # workers do the same (iterlayers/__main__.py). An exception above still propagates to mp.spawn.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
