@@ -82,6 +82,18 @@ def test_nan_input_rejected_before_iterating():
     assert calls == []
 
 
+def test_large_finite_inputs_are_not_mistaken_for_inf():
+    # The finiteness check screens with one sum, which overflows here; the element-wise test must decide.
+    x = torch.full((3, 4), 3e38)
+    sol = il.solve(lambda z, xx: 0.5 * z + 1e-38 * xx, torch.full((3, 4), 3e38), args=(x,), atol=1e-30,
+                   rtol=1e-6, on_failure="ignore", solver="picard")
+    assert torch.isfinite(sol.z).all()
+    z0 = torch.zeros(3, 4)
+    z0[0, 0], z0[0, 1] = float("inf"), -float("inf")  # sums to NaN: still caught, sample named
+    with pytest.raises(il.NonFiniteInputError, match=r"samples \[0\]"):
+        il.solve(lambda z: z, z0)
+
+
 def test_shape_and_dtype_mismatch():
     with pytest.raises(il.ShapeMismatchError, match=r"shape \(2, 3\).*shape \(2, 4\)"):
         il.solve(lambda z: z[:, :3], torch.zeros(2, 4))

@@ -71,41 +71,60 @@ def run_loop(
         zz.index_copy_(0, idx, zf)
         return spec.flatten(f(spec.unflatten(zz), *args)).index_select(0, idx)
 
-    z = spec.flatten(z0).clone()
+    # z and f(z) are never modified in place (solvers copy into their own buffers), so no defensive copies.
+    z = spec.flatten(z0)
     nfe += 1
     fz0 = f(z0, *args)
     spec.check_output(fz0, B)
-    fz = spec.flatten(fz0).clone()
-    inf = torch.tensor(float("inf"), dtype=z.dtype, device=z.device)
+    fz = spec.flatten(fz0)
+    use_rel = rtol > 0
 
     def residual(zz, ff):
-        r = (ff - zz).norm(dim=1)
-        # NaN/Inf anywhere in f(z) makes the norm non-finite: such a sample is reported as diverged.
-        return torch.where(torch.isfinite(r), r, inf), ff.norm(dim=1)
+        # ||f(z)|| is needed per iteration only for a relative tolerance; otherwise once, at the end.
+        return (ff - zz).norm(dim=1), (ff.norm(dim=1) if use_rel else None)
 
-    res, fnorm = residual(z, fz)
-    finite = torch.isfinite(res)
-    best_z, best_res, best_fnorm = z, res.clone(), fnorm.clone()
-    # Whether the best iterate of a sample is its current one. While it is for every sample, best_z is the
-    # current z itself (z is never modified in place), so tracking the best costs no copy.
+    def threshold(fn):
+        return atol + rtol * fn if use_rel else atol
+
+    r, fn = residual(z, fz)
+    last_res = r
+    # NaN/Inf anywhere in f(z) makes the norm non-finite: such a sample is diverged from the start.
+    diverged = ~torch.isfinite(r)
+    converged = (r <= threshold(fn)) & ~diverged
+    best_res = torch.where(diverged, torch.full_like(r, float("inf")), r)
+    # best_z / best_fz are the current z / fz themselves while every sample's best iterate is its current
+    # one (the usual case for a converging solve), so tracking the best costs no copy.
+    best_z, best_fz = z, fz
     best_is_last = torch.ones(B, dtype=torch.bool, device=z.device)
-    last_res = res
     nstep = torch.zeros(B, dtype=torch.long, device=z.device)
-    converged = res <= atol + rtol * fnorm
-    diverged = ~finite
-    trace = [res.clone()] if return_trace else None
+    trace = [last_res.clone()] if return_trace else None
     state = solver.init(z, fz)
-    div_limit = divergence_ratio * torch.clamp(res, min=atol)
+    # ~(r <= limit) is true for NaN, Inf and blow-up alike: one comparison per iteration.
+    div_limit = divergence_ratio * torch.clamp(best_res, min=atol)
+    done = converged | diverged
+    n_active = B - int(done.sum())
 
     for _ in range(max_iter):
-        active = ~(converged | diverged)
-        n_active = int(active.sum())
         if n_active == 0:
             break
         if n_active == B:
             z, fz = solver.step(state, z, fz, None, lambda zz: f_flat(zz, None, None))
             r, fn = residual(z, fz)
+            nstep.add_(1)
+            improved = r < best_res
+            best_res = torch.where(improved, r, best_res)
+            if bool(improved.all()):
+                best_z, best_fz = z, fz
+            else:
+                keep = improved.unsqueeze(1)
+                best_z, best_fz = torch.where(keep, z, best_z), torch.where(keep, fz, best_fz)
+            best_is_last = improved
+            last_res = r
+            converged = r <= threshold(fn)
+            diverged = ~(r <= div_limit)
+            done = converged | diverged
         else:
+            active = ~done
             idx = active.nonzero().flatten()
             z_new, fz_new = solver.step(
                 state, z.index_select(0, idx), fz.index_select(0, idx), idx,
@@ -114,31 +133,39 @@ def run_loop(
             r_new, fn_new = residual(z_new, fz_new)
             z = z.index_copy(0, idx, z_new)
             fz = fz.index_copy(0, idx, fz_new)
-            r = last_res.index_copy(0, idx, r_new)
-            fn = fnorm.index_copy(0, idx, fn_new)
-        nstep += active.long()
-        last_res = torch.where(active, r, last_res)
-        fnorm = torch.where(active, fn, fnorm)
-        improved = active & (last_res < best_res)
-        best_is_last = improved | (best_is_last & ~active)
-        if bool(best_is_last.all()):
-            best_z = z
-        elif bool(improved.any()):
-            best_z = torch.where(improved.unsqueeze(1), z, best_z)
-        best_res = torch.where(improved, last_res, best_res)
-        best_fnorm = torch.where(improved, fnorm, best_fnorm)
-        converged = converged | (active & (last_res <= atol + rtol * fnorm))
-        diverged = diverged | (active & (~torch.isfinite(last_res) | (last_res > div_limit)))
+            nstep.index_add_(0, idx, torch.ones_like(idx))
+            last_res = last_res.index_copy(0, idx, r_new)
+            improved = active & (last_res < best_res)
+            best_res = torch.where(improved, last_res, best_res)
+            best_is_last = improved | (best_is_last & done)
+            if bool(best_is_last.all()):
+                best_z, best_fz = z, fz
+            elif bool(improved.any()):
+                keep = improved.unsqueeze(1)
+                best_z, best_fz = torch.where(keep, z, best_z), torch.where(keep, fz, best_fz)
+            conv_new = r_new <= threshold(fn_new)
+            bad_new = ~(r_new <= div_limit.index_select(0, idx))
+            converged = converged.index_copy(0, idx, conv_new)
+            diverged = diverged.index_copy(0, idx, bad_new & ~conv_new)
+            done = converged | diverged
+        n_active = B - int(done.sum())
         if return_trace:
             trace.append(last_res.clone())
 
     # Return the best iterate of every sample: for a converged sample it is the converged one.
-    out_z, out_res, out_fnorm = best_z, best_res, best_fnorm
+    out_z = best_z
     if solver.verify_final:
         nfe += 1
-        out_res, out_fnorm = residual(out_z, spec.flatten(f(spec.unflatten(out_z), *args)))
+        best_fz = spec.flatten(f(spec.unflatten(out_z), *args))
+        out_res = (best_fz - out_z).norm(dim=1)
+    else:
+        out_res = best_res
+    out_fnorm = best_fz.norm(dim=1)
+    out_res = torch.where(torch.isfinite(out_res), out_res, torch.full_like(out_res, float("inf")))
     converged = out_res <= atol + rtol * out_fnorm
-    best_flag = best_res < last_res
+    best_flag = best_res < torch.where(torch.isfinite(last_res), last_res, torch.full_like(last_res, float("inf")))
+    if out_z is z0 or (isinstance(z0, torch.Tensor) and out_z.data_ptr() == z0.data_ptr()):
+        out_z = out_z.clone()  # never hand the caller's own z0 back as the solution
     status = CONVERGED if bool(converged.all()) else (DIVERGED if bool(diverged.any()) else MAX_ITER)
     stats = SolverStats(
         solver=solver.name,

@@ -23,7 +23,7 @@ import dataclasses
 
 import torch
 
-from ._base import FixedPointSolver, rows, set_rows
+from ._base import FixedPointSolver, rows
 
 __all__ = ["AndersonSolver"]
 
@@ -54,47 +54,60 @@ class AndersonSolver(FixedPointSolver):
     def init(self, z, fz):
         b, n = z.shape
         return {
-            "X": z.new_zeros(b, self.m, n),
+            # residuals g_i and damped images y_i = z_i + beta g_i of the last m iterates (ring buffers), and
+            # the Gram matrix <g_i, g_j> kept up to date one row per step instead of recomputed (the history
+            # is the largest thing the solver touches: each pass over it costs as much as a cheap cell)
             "G": z.new_zeros(b, self.m, n),
+            "Y": z.new_zeros(b, self.m, n),
+            "H": z.new_zeros(b, self.m, self.m, dtype=torch.float64),
             "k": 0,
             "fallbacks": 0,
         }
 
     def step(self, state, z, fz, idx, fn):
-        X, G, k = state["X"], state["G"], state["k"]
+        G, Y, H, k = state["G"], state["Y"], state["H"], state["k"]
         g = fz - z
+        y = fz if self.damping == 1.0 else z + self.damping * g
         slot = k % self.m
-        if idx is None:
-            X[:, slot] = z
-            G[:, slot] = g
-            Xa, Ga = X, G
-        else:
-            X[idx, slot] = z
-            G[idx, slot] = g
-            Xa, Ga = rows(X, idx), rows(G, idx)
         state["k"] = k = k + 1
         nh = min(k, self.m)
+        if idx is None:
+            G[:, slot], Y[:, slot] = g, y
+            Gh, Yh = G[:, :nh], Y[:, :nh]
+        else:
+            G[idx, slot], Y[idx, slot] = g, y
+            Gh, Yh = rows(G[:, :nh], idx), rows(Y[:, :nh], idx)
+        # The new row and column of the Gram matrix: <g_i, g> for every stored residual (g itself included).
+        # As a row vector times G^T: on CPU this bmm is ~10x faster than G times a column vector and ~2x
+        # faster than vecdot (which materialises the product).
+        row = torch.bmm(g.unsqueeze(1), Gh.transpose(1, 2)).squeeze(1).double()
+        if idx is None:
+            H[:, slot, :nh] = row
+            H[:, :nh, slot] = row
+            Hh = H[:, :nh, :nh]
+        else:
+            Hs = H[idx]
+            Hs[:, slot, :nh] = row
+            Hs[:, :nh, slot] = row
+            H[idx] = Hs
+            Hh = Hs[:, :nh, :nh]
         if nh == 1:
-            z_new = z + self.damping * g
-            return z_new, fn(z_new)
-        Xh, Gh = Xa[:, :nh], Ga[:, :nh]
+            return y, fn(y)
         # The small mixing system is solved in float64 whatever the state's dtype: it is nh x nh, so this
         # costs nothing and keeps float32 runs from losing the acceleration to round-off.
-        H = torch.bmm(Gh, Gh.transpose(1, 2)).double()
-        scale = H.diagonal(dim1=1, dim2=2).amin(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-        H = H + (self.lam * scale).unsqueeze(-1) * torch.eye(nh, dtype=H.dtype, device=H.device)
-        ones = torch.ones(H.shape[0], nh, 1, dtype=H.dtype, device=H.device)
-        a, info = torch.linalg.solve_ex(H, ones)
+        scale = Hh.diagonal(dim1=1, dim2=2).amin(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        A = Hh + (self.lam * scale).unsqueeze(-1) * torch.eye(nh, dtype=Hh.dtype, device=Hh.device)
+        ones = torch.ones(A.shape[0], nh, 1, dtype=A.dtype, device=A.device)
+        a, info = torch.linalg.solve_ex(A, ones)
         a = a.squeeze(-1)
         total = a.sum(-1, keepdim=True)
         alpha = a / total
         ok = (info == 0) & torch.isfinite(alpha).all(-1) & (total.squeeze(-1).abs() > 0)
         alpha = torch.where(ok.unsqueeze(-1), alpha, torch.zeros_like(alpha)).to(z.dtype)
-        mixed = torch.bmm(alpha.unsqueeze(1), Xh).squeeze(1)
-        mixed = mixed.add_(torch.bmm(alpha.unsqueeze(1), Gh).squeeze(1), alpha=self.damping)
+        # sum_i alpha_i (z_i + beta g_i) = sum_i alpha_i y_i: one pass over the history
+        mixed = torch.bmm(alpha.unsqueeze(1), Yh).squeeze(1)
         if not bool(ok.all()):
-            picard = z + self.damping * g
-            mixed = torch.where(ok.unsqueeze(-1), mixed, picard)
+            mixed = torch.where(ok.unsqueeze(-1), mixed, y)
             state["fallbacks"] += int((~ok).sum())
         return mixed, fn(mixed)
 

@@ -27,8 +27,9 @@ def _apply(U, V, x):
     """``H x`` with ``H = -I + U^T V`` stored as rows: ``-x + sum_i u_i (v_i . x)``."""
     if U.shape[1] == 0:
         return -x
-    c = torch.bmm(V, x.unsqueeze(2))  # [b, k, 1]
-    return torch.baddbmm(-x.unsqueeze(1), c.transpose(1, 2), U).squeeze(1)
+    # v_i . x as a row vector times V^T: on CPU ~10x faster than V times a column vector
+    c = torch.bmm(x.unsqueeze(1), V.transpose(1, 2))  # [b, 1, k]
+    return torch.baddbmm(-x.unsqueeze(1), c, U).squeeze(1)
 
 
 def _apply_t(U, V, x):
