@@ -36,6 +36,8 @@ class DEQ(nn.Module):
         phantom_steps, phantom_damping: ``k`` and ``lambda`` of the phantom gradient.
         eval_max_iter: iteration limit in eval mode (``model.eval()``), if different.
         return_trace: record residual traces in ``stats["forward"].trace``.
+        hoist: compute the part of ``cell`` that does not depend on ``z`` once per forward solve rather than
+            once per iteration (:mod:`iterlayers.hoist`); results are unchanged.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class DEQ(nn.Module):
         phantom_damping: float = 0.5,
         eval_max_iter: int | None = None,
         return_trace: bool = False,
+        hoist: bool = True,
     ):
         super().__init__()
         if not callable(cell):
@@ -84,6 +87,7 @@ class DEQ(nn.Module):
         self.phantom_damping = phantom_damping
         self.eval_max_iter = eval_max_iter
         self.return_trace = return_trace
+        self.hoist = bool(hoist)
         self.stats: dict = {"forward": None, "backward": None}
 
     def initial_state(self, x):
@@ -119,6 +123,7 @@ class DEQ(nn.Module):
             backward_solver_options=self.backward_solver_options,
             phantom_steps=self.phantom_steps,
             phantom_damping=self.phantom_damping,
+            hoist=self.hoist,
             stats=stats,
         )
 

@@ -1,0 +1,352 @@
+r"""Loop-invariant code motion for equilibrium cells.
+
+A solver evaluates ``cell(z, x)`` once per iteration, yet part of a typical cell depends on the input and the
+parameters alone: the input injection ``U x + b`` of ``tanh(W z + U x + b)``, a normalised weight, a
+positional encoding. Those values are identical at every iteration of a solve. :func:`split_cell` traces the
+cell once with :mod:`torch.fx`, finds the part of the graph that does not depend on ``z``, and splits it into
+
+    cell(z, *args) == step(z, *prepare(*args))
+
+so that ``prepare`` runs once per solve and ``step`` once per iteration (:func:`iterlayers.deq_solve` does this
+for its no-grad forward solve; the differentiable evaluations of the backward pass use the cell itself).
+
+The split is an optimisation and does not change results beyond round-off (a hoisted ``U x`` is computed for
+the whole batch once, where the loop would compute it for the shrinking set of unconverged samples, and a
+matrix product's rounding can depend on its batch size). It is refused (the cell is then used as written)
+when tracing fails, when the traced graph mutates tensors in place, when tracing changed the module's
+state, or when ``step(prepare(.))`` does not reproduce the cell on the first two iterates of the solve it is
+built for. Random ops (dropout, ``rand*``) and modules with buffers in training mode (batch-norm statistics)
+are never hoisted: they stay inside ``step`` and run every iteration, as they would without the split.
+Values derived from the batched inputs are hoisted only as tensors whose first dimension is the batch, so
+the solver can still slice them when it drops converged samples.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import fx, nn
+
+__all__ = ["SplitCell", "split_cell"]
+
+_RANDOM_WORDS = ("dropout", "rand", "bernoulli", "normal", "multinomial", "poisson", "uniform", "exponential",
+                 "cauchy", "geometric")
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul, operator.setitem}
+
+
+@dataclass
+class SplitCell:
+    """``cell(z, *args) == step(cell, z, *prepare(cell, *args))``.
+
+    ``prepare`` returns the values of the ``frontier`` nodes (hoisted values used inside the loop);
+    ``from_args[i]`` says whether value ``i`` derives from the inputs (then it is batch-shaped and sliced
+    with the samples) or from parameters and constants alone (shared, never sliced). ``n_hoisted`` counts the
+    operations moved out of the loop.
+    """
+
+    prepare: Callable
+    step: Callable
+    frontier: tuple
+    from_args: tuple
+    n_hoisted: int
+
+    def bind(self, cell, args: tuple, batch: int, values: tuple | None = None):
+        """Run ``prepare`` once; return ``(step_fn, batched)`` with ``step_fn(z, *batched)`` equal to
+        ``cell(z, *args)`` (and to the sliced cell on sliced ``batched``), or ``None`` if a value derived from
+        the inputs is not a batch-shaped tensor."""
+        if values is None:
+            values = self.prepare(cell, *args)
+        for v, from_args in zip(values, self.from_args):
+            if from_args and not _batch_shaped(v, batch):
+                return None
+        batched = tuple(v for v, k in zip(values, self.from_args) if k)
+        shared = tuple(v for v, k in zip(values, self.from_args) if not k)
+        order, step = self.from_args, self.step
+
+        def step_fn(z, *b):
+            it_b, it_s = iter(b), iter(shared)
+            return step(cell, z, *[next(it_b) if k else next(it_s) for k in order])
+
+        return step_fn, batched
+
+
+def _batch_shaped(v, batch: int) -> bool:
+    return isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch
+
+
+def _is_random(target) -> bool:
+    name = getattr(target, "__name__", str(target)).lower()
+    return any(w in name for w in _RANDOM_WORDS)
+
+
+def _is_inplace(node: fx.Node, cell: nn.Module) -> bool:
+    if "out" in node.kwargs or node.kwargs.get("inplace", False):
+        return True
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.endswith("__")
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_module":
+        return bool(getattr(cell.get_submodule(node.target), "inplace", False))
+    return False
+
+
+def _is_impure(node: fx.Node, cell: nn.Module) -> bool:
+    """Ops whose repeated evaluation differs from a single one: they must stay in the loop."""
+    if node.op in ("call_function", "call_method"):
+        return _is_random(node.target)
+    if node.op == "call_module":
+        m = cell.get_submodule(node.target)
+        if _is_random(type(m)):
+            return True
+        # Batch norm and friends update running statistics at every call in training mode.
+        return m.training and any(True for _ in m.buffers(recurse=True))
+    return False
+
+
+_CONTAINERS = (list, dict, set)
+
+
+def _module_state(cell: nn.Module):
+    """A snapshot of every submodule's attributes (and of the contents of list/dict/set attributes): a
+    forward pass that records things on the module leaves proxies there when traced."""
+    snap = []
+    for m in cell.modules():
+        d = dict(m.__dict__)
+        containers = {k: (v, v.copy()) for k, v in d.items()
+                      if isinstance(v, _CONTAINERS) and k not in ("_parameters", "_buffers", "_modules")}
+        snap.append((m, d, dict(m._parameters), dict(m._buffers), dict(m._modules), containers))
+    return snap
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b)) if isinstance(a, list) else (
+        a.keys() == b.keys() and all(a[k] is b[k] for k in a) if isinstance(a, dict) else a == b)
+
+
+def _state_changed(snap) -> bool:
+    for m, d, p, b, mods, containers in snap:
+        if m.__dict__.keys() != d.keys() or any(m.__dict__[k] is not v for k, v in d.items()):
+            return True
+        if not (_same(m._parameters, p) and _same(m._buffers, b) and _same(m._modules, mods)):
+            return True
+        if any(not _same(obj, saved) for obj, saved in containers.values()):
+            return True
+    return False
+
+
+def _restore(snap) -> None:
+    for m, d, p, b, mods, containers in snap:
+        m.__dict__.clear()
+        m.__dict__.update(d)
+        for live, saved in ((m._parameters, p), (m._buffers, b), (m._modules, mods)):
+            live.clear()
+            live.update(saved)
+        for obj, saved in containers.values():
+            if isinstance(obj, list):
+                obj[:] = saved
+            else:
+                obj.clear()
+                obj.update(saved)
+
+
+def _compile(graph: fx.Graph) -> Callable:
+    graph.lint()
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    # The generated source refers to parameters and submodules as ``self.<name>``: binding ``self`` to the
+    # live cell at call time (instead of copying references as fx.GraphModule does) keeps the split valid
+    # when parameters or buffers are replaced, e.g. by ``module.to(...)`` or ``load_state_dict``.
+    exec(compile(code.src, "<iterlayers.hoist>", "exec"), namespace)  # noqa: S102 - fx-generated source
+    return namespace["forward"]
+
+
+def _trace(cell: nn.Module, nargs: int) -> fx.Graph | None:
+    try:
+        params = list(inspect.signature(cell.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) < 1 + nargs:
+        return None
+    extra = positional[1 + nargs:]
+    if any(p.default is p.empty for p in extra):
+        return None
+    # Parameters the solver never passes are specialised to their defaults (a proxy would take the wrong
+    # branch of an ``if mask is None``).
+    concrete = {p.name: p.default for p in extra}
+    snap = _module_state(cell)
+    try:
+        graph = fx.Tracer().trace(cell, concrete_args=concrete or None)
+    except Exception:  # noqa: BLE001 - any tracing failure means: use the cell as written
+        graph = None
+    if _state_changed(snap):
+        _restore(snap)
+        return None
+    return graph
+
+
+def _build(cell: nn.Module, graph: fx.Graph, nargs: int, refuse: set) -> SplitCell | None:
+    nodes = list(graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    # Placeholders past z and the inputs are parameters specialised to their defaults (concrete_args).
+    if len(placeholders) < 1 + nargs or any(not n.args for n in placeholders[1 + nargs:]):
+        return None
+    inputs_ = set(placeholders[1:1 + nargs])
+    if any(_is_inplace(n, cell) for n in nodes):
+        return None
+    z = placeholders[0]
+    hoisted, from_args = set(), {}
+    for n in nodes:
+        if n.op == "output":
+            continue
+        inputs = n.all_input_nodes
+        if n is z or n.name in refuse or _is_impure(n, cell) or any(i not in hoisted for i in inputs):
+            continue
+        hoisted.add(n)
+        from_args[n] = (n in inputs_) or any(from_args[i] for i in inputs)
+    frontier = [n for n in nodes if n in hoisted and any(u not in hoisted for u in n.users)]
+    n_ops = sum(1 for n in hoisted if n.op in ("call_function", "call_method", "call_module"))
+    if n_ops == 0:
+        return None
+
+    pre = fx.Graph()
+    env = {}
+    for n in nodes:
+        if n in hoisted:
+            env[n] = pre.node_copy(n, lambda a: env[a])
+    pre.output(tuple(env[n] for n in frontier))
+
+    stp = fx.Graph()
+    env2 = {z: stp.placeholder(z.name)}
+    for i, n in enumerate(frontier):
+        env2[n] = stp.placeholder(f"hoisted_{i}")
+    for n in nodes:
+        if n is z or n in frontier or n in hoisted:
+            continue
+        env2[n] = stp.node_copy(n, lambda a: env2[a])
+    return SplitCell(prepare=_compile(pre), step=_compile(stp), frontier=tuple(n.name for n in frontier),
+                     from_args=tuple(from_args[n] for n in frontier), n_hoisted=n_ops)
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _key(cell: nn.Module, z, args) -> tuple:
+    def sig(a):
+        if isinstance(a, torch.Tensor):
+            return ("t", a.dtype, a.device.type, a.dim())
+        if isinstance(a, (tuple, list)):
+            return (type(a).__name__,) + tuple(sig(x) for x in a)
+        return (type(a).__name__,)
+
+    return (tuple(m.training for m in cell.modules()), sig(z), tuple(sig(a) for a in args))
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        tol = 8 * torch.finfo(a.dtype).eps if a.is_floating_point() else 0.0
+        return bool(((a - b).abs() <= tol * (1 + b.abs())).all())
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    return False
+
+
+def split_cell(cell, z0, args: tuple, batch: int):
+    """The loop-invariant split of ``cell`` for a solve from ``z0`` with inputs ``args``, or ``None``.
+
+    Returns ``(step_fn, batched_args, n_hoisted)`` where ``step_fn(z, *batched_args)`` evaluates the cell
+    with its ``z``-independent part already computed; ``None`` when the cell cannot (or need not) be split.
+    The split is built and verified once per cell, training mode and input signature, then cached.
+    """
+    if not isinstance(cell, nn.Module) or len(args) == 0:
+        return None
+    if getattr(cell, "_orig_mod", None) is not None or torch.compiler.is_compiling():
+        return None  # a torch.compile'd cell already optimises its own graph
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        return None
+    per_cell = _CACHE.setdefault(cell, {})
+    key = _key(cell, z0, args)
+    if key in per_cell:
+        split = per_cell[key]
+        if split is None:
+            return None
+        bound = split.bind(cell, args, batch)
+        return None if bound is None else (*bound, split.n_hoisted)
+
+    result = None
+    try:
+        result = _make_verified(cell, z0, args, batch)
+    finally:
+        per_cell[key] = None if result is None else result[0]
+    return None if result is None else (result[1], result[2], result[0].n_hoisted)
+
+
+def _make_verified(cell, z0, args, batch):
+    graph = _trace(cell, len(args))
+    if graph is None:
+        return None
+    refuse: set = set()
+    # Values derived from the inputs must be batch-shaped tensors to be sliceable: an input's shape or
+    # device, say, is refused (kept in the loop) and the split is rebuilt around it.
+    for _ in range(len(graph.nodes)):
+        try:
+            split = _build(cell, graph, len(args), refuse)
+        except Exception:  # noqa: BLE001
+            return None
+        if split is None:
+            return None
+        try:
+            values = split.prepare(cell, *args)
+        except Exception:  # noqa: BLE001
+            return None
+        bad = [name for name, v, fa in zip(split.frontier, values, split.from_args)
+               if fa and not _batch_shaped(v, batch)]
+        if not bad:
+            break
+        refuse.update(bad)
+    else:
+        return None
+    bound = split.bind(cell, args, batch, values)  # the values just checked: prepare is not run again
+    if bound is None:
+        return None
+    step_fn, batched = bound
+    # Guard against a trace that is valid Python but not the cell (e.g. an isinstance test on a proxy):
+    # the split must reproduce the cell on the first two iterates.
+    return (split, step_fn, batched) if _reproduces(cell, step_fn, batched, z0, args) else None
+
+
+def _reproduces(cell, step_fn, batched, z0, args) -> bool:
+    """Whether ``step_fn`` equals ``cell`` at ``z0`` and ``cell(z0)``, without side effects: both run from the
+    same random seed (random ops stay in ``step`` in their original order, so dropout masks agree) inside a
+    forked RNG, and buffers that the extra evaluations update (batch-norm statistics) are restored."""
+    saved = [(b, b.detach().clone()) for b in cell.buffers()]
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            z = z0
+            for i in range(2):
+                torch.manual_seed(12345 + i)
+                ref = cell(z, *args)
+                torch.manual_seed(12345 + i)
+                if not _close(step_fn(z, *batched), ref):
+                    return False
+                z = ref
+        return True
+    except Exception:  # noqa: BLE001 - a split that cannot even run is not the cell
+        return False
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
