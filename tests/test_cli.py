@@ -33,7 +33,7 @@ def npz(tmp_path):
         (["train", "--epochs", "0", "--model", "mlp"], "epochs must be a positive integer, got 0"),
         (["train", "--colour", "red"], "No such option: --colour"),
         (["train", "--option", "width"], "--option 'width' is not KEY=VALUE"),
-        (["train", "--option", "widht=3"], "unexpected keyword argument 'widht'"),
+        (["train", "--option", "widht=3"], "unknown option(s) ['widht']"),
         (["train", "--device", "abacus"], "device='abacus' is not valid; use cpu, cuda or cuda:N"),
         (["reproduce", "everything"],
          "experiment 'everything' is not valid; choose one of: core, reasoning, frames, implicit, operators, all"),

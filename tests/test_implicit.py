@@ -174,3 +174,33 @@ def test_small_incoming_gradients_are_not_silently_zeroed():
     assert int(deq.stats["backward"].nstep.min()) > 0
     gx, _ = dense_ift_grads(cell, x, z.detach(), g)
     torch.testing.assert_close(x.grad, gx, atol=0, rtol=1e-4)
+
+
+def test_unrolled_stats_follow_the_solver_loop_rules():
+    # Same stopping rule and status vocabulary as the generic loop: converged per sample, NaN reported as an
+    # infinite residual and status "diverged" (never a silent NaN), max_iter otherwise.
+    cell = TanhCell(4, norm=0.5, seed=21)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    deq = il.DEQ(cell, backward="unrolled", atol=1e-8, rtol=0, max_iter=100)
+    deq(x)
+    st = deq.stats["forward"]
+    assert st.status == "converged" and bool(st.converged.all()) and st.solver == "picard(unrolled)"
+    assert bool((st.abs_residual <= 1e-8).all())
+    torch.testing.assert_close(st.rel_residual, st.abs_residual / cell(deq(x), x).norm(dim=1), rtol=1e-6, atol=0)
+
+    deq = il.DEQ(cell, backward="unrolled", atol=1e-14, rtol=0, max_iter=2, on_failure="ignore")
+    deq(x)
+    assert deq.stats["forward"].status == "max_iter" and not bool(deq.stats["forward"].diverged.any())
+
+    def blows_up(z, x):
+        return torch.where(z.abs() > 0, z * float("inf"), z + 1.0) * x
+
+    with pytest.raises(il.ConvergenceError, match="diverged"):
+        il.deq_solve(blows_up, torch.zeros(2, 3, dtype=torch.float64), args=(torch.ones(2, 3, dtype=torch.float64,
+                     requires_grad=True),), backward="unrolled", max_iter=5, on_failure="raise")
+    st_holder: dict = {}
+    il.deq_solve(blows_up, torch.zeros(2, 3, dtype=torch.float64),
+                 args=(torch.ones(2, 3, dtype=torch.float64, requires_grad=True),), backward="unrolled",
+                 max_iter=5, on_failure="ignore", stats=st_holder)
+    st = st_holder["forward"]
+    assert st.status == "diverged" and bool(st.diverged.all()) and bool(torch.isinf(st.abs_residual).all())

@@ -97,3 +97,43 @@ def test_unrolled_layer_matches_plain_loop_and_converges_to_deq():
     torch.testing.assert_close(deep, il.DEQ(cell, atol=1e-13, rtol=0)(x), atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="steps must be"):
         il.Unrolled(cell, steps=-1)
+
+
+def test_options_are_one_validated_value_shared_by_layer_and_function():
+    opts = il.DEQOptions(solver="broyden", atol=1e-9, rtol=0, solver_options={"memory": 7})
+    deq = il.DEQ(TanhCell(4, norm=0.5), opts, max_iter=33)
+    # The layer's value is the given one with the override; the given one is unchanged (frozen).
+    assert deq.options.max_iter == 33 and deq.options.solver == "broyden" and opts.max_iter == 50
+    # A caller's dict changed afterwards does not reach the frozen value.
+    raw = {"m": 3}
+    held = il.DEQOptions(solver_options=raw)
+    raw["m"] = 99
+    assert held.solver_options == {"m": 3}
+    # Attribute access reads and writes the value; writes are validated and leave it intact on error.
+    assert deq.max_iter == 33 and deq.backward == "implicit"
+    deq.max_iter = 12
+    assert deq.options.max_iter == 12
+    with pytest.raises(ValueError, match="max_iter must be"):
+        deq.max_iter = -1
+    assert deq.options.max_iter == 12
+    with pytest.raises(ValueError, match="backward must be one of"):
+        deq.options = deq.options.replace(backward="adjoint")
+    # Unknown names fail where they are given, naming the valid ones; layer and function share the list.
+    for make in (lambda: il.DEQ(TanhCell(4), maxiter=3),
+                 lambda: il.deq_solve(TanhCell(4), torch.zeros(2, 4), args=(torch.zeros(2, 4),), maxiter=3),
+                 lambda: il.DEQOptions.build(None, maxiter=3)):
+        with pytest.raises(TypeError, match=r"unknown option\(s\) \['maxiter'\]; valid DEQ options: .*'max_iter'"):
+            make()
+    with pytest.raises(TypeError, match="options must be a DEQOptions"):
+        il.DEQ(TanhCell(4), {"max_iter": 3})
+    with pytest.raises(ValueError, match="unrolled_damping must be in"):
+        il.DEQOptions(unrolled_damping=1.5)
+    with pytest.raises(ValueError, match="unknown solver"):
+        il.DEQ(TanhCell(4), backward_solver="newton")
+    with pytest.raises(ValueError, match="max_iter must be"):
+        il.DEQ(TanhCell(4), eval_max_iter=-3)
+    # The layer's result is deq_solve's with the same value.
+    x = torch.randn(3, 4, dtype=torch.float64)
+    cell = TanhCell(4, norm=0.5, dtype=torch.float64)
+    torch.testing.assert_close(il.DEQ(cell, opts)(x), il.deq_solve(cell, torch.zeros_like(x), args=(x,), options=opts),
+                               atol=0, rtol=0)

@@ -6,7 +6,7 @@ Core API (see README.md):
 - :func:`deq_solve` — a differentiable fixed point with a choice of gradient mode.
 - :class:`DEQ` — the equilibrium layer as an ``nn.Module``.
 """
-from .implicit import BACKWARD_MODES, deq_solve, implicit_backward
+from .implicit import BACKWARD_MODES, DEQOptions, deq_solve, implicit_backward
 from . import analysis
 from .layers import DEQ, Unrolled
 from .parametrizations import MonotoneLinear, SpectralNormLinear, spectral_norm, weight_norm
@@ -35,6 +35,7 @@ __all__ = [
     "solve",
     "Solution",
     "deq_solve",
+    "DEQOptions",
     "implicit_backward",
     "DEQ",
     "analysis",

@@ -22,28 +22,112 @@ The gradient of ``"implicit"`` is exact at an exact fixed point; tests compare i
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from .hoist import split_cell
 from .solvers import SolverStats, check_common, make_solver
-from .solvers._loop import run_loop
+from .solvers._loop import report_failure, run_loop
 from .solvers._state import StateSpec
-from .solvers.stats import CONVERGED, DIVERGED, MAX_ITER
+from .solvers.stats import CONVERGED, is_converged
 
-__all__ = ["deq_solve", "BACKWARD_MODES", "implicit_backward"]
+__all__ = ["deq_solve", "DEQOptions", "BACKWARD_MODES", "implicit_backward"]
 
 BACKWARD_MODES = ("implicit", "phantom", "jfb", "unrolled")
 
 
-def _check_backward(backward, phantom_steps, phantom_damping):
-    if backward not in BACKWARD_MODES:
-        raise ValueError(f"backward must be one of {list(BACKWARD_MODES)}, got {backward!r}")
-    if not (isinstance(phantom_steps, int) and phantom_steps >= 1):
-        raise ValueError(f"phantom_steps must be a positive integer, got {phantom_steps!r}")
-    if not 0.0 < phantom_damping <= 1.0:
-        raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}")
+@dataclass(frozen=True)
+class DEQOptions:
+    """Every option of a differentiable fixed-point solve, with its default; validated when created.
+
+    :func:`deq_solve` and :class:`iterlayers.DEQ` take these as keyword arguments (or a ready value as
+    ``options=``), so the list, the defaults and the checks live here once.
+
+    Attributes:
+        solver: forward solver name (``"anderson"``, ``"broyden"``, ``"picard"``, ``"gmres"``) or instance.
+        backward: gradient mode, one of :data:`BACKWARD_MODES`.
+        atol, rtol, max_iter: forward stopping rule ``||f(z) - z|| <= atol + rtol ||f(z)||`` and iteration
+            limit, per sample.
+        on_failure: ``"raise"``, ``"warn"`` or ``"ignore"`` when a solve (forward or backward) fails.
+        return_trace: record per-iteration residuals in ``stats["forward"].trace``.
+        solver_options: options of the forward solver (e.g. ``{"m": 6}`` for Anderson).
+        backward_solver, backward_atol, backward_rtol, backward_max_iter, backward_solver_options: the same
+            for the adjoint solve of ``backward="implicit"``; ``None`` means the forward value. The adjoint
+            tolerance is relative to the norm of each sample's incoming gradient.
+        phantom_steps, phantom_damping: ``k`` and ``lambda`` of ``backward="phantom"``.
+        unrolled_damping: damping of the Picard loop of ``backward="unrolled"``.
+        hoist: compute the part of ``f`` that does not depend on ``z`` once per forward solve instead of once
+            per iteration (:mod:`iterlayers.hoist`); results are unchanged.
+    """
+
+    solver: object = "anderson"
+    backward: str = "implicit"
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    max_iter: int = 50
+    on_failure: str = "warn"
+    return_trace: bool = False
+    solver_options: dict | None = None
+    backward_solver: object = "anderson"
+    backward_atol: float | None = None
+    backward_rtol: float | None = None
+    backward_max_iter: int | None = None
+    backward_solver_options: dict | None = None
+    phantom_steps: int = 5
+    phantom_damping: float = 0.5
+    unrolled_damping: float = 1.0
+    hoist: bool = True
+
+    def __post_init__(self):
+        # Own copies: a caller's dict changed later must not change a frozen value.
+        for name in ("solver_options", "backward_solver_options"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, dict(getattr(self, name)))
+        check_common(self.atol, self.rtol, self.max_iter, self.on_failure, 2.0)
+        check_common(self.adjoint_atol, self.adjoint_rtol, self.adjoint_max_iter, self.on_failure, 2.0)
+        if self.backward not in BACKWARD_MODES:
+            raise ValueError(f"backward must be one of {list(BACKWARD_MODES)}, got {self.backward!r}")
+        if not (isinstance(self.phantom_steps, int) and self.phantom_steps >= 1):
+            raise ValueError(f"phantom_steps must be a positive integer, got {self.phantom_steps!r}")
+        if not 0.0 < self.phantom_damping <= 1.0:
+            raise ValueError(f"phantom_damping must be in (0, 1], got {self.phantom_damping!r}")
+        if not 0.0 < self.unrolled_damping <= 1.0:
+            raise ValueError(f"unrolled_damping must be in (0, 1], got {self.unrolled_damping!r}")
+        # Solver names and options are checked now, not at the first forward pass.
+        make_solver(self.solver, self.solver_options)
+        make_solver(self.backward_solver, self.backward_solver_options)
+
+    @classmethod
+    def build(cls, options: "DEQOptions | None" = None, **overrides) -> "DEQOptions":
+        """``options`` (default: the defaults) with ``overrides`` applied; unknown names raise a TypeError."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(valid))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; valid DEQ options: {valid}")
+        if options is None:
+            return cls(**overrides)
+        if not isinstance(options, cls):
+            raise TypeError(f"options must be a DEQOptions, got {type(options).__name__}")
+        return dataclasses.replace(options, **overrides) if overrides else options
+
+    def replace(self, **changes) -> "DEQOptions":
+        """A copy with ``changes`` applied (validated like a new value)."""
+        return DEQOptions.build(self, **changes)
+
+    @property
+    def adjoint_atol(self) -> float:
+        return self.atol if self.backward_atol is None else self.backward_atol
+
+    @property
+    def adjoint_rtol(self) -> float:
+        return self.rtol if self.backward_rtol is None else self.backward_rtol
+
+    @property
+    def adjoint_max_iter(self) -> int:
+        return self.max_iter if self.backward_max_iter is None else self.backward_max_iter
 
 
 def implicit_backward(
@@ -97,43 +181,28 @@ def _unrolled(f_flat, z, args, *, damping, atol, rtol, max_iter, return_trace):
     fz = f_flat(z, *args)
     r = (fz - z).norm(dim=1)
     fnorm = fz.norm(dim=1)
-    conv = r <= atol + rtol * fnorm
+    # A sample is frozen once it has converged or its residual is no longer finite (nothing to gain).
+    done = is_converged(r.detach(), fnorm.detach(), atol, rtol) | ~torch.isfinite(r.detach())
     nstep = torch.zeros(B, dtype=torch.long, device=z.device)
     trace = [r.detach().clone()] if return_trace else None
     nfe = 1
     for _ in range(max_iter):
-        if bool(conv.all()):
+        if bool(done.all()):
             break
         z_next = z + damping * (fz - z)
-        m = (~conv).unsqueeze(1)
+        m = (~done).unsqueeze(1)
         z = torch.where(m, z_next, z)
         fz = torch.where(m, f_flat(z, *args), fz)
         nfe += 1
-        nstep += (~conv).long()
+        nstep += (~done).long()
         r = (fz - z).norm(dim=1).detach()
-        fnorm = fz.norm(dim=1).detach()
-        conv = conv | (r <= atol + rtol * fnorm)
+        done = done | is_converged(r, fz.norm(dim=1).detach(), atol, rtol) | ~torch.isfinite(r)
         if return_trace:
             trace.append(r.clone())
     r = (fz - z).norm(dim=1).detach()
-    fnorm = fz.norm(dim=1).detach()
-    converged = r <= atol + rtol * fnorm
-    finite = torch.isfinite(r)
-    status = CONVERGED if bool(converged.all()) else (DIVERGED if not bool(finite.all()) else MAX_ITER)
-    stats = SolverStats(
-        solver="picard(unrolled)",
-        nstep=nstep,
-        abs_residual=r,
-        rel_residual=r / fnorm.clamp_min(torch.finfo(fnorm.dtype).tiny),
-        converged=converged,
-        diverged=~finite,
-        best=torch.zeros_like(converged),
-        nfe=nfe,
-        status=status,
-        atol=atol,
-        rtol=rtol,
-        max_iter=max_iter,
-        trace=trace,
+    stats = SolverStats.of_final_iterate(
+        "picard(unrolled)", r, fz.norm(dim=1).detach(), nstep=nstep, diverged=~torch.isfinite(r),
+        best=torch.zeros_like(done), nfe=nfe, atol=atol, rtol=rtol, max_iter=max_iter, trace=trace,
     )
     return z, stats
 
@@ -143,27 +212,14 @@ def deq_solve(
     z0,
     *,
     args: Sequence = (),
-    solver="anderson",
-    backward: str = "implicit",
-    atol: float = 1e-5,
-    rtol: float = 1e-5,
-    max_iter: int = 50,
-    on_failure: str = "warn",
-    return_trace: bool = False,
-    solver_options: dict | None = None,
-    backward_solver="anderson",
-    backward_atol: float | None = None,
-    backward_rtol: float | None = None,
-    backward_max_iter: int | None = None,
-    backward_solver_options: dict | None = None,
-    phantom_steps: int = 5,
-    phantom_damping: float = 0.5,
-    unrolled_damping: float = 1.0,
-    hoist: bool = True,
+    options: DEQOptions | None = None,
     stats: dict | None = None,
+    **overrides,
 ):
     """Differentiable fixed point of ``z = f(z, *args)``; see the module docstring for the gradient modes.
 
+    The solve is configured by ``options`` (a :class:`DEQOptions`; default: its defaults) and/or keyword
+    overrides of its fields, e.g. ``deq_solve(f, z0, solver="broyden", atol=1e-6, backward="phantom")``.
     Returns ``z*`` shaped like ``z0``. If ``stats`` (a dict) is given, ``stats["forward"]`` receives the
     forward :class:`SolverStats` and, once the backward pass has run (``backward="implicit"``),
     ``stats["backward"]`` the adjoint solve's.
@@ -173,14 +229,7 @@ def deq_solve(
     (:mod:`iterlayers.hoist`; verified to reproduce ``f``, and skipped when it cannot be). The number of hoisted
     operations is ``stats["forward"].info["hoisted_ops"]``. Gradients always use ``f`` itself.
     """
-    check_common(atol, rtol, max_iter, on_failure, 2.0)
-    _check_backward(backward, phantom_steps, phantom_damping)
-    fwd_solver = make_solver(solver, solver_options)
-    bwd_solver = make_solver(backward_solver, backward_solver_options)
-    b_atol = atol if backward_atol is None else backward_atol
-    b_rtol = rtol if backward_rtol is None else backward_rtol
-    b_max = max_iter if backward_max_iter is None else backward_max_iter
-    check_common(b_atol, b_rtol, b_max, on_failure, 2.0)
+    o = DEQOptions.build(options, **overrides)
     if stats is None:
         stats = {}
     stats["backward"] = None
@@ -193,21 +242,19 @@ def deq_solve(
     z0f = spec.flatten(z0).detach()
     grad_needed = torch.is_grad_enabled()
 
-    if backward == "unrolled" and grad_needed:
+    if o.backward == "unrolled" and grad_needed:
         z, st = _unrolled(
-            f_flat, z0f, args, damping=unrolled_damping, atol=atol, rtol=rtol, max_iter=max_iter,
-            return_trace=return_trace,
+            f_flat, z0f, args, damping=o.unrolled_damping, atol=o.atol, rtol=o.rtol, max_iter=o.max_iter,
+            return_trace=o.return_trace,
         )
         stats["forward"] = st
         if st.status != CONVERGED:
-            from .solvers._loop import _report_failure
-
-            _report_failure(st, on_failure)
+            report_failure(st, o.on_failure)
         return spec.unflatten(z)
 
     with torch.no_grad():
         loop_f, loop_args, n_hoisted = f_flat, args, 0
-        if hoist:
+        if o.hoist:
             split = split_cell(f, spec.unflatten(z0f), tuple(args), spec.batch_size)
             if split is not None:
                 step_fn, loop_args, n_hoisted = split
@@ -218,13 +265,13 @@ def deq_solve(
         z_star, st = run_loop(
             loop_f,
             z0f,
-            solver=fwd_solver,
+            solver=make_solver(o.solver, o.solver_options),
             args=loop_args,
-            atol=atol,
-            rtol=rtol,
-            max_iter=max_iter,
-            on_failure=on_failure,
-            return_trace=return_trace,
+            atol=o.atol,
+            rtol=o.rtol,
+            max_iter=o.max_iter,
+            on_failure=o.on_failure,
+            return_trace=o.return_trace,
             divergence_ratio=1e6,
         )
     st.info["hoisted_ops"] = n_hoisted
@@ -232,12 +279,12 @@ def deq_solve(
     if not grad_needed:
         return spec.unflatten(z_star)
 
-    if backward == "jfb":
+    if o.backward == "jfb":
         return spec.unflatten(f_flat(z_star, *args))
-    if backward == "phantom":
+    if o.backward == "phantom":
         z = z_star
-        for _ in range(phantom_steps):
-            z = (1 - phantom_damping) * z + phantom_damping * f_flat(z, *args)
+        for _ in range(o.phantom_steps):
+            z = (1 - o.phantom_damping) * z + o.phantom_damping * f_flat(z, *args)
         return spec.unflatten(z)
 
     # implicit
@@ -257,13 +304,14 @@ def deq_solve(
         inside[0] = True
         try:
             u, bst = implicit_backward(
-                fz, z_leaf, grad, solver=bwd_solver, atol=b_atol, rtol=b_rtol, max_iter=b_max,
-                on_failure=on_failure,
+                fz, z_leaf, grad, solver=bwd_solver, atol=o.adjoint_atol, rtol=o.adjoint_rtol,
+                max_iter=o.adjoint_max_iter, on_failure=o.on_failure,
             )
         finally:
             inside[0] = False
         stats["backward"] = bst
         return u
 
+    bwd_solver = make_solver(o.backward_solver, o.backward_solver_options)
     fz.register_hook(hook)
     return spec.unflatten(fz)

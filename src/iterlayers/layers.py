@@ -1,13 +1,16 @@
 """Equilibrium layers as plain ``nn.Module``s."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from .implicit import BACKWARD_MODES, _check_backward, deq_solve
-from .solvers import check_common, make_solver
+from .implicit import DEQOptions, deq_solve
 
 __all__ = ["DEQ", "Unrolled"]
+
+_OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(DEQOptions))
 
 
 class DEQ(nn.Module):
@@ -25,70 +28,38 @@ class DEQ(nn.Module):
 
     Args:
         cell: a module or callable ``cell(z, x) -> z_next``; parameters may live anywhere inside it.
-        solver: forward solver name (``"anderson"``, ``"broyden"``, ``"picard"``) or instance.
-        backward: gradient mode.
-        atol, rtol, max_iter: forward tolerance and iteration limit (per sample).
-        on_failure: ``"raise"``, ``"warn"`` or ``"ignore"`` when a solve (forward or backward) fails.
-        solver_options: options of the forward solver (e.g. ``{"m": 6}`` for Anderson).
-        backward_solver, backward_atol, backward_rtol, backward_max_iter, backward_solver_options: the
-            same for the adjoint solve of ``backward="implicit"`` (defaults: the forward tolerances; the
-            adjoint tolerance is relative to the norm of each sample's incoming gradient).
-        phantom_steps, phantom_damping: ``k`` and ``lambda`` of the phantom gradient.
+        options: a :class:`~iterlayers.DEQOptions` value (default: its defaults).
         eval_max_iter: iteration limit in eval mode (``model.eval()``), if different.
-        return_trace: record residual traces in ``stats["forward"].trace``.
-        hoist: compute the part of ``cell`` that does not depend on ``z`` once per forward solve rather than
-            once per iteration (:mod:`iterlayers.hoist`); results are unchanged.
+        **overrides: any field of :class:`~iterlayers.DEQOptions`: ``solver``, ``backward``, ``atol``,
+            ``rtol``, ``max_iter``, ``on_failure``, ``solver_options``, the ``backward_*`` options of the
+            adjoint solve, ``phantom_steps``, ``phantom_damping``, ``return_trace``, ``hoist``, ...
+
+    The options are one frozen value, ``layer.options``. Each field also reads and writes as an attribute
+    (``layer.max_iter = 100`` is ``layer.options = layer.options.replace(max_iter=100)``, validated).
     """
 
-    def __init__(
-        self,
-        cell,
-        *,
-        solver="anderson",
-        backward: str = "implicit",
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
-        max_iter: int = 50,
-        on_failure: str = "warn",
-        solver_options: dict | None = None,
-        backward_solver="anderson",
-        backward_atol: float | None = None,
-        backward_rtol: float | None = None,
-        backward_max_iter: int | None = None,
-        backward_solver_options: dict | None = None,
-        phantom_steps: int = 5,
-        phantom_damping: float = 0.5,
-        eval_max_iter: int | None = None,
-        return_trace: bool = False,
-        hoist: bool = True,
-    ):
+    def __init__(self, cell, options: DEQOptions | None = None, *, eval_max_iter: int | None = None,
+                 **overrides):
         super().__init__()
         if not callable(cell):
             raise TypeError(f"cell must be a module or callable cell(z, x), got {type(cell).__name__}")
-        check_common(atol, rtol, max_iter, on_failure, 2.0)
-        _check_backward(backward, phantom_steps, phantom_damping)
-        # Validate solver names and options now, not at the first forward pass.
-        make_solver(solver, solver_options)
-        make_solver(backward_solver, backward_solver_options)
-        if eval_max_iter is not None:
-            check_common(atol, rtol, eval_max_iter, on_failure, 2.0)
         self.cell = cell
-        self.solver = solver
-        self.backward_mode = backward
-        self.atol, self.rtol, self.max_iter = float(atol), float(rtol), int(max_iter)
-        self.on_failure = on_failure
-        self.solver_options = dict(solver_options or {})
-        self.backward_solver = backward_solver
-        self.backward_atol = backward_atol
-        self.backward_rtol = backward_rtol
-        self.backward_max_iter = backward_max_iter
-        self.backward_solver_options = dict(backward_solver_options or {})
-        self.phantom_steps = phantom_steps
-        self.phantom_damping = phantom_damping
+        self.options = DEQOptions.build(options, **overrides)
+        if eval_max_iter is not None:
+            self.options.replace(max_iter=eval_max_iter)  # validate it now
         self.eval_max_iter = eval_max_iter
-        self.return_trace = return_trace
-        self.hoist = bool(hoist)
         self.stats: dict = {"forward": None, "backward": None}
+
+    def __getattr__(self, name):
+        if name in _OPTION_FIELDS and "options" in self.__dict__:
+            return getattr(self.__dict__["options"], name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        if name in _OPTION_FIELDS:
+            self.options = self.options.replace(**{name: value})
+        else:
+            super().__setattr__(name, value)
 
     def initial_state(self, x):
         if hasattr(self.cell, "init_state"):
@@ -100,38 +71,20 @@ class DEQ(nn.Module):
     def forward(self, x, z0=None):
         if z0 is None:
             z0 = self.initial_state(x)
-        max_iter = self.max_iter if (self.training or self.eval_max_iter is None) else self.eval_max_iter
+        options = self.options
+        if not self.training and self.eval_max_iter is not None:
+            options = options.replace(max_iter=self.eval_max_iter)
         stats: dict = {}
         # The dict is shared with the backward hook, which fills stats["backward"] later.
         self.stats = stats
-        return deq_solve(
-            self.cell,
-            z0,
-            args=(x,),
-            solver=self.solver,
-            backward=self.backward_mode,
-            atol=self.atol,
-            rtol=self.rtol,
-            max_iter=max_iter,
-            on_failure=self.on_failure,
-            return_trace=self.return_trace,
-            solver_options=self.solver_options,
-            backward_solver=self.backward_solver,
-            backward_atol=self.backward_atol,
-            backward_rtol=self.backward_rtol,
-            backward_max_iter=self.backward_max_iter,
-            backward_solver_options=self.backward_solver_options,
-            phantom_steps=self.phantom_steps,
-            phantom_damping=self.phantom_damping,
-            hoist=self.hoist,
-            stats=stats,
-        )
+        return deq_solve(self.cell, z0, args=(x,), options=options, stats=stats)
 
     def extra_repr(self) -> str:
-        solver = self.solver if isinstance(self.solver, str) else type(self.solver).__name__
+        o = self.options
+        solver = o.solver if isinstance(o.solver, str) else type(o.solver).__name__
         return (
-            f"solver={solver!r}, backward={self.backward_mode!r}, atol={self.atol:g}, rtol={self.rtol:g}, "
-            f"max_iter={self.max_iter}, on_failure={self.on_failure!r}"
+            f"solver={solver!r}, backward={o.backward!r}, atol={o.atol:g}, rtol={o.rtol:g}, "
+            f"max_iter={o.max_iter}, on_failure={o.on_failure!r}"
         )
 
 

@@ -37,6 +37,24 @@ def test_nan_produced_by_map_is_reported_as_divergence():
     assert torch.isfinite(sol.z).all()
 
 
+@pytest.mark.parametrize("solver", ["picard", "anderson", "broyden"])
+@pytest.mark.parametrize("rtol", [0.0, 1e-5])
+def test_infinite_map_is_never_converged_under_a_relative_tolerance(solver, rtol):
+    # ||f(z) - z|| = inf and ||f(z)|| = inf: atol + rtol * inf = inf would let inf <= inf pass as converged.
+    def f(z):
+        return torch.where(z.abs() > 0.5, z * float("inf"), z + 1.0)
+
+    sol = il.solve(f, torch.zeros(2, 3, dtype=torch.float64), solver=solver, rtol=rtol, max_iter=5,
+                   on_failure="ignore")
+    assert sol.stats.status == "diverged" and not bool(sol.stats.converged.any())
+    assert bool(sol.stats.diverged.all())
+    with pytest.raises(il.ConvergenceError, match="diverged"):
+        il.solve(f, torch.zeros(2, 3, dtype=torch.float64), solver=solver, rtol=rtol, max_iter=5, on_failure="raise")
+    # From an infinite start too (the initial residual decides before any step).
+    sol = il.solve(lambda z: z * float("inf") + 1.0, torch.ones(2, 3), solver=solver, rtol=rtol, on_failure="ignore")
+    assert sol.stats.status == "diverged" and not bool(sol.stats.converged.any())
+
+
 def test_max_iter_warns_by_default_and_reports_status():
     cell = TanhCell(6, norm=0.99, seed=1)
     x = torch.randn(2, 6, dtype=torch.float64)

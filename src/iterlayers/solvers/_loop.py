@@ -19,9 +19,9 @@ import torch
 from ._base import FixedPointSolver
 from ._state import StateSpec, check_finite
 from .errors import ConvergenceError, ConvergenceWarning
-from .stats import CONVERGED, DIVERGED, MAX_ITER, SolverStats
+from .stats import CONVERGED, DIVERGED, SolverStats, is_converged
 
-__all__ = ["run_loop", "ON_FAILURE"]
+__all__ = ["run_loop", "report_failure", "ON_FAILURE"]
 
 ON_FAILURE = ("raise", "warn", "ignore")
 
@@ -83,14 +83,12 @@ def run_loop(
         # ||f(z)|| is needed per iteration only for a relative tolerance; otherwise once, at the end.
         return (ff - zz).norm(dim=1), (ff.norm(dim=1) if use_rel else None)
 
-    def threshold(fn):
-        return atol + rtol * fn if use_rel else atol
 
     r, fn = residual(z, fz)
     last_res = r
     # NaN/Inf anywhere in f(z) makes the norm non-finite: such a sample is diverged from the start.
     diverged = ~torch.isfinite(r)
-    converged = (r <= threshold(fn)) & ~diverged
+    converged = is_converged(r, fn, atol, rtol) & ~diverged
     best_res = torch.where(diverged, torch.full_like(r, float("inf")), r)
     # best_z / best_fz are the current z / fz themselves while every sample's best iterate is its current
     # one (the usual case for a converging solve), so tracking the best costs no copy.
@@ -120,7 +118,7 @@ def run_loop(
                 best_z, best_fz = torch.where(keep, z, best_z), torch.where(keep, fz, best_fz)
             best_is_last = improved
             last_res = r
-            converged = r <= threshold(fn)
+            converged = is_converged(r, fn, atol, rtol)
             diverged = ~(r <= div_limit)
             done = converged | diverged
         else:
@@ -143,7 +141,7 @@ def run_loop(
             elif bool(improved.any()):
                 keep = improved.unsqueeze(1)
                 best_z, best_fz = torch.where(keep, z, best_z), torch.where(keep, fz, best_fz)
-            conv_new = r_new <= threshold(fn_new)
+            conv_new = is_converged(r_new, fn_new, atol, rtol)
             bad_new = ~(r_new <= div_limit.index_select(0, idx))
             converged = converged.index_copy(0, idx, conv_new)
             diverged = diverged.index_copy(0, idx, bad_new & ~conv_new)
@@ -160,35 +158,20 @@ def run_loop(
         out_res = (best_fz - out_z).norm(dim=1)
     else:
         out_res = best_res
-    out_fnorm = best_fz.norm(dim=1)
-    out_res = torch.where(torch.isfinite(out_res), out_res, torch.full_like(out_res, float("inf")))
-    converged = out_res <= atol + rtol * out_fnorm
     best_flag = best_res < torch.where(torch.isfinite(last_res), last_res, torch.full_like(last_res, float("inf")))
     if out_z is z0 or (isinstance(z0, torch.Tensor) and out_z.data_ptr() == z0.data_ptr()):
         out_z = out_z.clone()  # never hand the caller's own z0 back as the solution
-    status = CONVERGED if bool(converged.all()) else (DIVERGED if bool(diverged.any()) else MAX_ITER)
-    stats = SolverStats(
-        solver=solver.name,
-        nstep=nstep,
-        abs_residual=out_res,
-        rel_residual=out_res / out_fnorm.clamp_min(torch.finfo(out_fnorm.dtype).tiny),
-        converged=converged,
-        diverged=diverged & ~converged,
-        best=best_flag,
-        nfe=nfe,
-        status=status,
-        atol=float(atol),
-        rtol=float(rtol),
-        max_iter=int(max_iter),
-        trace=trace,
-        info=solver.extra_info(state),
+    stats = SolverStats.of_final_iterate(
+        solver.name, out_res, best_fz.norm(dim=1), nstep=nstep, diverged=diverged, best=best_flag, nfe=nfe,
+        atol=atol, rtol=rtol, max_iter=max_iter, trace=trace, info=solver.extra_info(state),
     )
-    if status != CONVERGED:
-        _report_failure(stats, on_failure)
+    if stats.status != CONVERGED:
+        report_failure(stats, on_failure)
     return spec.unflatten(out_z), stats
 
 
-def _report_failure(stats: SolverStats, on_failure: str) -> None:
+def report_failure(stats: SolverStats, on_failure: str) -> None:
+    """Raise, warn or do nothing (``on_failure``) about a solve that did not converge, naming the samples."""
     if on_failure == "ignore":
         return
     bad = (~stats.converged).nonzero().flatten()

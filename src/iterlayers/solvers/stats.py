@@ -5,11 +5,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SolverStats", "CONVERGED", "MAX_ITER", "DIVERGED"]
+__all__ = ["SolverStats", "CONVERGED", "MAX_ITER", "DIVERGED", "is_converged"]
 
 CONVERGED = "converged"
 MAX_ITER = "max_iter"
 DIVERGED = "diverged"
+
+
+def is_converged(residual: torch.Tensor, fnorm: torch.Tensor | None, atol: float, rtol: float) -> torch.Tensor:
+    """``residual <= atol + rtol * fnorm`` per sample, where a non-finite residual never passes.
+
+    Without the finiteness test an infinite ``f(z)`` would pass any relative tolerance (``inf <= inf``), and a
+    blown-up sample would be reported converged. ``fnorm`` may be ``None`` when ``rtol == 0``.
+    """
+    if rtol == 0 or fnorm is None:
+        return residual <= atol  # NaN and inf fail this already
+    return (residual <= atol + rtol * fnorm) & torch.isfinite(residual)
 
 
 @dataclass
@@ -45,6 +56,49 @@ class SolverStats:
     max_iter: int
     trace: list[torch.Tensor] | None = None
     info: dict = field(default_factory=dict)
+
+    @classmethod
+    def of_final_iterate(
+        cls,
+        solver: str,
+        abs_residual: torch.Tensor,
+        fnorm: torch.Tensor,
+        *,
+        nstep: torch.Tensor,
+        diverged: torch.Tensor,
+        best: torch.Tensor,
+        nfe: int,
+        atol: float,
+        rtol: float,
+        max_iter: int,
+        trace: list[torch.Tensor] | None = None,
+        info: dict | None = None,
+    ) -> "SolverStats":
+        """Statistics of a finished solve from its returned iterate's ``||f(z) - z||`` and ``||f(z)||``.
+
+        The convergence test, the relative residual and the status are derived here, so that every loop that
+        reports a solve (the generic solver loop, the unrolled one) applies the same rule. A non-finite
+        residual is reported as ``inf``; ``diverged`` is what the loop saw during the iterations.
+        """
+        res = torch.where(torch.isfinite(abs_residual), abs_residual, torch.full_like(abs_residual, float("inf")))
+        converged = is_converged(res, fnorm, atol, rtol)
+        status = CONVERGED if bool(converged.all()) else (DIVERGED if bool(diverged.any()) else MAX_ITER)
+        return cls(
+            solver=solver,
+            nstep=nstep,
+            abs_residual=res,
+            rel_residual=res / fnorm.clamp_min(torch.finfo(fnorm.dtype).tiny),
+            converged=converged,
+            diverged=diverged & ~converged,
+            best=best,
+            nfe=int(nfe),
+            status=status,
+            atol=float(atol),
+            rtol=float(rtol),
+            max_iter=int(max_iter),
+            trace=trace,
+            info=dict(info or {}),
+        )
 
     @property
     def residual(self) -> torch.Tensor:
