@@ -32,6 +32,19 @@ def test_fit_ignores_zero_and_plateau_tail_and_transient_head():
         fit_linear_rate(geo, tail=0.0)
 
 
+def test_fit_absolute_floor_ends_the_usable_trace():
+    # Below a known noise floor the "residuals" are round-off, possibly far from any plateau the relative test
+    # would see: geometric decay to 1e-10, then values scattered in [1e-16, 1e-14] that would bend the fit.
+    geo = [4.0 * 0.6 ** k for k in range(44)]  # down to ~7e-10
+    noise = [3e-15, 1e-16, 8e-15, 5e-16, 2e-14, 1e-15]
+    assert fit_linear_rate(geo + noise, floor=1e-13) == pytest.approx(0.6, rel=1e-12)
+    assert fit_linear_rate(geo + noise, floor=1e-13, floor_factor=1.0) == pytest.approx(0.6, rel=1e-12)
+    assert abs(fit_linear_rate(geo + noise) - 0.6) > 1e-3  # without the floor the noise does bend it
+    assert math.isnan(fit_linear_rate([1e-14, 1e-15], floor=1e-13))
+    with pytest.raises(ValueError, match="floor must be"):
+        fit_linear_rate(geo, floor=-1.0)
+
+
 def test_fit_batched_trace_as_list_of_tensors():
     rates = torch.tensor([0.3, 0.6, 0.9], dtype=D)
     trace = [2.0 * rates ** k for k in range(25)]  # the layout of SolverStats.trace

@@ -38,9 +38,9 @@ def _as_array(trace) -> np.ndarray:
     return arr
 
 
-def _fit_one(r: np.ndarray, skip: int, floor_factor: float, tail: float) -> float:
+def _fit_one(r: np.ndarray, skip: int, floor_factor: float, tail: float, floor: float) -> float:
     r = r[skip:]
-    bad = ~np.isfinite(r) | (r <= 0)
+    bad = ~np.isfinite(r) | (r <= floor)
     if bad.any():  # an exactly-zero (or broken) residual ends the informative part of the trace
         r = r[: int(np.argmax(bad))]
     if r.size < 2:
@@ -57,7 +57,7 @@ def _fit_one(r: np.ndarray, skip: int, floor_factor: float, tail: float) -> floa
     return float(math.exp(slope))
 
 
-def fit_linear_rate(trace, *, skip: int = 0, floor_factor: float = 2.0, tail: float = 1.0):
+def fit_linear_rate(trace, *, skip: int = 0, floor_factor: float = 2.0, tail: float = 1.0, floor: float = 0.0):
     """Least-squares fit of ``log r_k = a + k log q``; returns q.
 
     ``trace``: residual norms as a sequence of floats / 1-D Tensor ``[T]`` -> float; or ``[T, B]`` (a Tensor, or
@@ -65,7 +65,8 @@ def fit_linear_rate(trace, *, skip: int = 0, floor_factor: float = 2.0, tail: fl
     transient head. The tail is ignored from the first zero/non-finite residual on, and after the first point
     within ``floor_factor`` (>= 1) of the trace's minimum (the plateau at the noise floor). ``tail`` in (0, 1]
     keeps only that last fraction of the usable points: the asymptotic rate, without the nonlinear transient.
-    NaN if fewer than two usable points remain.
+    ``floor`` (>= 0) is a known absolute noise floor (e.g. float64 resolution of a loss gap): residuals at or
+    below it end the usable part like zeros do. NaN if fewer than two usable points remain.
     """
     if not isinstance(skip, int) or skip < 0:
         raise ValueError(f"skip must be a non-negative int, got {skip!r}")
@@ -73,10 +74,12 @@ def fit_linear_rate(trace, *, skip: int = 0, floor_factor: float = 2.0, tail: fl
         raise ValueError(f"floor_factor must be a number >= 1, got {floor_factor!r}")
     if not isinstance(tail, (int, float)) or not 0 < tail <= 1:
         raise ValueError(f"tail must be a number in (0, 1], got {tail!r}")
+    if not isinstance(floor, (int, float)) or not floor >= 0:
+        raise ValueError(f"floor must be a non-negative number, got {floor!r}")
     arr = _as_array(trace)
     if arr.ndim == 1:
-        return _fit_one(arr, skip, floor_factor, tail)
-    return torch.tensor([_fit_one(arr[:, b], skip, floor_factor, tail) for b in range(arr.shape[1])],
+        return _fit_one(arr, skip, floor_factor, tail, floor)
+    return torch.tensor([_fit_one(arr[:, b], skip, floor_factor, tail, floor) for b in range(arr.shape[1])],
                         dtype=torch.float64)
 
 

@@ -324,16 +324,17 @@ def rate_bounds(rate_constant: float, lr: float) -> dict:
 
 
 def fit_linear_rate(gaps, *, floor: float = 0.0) -> float:
-    """rho with gap_k ~ C rho^k: least-squares slope of log(gap_k) over the gaps above ``floor``."""
-    g = torch.as_tensor(gaps, dtype=torch.float64)
-    k = torch.arange(len(g), dtype=torch.float64)
-    keep = g > max(floor, 0.0)
-    if int(keep.sum()) < 2:
+    """rho with gap_k ~ C rho^k over the loss gaps above ``floor``; raises if fewer than two remain.
+
+    :func:`iterlayers.analysis.fit_linear_rate` with the plateau test off (``floor_factor=1``: a loss gap under
+    gradient descent decreases monotonically, so every point above the absolute floor is informative).
+    """
+    from ..analysis import fit_linear_rate as fit_trace  # imported late: analysis pulls in the core engine
+
+    rate = fit_trace([float(g) for g in gaps], floor=max(float(floor), 0.0), floor_factor=1.0)
+    if math.isnan(rate):
         raise ValueError("need at least two gaps above the floor to fit a rate")
-    k, lg = k[keep], torch.log(g[keep])
-    kc = k - k.mean()
-    slope = float((kc * (lg - lg.mean())).sum() / (kc * kc).sum())
-    return math.exp(slope)
+    return rate
 
 
 # --------------------------------------------------------------------------------- trust-region Newton
