@@ -20,6 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..layers import DEQ
+from .deq_mlp import CLASSIFIER_DEQ_OPTIONS
+
 __all__ = ["ConvCell", "DEQConv"]
 
 
@@ -61,7 +64,8 @@ class DEQConv(nn.Module):
         channels: channels of the equilibrium state.
         in_channels: channels of the input image (1 for digits).
         gamma: contraction factor of the cell.
-        solver, backward, atol, rtol, max_iter, **deq_options: passed to :class:`iterlayers.DEQ`.
+        **deq_options: fields of :class:`iterlayers.DEQOptions` (``solver``, ``backward``, ``atol``, ...)
+            overriding :data:`~iterlayers.models.deq_mlp.CLASSIFIER_DEQ_OPTIONS`.
     """
 
     def __init__(
@@ -72,16 +76,9 @@ class DEQConv(nn.Module):
         channels: int = 16,
         in_channels: int = 1,
         gamma: float = 0.9,
-        solver: str = "anderson",
-        backward: str = "implicit",
-        atol: float = 1e-4,
-        rtol: float = 0.0,
-        max_iter: int = 40,
         **deq_options,
     ):
         super().__init__()
-        from iterlayers import DEQ
-
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive integer, got {in_features!r}")
         side = math.isqrt(in_features // max(in_channels, 1))
@@ -93,9 +90,7 @@ class DEQConv(nn.Module):
         self.in_channels, self.side = int(in_channels), side
         self.encoder = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.cell = ConvCell(channels, gamma=gamma)
-        deq_options.setdefault("on_failure", "ignore")
-        self.deq = DEQ(self.cell, solver=solver, backward=backward, atol=atol, rtol=rtol,
-                       max_iter=max_iter, **deq_options)
+        self.deq = DEQ(self.cell, CLASSIFIER_DEQ_OPTIONS, **deq_options)
         self.head = nn.Linear(channels, num_classes)
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["MLPCell", "DEQMLP", "MLPClassifier", "ACTIVATIONS", "NORMS"]
+from ..implicit import DEQOptions
+from ..layers import DEQ
+
+__all__ = ["MLPCell", "DEQMLP", "MLPClassifier", "ACTIVATIONS", "NORMS", "CLASSIFIER_DEQ_OPTIONS"]
+
+#: The equilibrium layer of the classifiers (:class:`DEQMLP`, :class:`~iterlayers.models.deq_conv.DEQConv`):
+#: a loose absolute tolerance (classification needs no more) and no warning per batch on a slow sample, whose
+#: residual the training loop logs instead.
+CLASSIFIER_DEQ_OPTIONS = DEQOptions(atol=1e-4, rtol=0.0, max_iter=40, on_failure="ignore")
 
 ACTIVATIONS = ("tanh", "relu")
 NORMS = ("spectral", "weight", "none")
@@ -93,7 +101,8 @@ class DEQMLP(nn.Module):
         num_classes: number of output logits.
         width: hidden width of the equilibrium state.
         activation, norm, gamma: see :class:`MLPCell`.
-        solver, backward, atol, rtol, max_iter, **deq_options: passed to :class:`iterlayers.DEQ`.
+        **deq_options: fields of :class:`iterlayers.DEQOptions` (``solver``, ``backward``, ``atol``, ...)
+            overriding :data:`CLASSIFIER_DEQ_OPTIONS`.
     """
 
     def __init__(
@@ -105,16 +114,9 @@ class DEQMLP(nn.Module):
         activation: str = "tanh",
         norm: str = "spectral",
         gamma: float = 0.9,
-        solver: str = "anderson",
-        backward: str = "implicit",
-        atol: float = 1e-4,
-        rtol: float = 0.0,
-        max_iter: int = 40,
         **deq_options,
     ):
         super().__init__()
-        from iterlayers import DEQ  # the core engine; imported here so this module imports without it
-
         _check_positive_int("in_features", in_features)
         _check_positive_int("num_classes", num_classes)
         _check_positive_int("width", width)
@@ -122,9 +124,7 @@ class DEQMLP(nn.Module):
         self.num_classes = int(num_classes)
         self.encoder = nn.Linear(in_features, width)
         self.cell = MLPCell(width, activation=activation, norm=norm, gamma=gamma)
-        deq_options.setdefault("on_failure", "ignore")
-        self.deq = DEQ(self.cell, solver=solver, backward=backward, atol=atol, rtol=rtol,
-                       max_iter=max_iter, **deq_options)
+        self.deq = DEQ(self.cell, CLASSIFIER_DEQ_OPTIONS, **deq_options)
         self.head = nn.Linear(width, num_classes)
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:
