@@ -320,8 +320,8 @@ def _write_table(out: Path, metrics: dict, rows) -> None:
               "- error floor: the eigenvalue mu is pinned for teacher and student (as in the paper's parametrisation), "
               "so no student can remove the error |r_k(mu)| |v_mu^T b| / mu: a lower bound set purely by the "
               "algorithm's convergence rate.",
-              "- Training budget: the paper trains for tens of thousands of SGD epochs per (k, seed); the quick mode uses "
-              f"{cfg['epochs']} full-batch Adam steps with a cosine schedule and keeps the best training-loss model, so "
+              f"- Training budget: the paper trains for tens of thousands of SGD epochs per (k, seed); the {cfg['mode']} mode "
+              f"uses {cfg['epochs']} full-batch Adam steps with a cosine schedule and keeps the best training-loss model, so "
               "errors are higher and noisier than the paper's and the gap is estimated with fewer seeds.",
               "- The test pool is disjoint from the training set (the reference code samples the training set from "
               "the test pool).",
