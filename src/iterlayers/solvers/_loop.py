@@ -83,7 +83,6 @@ def run_loop(
         # ||f(z)|| is needed per iteration only for a relative tolerance; otherwise once, at the end.
         return (ff - zz).norm(dim=1), (ff.norm(dim=1) if use_rel else None)
 
-
     r, fn = residual(z, fz)
     last_res = r
     # NaN/Inf anywhere in f(z) makes the norm non-finite: such a sample is diverged from the start.
