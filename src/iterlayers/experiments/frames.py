@@ -17,6 +17,7 @@ The papers use CIFAR/ImageNet-scale ResNets/DenseNets; this is a small offline s
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -96,35 +97,72 @@ def _family(cfg) -> list[tuple[str, list[int], int, str]]:
     return fam
 
 
-def _model_selection(cfg, datasets: dict[str, Dataset], seed: int) -> list[dict]:
-    rows = []
+def _select_one(arch_spec, cfg, datasets: dict[str, Dataset], seed: int) -> dict:
+    """One architecture's row: minimal DFP and mean validation error on every dataset.
+
+    Everything random is seeded from ``seed`` and the architecture alone, so a row does not depend on which
+    rows ran before it, nor in which process: the rows can be computed in any order or in parallel.
+    """
+    kind, widths, depth, structure = arch_spec
+    row: dict = {"kind": kind, "structure": structure, "depth": depth, "width": widths[0]}
+    val = {}
+    params = {}
+    for name, data in datasets.items():
+        shape = (data.num_features,) if kind == "fc" else (1, data.num_features)
+        arch = FrameArchitecture(shape, widths, structure=structure, kind=kind)
+        row["name"] = arch.name
+        res = minimize_deep_frame_potential(arch, steps=cfg["dfp_steps"], lr=0.05, seed=seed)
+        row[f"dfp_{name}"] = res.dfp
+        row[f"dfp_lower_bound_{name}"] = res.lower_bound
+        row[f"dfp_initial_{name}"] = res.initial_dfp
+        errs = []
+        for s in range(cfg["train_seeds"]):
+            torch.manual_seed(seed * 1000 + s)
+            model = DeepFrameNet(arch, data.num_classes)
+            errs.append(_train(model, data, epochs=cfg["epochs"][name], seed=seed * 1000 + s))
+        val[name] = float(np.mean(errs))
+        params[name] = sum(p.numel() for p in model.parameters())
+        row[f"val_error_{name}"] = val[name]
+        row[f"params_{name}"] = params[name]
+    names = list(datasets)
+    row["dfp"] = float(np.mean([row[f"dfp_{n}"] for n in names]))
+    row["params"] = int(np.mean([params[n] for n in names]))
+    row["val_error"] = float(np.mean([val[n] for n in names]))
+    return row
+
+
+def _select_in_worker(arch_spec, cfg, datasets, seed, threads):
+    torch.set_num_threads(threads)
+    return _select_one(arch_spec, cfg, datasets, seed)
+
+
+def _model_selection(cfg, datasets: dict[str, Dataset], seed: int, workers: int = 1) -> list[dict]:
+    """Rows of every architecture of the family, in family order; ``workers > 1`` spreads them over processes.
+
+    The architectures are independent trainings (minutes each at the full setting's deepest convolutional
+    ones), so processes share the machine's cores between them: each worker gets ``threads // workers`` torch
+    threads. The rows are the same as the sequential ones (see :func:`_select_one`).
+    """
     fam = _family(cfg)
-    for kind, widths, depth, structure in tqdm(fam, desc="frames: architectures", disable=None):
-        row: dict = {"kind": kind, "structure": structure, "depth": depth, "width": widths[0]}
-        val = {}
-        params = {}
-        for name, data in datasets.items():
-            shape = (data.num_features,) if kind == "fc" else (1, data.num_features)
-            arch = FrameArchitecture(shape, widths, structure=structure, kind=kind)
-            row["name"] = arch.name
-            res = minimize_deep_frame_potential(arch, steps=cfg["dfp_steps"], lr=0.05, seed=seed)
-            row[f"dfp_{name}"] = res.dfp
-            row[f"dfp_lower_bound_{name}"] = res.lower_bound
-            row[f"dfp_initial_{name}"] = res.initial_dfp
-            errs = []
-            for s in range(cfg["train_seeds"]):
-                torch.manual_seed(seed * 1000 + s)
-                model = DeepFrameNet(arch, data.num_classes)
-                errs.append(_train(model, data, epochs=cfg["epochs"][name], seed=seed * 1000 + s))
-            val[name] = float(np.mean(errs))
-            params[name] = sum(p.numel() for p in model.parameters())
-            row[f"val_error_{name}"] = val[name]
-            row[f"params_{name}"] = params[name]
-        names = list(datasets)
-        row["dfp"] = float(np.mean([row[f"dfp_{n}"] for n in names]))
-        row["params"] = int(np.mean([params[n] for n in names]))
-        row["val_error"] = float(np.mean([val[n] for n in names]))
-        rows.append(row)
+    bar = tqdm(total=len(fam), desc="frames: architectures", disable=None)
+    if workers <= 1:
+        rows = []
+        for spec in fam:
+            rows.append(_select_one(spec, cfg, datasets, seed))
+            bar.update(1)
+        bar.close()
+        return rows
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, torch.get_num_threads() // workers)
+    # "spawn": a fresh interpreter per worker; forking a process whose torch thread pool is running can hang.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_select_in_worker, spec, cfg, datasets, seed, threads) for spec in fam]
+        for fut in futures:
+            fut.add_done_callback(lambda _f: bar.update(1))
+        rows = [fut.result() for fut in futures]
+    bar.close()
     return rows
 
 
@@ -236,8 +274,17 @@ def _equal_params_agreement(rows) -> tuple[float, int]:
     return (agree / total if total else float("nan")), total
 
 
-def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> dict:
-    """Run both parts; write ``metrics.json``, ``table.md`` and two PNG figures into ``out``; return metrics."""
+def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0, workers: int | None = None) -> dict:
+    """Run both parts; write ``metrics.json``, ``table.md`` and two PNG figures into ``out``; return metrics.
+
+    ``workers``: processes for the model-selection part (default: one per CPU core in the full setting, where it
+    takes hours and its small trainings gain more from processes than from torch threads; one otherwise). The
+    results do not depend on it.
+    """
+    if workers is None:
+        workers = (os.cpu_count() or 1) if not (quick or tiny) else 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = SETTINGS["tiny" if tiny else ("quick" if quick else "full")]
@@ -248,7 +295,7 @@ def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> 
         digits = digits.subset(400, 200)
     datasets = {"digits": digits, "mnist1d": m1}
     t_data = time.perf_counter() - t0
-    rows = _model_selection(cfg, datasets, seed)
+    rows = _model_selection(cfg, datasets, seed, workers=workers)
     t_sel = time.perf_counter() - t0 - t_data
     names = list(datasets)
     rec = _recurrent(cfg, digits, seed)
