@@ -1,4 +1,4 @@
-"""The core experiment (DEQ classifier on digits) runs end to end on its tiny grid with sane numbers."""
+"""The core experiment (DEQ classifier on digits) on its tiny grid: claims as data, sane numbers, figures."""
 import json
 import math
 
@@ -6,6 +6,8 @@ import pytest
 
 from iterlayers.experiments import core
 from iterlayers.training import read_metrics
+
+from claims_checks import assert_claims_valid
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +21,32 @@ def test_writes_metrics_table_and_figures(tiny_run):
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["deq_test_acc"] == metrics["deq_test_acc"] and on_disk["claims"] == metrics["claims"]
     table = (out / "table.md").read_text()
-    assert "## Paper's claims vs ours" in table and "| claim (paper) | ours | holds |" in table
-    # Four claims, each row with exactly three cells (no stray '|' inside a cell).
-    rows = [r for r in table.split("## Paper's claims vs ours")[1].splitlines() if r.startswith("| ")][1:]
-    assert len(rows) == 4 and all(r.count("|") == 4 for r in rows)
+    assert "## Paper's claims vs ours" in table and "## Sanity checks" in table
+    # One row per claim in the claims section, each with exactly 7 cells (no stray '|' inside a cell).
+    section = table.split("## Paper's claims vs ours")[1].split("## Sanity checks")[0]
+    rows = [r for r in section.splitlines() if r.startswith("| ")][1:]
+    assert len(rows) == len(metrics["claims"]) == 3 and all(r.count("|") == 8 for r in rows)
     for png in ("residuals.png", "training.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(read_metrics(out / "deq_run" / "metrics.csv")) == core.settings(quick=True, tiny=True)["epochs"]
+    epochs = core.settings(quick=True, tiny=True)["epochs"]
+    for sd in metrics["seeds"]:
+        assert len(read_metrics(out / f"deq_run_{sd}" / "metrics.csv")) == epochs
+
+
+def test_claims_are_falsifiable_records(tiny_run):
+    _, m = tiny_run
+    assert_claims_valid(m, min_claims=3)
+    assert m["settings"]["mode"] == "tiny" and m["settings"]["seeds"] == 2 == len(m["seeds"])
+    by_id = {c["id"]: c for c in m["claims"]}
+    # The permuted-label control cannot beat chance by much: its test accuracy is far below the MLP's.
+    assert all(r["control_test_acc"] < 0.4 for r in m["per_seed"])
+    assert by_id["deq_matches_mlp"]["n_seeds"] == 2 and by_id["deq_matches_mlp"]["comparison"]
+    # The recurrence-free control is solved by Picard in one step, so the ratio is exactly 1 there.
+    for name in ("anderson", "broyden"):
+        assert by_id[f"{name}_fewer_iterations"]["control"]["value"] == pytest.approx(1.0)
+    # What holds by construction is a sanity check, not a claim.
+    assert {s["id"] for s in m["sanity_checks"]} == {"implicit_equals_unrolled", "banach_bound", "solves_converged"}
+    assert not {"implicit_equals_unrolled", "banach_bound"} & set(by_id)
 
 
 def test_numbers_agree_with_theory(tiny_run):
@@ -43,4 +64,4 @@ def test_numbers_agree_with_theory(tiny_run):
     assert 0 < m["picard_rate"] <= 0.9 + 1e-6 or math.isnan(m["picard_rate"])
     # Implicit (IFT) gradient = backprop through the converged unrolled iteration, in float64.
     assert m["grad_rel_diff"] < 1e-6
-    assert m["claims"]["implicit_equals_unrolled"] and m["claims"]["banach_bound"]
+    assert all(s["passed"] for s in m["sanity_checks"])
