@@ -20,11 +20,11 @@ def test_readme_results_block_is_rendered_from_the_claims_snapshot():
 
 def test_update_readme_rewrites_only_the_block(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{README_BEGIN}\nold\n{README_END}\noutro\n", encoding="utf-8")
+    readme.write_text(f"intro\n{README_BEGIN}\nOLD-TABLE\n{README_END}\noutro\n", encoding="utf-8")
     claim = {"experiment": "core", "statement": "s", "source": "ours", "statistic": "x",
              "threshold": {"text": "x > 0"}, "value": 1.0, "interval": [0.5, 1.5], "n_seeds": 3,
              "control": {"description": "c", "value": -1.0, "verdict": "does not hold"}, "verdict": "holds"}
     assert update_readme(readme, {"claims": [claim]})
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and "**holds**" in text
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "OLD-TABLE" not in text and "**holds**" in text
     assert not update_readme(readme, {"claims": [claim]})
