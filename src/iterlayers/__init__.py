@@ -5,9 +5,20 @@ Core API (see README.md):
 - :func:`solve` — batched fixed-point solvers (Picard, Anderson, Broyden, GMRES) with per-sample stopping.
 - :func:`deq_solve` — a differentiable fixed point with a choice of gradient mode.
 - :class:`DEQ` — the equilibrium layer as an ``nn.Module``.
+- :func:`audit_gradients` — which gradient mode to trust on your layer and batch (finite-difference reference).
+
+Every error raised is an :class:`IterlayersError` (:mod:`iterlayers.errors`).
 """
 from .implicit import BACKWARD_MODES, DEQOptions, deq_solve, implicit_backward
 from . import analysis
+from .analysis.audit import GradientAudit, audit_gradients
+from .errors import (
+    CheckpointError,
+    IterlayersWarning,
+    OptionTypeError,
+    UnsupportedError,
+    ValidationError,
+)
 from .layers import DEQ, Unrolled
 from .parametrizations import MonotoneLinear, SpectralNormLinear, spectral_norm, weight_norm
 from .solvers import (
@@ -59,4 +70,11 @@ __all__ = [
     "IterlayersError",
     "NonFiniteInputError",
     "ShapeMismatchError",
+    "ValidationError",
+    "OptionTypeError",
+    "UnsupportedError",
+    "CheckpointError",
+    "IterlayersWarning",
+    "audit_gradients",
+    "GradientAudit",
 ]

@@ -12,7 +12,9 @@ has a ``method="dense"`` path that builds the Jacobians exactly for small proble
 - ``input_sensitivity``, ``parameter_sensitivity``, ``condition_number``, ``unrolled_sensitivity``
 - ``jacobian_frobenius_penalty``      Hutchinson estimate of ``||J||_F^2 / n`` for training
 - ``report``                          -> ``AnalysisReport`` (table + PNG plots)
+- ``audit_gradients``                 -> ``GradientAudit``: every gradient mode against finite differences
 """
+from .audit import GradientAudit, audit_gradients
 from .contraction import ContractionCertificate, certify_contraction
 from .jacobian import jacobian
 from .lipschitz import lipschitz_upper_bound
@@ -40,4 +42,6 @@ __all__ = [
     "jacobian_frobenius_penalty",
     "AnalysisReport",
     "report",
+    "GradientAudit",
+    "audit_gradients",
 ]
