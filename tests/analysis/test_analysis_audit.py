@@ -38,7 +38,10 @@ def test_exact_modes_trusted_and_jfb_flagged_on_a_slowly_contracting_cell():
     assert by["unrolled"].rel_error < 1e-4 and by["unrolled"].trusted
     # JFB drops (I - J)^{-1}: on a cell with ||J|| near 0.95 its gradient is far from the true one.
     assert by["jfb"].rel_error > 0.05 and not by["jfb"].trusted
-    assert audit.recommended in ("implicit", "unrolled")
+    # The recommendation is the cheapest trusted mode (phantom is trusted when its truncation error < 5%).
+    trusted = [m for m in audit.modes if m.trusted]
+    assert audit.recommended == min(trusted, key=lambda m: m.seconds).mode
+    assert by["phantom"].trusted == (by["phantom"].rel_error <= 0.05)
     assert "implicit" in str(audit) and "| jfb |" in audit.table()
     # The user's layer is untouched (same dtype, same values).
     for k, v in layer.state_dict().items():
