@@ -216,3 +216,26 @@ def test_the_resume_rule_is_train_config_s():
     with pytest.raises(ValueError, match="these options cannot change: lr, seed"):
         saved.resumed({"lr": 0.2, "epochs": 3, "seed": 1})
     assert set(TrainConfig.RESUMABLE) < {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="inductor needs a C compiler")
+def test_train_compile_with_inductor_runs_through_a_short_batch_and_matches_eager(tmp_path):
+    # The default model (deq_mlp) with its implicit backward; 40 samples in batches of 16 end with a short
+    # batch of 8, where `train --compile` used to crash ("donated buffers") once dynamo went dynamic.
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(48) % 4
+    x = torch.randn(4, 16, generator=g)[y] + 0.5 * torch.randn(48, 16, generator=g)
+    np.savez(tmp_path / "toy.npz", x=x.numpy(), y=y.numpy())
+    args = ["train", "--data", str(tmp_path / "toy.npz"), "--n-train", "40", "--n-test", "8", "--batch-size", "16",
+            "--epochs", "1", "--option", "width=8", "--quiet"]
+    assert cli.main([*args, "--compile", "--out", str(tmp_path / "compiled")]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "eager")]) == 0
+    (compiled,), (eager,) = read_metrics(tmp_path / "compiled" / "metrics.csv"), read_metrics(tmp_path / "eager" / "metrics.csv")
+    assert int(compiled["global_step"]) == 3  # 16 + 16 + 8: the short batch was trained on
+    for k in ("train_loss", "test_loss"):
+        assert np.isfinite(float(compiled[k]))
+        assert float(compiled[k]) == pytest.approx(float(eager[k]), rel=1e-5), k
+    assert float(compiled["fwd_converged"]) == 1.0 and float(compiled["bwd_iters"]) >= 1
+    assert json.loads((tmp_path / "compiled" / "checkpoint.json").read_text())["config"]["compile"] is True

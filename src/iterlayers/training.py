@@ -451,12 +451,18 @@ def _compile(run: _Run) -> None:
     Each DEQ's cell module is compiled in place (:meth:`nn.Module.compile`), so state-dict keys and checkpoints
     are unchanged and the DEQ (its solver loop, per-sample stopping and implicit backward) stays eager around
     the compiled cell. Models without an equilibrium layer are compiled whole.
+
+    Shapes are compiled static (``dynamic=False``): the batch of a cell call changes (a short last batch, the
+    shrinking set of unconverged samples), and dynamo's automatic switch to a dynamic batch dimension produced
+    a backward graph that the implicit backward's repeated ``autograd.grad(..., retain_graph=True)`` cannot
+    run ("donated buffers", issue #12 item 5). A static graph per batch size does not have that problem; past
+    dynamo's recompile limit a new size runs eagerly, which is slower but exact.
     """
     if not run.config.compile:
         return
     cells = [layer.cell for layer in deq_layers(run.model) if isinstance(getattr(layer, "cell", None), nn.Module)]
     for target in cells or [run.model]:
-        target.compile(backend=run.config.compile_backend)
+        target.compile(backend=run.config.compile_backend, dynamic=False)
 
 
 def _train_epoch(run: _Run, epoch: int, progress: bool | None) -> None:
