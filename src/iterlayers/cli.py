@@ -169,24 +169,25 @@ def train(
             raise CLIError(f"--data {data!r} is not valid; choose one of: {', '.join(sorted(DATASETS))} or a .npz/.pt file")
         if not Path(data).exists():
             raise CLIError(f"--data file {data!r} does not exist")
-    values = {("model_options" if name == "option" else name): params[name] for name in _CONFIG_PARAMS}
+    def field(name: str) -> str:
+        return "model_options" if name == "option" else name
+
+    values = {field(name): params[name] for name in _CONFIG_PARAMS}
     values["model_options"] = _parse_options(option)
     if resume and overwrite:
         raise CLIError("--resume and --overwrite exclude each other: continue the saved run or replace it")
     if resume:
         if not (out / "checkpoint.json").exists():
             raise CLIError(f"--resume: no checkpoint in {str(out)!r} (expected {out / 'checkpoint.json'})")
-        changes = {("model_options" if name == "option" else name): values["model_options" if name == "option" else name]
-                   for name in given}
+        changes = {field(name): values[field(name)] for name in given}
         # the rule of what may change is TrainConfig's (RESUMABLE); its error names what may not
         cfg = TrainConfig.from_checkpoint(load_checkpoint(out)).resumed({**changes, "out": str(out)})
     else:
         cfg = TrainConfig(**values, out=str(out))
     cfg.validate()
-    if not resume and holds_run(out):
-        if not overwrite:
-            raise CLIError(f"--out {str(out)!r} already holds a training run; pass --resume to continue it or "
-                           f"--overwrite to replace it")
+    if not resume and not overwrite and holds_run(out):
+        raise CLIError(f"--out {str(out)!r} already holds a training run; pass --resume to continue it or "
+                       f"--overwrite to replace it")
     created = _writable_dir(out, "--out")
     if overwrite:
         for path in [*(out / name for name in RUN_FILES), *out.glob("checkpoint-*.safetensors")]:
