@@ -47,3 +47,30 @@ def test_bad_files_and_names(tmp_path):
     np.savez(tmp_path / "len.npz", x=np.zeros((3, 2)), y=np.zeros(4, dtype=np.int64))
     with pytest.raises(ValueError, match="3 rows but y has 4"):
         data.load_file(tmp_path / "len.npz")
+
+
+def test_unreadable_files_are_typed_errors_naming_the_file(tmp_path):
+    from iterlayers.errors import IterlayersError, ValidationError
+
+    with pytest.raises(data.DatasetNotFoundError, match="does not exist") as info:
+        data.load_file(tmp_path / "missing.npz")
+    assert isinstance(info.value, IterlayersError) and isinstance(info.value, FileNotFoundError)
+    np.savez(tmp_path / "ok.npz", x=np.zeros((4, 2)), y=np.arange(4))
+    raw = (tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValidationError, match=r"cut.npz: .*(truncated or corrupted|corrupted)"):
+        data.load_file(tmp_path / "cut.npz")
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}] * 3, dtype=object), y=np.arange(3))
+    with pytest.raises(ValidationError, match="obj.npz: cannot be read without executing code"):
+        data.load_file(tmp_path / "obj.npz")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValidationError, match="junk.pt"):
+        data.load_file(tmp_path / "junk.pt")
+    (tmp_path / "d.csv").write_text("1,2")
+    with pytest.raises(ValidationError, match="unsupported extension '.csv'"):
+        data.load_file(tmp_path / "d.csv")
+    np.savez(tmp_path / "scalar.npz", x=np.float64(1.0), y=np.int64(0))
+    with pytest.raises(ValidationError, match="one row per sample"):
+        data.load_file(tmp_path / "scalar.npz")
+    with pytest.raises(ValidationError, match="test_fraction"):
+        data.load_file(tmp_path / "ok.npz", test_fraction=1.0)

@@ -125,3 +125,28 @@ def test_monotone_cell_inside_a_deq_has_the_closed_form_input_gradient():
     expected = torch.ones(8, dtype=D) @ torch.linalg.solve(G, U)
     torch.testing.assert_close(x.grad, expected.expand(2, 5), rtol=1e-7, atol=1e-9)
     assert cell.A.grad is not None and bool(torch.isfinite(cell.A.grad).all())
+
+
+def test_option_errors_are_typed_and_name_the_layer():
+    from iterlayers.errors import OptionTypeError, ShapeMismatchError, ValidationError
+
+    with pytest.raises(OptionTypeError, match="MonotoneLinear: m must be a number"):
+        MonotoneLinear(4, m="1")
+    with pytest.raises(ValidationError, match="MonotoneLinear: m must be a finite number, got nan"):
+        MonotoneLinear(4, m=float("nan"))
+    with pytest.raises(OptionTypeError, match="MonotoneLinear: features must be an integer"):
+        MonotoneLinear(4.0)
+    with pytest.raises(ValidationError, match="MonotoneLinear: alpha must be 'auto' or a positive number"):
+        MonotoneLinear(4, alpha="fast")
+    with pytest.raises(OptionTypeError, match="MonotoneLinear: alpha must be a number"):
+        MonotoneLinear(4, alpha=True)
+    with pytest.raises(OptionTypeError, match="SpectralNormLinear: bias must be True or False"):
+        SpectralNormLinear(4, bias=1)
+    with pytest.raises(ValidationError, match="SpectralNormLinear: bound must be a finite number"):
+        SpectralNormLinear(4, bound=float("inf"))
+    with pytest.raises(ShapeMismatchError, match=r"z must have shape \[B, 4\]"):
+        SpectralNormLinear(4)(torch.zeros(2, 3))
+    with pytest.raises(ValidationError, match="spectral_norm: Linear has no parameter 'W'"):
+        spectral_norm(nn.Linear(2, 2), name="W")
+    with pytest.raises(OptionTypeError, match="weight_norm: module must be an nn.Module"):
+        weight_norm(lambda x: x)

@@ -4,9 +4,14 @@ A checkpoint is a directory holding
 
 - ``checkpoint.json``: the format version, the training config, the progress (epoch, step within the epoch,
   global step), the metrics rows so far, the running per-epoch accumulators, the optimizer's non-tensor state
-  (hyper-parameters of every param group, scalar per-parameter entries) and the RNG states; and the name of
+  (hyper-parameters of every param group, scalar per-parameter entries) and the RNG states; and the name and
+  the SHA-256 of
 - ``checkpoint-<step>.safetensors``: the model's weights under ``model/<name>`` and the optimizer's tensor
   state under ``optim/<param index>/<key>``.
+
+Loading checks the hash before parsing the weights, so a truncated, corrupted or swapped tensor file is
+refused; every problem (missing file, JSON cut short, unknown format, hash mismatch, weights that do not fit
+the model) is one :class:`~iterlayers.errors.CheckpointError` whose message names the file and what is wrong.
 
 Why two files and a pointer: each file is written to a temporary name in the same directory, flushed, fsync'd
 and moved into place with :func:`os.replace` (atomic on POSIX). The tensor file is written first under a
@@ -19,6 +24,7 @@ Loading never executes code: safetensors holds raw tensors and JSON holds plain 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import tempfile
@@ -27,12 +33,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file as _st_load
+from safetensors import SafetensorError
+from safetensors.torch import load as _st_load_bytes
 from safetensors.torch import save_file as _st_save
+from torch import nn
+
+from .errors import CheckpointError
 
 __all__ = [
     "FORMAT_VERSION",
     "Checkpoint",
+    "CheckpointError",
+    "CheckpointNotFoundError",
     "save_checkpoint",
     "load_checkpoint",
     "atomic_write_text",
@@ -43,8 +55,14 @@ __all__ = [
     "set_rng_state",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: formats this version reads: 1 (no weights hash; nothing to check it against) and 2 (SHA-256 of the weights)
+READABLE_FORMATS = (1, 2)
 JSON_NAME = "checkpoint.json"
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was expected (a missing ``checkpoint.json`` or the weights file it names)."""
 
 
 @dataclass
@@ -63,6 +81,37 @@ class Checkpoint:
     @property
     def progress(self) -> dict[str, Any]:
         return self.record.get("progress", {})
+
+    @property
+    def json_path(self) -> Path:
+        return self.directory / JSON_NAME
+
+    def load_into(self, model: nn.Module) -> nn.Module:
+        """Load the weights into ``model`` (strictly); keys or shapes that do not match are one CheckpointError.
+
+        The model's own load-state-dict hooks run (e.g. a model that maps the names of an older layout).
+        """
+        expected = model.state_dict()
+        shapes = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in sorted(self.model_state.items())
+                  if k in expected and v.shape != expected[k].shape]
+        if shapes:
+            raise CheckpointError(f"{self.weights_path}: the weights do not fit {type(model).__name__}: "
+                                  f"shape mismatch {_few(shapes)}")
+        result = model.load_state_dict(self.model_state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            what = "; ".join(part for part in (
+                f"missing {_few(sorted(result.missing_keys))}" if result.missing_keys else "",
+                f"unexpected {_few(sorted(result.unexpected_keys))}" if result.unexpected_keys else "") if part)
+            raise CheckpointError(f"{self.weights_path}: the weights do not fit {type(model).__name__}: {what}")
+        return model
+
+    @property
+    def weights_path(self) -> Path:
+        return self.directory / str(self.record.get("weights", "?"))
+
+
+def _few(names: list[str], k: int = 4) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 # ----------------------------------------------------------------------------------------------- atomic I/O
@@ -104,11 +153,28 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
-    """Save tensors as safetensors through a temporary file and :func:`os.replace`."""
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                        metadata: dict[str, str] | None = None) -> str:
+    """Save tensors as safetensors through a temporary file and :func:`os.replace`; returns the file's SHA-256."""
     # safetensors refuses shared or non-contiguous storage; a private contiguous CPU copy is always valid.
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic_replace(Path(path), lambda tmp: _st_save(flat, tmp, metadata=metadata))
+    digest: list[str] = []
+
+    def write(tmp):
+        _st_save(flat, tmp, metadata=metadata)
+        digest.append(sha256_file(tmp))  # of the bytes that are moved into place
+
+    _atomic_replace(Path(path), write)
+    return digest[0]
 
 
 # --------------------------------------------------------------------------------------- optimizer / RNG
@@ -190,9 +256,10 @@ def save_checkpoint(
         tensors.update(opt_tensors)
         record["optimizer"] = meta
     weights_name = f"checkpoint-{int(step):09d}.safetensors"
-    atomic_save_tensors(directory / weights_name, tensors, metadata={"format": str(FORMAT_VERSION)})
+    digest = atomic_save_tensors(directory / weights_name, tensors, metadata={"format": str(FORMAT_VERSION)})
     record["format"] = FORMAT_VERSION
     record["weights"] = weights_name
+    record["weights_sha256"] = digest
     # Serialise before touching the pointer so a non-JSON value fails loudly without damaging anything.
     text = json.dumps(record, indent=1, sort_keys=True, allow_nan=True)
     json_path = directory / JSON_NAME
@@ -208,22 +275,54 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint directory (or its ``checkpoint.json``) without executing any code."""
+    """Load a checkpoint directory (or its ``checkpoint.json``) without executing any code.
+
+    Raises :class:`CheckpointNotFoundError` (a ``FileNotFoundError``) when there is no checkpoint, and
+    :class:`~iterlayers.errors.CheckpointError` (a ``ValueError``) naming the file when it is truncated,
+    corrupted, of an unknown format, or its weights do not hash to the recorded SHA-256.
+    """
     path = Path(path)
     json_path = path / JSON_NAME if path.is_dir() else path
     if not json_path.exists():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r} (expected {JSON_NAME} in a training output directory)")
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {str(path)!r} (expected {JSON_NAME} in a training output directory)")
     if json_path.suffix != ".json":
-        raise ValueError(f"{str(path)!r} is not a checkpoint; pass the training output directory or its {JSON_NAME}")
-    record = json.loads(json_path.read_text(encoding="utf-8"))
-    if record.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{json_path}: unsupported checkpoint format {record.get('format')!r}; expected {FORMAT_VERSION}")
-    weights = json_path.parent / record["weights"]
-    if not weights.exists():
-        raise FileNotFoundError(f"{json_path} names {record['weights']!r}, which does not exist")
-    tensors = _st_load(str(weights), device=str(map_location))
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint; pass the training output directory or its {JSON_NAME}")
+    try:
+        record = json.loads(json_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{json_path}: not valid JSON, the file is truncated or corrupted ({err})") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{json_path}: expected a JSON object, got {type(record).__name__}")
+    fmt = record.get("format")
+    if fmt not in READABLE_FORMATS:
+        raise CheckpointError(f"{json_path}: unsupported checkpoint format {fmt!r}; expected one of {list(READABLE_FORMATS)}")
+    name = record.get("weights")
+    # a bare file name beside the JSON: never a path that reaches elsewhere
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise CheckpointError(f"{json_path}: 'weights' must name a file beside it, got {name!r}")
+    weights = json_path.parent / name
+    if not weights.is_file():
+        raise CheckpointNotFoundError(f"{json_path} names {name!r}, which does not exist")
+    data = weights.read_bytes()
+    recorded = record.get("weights_sha256")
+    if fmt >= 2:
+        if not isinstance(recorded, str):
+            raise CheckpointError(f"{json_path}: no 'weights_sha256' recorded for {name!r}")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != recorded:
+            raise CheckpointError(f"{weights}: SHA-256 {actual[:12]}... differs from {recorded[:12]}... recorded in "
+                                  f"{JSON_NAME}: the weights file is truncated, corrupted or not this checkpoint's")
+    try:
+        tensors = _st_load_bytes(data)
+    except SafetensorError as err:
+        raise CheckpointError(f"{weights}: not a valid safetensors file, truncated or corrupted ({err})") from None
+    tensors = {k: v.to(map_location) for k, v in tensors.items()}
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     optimizer_state = None
     if "optimizer" in record:
-        optimizer_state = optimizer_state_from_parts(record["optimizer"], tensors)
+        try:
+            optimizer_state = optimizer_state_from_parts(record["optimizer"], tensors)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"{json_path}: malformed optimizer state ({type(err).__name__}: {err})") from None
     return Checkpoint(json_path.parent, model_state, optimizer_state, record)

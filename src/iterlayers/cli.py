@@ -1,8 +1,15 @@
 """The ``iterlayers`` command: ``train``, ``analyze``, ``reproduce``, ``bench``.
 
 Every wrong option name or value ends the command with exit status 2 and ONE line on stderr that names the
-valid choices, e.g. ``iterlayers: error: unknown model 'foo'; valid: deq_conv, deq_mlp, mlp``. Set
-``ITERLAYERS_DEBUG=1`` to see the full traceback instead.
+valid choices, e.g. ``iterlayers: error: unknown model 'foo'; valid: deq_conv, deq_mlp, mlp``. The same holds
+for every error of the library's family (:class:`~iterlayers.errors.IterlayersError`: a bad option, a corrupted
+checkpoint, a failed solve with ``on_failure="raise"``) and every ``OSError`` (a directory that cannot be
+written, a full disk). Anything else is a bug and shows its traceback. Set ``ITERLAYERS_DEBUG=1`` to see the
+full traceback of a user error too.
+
+Every command that writes (``train``, ``reproduce``, ``analyze --plot``, ``bench``) creates its output
+directory and writes (and deletes) a probe file there before any work, so an unwritable ``--out`` fails in
+the first second, not after the training.
 """
 from __future__ import annotations
 
@@ -15,14 +22,18 @@ from typing import Annotated, Optional
 
 import typer
 
+from iterlayers.errors import IterlayersError
 from iterlayers.experiments import ORDER as EXPERIMENT_ORDER
+from iterlayers.training import RUN_FILES, TrainConfig, holds_run
 
 REPRODUCE_CHOICES = (*EXPERIMENT_ORDER, "all")
 DEBUG_ENV = "ITERLAYERS_DEBUG"
+#: the defaults of ``train``: one source, the fields of :class:`~iterlayers.training.TrainConfig`
+TRAIN_DEFAULTS = TrainConfig()
 
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
+class CLIError(IterlayersError):
+    """A user error found by the CLI itself: printed as one line, exit status 2."""
 
 
 class _App(typer.Typer):
@@ -54,7 +65,7 @@ def main(argv: list[str] | None = None, prog_name: str = "iterlayers") -> int:
     except (typer.Abort, KeyboardInterrupt):
         print(f"{prog_name}: aborted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, TypeError, FileNotFoundError) as err:
+    except (IterlayersError, OSError) as err:  # the family and the system; a bug keeps its traceback
         if os.environ.get(DEBUG_ENV):
             raise
         return _fail(str(err), 2)
@@ -73,6 +84,23 @@ def _choice(option: str, value: str, choices) -> str:
     return value
 
 
+def _writable_dir(path: Path, option: str) -> list[Path]:
+    """Create ``path`` (with its parents) and write and delete a probe file in it; returns the directories
+    created, innermost first.
+
+    Any failure is one CLIError naming the option, so an unwritable output fails before any work is done.
+    """
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    probe = path / f".iterlayers-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as err:
+        raise CLIError(f"{option} {str(path)!r} is not a writable directory: {err.strerror or err}") from None
+    return created
+
+
 def _parse_options(pairs: list[str] | None) -> dict:
     """``KEY=VALUE`` pairs; VALUE is read as JSON when it parses (numbers, true/false, lists), else a string."""
     out: dict = {}
@@ -88,84 +116,90 @@ def _parse_options(pairs: list[str] | None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- train
+_D = TRAIN_DEFAULTS
+#: CLI parameters that are TrainConfig fields (``option`` is ``model_options``, parsed from KEY=VALUE pairs)
+_CONFIG_PARAMS = ("model", "data", "epochs", "batch_size", "lr", "optimizer", "seed", "device", "compile",
+                  "checkpoint_every", "option", "n_train", "n_test", "weight_decay", "compile_backend")
+
+
 @app.command()
 def train(
-    model: Annotated[Optional[str], typer.Option(help="Model name (deq_mlp, deq_conv, mlp, ...).")] = None,
-    data: Annotated[Optional[str], typer.Option(help="digits, mnist1d, or a path to a .npz/.pt file.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Number of epochs (default 5).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size, split over processes (default 64).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default 1e-3).")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adam (default) or sgd (momentum 0.9).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of data split, init and data order (default 0).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default cpu).")] = None,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the DEQ cells.")] = False,
-    out: Annotated[Path, typer.Option(help="Output directory: metrics.csv and checkpoints.")] = Path("runs/train"),
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="Model name (deq_mlp, deq_conv, mlp, ...).")] = _D.model,
+    data: Annotated[str, typer.Option(help="digits, mnist1d, or a path to a .npz/.pt file.")] = _D.data,
+    epochs: Annotated[int, typer.Option(help="Number of epochs.")] = _D.epochs,
+    batch_size: Annotated[int, typer.Option(help="Global batch size, split over processes.")] = _D.batch_size,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = _D.lr,
+    optimizer: Annotated[str, typer.Option(help="adam or sgd (momentum 0.9).")] = _D.optimizer,
+    seed: Annotated[int, typer.Option(help="Seed of data split, init and data order.")] = _D.seed,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = _D.device,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the DEQ cells.")] = _D.compile,
+    out: Annotated[Path, typer.Option(help="Output directory: metrics.csv and checkpoints.")] = Path(_D.out),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out exactly.")] = False,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Also checkpoint every N steps (0: epoch ends).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run saved in --out.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: epoch ends).")] = _D.checkpoint_every,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Model option KEY=VALUE (repeatable).")] = None,
-    n_train: Annotated[Optional[int], typer.Option(help="Use only the first N training samples.")] = None,
-    n_test: Annotated[Optional[int], typer.Option(help="Use only the first N test samples.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay (default 0).")] = None,
+    n_train: Annotated[Optional[int], typer.Option(help="Use only the first N training samples.")] = _D.n_train,
+    n_test: Annotated[Optional[int], typer.Option(help="Use only the first N test samples.")] = _D.n_test,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = _D.weight_decay,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")] = False,
-    compile_backend: Annotated[str, typer.Option(hidden=True)] = "inductor",
+    compile_backend: Annotated[str, typer.Option(hidden=True)] = _D.compile_backend,
 ) -> None:
     """Train a model; per-epoch metrics (with DEQ solver statistics) go to OUT/metrics.csv.
 
     Under `torchrun --nproc_per_node=N -m iterlayers train ...` the run uses DistributedDataParallel and gives
     the same result as one process with the same (global) --batch-size.
     """
+    from typer._click.core import ParameterSource
+
+    from iterlayers.checkpoint import load_checkpoint
     from iterlayers.data import DATASETS
     from iterlayers.models import MODELS
-    from iterlayers.training import OPTIMIZERS, TrainConfig
+    from iterlayers.training import OPTIMIZERS
     from iterlayers.training import train as run_training
 
-    if model is not None:
-        _choice("--model", model, sorted(MODELS))
-    if optimizer is not None:
-        _choice("--optimizer", optimizer, OPTIMIZERS)
-    if data is not None and data not in DATASETS:
+    params = ctx.params
+    # what the user typed (a default is not a choice, so resuming never "changes" an option left out)
+    given = [name for name in _CONFIG_PARAMS
+             if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)]
+    _choice("--model", model, sorted(MODELS))
+    _choice("--optimizer", optimizer, OPTIMIZERS)
+    if data not in DATASETS:
         if not data.endswith((".npz", ".pt")):
             raise CLIError(f"--data {data!r} is not valid; choose one of: {', '.join(sorted(DATASETS))} or a .npz/.pt file")
         if not Path(data).exists():
             raise CLIError(f"--data file {data!r} does not exist")
+    def field(name: str) -> str:
+        return "model_options" if name == "option" else name
+
+    values = {field(name): params[name] for name in _CONFIG_PARAMS}
+    values["model_options"] = _parse_options(option)
+    if resume and overwrite:
+        raise CLIError("--resume and --overwrite exclude each other: continue the saved run or replace it")
     if resume:
         if not (out / "checkpoint.json").exists():
             raise CLIError(f"--resume: no checkpoint in {str(out)!r} (expected {out / 'checkpoint.json'})")
-        fixed = {"model": model, "data": data, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
-                 "seed": seed, "option": option,
-                 "n_train": n_train, "n_test": n_test, "weight_decay": weight_decay}
-        given = [k for k, v in fixed.items() if v is not None]
-        if given:
-            raise CLIError(f"--resume continues the saved run; these options cannot change: {', '.join(given)}")
-        from iterlayers.checkpoint import load_checkpoint
-
-        saved = load_checkpoint(out).config
-        cfg = TrainConfig.from_dict(saved)
-        cfg.epochs = epochs if epochs is not None else cfg.epochs
-        cfg.device = device if device is not None else cfg.device
-        cfg.checkpoint_every = checkpoint_every if checkpoint_every is not None else cfg.checkpoint_every
-        cfg.compile, cfg.compile_backend = compile, compile_backend
+        changes = {field(name): values[field(name)] for name in given}
+        # the rule of what may change is TrainConfig's (RESUMABLE); its error names what may not
+        cfg = TrainConfig.from_checkpoint(load_checkpoint(out)).resumed({**changes, "out": str(out)})
     else:
-        cfg = TrainConfig(
-            model=model or "deq_mlp",
-            data=data or "digits",
-            epochs=5 if epochs is None else epochs,
-            batch_size=64 if batch_size is None else batch_size,
-            lr=1e-3 if lr is None else lr,
-            optimizer=optimizer or "adam",
-            weight_decay=0.0 if weight_decay is None else weight_decay,
-            seed=0 if seed is None else seed,
-            device=device or "cpu",
-            compile=compile,
-            compile_backend=compile_backend,
-            checkpoint_every=0 if checkpoint_every is None else checkpoint_every,
-            model_options=_parse_options(option),
-            n_train=n_train,
-            n_test=n_test,
-        )
-    cfg.out = str(out)
+        cfg = TrainConfig(**values, out=str(out))
     cfg.validate()
-    result = run_training(cfg, resume=resume, progress=None if not quiet else False)
+    if not resume and not overwrite and holds_run(out):
+        raise CLIError(f"--out {str(out)!r} already holds a training run; pass --resume to continue it or "
+                       f"--overwrite to replace it")
+    created = _writable_dir(out, "--out")
+    if overwrite:
+        for path in [*(out / name for name in RUN_FILES), *out.glob("checkpoint-*.safetensors")]:
+            path.unlink(missing_ok=True)
+    try:
+        result = run_training(cfg, resume=resume, progress=None if not quiet else False)
+    except BaseException:
+        # a run that failed before writing anything leaves no directory behind
+        for path in created:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        raise
     if int(os.environ.get("RANK", "0")) == 0 and not quiet and result.rows:
         last = result.rows[-1]
         typer.echo(f"done: test accuracy {last['test_acc']:.4f}, metrics in {out / 'metrics.csv'}, checkpoint in {out}")
@@ -182,20 +216,23 @@ def analyze(
     """Print the analysis report (spectra, contraction, rates, sensitivity) of a checkpoint's DEQ layer."""
     import torch
 
+    from iterlayers.analysis import report
     from iterlayers.checkpoint import load_checkpoint
     from iterlayers.data import load_dataset
     from iterlayers.models import build_model
-    from iterlayers.training import TrainConfig, deq_layers, resolve_device
+    from iterlayers.training import deq_layers, resolve_device
 
     if batch_size < 1:
         raise CLIError(f"--batch-size must be a positive integer, got {batch_size}")
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
-    cfg = TrainConfig.from_dict(ckpt.config)
+    cfg = TrainConfig.from_checkpoint(ckpt)
+    if plot is not None:
+        _writable_dir(plot.parent, "--plot")
     data = load_dataset(cfg.data, seed=cfg.seed)
     x = data.x_test[:batch_size].reshape(min(batch_size, len(data.x_test)), -1).to(dev)
     model = build_model(cfg.model, x.shape[1], data.num_classes, **cfg.model_options)
-    model.load_state_dict(ckpt.model_state)
+    ckpt.load_into(model)
     model.to(dev).eval()
     layers = deq_layers(model)
     if not layers:
@@ -205,10 +242,6 @@ def analyze(
     with torch.no_grad():
         model(x)
     handle.remove()
-    try:
-        from iterlayers.analysis import report
-    except ImportError as err:
-        raise CLIError(f"iterlayers.analysis.report is not available ({err})") from None
     typer.echo(f"checkpoint {ckpt.directory} (model {cfg.model}, data {cfg.data}, step {ckpt.progress.get('global_step')})")
     typer.echo(f"forward solve on {len(x)} test samples: {layers[0].stats['forward']}")
     result = report(layers[0], captured["x"])
@@ -238,6 +271,7 @@ def reproduce(
     from iterlayers.report import write_report
 
     _choice("experiment", name, REPRODUCE_CHOICES)
+    _writable_dir(out, "--out")
     names = list(EXPERIMENT_ORDER) if name == "all" else [name]
     outcomes = []
     for n in names:
@@ -273,6 +307,7 @@ def bench(
     script = _repo_root() / "benchmarks" / "bench_torchdeq.py"
     if not script.exists():
         raise CLIError(f"benchmark script not found at {script} (run from a source checkout)")
+    _writable_dir(out, "--out")
     cmd = [sys.executable, str(script), "--out", str(out.resolve())] + (["--quick"] if quick else [])
     return subprocess.call(cmd, cwd=_repo_root())
 

@@ -12,10 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pickle
+import zipfile
+
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "load_digits", "load_mnist1d", "load_file", "load_dataset", "DATASETS"]
+from ._validate import in_range, integer
+from .errors import IterlayersError, ValidationError
+
+__all__ = ["Dataset", "DatasetNotFoundError", "load_digits", "load_mnist1d", "load_file", "load_dataset", "DATASETS"]
+
+
+class DatasetNotFoundError(IterlayersError, FileNotFoundError):
+    """A dataset file that does not exist (the family's error, and a ``FileNotFoundError``)."""
 
 
 @dataclass
@@ -35,6 +45,9 @@ class Dataset:
 
     def subset(self, n_train: int | None = None, n_test: int | None = None) -> "Dataset":
         """First ``n_train`` / ``n_test`` samples (the splits are already shuffled)."""
+        for name, n in (("n_train", n_train), ("n_test", n_test)):
+            if n is not None:
+                integer(n, name, minimum=1)
         return Dataset(
             self.name,
             self.x_train[:n_train],
@@ -52,6 +65,7 @@ class Dataset:
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    in_range(test_fraction, "test_fraction", low=0.0, high=1.0, low_open=True, high_open=True)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(x))
     n_test = int(round(test_fraction * len(x)))
@@ -107,23 +121,33 @@ def load_file(path: str | Path, *, seed: int = 0, test_fraction: float = 0.25) -
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: np.asarray(f[k]) for k in f.files}
-    elif path.suffix == ".pt":
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}: expected a dict of tensors with keys 'x' and 'y'")
-        arrays = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in obj.items()}
-    else:
-        raise ValueError(f"{path}: unsupported extension {path.suffix!r}; use .npz or .pt")
+        raise DatasetNotFoundError(f"dataset file {str(path)!r} does not exist")
+    if path.suffix not in (".npz", ".pt"):
+        raise ValidationError(f"{path}: unsupported extension {path.suffix!r}; use .npz or .pt")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: np.asarray(f[k]) for k in f.files}
+        else:
+            obj = torch.load(path, weights_only=True, map_location="cpu")
+            if not isinstance(obj, dict):
+                raise ValidationError(f"{path}: expected a dict of tensors with keys 'x' and 'y'")
+            arrays = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in obj.items()}
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError) as err:
+        raise ValidationError(f"{path}: not a readable {path.suffix} file, truncated or corrupted ({err})") from None
+    except (ValueError, RuntimeError) as err:
+        if isinstance(err, IterlayersError):
+            raise
+        # numpy refusing an object array (allow_pickle=False), torch refusing a non-tensor pickle (weights_only)
+        raise ValidationError(f"{path}: cannot be read without executing code or is corrupted ({err})") from None
     missing = {"x", "y"} - set(arrays)
     if missing:
-        raise ValueError(f"{path}: missing arrays {sorted(missing)}; found {sorted(arrays)}")
+        raise ValidationError(f"{path}: missing arrays {sorted(missing)}; found {sorted(arrays)}")
     x, y = arrays["x"], arrays["y"]
+    if x.ndim == 0 or y.ndim == 0:
+        raise ValidationError(f"{path}: x and y must hold one row per sample, got shapes {x.shape} and {y.shape}")
     if len(x) != len(y):
-        raise ValueError(f"{path}: x has {len(x)} rows but y has {len(y)}")
+        raise ValidationError(f"{path}: x has {len(x)} rows but y has {len(y)}")
     if "x_test" in arrays and "y_test" in arrays:
         xtr, ytr, xte, yte = x, y, arrays["x_test"], arrays["y_test"]
     else:
@@ -143,8 +167,11 @@ DATASETS = {"digits": load_digits, "mnist1d": load_mnist1d}
 
 def load_dataset(name: str, *, seed: int = 0) -> Dataset:
     """A built-in dataset by name, or a path to a ``.npz`` / ``.pt`` file."""
+    if not isinstance(name, (str, Path)):
+        raise ValidationError(f"dataset must be a name or a path, got {type(name).__name__}")
+    name = str(name)
     if name in DATASETS:
         return DATASETS[name](seed=seed)
     if name.endswith((".npz", ".pt")):
         return load_file(name, seed=seed)
-    raise ValueError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)} or a path to a .npz/.pt file")
+    raise ValidationError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)} or a path to a .npz/.pt file")

@@ -38,15 +38,20 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrizations as _tp
 from torch.nn.utils import parametrize as _parametrize
 
+from . import _validate
+from .errors import OptionTypeError, ShapeMismatchError, ValidationError
+
 __all__ = ["MonotoneLinear", "SpectralNormLinear", "spectral_norm", "weight_norm"]
 
 _ACTS = {"relu": torch.relu, "tanh": torch.tanh, "identity": lambda t: t}
 
 
-def _check_features(value, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+def _check_features(value, name: str, where: str) -> int:
+    return _validate.positive_int(value, name, where=where)
+
+
+def _positive(value, name: str, where: str) -> float:
+    return _validate.in_range(value, name, where=where, low=0.0, low_open=True)
 
 
 def _input_term(U: Tensor, b: Tensor | None, x: Tensor | None, batch: int, features: int, like: Tensor) -> Tensor:
@@ -54,7 +59,7 @@ def _input_term(U: Tensor, b: Tensor | None, x: Tensor | None, batch: int, featu
         u = like.new_zeros(batch, features)
     else:
         if x.dim() != 2 or x.shape[1] != U.shape[1]:
-            raise ValueError(f"x must have shape [B, {U.shape[1]}], got {tuple(x.shape)}")
+            raise ShapeMismatchError(f"x must have shape [B, {U.shape[1]}], got {tuple(x.shape)}")
         u = x @ U.T
     return u if b is None else u + b
 
@@ -75,17 +80,19 @@ class MonotoneLinear(nn.Module):
     def __init__(self, features: int, *, in_features: int | None = None, m: float = 1.0,
                  activation: str = "relu", alpha: float | str = "auto", bias: bool = True, init_scale: float = 1.0):
         super().__init__()
-        self.features = _check_features(features, "features")
-        self.in_features = _check_features(features if in_features is None else in_features, "in_features")
-        if not isinstance(m, (int, float)) or not m > 0:
-            raise ValueError(f"m must be a positive number, got {m!r}")
-        if activation not in ("relu", "identity"):
-            raise ValueError(f"activation must be one of ('relu', 'identity') for MonotoneLinear, got {activation!r}")
-        if not (alpha == "auto" or (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0)):
-            raise ValueError(f"alpha must be 'auto' or a positive number, got {alpha!r}")
-        if not isinstance(init_scale, (int, float)) or init_scale < 0:
-            raise ValueError(f"init_scale must be a non-negative number, got {init_scale!r}")
-        self.m, self.activation, self.alpha = float(m), activation, alpha
+        where = "MonotoneLinear"
+        self.features = _check_features(features, "features", where)
+        self.in_features = _check_features(features if in_features is None else in_features, "in_features", where)
+        m = _positive(m, "m", where)
+        _validate.choice(activation, "activation", ("relu", "identity"), where=where)
+        if isinstance(alpha, str):
+            if alpha != "auto":
+                raise ValidationError(f"{where}: alpha must be 'auto' or a positive number, got {alpha!r}")
+        else:
+            alpha = _positive(alpha, "alpha", where)
+        _validate.boolean(bias, "bias", where=where)
+        init_scale = _validate.in_range(init_scale, "init_scale", where=where, low=0.0)
+        self.m, self.activation, self.alpha = m, activation, alpha
         n = self.features
         self.A = nn.Parameter(torch.randn(n, n) * (init_scale / math.sqrt(n)))
         self.B = nn.Parameter(torch.randn(n, n) * (init_scale / math.sqrt(n)))
@@ -134,7 +141,7 @@ class MonotoneLinear(nn.Module):
 
     def forward(self, z: Tensor, x: Tensor | None = None) -> Tensor:
         if z.dim() != 2 or z.shape[1] != self.features:
-            raise ValueError(f"z must have shape [B, {self.features}], got {tuple(z.shape)}")
+            raise ShapeMismatchError(f"z must have shape [B, {self.features}], got {tuple(z.shape)}")
         a = self.step_size()
         y = z - a * (z @ self.G().T - self.input_term(x, z.shape[0], z))
         return _ACTS[self.activation](y)
@@ -157,13 +164,13 @@ class SpectralNormLinear(nn.Module):
     def __init__(self, features: int, *, in_features: int | None = None, bound: float = 0.9,
                  activation: str = "tanh", bias: bool = True):
         super().__init__()
-        self.features = _check_features(features, "features")
-        self.in_features = _check_features(features if in_features is None else in_features, "in_features")
-        if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not bound > 0:
-            raise ValueError(f"bound must be a positive number, got {bound!r}")
-        if activation not in _ACTS:
-            raise ValueError(f"activation must be one of {tuple(_ACTS)}, got {activation!r}")
-        self.bound, self.activation = float(bound), activation
+        where = "SpectralNormLinear"
+        self.features = _check_features(features, "features", where)
+        self.in_features = _check_features(features if in_features is None else in_features, "in_features", where)
+        bound = _positive(bound, "bound", where)
+        _validate.choice(activation, "activation", tuple(_ACTS), where=where)
+        _validate.boolean(bias, "bias", where=where)
+        self.bound, self.activation = bound, activation
         self.V = nn.Parameter(torch.empty(features, features))
         nn.init.kaiming_uniform_(self.V, a=math.sqrt(5))
         self.U = nn.Parameter(torch.empty(features, self.in_features))
@@ -185,13 +192,18 @@ class SpectralNormLinear(nn.Module):
 
     def forward(self, z: Tensor, x: Tensor | None = None) -> Tensor:
         if z.dim() != 2 or z.shape[1] != self.features:
-            raise ValueError(f"z must have shape [B, {self.features}], got {tuple(z.shape)}")
+            raise ShapeMismatchError(f"z must have shape [B, {self.features}], got {tuple(z.shape)}")
         return _ACTS[self.activation](z @ self.weight.T + _input_term(self.U, self.bias, x, z.shape[0],
                                                                        self.features, z))
 
     def extra_repr(self) -> str:
         return (f"features={self.features}, in_features={self.in_features}, bound={self.bound:g}, "
                 f"activation={self.activation!r}, bias={self.bias is not None}")
+
+
+def _check_parameter(module: nn.Module, name: str, where: str) -> None:
+    if not isinstance(name, str) or not isinstance(getattr(module, name, None), torch.Tensor):
+        raise ValidationError(f"{where}: {type(module).__name__} has no parameter {name!r}")
 
 
 class _Scale(nn.Module):
@@ -212,9 +224,10 @@ def spectral_norm(module: nn.Module, *, bound: float = 1.0, name: str = "weight"
     Miyato et al. 2018, followed by a scale). Torch estimates sigma by ``n_power_iterations`` power steps per
     training-mode forward, so ``||W||_2 ~= bound`` (an estimate; use ``SpectralNormLinear`` for an exact bound)."""
     if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    if not isinstance(bound, (int, float)) or not bound > 0:
-        raise ValueError(f"bound must be a positive number, got {bound!r}")
+        raise OptionTypeError(f"spectral_norm: module must be an nn.Module, got {type(module).__name__}")
+    bound = _positive(bound, "bound", "spectral_norm")
+    n_power_iterations = _validate.positive_int(n_power_iterations, "n_power_iterations", where="spectral_norm")
+    _check_parameter(module, name, "spectral_norm")
     _tp.spectral_norm(module, name=name, n_power_iterations=n_power_iterations)
     if bound != 1.0:
         _parametrize.register_parametrization(module, name, _Scale(bound))
@@ -224,5 +237,7 @@ def spectral_norm(module: nn.Module, *, bound: float = 1.0, name: str = "weight"
 def weight_norm(module: nn.Module, *, name: str = "weight", dim: int = 0) -> nn.Module:
     """Reparametrise ``module.<name>`` as ``g v / ||v||`` (Salimans & Kingma 2016) via torch's parametrisation."""
     if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        raise OptionTypeError(f"weight_norm: module must be an nn.Module, got {type(module).__name__}")
+    _check_parameter(module, name, "weight_norm")
+    _validate.integer(dim, "dim", where="weight_norm")
     return _tp.weight_norm(module, name=name, dim=dim)

@@ -114,3 +114,52 @@ def test_registry_and_option_errors():
         MLPCell(3, gamma=1.0)
     with pytest.raises(TypeError, match="model 'mlp'.*colour"):
         build_model("mlp", 4, 2, colour="red")
+
+
+@pytest.mark.parametrize("make", [lambda: DEQMLP(6, 3, width=5), lambda: DEQConv(16, 3, channels=2)],
+                         ids=["deq_mlp", "deq_conv"])
+def test_state_dict_holds_each_cell_weight_once_and_old_layouts_load(make):
+    torch.manual_seed(7)
+    model = make()
+    state = model.state_dict()
+    # every tensor once: no two keys share storage, and the cell lives under deq.cell only
+    ptrs = [t.data_ptr() for t in state.values()]
+    assert len(ptrs) == len(set(ptrs)), sorted(state)
+    assert not [k for k in state if k.startswith("cell.")]
+    assert [k for k in state if k.startswith("deq.cell.")] == ["deq.cell." + k for k in model.cell.state_dict()]
+    assert model.cell is model.deq.cell
+    assert sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in state.values())
+    # A state dict of the earlier layout (the cell also registered as `cell.*`) loads into the new one,
+    # and so does one that has only the old names.
+    other = make()
+    old = {**{"cell." + k: v.clone() for k, v in model.cell.state_dict().items()},
+           **{k: v.clone() for k, v in state.items()}}
+    other.load_state_dict(old)
+    for k, v in state.items():
+        assert torch.equal(other.state_dict()[k], v)
+    only_old = {("cell." + k[len("deq.cell."):] if k.startswith("deq.cell.") else k): v.clone() for k, v in state.items()}
+    third = make()
+    third.load_state_dict(only_old)
+    for k, v in state.items():
+        assert torch.equal(third.state_dict()[k], v)
+
+
+def test_model_option_errors_are_typed_and_name_the_option():
+    from iterlayers.errors import OptionTypeError, ValidationError
+
+    with pytest.raises(OptionTypeError, match="width must be an integer"):
+        build_model("deq_mlp", 4, 2, width=2.5)
+    with pytest.raises(ValidationError, match="width must be an integer >= 1"):
+        MLPCell(0)
+    with pytest.raises(OptionTypeError, match="gamma must be a number"):
+        MLPCell(3, gamma="0.5")
+    with pytest.raises(ValidationError, match="gamma must lie in"):
+        ConvCell(2, gamma=float("nan"))
+    with pytest.raises(ValidationError, match="kernel_size=4 is not valid"):
+        ConvCell(2, kernel_size=4)
+    with pytest.raises(ValidationError, match="square images"):
+        DEQConv(60, 10)
+    with pytest.raises(OptionTypeError, match="model 'deq_conv'.*colour"):
+        build_model("deq_conv", 16, 2, colour="red")
+    with pytest.raises(ValidationError, match="unknown model 3"):
+        build_model(3, 4, 2)

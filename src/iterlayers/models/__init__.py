@@ -1,7 +1,9 @@
 """Ready-made networks, by name: ``build_model(name, in_features, num_classes, **options)``.
 
 Every factory has the signature ``factory(in_features, num_classes, **options) -> nn.Module``; options are
-keyword-only and validated by the model (a bad value raises ``ValueError``/``TypeError`` naming it).
+keyword-only and validated by the model. :func:`build_model` raises the family's
+:class:`~iterlayers.errors.ValidationError` (a bad value or name) or :class:`~iterlayers.errors.OptionTypeError`
+(an unknown option or a wrong type), naming the model and the option.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import importlib
 from typing import Callable
 
 from torch import nn
+
+from ..errors import IterlayersError, OptionTypeError, ValidationError
 
 __all__ = ["MODELS", "build_model", "register_model"]
 
@@ -44,16 +48,25 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
     """Add ``factory(in_features, num_classes, **options)`` to :data:`MODELS` under ``name``."""
     if not isinstance(name, str) or not name:
-        raise ValueError("model name must be a non-empty string")
+        raise ValidationError(f"model name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise OptionTypeError(f"register_model({name!r}): factory must be callable, got {type(factory).__name__}")
     MODELS[name] = factory
 
 
 def build_model(name: str, in_features: int, num_classes: int, **options) -> nn.Module:
-    """Build the registered model ``name``; an unknown name raises ``ValueError`` listing the valid ones."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
+    """Build the registered model ``name``; an unknown name raises ValidationError listing the valid ones."""
+    if not isinstance(name, str) or name not in MODELS:
+        raise ValidationError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
     try:
         return MODELS[name](in_features, num_classes, **options)
+    except IterlayersError:
+        raise
     except TypeError as err:
-        # An unknown keyword reaches the constructor as TypeError; say which model rejected it.
-        raise TypeError(f"model {name!r}: {err}") from None
+        # An unknown keyword reaches the constructor as a TypeError (from Python's argument binding or a model
+        # outside the family); say which model rejected it, as the family's error.
+        raise OptionTypeError(f"model {name!r}: {err}") from None
+    except ValueError as err:
+        # Only the constructor ran, on the caller's options: a ValueError raised outside the family (a layer
+        # the model builds) is about those options too.
+        raise ValidationError(f"model {name!r}: {err}") from None

@@ -20,8 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._validate import integer, positive_int
+from ..errors import ValidationError
 from ..layers import DEQ
-from .deq_mlp import CLASSIFIER_DEQ_OPTIONS
+from .deq_mlp import CLASSIFIER_DEQ_OPTIONS, DEQClassifier, _check_choice, _check_gamma
 
 __all__ = ["ConvCell", "DEQConv"]
 
@@ -31,13 +33,9 @@ class ConvCell(nn.Module):
 
     def __init__(self, channels: int, *, kernel_size: int = 3, gamma: float = 0.9):
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be a positive integer, got {channels!r}")
-        if kernel_size not in (1, 3, 5):
-            raise ValueError(f"kernel_size={kernel_size!r} is not valid; choose one of 1, 3, 5")
-        if not (isinstance(gamma, (int, float)) and 0.0 < float(gamma) < 1.0):
-            raise ValueError(f"gamma must lie in (0, 1), got {gamma!r}")
-        self.channels, self.kernel_size, self.gamma = int(channels), int(kernel_size), float(gamma)
+        self.channels = positive_int(channels, "channels")
+        _check_choice("kernel_size", integer(kernel_size, "kernel_size"), (1, 3, 5))
+        self.kernel_size, self.gamma = int(kernel_size), _check_gamma(gamma)
         v = torch.empty(channels, channels, kernel_size, kernel_size)
         nn.init.kaiming_uniform_(v, a=math.sqrt(5))
         self.v = nn.Parameter(v)
@@ -55,7 +53,7 @@ class ConvCell(nn.Module):
         return f"channels={self.channels}, kernel_size={self.kernel_size}, gamma={self.gamma}"
 
 
-class DEQConv(nn.Module):
+class DEQConv(DEQClassifier):
     """Conv encoder -> :class:`iterlayers.DEQ` over a :class:`ConvCell` -> pooled linear head.
 
     Args:
@@ -79,18 +77,18 @@ class DEQConv(nn.Module):
         **deq_options,
     ):
         super().__init__()
-        if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"in_features must be a positive integer, got {in_features!r}")
-        side = math.isqrt(in_features // max(in_channels, 1))
+        in_features = positive_int(in_features, "in_features")
+        num_classes = positive_int(num_classes, "num_classes")
+        in_channels = positive_int(in_channels, "in_channels")
+        side = math.isqrt(in_features // in_channels)
         if in_channels * side * side != in_features:
-            raise ValueError(
+            raise ValidationError(
                 f"deq_conv needs square images: in_features={in_features} is not in_channels={in_channels} x side^2"
             )
         self.in_features, self.num_classes = int(in_features), int(num_classes)
         self.in_channels, self.side = int(in_channels), side
         self.encoder = nn.Conv2d(in_channels, channels, 3, padding=1)
-        self.cell = ConvCell(channels, gamma=gamma)
-        self.deq = DEQ(self.cell, CLASSIFIER_DEQ_OPTIONS, **deq_options)
+        self.deq = DEQ(ConvCell(channels, gamma=gamma), CLASSIFIER_DEQ_OPTIONS, **deq_options)
         self.head = nn.Linear(channels, num_classes)
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:

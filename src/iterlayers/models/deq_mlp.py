@@ -18,10 +18,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._validate import positive_int, real
+from ..errors import ValidationError
 from ..implicit import DEQOptions
 from ..layers import DEQ
 
-__all__ = ["MLPCell", "DEQMLP", "MLPClassifier", "ACTIVATIONS", "NORMS", "CLASSIFIER_DEQ_OPTIONS"]
+__all__ = ["MLPCell", "DEQClassifier", "DEQMLP", "MLPClassifier", "ACTIVATIONS", "NORMS", "CLASSIFIER_DEQ_OPTIONS"]
 
 #: The equilibrium layer of the classifiers (:class:`DEQMLP`, :class:`~iterlayers.models.deq_conv.DEQConv`):
 #: a loose absolute tolerance (classification needs no more) and no warning per batch on a slow sample, whose
@@ -33,13 +35,41 @@ NORMS = ("spectral", "weight", "none")
 
 
 def _check_choice(name: str, value, choices) -> None:
+    # The model registry's phrasing ("activation='gelu' is not valid; ...") is part of the CLI's contract.
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+        raise ValidationError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _check_gamma(gamma) -> float:
+    gamma = real(gamma, "gamma")
+    if not 0.0 < gamma < 1.0:
+        raise ValidationError(f"gamma must lie in (0, 1), got {gamma!r}")
+    return gamma
+
+
+class DEQClassifier(nn.Module):
+    """Base of the classifiers whose equilibrium layer is ``self.deq``: the cell is stored once, in the DEQ.
+
+    ``self.cell`` is a property reading ``self.deq.cell``, so the state dict holds each cell weight once
+    (``deq.cell.*``). Checkpoints of the earlier layout, which registered the cell a second time as ``cell.*``,
+    still load: the duplicate keys are dropped (or, alone, renamed) before loading.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.register_load_state_dict_pre_hook(_drop_duplicate_cell)
+
+    @property
+    def cell(self) -> nn.Module:
+        return self.deq.cell
+
+
+def _drop_duplicate_cell(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs) -> None:
+    old = prefix + "cell."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        value = state_dict.pop(key)
+        state_dict.setdefault(prefix + "deq.cell." + key[len(old):], value)
 
 
 class MLPCell(nn.Module):
@@ -54,15 +84,12 @@ class MLPCell(nn.Module):
 
     def __init__(self, width: int, *, activation: str = "tanh", norm: str = "spectral", gamma: float = 0.9):
         super().__init__()
-        _check_positive_int("width", width)
+        self.width = positive_int(width, "width")
         _check_choice("activation", activation, ACTIVATIONS)
         _check_choice("norm", norm, NORMS)
-        if not (isinstance(gamma, (int, float)) and 0.0 < float(gamma) < 1.0):
-            raise ValueError(f"gamma must lie in (0, 1), got {gamma!r}")
-        self.width = int(width)
         self.activation = activation
         self.norm = norm
-        self.gamma = float(gamma)
+        self.gamma = _check_gamma(gamma)
         v = torch.empty(width, width)
         nn.init.orthogonal_(v)
         self.v = nn.Parameter(v * (0.5 if norm == "none" else 1.0))
@@ -93,7 +120,7 @@ class MLPCell(nn.Module):
         return f"width={self.width}, activation={self.activation!r}, norm={self.norm!r}, gamma={self.gamma}"
 
 
-class DEQMLP(nn.Module):
+class DEQMLP(DEQClassifier):
     """Encoder -> :class:`iterlayers.DEQ` over an :class:`MLPCell` -> linear head.
 
     Args:
@@ -117,14 +144,12 @@ class DEQMLP(nn.Module):
         **deq_options,
     ):
         super().__init__()
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("width", width)
-        self.in_features = int(in_features)
-        self.num_classes = int(num_classes)
+        self.in_features = positive_int(in_features, "in_features")
+        self.num_classes = positive_int(num_classes, "num_classes")
+        width = positive_int(width, "width")
         self.encoder = nn.Linear(in_features, width)
-        self.cell = MLPCell(width, activation=activation, norm=norm, gamma=gamma)
-        self.deq = DEQ(self.cell, CLASSIFIER_DEQ_OPTIONS, **deq_options)
+        self.deq = DEQ(MLPCell(width, activation=activation, norm=norm, gamma=gamma), CLASSIFIER_DEQ_OPTIONS,
+                       **deq_options)
         self.head = nn.Linear(width, num_classes)
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,10 +168,9 @@ class MLPClassifier(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, *, width: int = 64, activation: str = "tanh", depth: int = 1):
         super().__init__()
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("width", width)
-        _check_positive_int("depth", depth)
+        for name, value in (("in_features", in_features), ("num_classes", num_classes), ("width", width),
+                            ("depth", depth)):
+            positive_int(value, name)
         _check_choice("activation", activation, ACTIVATIONS)
         act = nn.Tanh if activation == "tanh" else nn.ReLU
         layers: list[nn.Module] = []

@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import _validate as v
 from ._base import FixedPointSolver
 from ._loop import ON_FAILURE, run_loop
 from .anderson import AndersonSolver
@@ -15,7 +16,9 @@ from .errors import (
     ConvergenceWarning,
     IterlayersError,
     NonFiniteInputError,
+    OptionTypeError,
     ShapeMismatchError,
+    ValidationError,
 )
 from .gmres import GMRESSolver
 from .picard import PicardSolver
@@ -38,6 +41,8 @@ __all__ = [
     "IterlayersError",
     "NonFiniteInputError",
     "ShapeMismatchError",
+    "ValidationError",
+    "OptionTypeError",
     "CONVERGED",
     "DIVERGED",
     "MAX_ITER",
@@ -53,24 +58,37 @@ SOLVERS: dict[str, type[FixedPointSolver]] = {
 
 def register_solver(cls: type[FixedPointSolver]) -> type[FixedPointSolver]:
     """Register a solver class under ``cls.name`` (usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, FixedPointSolver)):
+        raise OptionTypeError(f"register_solver: expected a FixedPointSolver subclass, got {cls!r}")
+    if not isinstance(cls.name, str) or not cls.name or cls.name == FixedPointSolver.name:
+        raise ValidationError(f"register_solver: {cls.__name__} needs its own non-empty class attribute `name`")
     SOLVERS[cls.name] = cls
     return cls
 
 
 def make_solver(solver: str | FixedPointSolver, options: dict | None = None) -> FixedPointSolver:
-    """A solver value from its name and options; unknown names or options raise a TypeError naming the valid ones."""
+    """A validated solver value from its name and options (or a solver instance, validated as is).
+
+    An unknown name raises :class:`ValidationError`, an unknown option :class:`OptionTypeError`, both naming
+    the valid ones; a bad option value raises the error of :meth:`FixedPointSolver.validate`.
+    """
+    if options is not None and not isinstance(options, dict):
+        raise OptionTypeError(f"solver options must be a dict, got {type(options).__name__}")
     options = dict(options or {})
     if isinstance(solver, FixedPointSolver):
         if options:
-            raise TypeError(f"options {sorted(options)} given with a solver instance; set them on the instance")
+            raise OptionTypeError(f"options {sorted(options)} given with a solver instance; set them on the instance")
         solver.validate()
         return solver
-    if not isinstance(solver, str) or solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; valid: {sorted(SOLVERS)}")
+    if not isinstance(solver, str):
+        raise OptionTypeError(f"solver must be a name {sorted(SOLVERS)} or a FixedPointSolver instance, "
+                              f"got {type(solver).__name__}")
+    if solver not in SOLVERS:
+        raise ValidationError(f"unknown solver {solver!r}; valid: {sorted(SOLVERS)}")
     cls = SOLVERS[solver]
     unknown = sorted(set(options) - set(cls.option_names()))
     if unknown:
-        raise TypeError(
+        raise OptionTypeError(
             f"unknown option(s) {unknown} for solver {solver!r}; valid options: {cls.option_names()} "
             f"plus solve()'s atol, rtol, max_iter, on_failure, return_trace, divergence_ratio"
         )
@@ -90,20 +108,20 @@ class Solution:
         return iter((self.z, self.stats))
 
 
-def check_common(atol, rtol, max_iter, on_failure, divergence_ratio) -> None:
-    """Validate the options every solve shares; errors name the option."""
-    if not (isinstance(atol, (int, float)) and atol >= 0):
-        raise ValueError(f"atol must be a non-negative number, got {atol!r}")
-    if not (isinstance(rtol, (int, float)) and rtol >= 0):
-        raise ValueError(f"rtol must be a non-negative number, got {rtol!r}")
+def check_common(atol, rtol, max_iter, on_failure, divergence_ratio, *, where: str | None = None) -> None:
+    """Validate the options every solve shares (through :mod:`iterlayers._validate`); errors name the option.
+
+    ``atol``, ``rtol`` are finite numbers >= 0, not both 0; ``max_iter`` an integer >= 0 (not a bool);
+    ``on_failure`` one of :data:`ON_FAILURE`; ``divergence_ratio`` a number > 1 (``inf`` disables the test).
+    """
+    atol = v.in_range(atol, "atol", where=where, low=0.0)
+    rtol = v.in_range(rtol, "rtol", where=where, low=0.0)
     if atol == 0 and rtol == 0:
-        raise ValueError("atol and rtol are both 0: no sample could ever be declared converged")
-    if not (isinstance(max_iter, int) and max_iter >= 0):
-        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
-    if on_failure not in ON_FAILURE:
-        raise ValueError(f"on_failure must be one of {list(ON_FAILURE)}, got {on_failure!r}")
-    if not (isinstance(divergence_ratio, (int, float)) and divergence_ratio > 1):
-        raise ValueError(f"divergence_ratio must be a number > 1, got {divergence_ratio!r}")
+        raise ValidationError(f"{where + ': ' if where else ''}atol and rtol are both 0: "
+                              "no sample could ever be declared converged")
+    v.non_negative_int(max_iter, "max_iter", where=where)
+    v.choice(on_failure, "on_failure", ON_FAILURE, where=where)
+    v.in_range(divergence_ratio, "divergence_ratio", where=where, low=1.0, low_open=True, allow_inf=True)
 
 
 def solve(

@@ -53,14 +53,18 @@ class FixedPointSolver:
         idx: torch.Tensor | None,
         fn: Callable[[torch.Tensor], torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement step()")
 
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
     def validate(self) -> None:
-        """Check option values; subclasses extend. Raise ValueError naming the option."""
+        """Check (and normalise) option values through :mod:`iterlayers._validate`; subclasses extend.
+
+        A wrong type raises :class:`~iterlayers.errors.OptionTypeError`, a bad value
+        :class:`~iterlayers.errors.ValidationError`; both name the solver and the option.
+        """
 
     def extra_info(self, state: dict) -> dict:
         """Solver-specific counters copied into ``SolverStats.info``."""

@@ -23,6 +23,7 @@ import dataclasses
 
 import torch
 
+from .. import _validate as v
 from ._base import FixedPointSolver, rows
 
 __all__ = ["AndersonSolver"]
@@ -44,12 +45,9 @@ class AndersonSolver(FixedPointSolver):
     damping: float = 1.0
 
     def validate(self) -> None:
-        if not isinstance(self.m, int) or self.m < 1:
-            raise ValueError(f"anderson: m must be a positive integer, got {self.m!r}")
-        if self.lam < 0:
-            raise ValueError(f"anderson: lam must be >= 0, got {self.lam}")
-        if not 0.0 < self.damping <= 1.0:
-            raise ValueError(f"anderson: damping must be in (0, 1], got {self.damping}")
+        self.m = v.positive_int(self.m, "m", where=self.name)
+        self.lam = v.in_range(self.lam, "lam", where=self.name, low=0.0)
+        self.damping = v.in_range(self.damping, "damping", where=self.name, low=0.0, high=1.0, low_open=True)
 
     def init(self, z, fz):
         b, n = z.shape

@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 
+from .. import _validate as v
 from ._base import FixedPointSolver, rows
 
 __all__ = ["BroydenSolver"]
@@ -53,10 +54,9 @@ class BroydenSolver(FixedPointSolver):
     ls_steps: int = 3
 
     def validate(self) -> None:
-        if not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"broyden: memory must be a positive integer, got {self.memory!r}")
-        if not isinstance(self.ls_steps, int) or self.ls_steps < 0:
-            raise ValueError(f"broyden: ls_steps must be a non-negative integer, got {self.ls_steps!r}")
+        self.memory = v.positive_int(self.memory, "memory", where=self.name)
+        self.line_search = v.boolean(self.line_search, "line_search", where=self.name)
+        self.ls_steps = v.non_negative_int(self.ls_steps, "ls_steps", where=self.name)
 
     def init(self, z, fz):
         b, n = z.shape

@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 
+from .. import _validate as v
 from ._base import FixedPointSolver, rows
 
 __all__ = ["GMRESSolver"]
@@ -36,8 +37,7 @@ class GMRESSolver(FixedPointSolver):
     restart: int = 20
 
     def validate(self) -> None:
-        if not isinstance(self.restart, int) or self.restart < 1:
-            raise ValueError(f"gmres: restart must be a positive integer, got {self.restart!r}")
+        self.restart = v.positive_int(self.restart, "restart", where=self.name)
 
     def init(self, z, fz):
         b, n = z.shape

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .. import _validate as v
 from ._base import FixedPointSolver
 
 __all__ = ["PicardSolver"]
@@ -27,8 +28,7 @@ class PicardSolver(FixedPointSolver):
     damping: float = 1.0
 
     def validate(self) -> None:
-        if not 0.0 < self.damping <= 1.0:
-            raise ValueError(f"picard: damping must be in (0, 1], got {self.damping}")
+        self.damping = v.in_range(self.damping, "damping", where=self.name, low=0.0, high=1.0, low_open=True)
 
     def step(self, state, z, fz, idx, fn):
         z_new = fz if self.damping == 1.0 else z + self.damping * (fz - z)
