@@ -51,14 +51,14 @@ def config(*, quick: bool, tiny: bool) -> dict:
     """The settings of one run (tiny: the test suite; quick: ``make run``; otherwise: ``make full``)."""
     if tiny:
         return dict(graphs=[("cora", 0.1)], noise=[0.0, 0.7], seeds=2, search=2, search_seeds=1, iter_range=(2, 4),
-                    epochs=30, depths=[2, 4], contractive=dict(lipschitz=0.6, alpha=0.3, num_iter=4),
+                    lr_range=(0.015, 0.019), epochs=40, depths=[2, 8], contractive=dict(lipschitz=0.6, alpha=0.3, num_iter=4),
                     rising_train=3, rising_eval=8, eval_iters=8, networkx=[], tf_steps=10, tf_train=128,
                     dn_steps=10, dn_samples=600, dn_channels=8, tf_seeds=2)
     if quick:
         return dict(graphs=[("cora", 0.25)], noise=[0.0, 0.5, 0.7], seeds=3, search=3, search_seeds=1,
                     iter_range=(2, 16), epochs=100, depths=[4, 16],
                     contractive=dict(lipschitz=0.6, alpha=0.3, num_iter=12), rising_train=9, rising_eval=60,
-                    eval_iters=60, networkx=[], tf_steps=150, tf_train=1024, dn_steps=150, dn_samples=2000,
+                    eval_iters=60, networkx=[], tf_steps=120, tf_train=1024, dn_steps=120, dn_samples=2000,
                     dn_channels=16, tf_seeds=3)
     return dict(graphs=[("cora", 1.0), ("citeseer", 1.0)], noise=[0.0, 0.5, 0.7], seeds=10, search=20,
                 search_seeds=2, iter_range=(2, 16), epochs=200, depths=[4, 8, 12, 16, 20],
@@ -119,7 +119,7 @@ def select_pign(d, cfg: dict, seed: int):
     """Random search for PIGN on ``d``'s validation split (``d`` may carry any test labels: never read)."""
     from iterlayers.operators import PIGN, SearchSpace, random_search
 
-    space = SearchSpace(num_iter=tuple(cfg["iter_range"]))
+    space = SearchSpace(num_iter=tuple(cfg["iter_range"]), lr=tuple(cfg.get("lr_range", SearchSpace.lr)))
     configs = space.sample(cfg["search"], seed=seed)
     f, c = d.x.shape[1], int(d.num_classes)
     build = lambda h: PIGN(f, HIDDEN, c, num_iter=h["num_iter"], alpha=h["alpha"])  # noqa: E731
@@ -142,12 +142,14 @@ def _graph(name: str, scale: float, cfg: dict, seed: int, bar) -> dict:
         reuse = {s: (res_, m) for t in trials if t["config"] == best for s, res_, m in t["runs"]}
         r: dict = {"selected": best, "search": [{"config": t["config"], "val_acc": t["val_acc"]} for t in trials],
                    "pign": [], "gcn2": [], "untrained": [], "rate": []}
+        selected_models = []
         for s in seeds:
             torch.manual_seed(s)
             done, m = reuse.get(s, (None, None))  # seeds of the search: the selected run itself is kept
             m = m or build(best)
             r["pign"].append(_fit(m, d, lr=best["lr"], wd=best["weight_decay"], seed=s, epochs=E, result=done))
             r["rate"].append(_rate(m, d, cfg["eval_iters"]))
+            selected_models.append(m)
             torch.manual_seed(s)
             r["gcn2"].append(_fit(GCN(f, HIDDEN, c), d, lr=0.008, wd=5e-4, seed=s, epochs=E))
             torch.manual_seed(s)
@@ -168,30 +170,33 @@ def _graph(name: str, scale: float, cfg: dict, seed: int, bar) -> dict:
                 r["igat_rate"].append(_rate(ig, d, cfg["eval_iters"]))
                 bar.update(1)
         if p == min(cfg["noise"]):
-            r["contractive"] = _contractive(d, cfg, best, seeds, build, bar)
+            r["contractive"] = _contractive(d, cfg, best, seeds, selected_models, bar)
             r["rising"] = _rising(d, cfg, best, seeds, bar)
         res["noise"][f"{p:g}"] = r
     res["depth"] = _depth_study(g, cfg, seeds, bar)
     return res
 
 
-def _contractive(d, cfg: dict, best: dict, seeds, build, bar) -> dict:
-    """PIGN with ||W||_2 <= L (ours) vs the selected unconstrained PIGN: accuracy, convergence of the fixed-point
-    solve (core ``deq_solve``), accuracy at the trained N and after ``eval_iters`` iterations."""
+def _contractive(d, cfg: dict, best: dict, seeds, selected_models, bar) -> dict:
+    """PIGN with ||W||_2 <= L and the input injected (ours) vs the selected unconstrained PIGN (the runs of the
+    main comparison, reused): accuracy, convergence of the fixed-point solve (core ``deq_solve``), accuracy at
+    the trained N and after ``eval_iters`` iterations."""
     from iterlayers.operators import PIGN
     from iterlayers.operators.training import accuracy
 
     k = cfg["contractive"]
     f, c = d.x.shape[1], int(d.num_classes)
     out: dict = {"settings": k, "contractive": [], "unconstrained": []}
-    for s in seeds:
+    for s, selected in zip(seeds, selected_models):
         for kind in ("contractive", "unconstrained"):
             torch.manual_seed(s)
             if kind == "contractive":
-                m = PIGN(f, HIDDEN, c, num_iter=k["num_iter"], alpha=k["alpha"], lipschitz=k["lipschitz"])
+                m = PIGN(f, HIDDEN, c, num_iter=k["num_iter"], alpha=k["alpha"], lipschitz=k["lipschitz"],
+                         inject=True)
+                rec = _fit(m, d, lr=best["lr"], wd=best["weight_decay"], seed=s, epochs=cfg["epochs"])
             else:
-                m = build(best)
-            rec = _fit(m, d, lr=best["lr"], wd=best["weight_decay"], seed=s, epochs=cfg["epochs"])
+                m = selected
+                rec = _fit(m, d, lr=0.0, wd=0.0, seed=s, epochs=0, train=False)  # already trained: records only
             logits, st = m.fixed_point(d.x, d.edge_index, tol=TOL, max_iter=cfg["eval_iters"], solver="picard")
             rec["fixed_point_acc"] = accuracy(logits, d.y, d.test_mask)
             rec["fixed_point_residual"] = float(st.rel_residual.max())
@@ -216,11 +221,11 @@ def _rising(d, cfg: dict, best: dict, seeds, bar) -> dict:
     lo, hi = (math.log(a / (1 - a)) for a in RISING)
     sched = make_schedule("sigmoid", cfg["rising_eval"], start=lo, end=hi)
     out: dict = {"schedule": list(sched), "num_iter": cfg["rising_train"], "alpha": best["alpha"],
-                 "rising": [], "uniform": []}
+                 "rising": [], "uniform": [], "fits": []}
     for s in seeds:
         torch.manual_seed(s)
         m = PIGN(f, HIDDEN, c, num_iter=cfg["rising_train"], alpha=best["alpha"])
-        _fit(m, d, lr=best["lr"], wd=best["weight_decay"], seed=s, epochs=cfg["epochs"])
+        out["fits"].append(_fit(m, d, lr=best["lr"], wd=best["weight_decay"], seed=s, epochs=cfg["epochs"]))
         out["rising"].append(_acc_per_iteration(m, d, cfg["rising_eval"], alpha=sched))
         out["uniform"].append(_acc_per_iteration(m, d, cfg["rising_eval"]))
         bar.update(1)
@@ -440,7 +445,7 @@ def _claims(metrics: dict, mode: str) -> list[dict]:
                                                    "reaches the tolerance", source="ours",
         statistic=f"log10 final relative residual of deq_solve (Picard, {metrics['config']['eval_iters']} steps)",
         threshold=Threshold("<", math.log10(TOL), f"residual < {TOL:g}"), value=v, interval=iv,
-        n_seeds=len(k["contractive"]), mode=mode,
+        n_seeds=len(k["contractive"]), mode=mode, baseline_trained=_trained(k["contractive"], tt),
         control={"description": "the unconstrained (selected) PIGN, same solver budget", "value": cv,
                  "interval": civ}))
     v, iv = _paired(k["contractive"], k["unconstrained"])
@@ -450,7 +455,7 @@ def _claims(metrics: dict, mode: str) -> list[dict]:
                                                   "unconstrained one (p=0)", source="ours",
         statistic="test accuracy contractive - unconstrained PIGN, paired by seed",
         threshold=Threshold(">", -0.01, "difference > -0.01"), value=v, interval=iv,
-        n_seeds=len(k["contractive"]), mode=mode, comparison=True,
+        n_seeds=len(k["contractive"]), mode=mode, comparison=True, baseline_trained=_trained(k["unconstrained"], tt),
         control={"description": "untrained PIGN - unconstrained PIGN", "value": cv, "interval": civ}))
     flat = lambda runs: seed_interval([x["acc_at_end"] - x["acc_at_N"] for x in runs])  # noqa: E731
     v, iv = flat(k["contractive"])
@@ -460,7 +465,7 @@ def _claims(metrics: dict, mode: str) -> list[dict]:
                                               "training count", source="ours",
         statistic=f"test accuracy after {metrics['config']['eval_iters']} iterations - at the trained N",
         threshold=Threshold(">", -0.01, "drop < 1 point"), value=v, interval=iv, n_seeds=len(k["contractive"]),
-        mode=mode, control={"description": "the unconstrained PIGN, same evaluation", "value": cv,
+        mode=mode, baseline_trained=_trained(k["contractive"], tt), control={"description": "the unconstrained PIGN, same evaluation", "value": cv,
                             "interval": civ}))
     ri = clean["rising"]
     n_tr = ri["num_iter"]
@@ -472,7 +477,7 @@ def _claims(metrics: dict, mode: str) -> list[dict]:
         source="paper Sec. 5.1 (evaluation-time schedules; our threshold)",
         statistic=f"test accuracy at iteration {len(ri['schedule'])} (sigmoid {RISING[0]}->{RISING[1]}) - at "
                   f"iteration {n_tr}", threshold=Threshold(">", -0.01, "drop < 1 point"), value=v, interval=iv,
-        n_seeds=len(ri["rising"]), mode=mode,
+        n_seeds=len(ri["rising"]), mode=mode, baseline_trained=_trained(ri["fits"], tt),
         control={"description": "the uniform training alpha for as many iterations", "value": cv,
                  "interval": civ}))
     t = metrics["transformer"]

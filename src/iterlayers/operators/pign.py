@@ -21,6 +21,12 @@ Lipschitz in H with q <= ||W||_2 (``lipschitz_bound``); when q < 1 the iteration
 a + (1 - a) q (Banach). The paper's PIGN does not constrain W. ``lipschitz=L`` (ours) reparametrises
 W -> W min(1, L / ||W||_2) with the exact spectral norm, so q <= L holds by design and, for L < 1, the
 learned operator is a contraction whose fixed point the iteration reaches (``fixed_point``).
+
+A contraction forgets its starting point: without an input term its fixed point H* does not depend on X
+at all (T above sees X only through H_0), so a convergent PIGN predicts the same thing for any features
+(derived here; observed: it trains to chance). ``inject=True`` (ours) therefore adds the encoded input
+U = H_0 inside the operator, T(H; U) = Dropout(ReLU(A^ H W + c + U)), as in implicit / equilibrium GNNs;
+its Lipschitz constant in H is still ||W||_2 and its fixed point is a function of X.
 """
 from __future__ import annotations
 
@@ -67,7 +73,8 @@ class SpectralCap(nn.Module):
 
 
 class PIGNOperator(nn.Module):
-    """T(H, g) = Dropout(ReLU(A^ H W + c)) with ``g = (edge_index, edge_weight)`` of A^ (``gcn_edges``)."""
+    """T(H, g) = Dropout(ReLU(A^ H W + c [+ U])) with ``g = (edge_index, edge_weight)`` of A^ (``gcn_edges``),
+    or ``g = (edge_index, edge_weight, U)`` with an injected input U (the encoded features, ``inject=True``)."""
 
     def __init__(self, hidden: int, *, dropout: float = 0.5, lipschitz: float | None = None):
         from torch_geometric.nn import GCNConv
@@ -85,8 +92,10 @@ class PIGNOperator(nn.Module):
         return self.conv.lin.weight
 
     def forward(self, h: torch.Tensor, graph) -> torch.Tensor:
-        edge_index, edge_weight = graph
-        return F.dropout(F.relu(self.conv(h, edge_index, edge_weight)), self.dropout, training=self.training)
+        edge_index, edge_weight, *u = graph
+        pre = self.conv(h, edge_index, edge_weight)
+        pre = pre + u[0] if u else pre
+        return F.dropout(F.relu(pre), self.dropout, training=self.training)
 
     def lipschitz_bound(self) -> float:
         """||W||_2: a Lipschitz constant of the eval-mode operator in H (||A^||_2 = 1, ReLU 1-Lipschitz)."""
@@ -124,7 +133,7 @@ class PIGN(nn.Module):
     def __init__(self, in_features: int, hidden: int, out_features: int, *, conv: str = "gcn", heads: int = 8,
                  num_iter: int = 4, alpha: float = 0.5, alpha_mode: str = "uniform", schedule: str = "linear",
                  eval_num_iter: int | None = None, dropout: float = 0.5, operator_dropout: float | None = None,
-                 lipschitz: float | None = None, xavier_init: bool = True):
+                 lipschitz: float | None = None, inject: bool = False, xavier_init: bool = True):
         super().__init__()
         V.positive_int(in_features, "in_features"), V.positive_int(out_features, "out_features")
         V.positive_int(num_iter, "num_iter")
@@ -133,8 +142,10 @@ class PIGN(nn.Module):
         if alpha_mode == "scheduled" and schedule not in SCHEDULES[1:]:
             raise ValidationError(f"schedule must be one of {SCHEDULES[1:]} with alpha_mode='scheduled', "
                                   f"got {schedule!r}")
-        if conv == "gat" and lipschitz is not None:
-            raise ValidationError("lipschitz is available for conv='gcn' only (GAT's attention has no such bound)")
+        if conv == "gat" and (lipschitz is not None or inject):
+            raise ValidationError("lipschitz / inject are available for conv='gcn' only (GAT's attention has no "
+                                  "such bound)")
+        self.inject = V.boolean(inject, "inject")
         self.dropout = _check_dropout(dropout)
         op_drop = self.dropout if operator_dropout is None else _check_dropout(operator_dropout, "operator_dropout")
         self.encoder = nn.Linear(in_features, hidden)
@@ -175,7 +186,8 @@ class PIGN(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.encoder.in_features:
             raise ShapeMismatchError(f"x must be [num_nodes, {self.encoder.in_features}], "
                                      f"got {tuple(getattr(x, 'shape', ()))}")
-        return self.graph(edge_index, x.shape[0], x.dtype), self.encode(x)
+        g, h0 = self.graph(edge_index, x.shape[0], x.dtype), self.encode(x)
+        return ((*g, h0) if self.inject else g), h0
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, *, return_hidden: bool = False):
         """Logits [N, C] for node features ``x`` [N, F] and a PyG ``edge_index`` [2, E]."""
@@ -210,4 +222,4 @@ class PIGN(nn.Module):
         return self.decoder(w.reshape(shape)), stats["forward"]
 
     def extra_repr(self) -> str:
-        return f"conv={self.conv_kind!r}, alpha_mode={self.alpha_mode!r}, dropout={self.dropout}"
+        return f"conv={self.conv_kind!r}, alpha_mode={self.alpha_mode!r}, dropout={self.dropout}, inject={self.inject}"
