@@ -58,9 +58,9 @@ def config(*, quick: bool, tiny: bool) -> dict:
                     dn_steps=10, dn_samples=600, dn_channels=8, tf_seeds=2)
     if quick:
         return dict(graphs=[("cora", 0.25)], noise=[0.0, 0.5, 0.7], seeds=3, search=5, search_seeds=1,
-                    iter_range=(2, 16), epochs=100, depths=[4, 16],
+                    iter_range=(2, 16), epochs=100, eval_every=10, depths=[4, 16],
                     contractive=dict(lipschitz=0.6, alpha=0.3, num_iter=12), rising_train=9, rising_eval=60,
-                    eval_iters=60, networkx=[], tf_steps=120, tf_train=1024, dn_steps=120, dn_samples=2000,
+                    eval_iters=60, networkx=[], tf_steps=100, tf_train=1024, dn_steps=100, dn_samples=2000,
                     dn_channels=16, tf_seeds=3)
     return dict(graphs=[("cora", 1.0), ("citeseer", 1.0)], noise=[0.0, 0.5, 0.7], seeds=10, search=20,
                 search_seeds=2, iter_range=(2, 16), epochs=200, depths=[4, 8, 12, 16, 20],
@@ -76,13 +76,20 @@ def trained_threshold(num_classes: int) -> float:
     return chance + 0.5 * (1.0 - chance)
 
 
-def _fit(model, d, *, lr: float, wd: float, seed: int, epochs: int, train: bool = True, result=None) -> dict:
+def _budget(cfg: dict) -> dict:
+    """Epochs and validation-check interval of one training run."""
+    return {"epochs": cfg["epochs"], "eval_every": cfg.get("eval_every", 5)}
+
+
+def _fit(model, d, *, lr: float, wd: float, seed: int, epochs: int, eval_every: int = 5, train: bool = True,
+         result=None) -> dict:
     """Train (or not: an untrained control; or already trained, with its ``result``) and evaluate once on the
     test split; the run's record."""
     from iterlayers.operators import evaluate, output_mad, train_node_classifier
 
     if train or result is not None:
-        r = result or train_node_classifier(model, d, epochs=epochs, lr=lr, weight_decay=wd, seed=seed)
+        r = result or train_node_classifier(model, d, epochs=epochs, lr=lr, weight_decay=wd, seed=seed,
+                                            eval_every=eval_every)
         rec = {"val_acc": r.val_acc, "train_acc": r.train_acc, "best_epoch": r.best_epoch}
     else:
         rec = {"val_acc": evaluate(model, d, d.val_mask)[0], "train_acc": evaluate(model, d, d.train_mask)[0],
@@ -126,7 +133,8 @@ def select_pign(d, cfg: dict, seed: int):
     f, c = d.x.shape[1], int(d.num_classes)
     build = lambda h: PIGN(f, HIDDEN, c, num_iter=h["num_iter"], alpha=h["alpha"])  # noqa: E731
     seeds = [seed + s for s in range(cfg["search_seeds"])]
-    best, trials = random_search(build, d, configs, seeds=seeds, epochs=cfg["epochs"])
+    best, trials = random_search(build, d, configs, seeds=seeds, epochs=cfg["epochs"],
+                                 eval_every=cfg.get("eval_every", 5))
     return best, trials, build
 
 
@@ -149,11 +157,11 @@ def _graph(name: str, scale: float, cfg: dict, seed: int, bar) -> dict:
             torch.manual_seed(s)
             done, m = reuse.get(s, (None, None))  # seeds of the search: the selected run itself is kept
             m = m or build(best)
-            r["pign"].append(_fit(m, d, lr=best["lr"], wd=best["weight_decay"], seed=s, epochs=E, result=done))
+            r["pign"].append(_fit(m, d, lr=best["lr"], wd=best["weight_decay"], seed=s, **_budget(cfg), result=done))
             r["rate"].append(_rate(m, d, cfg["eval_iters"]))
             selected_models.append(m)
             torch.manual_seed(s)
-            r["gcn2"].append(_fit(GCN(f, HIDDEN, c), d, lr=0.008, wd=5e-4, seed=s, epochs=E))
+            r["gcn2"].append(_fit(GCN(f, HIDDEN, c), d, lr=0.008, wd=5e-4, seed=s, **_budget(cfg)))
             torch.manual_seed(s)
             r["untrained"].append(_fit(build(best), d, lr=0.0, wd=0.0, seed=s, epochs=E, train=False))
             bar.update(1)
@@ -163,12 +171,12 @@ def _graph(name: str, scale: float, cfg: dict, seed: int, bar) -> dict:
             r["gat"], r["igat"], r["igat_rate"] = [], [], []
             for s in seeds:
                 torch.manual_seed(s)
-                r["pign_n1"].append(_fit(build(one), d, lr=best["lr"], wd=best["weight_decay"], seed=s, epochs=E))
+                r["pign_n1"].append(_fit(build(one), d, lr=best["lr"], wd=best["weight_decay"], seed=s, **_budget(cfg)))
                 torch.manual_seed(s)
-                r["gat"].append(_fit(GAT(f, 8, c, heads=8, dropout=0.6), d, lr=0.005, wd=5e-4, seed=s, epochs=E))
+                r["gat"].append(_fit(GAT(f, 8, c, heads=8, dropout=0.6), d, lr=0.005, wd=5e-4, seed=s, **_budget(cfg)))
                 torch.manual_seed(s)
                 ig = PIGN(f, HIDDEN, c, conv="gat", heads=8, num_iter=2, alpha=0.55, dropout=0.6)
-                r["igat"].append(_fit(ig, d, lr=0.0145, wd=5e-4, seed=s, epochs=E))
+                r["igat"].append(_fit(ig, d, lr=0.0145, wd=5e-4, seed=s, **_budget(cfg)))
                 r["igat_rate"].append(_rate(ig, d, cfg["eval_iters"]))
                 bar.update(1)
         if p == min(cfg["noise"]):
@@ -195,7 +203,7 @@ def _contractive(d, cfg: dict, best: dict, seeds, selected_models, bar) -> dict:
             if kind == "contractive":
                 m = PIGN(f, HIDDEN, c, num_iter=k["num_iter"], alpha=k["alpha"], lipschitz=k["lipschitz"],
                          inject=True)
-                rec = _fit(m, d, lr=best["lr"], wd=best["weight_decay"], seed=s, epochs=cfg["epochs"])
+                rec = _fit(m, d, lr=best["lr"], wd=best["weight_decay"], seed=s, **_budget(cfg))
             else:
                 m = selected
                 rec = _fit(m, d, lr=0.0, wd=0.0, seed=s, epochs=0, train=False)  # already trained: records only
@@ -228,7 +236,7 @@ def _rising(d, cfg: dict, best: dict, seeds, bar) -> dict:
     for s in seeds:
         torch.manual_seed(s)
         m = PIGN(f, HIDDEN, c, num_iter=cfg["rising_train"], alpha=best["alpha"])
-        out["fits"].append(_fit(m, d, lr=best["lr"], wd=best["weight_decay"], seed=s, epochs=cfg["epochs"]))
+        out["fits"].append(_fit(m, d, lr=best["lr"], wd=best["weight_decay"], seed=s, **_budget(cfg)))
         out["rising"].append(_acc_per_iteration(m, d, cfg["rising_eval"], alpha=sched))
         out["uniform"].append(_acc_per_iteration(m, d, cfg["rising_eval"]))
         bar.update(1)
@@ -248,10 +256,10 @@ def _depth_study(g, cfg: dict, seeds, bar) -> dict:
         for s in seeds:
             torch.manual_seed(s)
             out["pign"][str(n)].append(_fit(PIGN(f, HIDDEN, c, num_iter=n, alpha=0.8), d, lr=0.01, wd=4e-4, seed=s,
-                                            epochs=cfg["epochs"]))
+                                            **_budget(cfg)))
             torch.manual_seed(s)
             out["gcn"][str(n)].append(_fit(GCN(f, HIDDEN, c, num_layers=n), d, lr=0.01, wd=4e-4, seed=s,
-                                           epochs=cfg["epochs"]))
+                                           **_budget(cfg)))
         bar.update(1)
     return out
 
@@ -267,10 +275,10 @@ def _networkx(name: str, cfg: dict, seed: int) -> dict:
     for s in range(seed, seed + cfg["seeds"]):
         torch.manual_seed(s)
         out["pign"].append(_fit(PIGN(g.num_features, 16, g.num_classes, num_iter=4, alpha=0.5), d, lr=0.01,
-                                wd=5e-4, seed=s, epochs=cfg["epochs"]))
+                                wd=5e-4, seed=s, **_budget(cfg)))
         torch.manual_seed(s)
         out["gcn2"].append(_fit(GCN(g.num_features, 16, g.num_classes), d, lr=0.008, wd=5e-4, seed=s,
-                                epochs=cfg["epochs"]))
+                                **_budget(cfg)))
     return out
 
 
