@@ -68,3 +68,34 @@ def test_graphs_are_well_formed(name):
 def test_unknown_graph():
     with pytest.raises(ValueError, match="unknown graph"):
         load_graph("cora")
+
+
+def test_output_mad_is_the_mean_cosine_distance_of_softmax_outputs_over_all_pairs():
+    from iterlayers.operators import output_mad
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(11, 4, generator=g, dtype=torch.float64)
+    probs = torch.softmax(logits, dim=1).numpy()
+    assert output_mad(logits) == pytest.approx(cosine_distances(probs).mean(), abs=1e-12)  # diagonal included
+    assert output_mad(torch.zeros(5, 3)) == pytest.approx(0.0, abs=1e-12)  # one prediction everywhere
+    # confident predictions of C balanced classes: 1 - 1/C
+    assert output_mad(100.0 * torch.eye(4).repeat(3, 1)) == pytest.approx(1 - 1 / 4, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["cora", "citeseer"])
+def test_planetoid_shaped_substitute_and_pyg_data(name):
+    from iterlayers.operators import PLANETOID_SHAPES, planetoid_like
+
+    s = PLANETOID_SHAPES[name]
+    g = planetoid_like(name, scale=0.1, seed=0)
+    assert g.num_nodes == round(s["num_nodes"] * 0.1) and g.num_features == round(s["num_features"] * 0.1)
+    assert g.num_classes == s["num_classes"] and int(g.train_mask.sum()) <= 20 * s["num_classes"]
+    assert int(g.val_mask.sum()) == 50 and int((g.test_mask).sum()) > 0
+    nz = (g.x != 0).sum(1, keepdim=True).clamp_min(1)  # binary bag of words, row-normalised: 1/(words) each
+    torch.testing.assert_close(g.x, (g.x != 0).float() / nz)
+    d = g.to_pyg()
+    assert d.num_nodes == g.num_nodes and d.edge_index.shape[0] == 2 and d.edge_index.shape[1] == 2 * (
+        int(g.adj._nnz()) // 2)
+    assert torch.equal(d.y, g.y) and torch.equal(d.test_mask, g.test_mask)
+    i, j = d.edge_index
+    assert float((g.y[i] == g.y[j]).float().mean()) > 0.6  # homophilous like the citation graphs

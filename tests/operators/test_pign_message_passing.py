@@ -1,15 +1,22 @@
-"""PIGN (Zappala et al., arXiv 2310.01618, Sec. 5.1): normalised adjacency, message passing and the Picard loop
-against dense hand-built references, sparse vs dense adjacency."""
+"""PIGN (Zappala et al., arXiv 2310.01618, Sec. 5.1) on PyTorch Geometric: normalisation, message passing, the
+Picard loop, the baselines and the contractive variant, against dense hand-built references in float64."""
 import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
-from iterlayers.operators import (GCN, PIGN, DeepGCN, GraphConv, edge_index_to_adjacency, make_schedule,
-                                  normalized_adjacency)
+from iterlayers.errors import ShapeMismatchError, ValidationError
+from iterlayers.operators import (GAT, GCN, PIGN, edge_index_to_adjacency, gcn_edges, make_schedule,
+                                  normalized_adjacency, relaxed_picard)
 
 EDGES = [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2), (4, 5)]  # a 4-cycle with a chord, plus a separate edge
 N = 7  # node 6 is isolated
+
+
+def _edge_index():
+    ei = torch.tensor(EDGES, dtype=torch.long).T
+    return torch.cat([ei, ei.flip(0)], dim=1)  # PyG: both directions
 
 
 def _dense_A(dtype=torch.float64):
@@ -31,34 +38,34 @@ def _hand_built_a_hat():
     return ref
 
 
-def _sparse_A():
-    ei = torch.tensor(EDGES, dtype=torch.long).T
-    return edge_index_to_adjacency(ei, N, dtype=torch.float64)
+def _dense_from_edges(ei, ew):
+    M = torch.zeros(N, N, dtype=torch.float64)
+    M.index_put_((ei[1], ei[0]), ew.double(), accumulate=True)  # PyG: messages flow source -> target
+    return M
 
 
-def test_normalized_adjacency_dense_sparse_and_hand_built_agree():
+def test_normalisations_agree_with_the_hand_built_matrix():
     ref = _hand_built_a_hat()
-    dense = normalized_adjacency(_dense_A())
-    sparse = normalized_adjacency(_sparse_A())
-    assert sparse.is_sparse and not dense.is_sparse
-    torch.testing.assert_close(dense, ref, atol=1e-15, rtol=0)
-    torch.testing.assert_close(sparse.to_dense(), ref, atol=1e-15, rtol=0)
+    ei, ew = gcn_edges(_edge_index(), N, dtype=torch.float64)
+    torch.testing.assert_close(_dense_from_edges(ei, ew), ref, atol=1e-15, rtol=0)
+    torch.testing.assert_close(normalized_adjacency(_dense_A()), ref, atol=1e-15, rtol=0)
+    sparse = edge_index_to_adjacency(torch.tensor(EDGES).T, N, dtype=torch.float64)
+    torch.testing.assert_close(normalized_adjacency(sparse).to_dense(), ref, atol=1e-15, rtol=0)
     # pre-existing self loops (any weight) are replaced, not added twice
     A_loops = _dense_A() + 3.0 * torch.eye(N, dtype=torch.float64)
     torch.testing.assert_close(normalized_adjacency(A_loops), ref, atol=1e-15, rtol=0)
-    torch.testing.assert_close(normalized_adjacency(A_loops.to_sparse()).to_dense(), ref, atol=1e-15, rtol=0)
     # symmetric, spectrum in (-1, 1], top eigenvalue 1 => ||A^||_2 = 1 (the basis of PIGN's Lipschitz bound)
     ev = torch.linalg.eigvalsh(ref)
     assert abs(float(ev.max()) - 1.0) < 1e-12 and float(ev.min()) > -1.0
 
 
-def test_graph_conv_sparse_equals_dense_reference():
-    torch.manual_seed(0)
-    conv = GraphConv(3, 4).double()
-    H = torch.randn(N, 3, dtype=torch.float64)
-    ref = _hand_built_a_hat() @ H @ conv.weight + conv.bias
-    torch.testing.assert_close(conv(H, normalized_adjacency(_sparse_A())), ref, atol=1e-13, rtol=0)
-    torch.testing.assert_close(conv(H, normalized_adjacency(_dense_A())), ref, atol=1e-13, rtol=0)
+def _pign_reference(model, X, alphas):
+    a_hat = _hand_built_a_hat()
+    W, c = model.operator.weight.T, model.operator.conv.bias
+    H = torch.relu(X @ model.encoder.weight.T + model.encoder.bias)
+    for a in alphas:
+        H = a * H + (1 - a) * torch.relu(a_hat @ H @ W + c)
+    return H @ model.decoder.weight.T + model.decoder.bias, H
 
 
 @pytest.mark.parametrize("mode", ["uniform", "learnable", "scheduled"])
@@ -67,68 +74,88 @@ def test_pign_forward_matches_the_definition(mode):
     num_iter, alpha = 5, 0.35
     model = PIGN(4, 6, 3, num_iter=num_iter, alpha=alpha, alpha_mode=mode, schedule="sigmoid").double().eval()
     X = torch.randn(N, 4, dtype=torch.float64)
-    a_hat = _hand_built_a_hat()
-    W, c = model.operator.conv.weight, model.operator.conv.bias
     a_learn = float(model.alpha.detach()) if mode == "learnable" else alpha  # float32-stored logit
     alphas = {"uniform": [alpha] * num_iter, "learnable": [a_learn] * num_iter,
               "scheduled": list(make_schedule("sigmoid", num_iter))}[mode]
-    H = torch.relu(X @ model.encoder.weight.T + model.encoder.bias)
-    for a in alphas:
-        H = a * H + (1 - a) * torch.relu(a_hat @ H @ W + c)
-    ref = H @ model.decoder.weight.T + model.decoder.bias
+    ref, _ = _pign_reference(model, X, alphas)
     with torch.no_grad():
-        for adj in (_sparse_A(), _dense_A()):
-            torch.testing.assert_close(model(X, adj), ref, atol=1e-12, rtol=0)
-        torch.testing.assert_close(model(X, a_hat, normalized=True), ref, atol=1e-12, rtol=0)
+        torch.testing.assert_close(model(X, _edge_index()), ref, atol=1e-12, rtol=0)
     if mode == "learnable":
         assert abs(a_learn - alpha) < 1e-6
 
 
-def test_pign_eval_num_iter_and_trace():
+def test_pign_runs_on_a_pyg_data_object():
+    from torch_geometric.data import Data
+
     torch.manual_seed(2)
-    model = PIGN(4, 5, 2, num_iter=2, eval_num_iter=6, alpha=0.5).double()
-    X = torch.randn(N, 4, dtype=torch.float64)
-    model.eval()
+    data = Data(x=torch.randn(N, 4, dtype=torch.float64), edge_index=_edge_index())
+    model = PIGN(4, 6, 3, num_iter=3, alpha=0.5).double().eval()
+    ref, _ = _pign_reference(model, data.x, [0.5] * 3)
     with torch.no_grad():
-        out, h = model(X, _dense_A(), return_hidden=True)
-    trace, stats = model.hidden_trace(X, _dense_A(), num_iter=6)
-    assert len(trace) == 7 and stats.nstep == 6
-    torch.testing.assert_close(h, trace[-1])
+        torch.testing.assert_close(model(data.x, data.edge_index), ref, atol=1e-12, rtol=0)
+
+
+def test_logits_trace_and_eval_time_schedule():
+    torch.manual_seed(2)
+    model = PIGN(4, 5, 2, num_iter=2, eval_num_iter=6, alpha=0.5).double().eval()
+    X = torch.randn(N, 4, dtype=torch.float64)
+    with torch.no_grad():
+        out, h = model(X, _edge_index(), return_hidden=True)
+    logits, res = model.logits_trace(X, _edge_index(), num_iter=6)
+    assert len(logits) == 7 and len(res) == 6
+    torch.testing.assert_close(logits[-1], out)
+    sched = make_schedule("sigmoid", 6, start=0.5, end=3.0)
+    logits, _ = model.logits_trace(X, _edge_index(), num_iter=6, alpha=sched)
+    ref, _ = _pign_reference(model, X, list(sched))
+    torch.testing.assert_close(logits[-1], ref, atol=1e-12, rtol=0)
 
 
 def test_operator_lipschitz_bound_dominates_its_jacobian():
     torch.manual_seed(3)
     model = PIGN(4, 5, 2, num_iter=3).double().eval()
-    a_hat = normalized_adjacency(_dense_A())
+    g = model.graph(_edge_index(), N, torch.float64)
     H = torch.randn(N, 5, dtype=torch.float64)
-    J = torch.autograd.functional.jacobian(lambda h: model.operator(h, a_hat), H).reshape(N * 5, N * 5)
+    J = torch.autograd.functional.jacobian(lambda h: model.operator(h, g), H).reshape(N * 5, N * 5)
     assert float(torch.linalg.matrix_norm(J, ord=2)) <= model.operator.lipschitz_bound() + 1e-12
     # with every ReLU active the Jacobian is A^ (x) W^T, whose norm is exactly ||W||_2 ||A^||_2 = ||W||_2
+    with torch.no_grad():
+        model.operator.conv.lin.weight.abs_()  # W >= 0 and H >> 0: every pre-activation is positive
     H_big = H.abs() + 1e3
-    J = torch.autograd.functional.jacobian(lambda h: model.operator(h, a_hat), H_big).reshape(N * 5, N * 5)
-    if bool((a_hat @ H_big @ model.operator.conv.weight + model.operator.conv.bias > 0).all()):
-        assert math.isclose(float(torch.linalg.matrix_norm(J, ord=2)), model.operator.lipschitz_bound(),
-                            rel_tol=1e-10)
+    J = torch.autograd.functional.jacobian(lambda h: model.operator(h, g), H_big).reshape(N * 5, N * 5)
+    pre = _hand_built_a_hat() @ H_big @ model.operator.weight.T + model.operator.conv.bias
+    assert bool((pre > 0).all())
+    assert math.isclose(float(torch.linalg.matrix_norm(J, ord=2)), model.operator.lipschitz_bound(), rel_tol=1e-10)
 
 
-def test_baselines_match_their_definitions_and_equal_compute():
+def test_baselines_match_their_definitions():
     torch.manual_seed(4)
     X = torch.randn(N, 4, dtype=torch.float64)
     a_hat = _hand_built_a_hat()
-    gcn = GCN(4, 6, 3).double().eval()
-    ref = a_hat @ torch.relu(a_hat @ X @ gcn.conv1.weight + gcn.conv1.bias) @ gcn.conv2.weight + gcn.conv2.bias
+    for layers in (2, 4):
+        gcn = GCN(4, 6, 3, num_layers=layers).double().eval()
+        H = X
+        for conv in gcn.layers:
+            H = torch.relu(a_hat @ H @ conv.lin.weight.T + conv.bias)
+        ref = a_hat @ H @ gcn.out.lin.weight.T + gcn.out.bias
+        with torch.no_grad():
+            torch.testing.assert_close(gcn(X, _edge_index()), ref, atol=1e-12, rtol=0)
+        assert len(gcn.layers) + 1 == layers
+    gat = GAT(4, 2, 3, heads=4).double().eval()
     with torch.no_grad():
-        torch.testing.assert_close(gcn(X, _sparse_A()), ref, atol=1e-12, rtol=0)
-    deep = DeepGCN(4, 6, 3, num_layers=4).double().eval()
-    H = torch.relu(X @ deep.encoder.weight.T + deep.encoder.bias)
-    for conv in deep.layers:
-        H = torch.relu(a_hat @ H @ conv.weight + conv.bias)
+        ref = gat.conv2(F.elu(gat.conv1(X, _edge_index())), _edge_index())
+        torch.testing.assert_close(gat(X, _edge_index()), ref, atol=1e-12, rtol=0)
+    assert gat.conv1.heads == 4 and gat.conv2.heads == 1
+
+
+def test_iterative_gat_is_relaxed_picard_of_one_gat_layer():
+    torch.manual_seed(5)
+    model = PIGN(4, 6, 3, conv="gat", heads=2, num_iter=3, alpha=0.55).double().eval()
+    X = torch.randn(N, 4, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(deep(X, _dense_A()), H @ deep.decoder.weight.T + deep.decoder.bias,
-                                   atol=1e-12, rtol=0)
-    pign = PIGN(4, 6, 3, num_iter=4)
-    n_op = sum(p.numel() for p in pign.operator.parameters())
-    assert sum(p.numel() for p in deep.parameters()) == sum(p.numel() for p in pign.parameters()) + 3 * n_op
+        H = torch.relu(model.encoder(X))
+        for _ in range(3):
+            H = 0.55 * H + 0.45 * torch.relu(model.operator.conv(H, _edge_index()))
+        torch.testing.assert_close(model(X, _edge_index()), model.decoder(H), atol=1e-12, rtol=0)
 
 
 def test_learnable_alpha_stays_in_unit_interval_during_training():
@@ -139,7 +166,7 @@ def test_learnable_alpha_stays_in_unit_interval_during_training():
     seen = []
     for _ in range(30):
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(X, _dense_A().float()), y).backward()
+        F.cross_entropy(model(X, _edge_index()), y).backward()
         opt.step()
         seen.append(float(model.alpha.detach()))
     assert all(0.0 < a < 1.0 for a in seen) and len(set(seen)) > 1
@@ -148,31 +175,58 @@ def test_learnable_alpha_stays_in_unit_interval_during_training():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(alpha_mode="adaptive"), "alpha_mode"), (dict(dropout=1.0), "dropout"), (dict(num_iter=0), "num_iter"),
     (dict(alpha_mode="scheduled", schedule="uniform"), "schedule"), (dict(alpha=1.2), "alpha"),
+    (dict(conv="sage"), "conv"), (dict(conv="gat", lipschitz=0.5), "lipschitz"), (dict(lipschitz=-1.0), "lipschitz"),
 ])
 def test_bad_pign_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PIGN(4, 5, 2, **kwargs)
 
 
-def test_bad_adjacency_is_rejected():
-    with pytest.raises(ValueError, match="square"):
+def test_bad_graph_inputs_are_rejected():
+    with pytest.raises(ShapeMismatchError, match="square"):
         normalized_adjacency(torch.ones(3, 4))
-    with pytest.raises(ValueError, match="N = 7"):
-        PIGN(4, 5, 2)(torch.randn(5, 4), _dense_A().float())
+    model = PIGN(4, 5, 2)
+    with pytest.raises(ValidationError, match="outside"):
+        model(torch.randn(5, 4), _edge_index())  # node ids up to 5 but only 5 rows
+    with pytest.raises(ValidationError, match="integer"):
+        model(torch.randn(N, 4), _dense_A().float())  # an adjacency matrix is not an edge_index
+    with pytest.raises(ShapeMismatchError, match=r"\[2, E\]"):
+        model(torch.randn(N, 4), _edge_index()[:1])
+    with pytest.raises(ShapeMismatchError, match="x must be"):
+        model(torch.randn(N, 3), _edge_index())
 
 
 def test_lipschitz_capped_operator_is_a_contraction_with_the_banach_rate():
     torch.manual_seed(6)
     model = PIGN(4, 5, 2, num_iter=3, alpha=0.4, lipschitz=0.5).double().eval()
     with torch.no_grad():
-        model.operator.conv.weight.mul_(10.0)  # ||W||_2 far above the cap
+        model.operator.conv.lin.parametrizations.weight.original.mul_(10.0)  # ||W||_2 far above the cap
     assert model.operator.lipschitz_bound() == pytest.approx(0.5)
-    a_hat = normalized_adjacency(_dense_A())
+    g = model.graph(_edge_index(), N, torch.float64)
     H = torch.randn(N, 5, dtype=torch.float64)
-    J = torch.autograd.functional.jacobian(lambda h: model.operator(h, a_hat), H).reshape(N * 5, N * 5)
+    J = torch.autograd.functional.jacobian(lambda h: model.operator(h, g), H).reshape(N * 5, N * 5)
     assert float(torch.linalg.matrix_norm(J, ord=2)) <= 0.5 + 1e-12
     # iterates of the relaxed map approach the fixed point no slower than rho = a + (1 - a) * 0.5 = 0.7
-    trace, _ = model.picard.trace(a_hat, z0=H, num_iter=80)
-    z_star = trace[-1]
+    z_star, _, trace = relaxed_picard(model.operator, H, g, alpha=0.4, num_iter=120, return_trace=True)
     errs = [float((t - z_star).norm()) for t in trace[:30]]
     assert all(e <= 0.7 ** k * errs[0] * (1 + 1e-9) for k, e in enumerate(errs))
+
+
+def test_fixed_point_is_solved_by_the_core_engine_and_is_a_fixed_point():
+    torch.manual_seed(7)
+    model = PIGN(4, 5, 3, num_iter=3, alpha=0.3, lipschitz=0.6).double().eval()
+    with torch.no_grad():
+        model.operator.conv.bias.fill_(0.5)  # a non-trivial fixed point (with c = 0 it may be H* = 0)
+    X = torch.randn(N, 4, dtype=torch.float64)
+    logits, st = model.fixed_point(X, _edge_index(), tol=1e-10, max_iter=400)
+    assert bool(st.converged.all()) and float(st.rel_residual.max()) <= 1e-10
+    # independently of the solver's statistics: H* (from the logits' preimage, via a long plain iteration)
+    long_logits, _ = model.logits_trace(X, _edge_index(), num_iter=200)
+    torch.testing.assert_close(logits, long_logits[-1], atol=1e-8, rtol=0)
+    g = model.graph(_edge_index(), N, torch.float64)
+    h = torch.relu(model.encoder(X))
+    z, _ = relaxed_picard(model.operator, h, g, alpha=0.3, num_iter=200)
+    assert float(z.norm()) > 0.1
+    resid = (model.picard.relaxed(z, g) - z).norm() / z.norm()
+    assert float(resid) < 1e-10
+    torch.testing.assert_close(model.decoder(z), logits, atol=1e-8, rtol=0)

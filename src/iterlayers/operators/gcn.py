@@ -1,12 +1,14 @@
-"""Plain GCN baselines for PIGN (Zappala et al., arXiv 2310.01618, Sec. 5.1).
+"""Baselines of PIGN as in the co-author code (github SizhuangHe/IterativeMethods), on PyTorch Geometric.
 
-- ``GCN``: Kipf & Welling's two-layer network, the paper's baseline,
-      Y = A^ Dropout(ReLU(A^ Dropout(X) W_1 + c_1)) W_2 + c_2.
-- ``DeepGCN``: the same encoder / decoder as PIGN with N *untied* GCN layers and no relaxation,
-      H_0 = Dropout(ReLU(X W_enc)),  H_{l+1} = Dropout(ReLU(A^ H_l W_l + c_l)),  Y = H_N W_dec,
-  i.e. equal compute to PIGN with N iterations (N propagations with A^, N hidden x hidden products) but N
-  times the operator parameters. Repeated A^ averaging makes its node features collapse as N grows
-  (over-smoothing), which PIGN's a_n H_n term counteracts.
+- ``GCN``: the plain N-layer GCN (untied layers, no relaxation),
+      H_1 = Dropout(ReLU(GCNConv(X))),  H_{l+1} = Dropout(ReLU(GCNConv_l(H_l))),  Y = GCNConv_N(H_{N-1});
+  ``num_layers=2`` is Kipf & Welling's two-layer network (the paper's baseline, lr 0.008, wd 5e-4). Its N
+  propagations with *different* weights and no a_n H_n term drive node features together as N grows
+  (over-smoothing, measured by ``metrics.output_mad``).
+- ``GAT``: two ``GATConv`` layers (Velickovic et al. 2018): ``heads`` x ``hidden`` features with ELU, then one
+  head to the classes; dropout on the hidden features and on the attention coefficients.
+
+The iterative GAT is ``PIGN(conv="gat")``.
 """
 from __future__ import annotations
 
@@ -14,55 +16,59 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .graph_conv import GraphConv, normalized_adjacency
-from .pign import _check_dropout, _pos_int
+from iterlayers import _validate as V
 
-__all__ = ["GCN", "DeepGCN"]
+from .graph_conv import check_edge_index
+from .pign import _check_dropout
+
+__all__ = ["GCN", "GAT"]
 
 
 class GCN(nn.Module):
-    """Two-layer GCN (Kipf & Welling 2017)."""
+    """Plain ``num_layers``-layer GCN (see module doc); ``num_layers >= 2``."""
 
-    def __init__(self, in_features: int, hidden: int, out_features: int, *, dropout: float = 0.5):
+    def __init__(self, in_features: int, hidden: int, out_features: int, *, num_layers: int = 2,
+                 dropout: float = 0.5):
+        from torch_geometric.nn import GCNConv
+
         super().__init__()
-        self.conv1 = GraphConv(_pos_int("in_features", in_features), _pos_int("hidden", hidden))
-        self.conv2 = GraphConv(hidden, _pos_int("out_features", out_features))
+        V.integer(num_layers, "num_layers", minimum=2)
+        dims = [V.positive_int(in_features, "in_features")] + [V.positive_int(hidden, "hidden")] * (num_layers - 1)
+        self.layers = nn.ModuleList(GCNConv(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.out = GCNConv(hidden, V.positive_int(out_features, "out_features"))
         self.dropout = _check_dropout(dropout)
 
-    def forward(self, x: torch.Tensor, adj: torch.Tensor, *, normalized: bool = False,
-                return_hidden: bool = False):
-        a_hat = adj if normalized else normalized_adjacency(adj)
-        h = F.relu(self.conv1(F.dropout(x, self.dropout, training=self.training), a_hat))
-        out = self.conv2(F.dropout(h, self.dropout, training=self.training), a_hat)
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, *, return_hidden: bool = False):
+        ei = check_edge_index(edge_index, x.shape[0])
+        h = x
+        for conv in self.layers:
+            h = F.dropout(F.relu(conv(h, ei)), self.dropout, training=self.training)
+        out = self.out(h, ei)
+        return (out, h) if return_hidden else out
+
+    def extra_repr(self) -> str:
+        return f"num_layers={len(self.layers) + 1}, dropout={self.dropout}"
+
+
+class GAT(nn.Module):
+    """Two-layer GAT: GATConv(F -> heads x hidden, concat) + ELU + dropout, GATConv(-> C, one head)."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int, *, heads: int = 8, dropout: float = 0.6):
+        from torch_geometric.nn import GATConv
+
+        super().__init__()
+        self.dropout = _check_dropout(dropout)
+        heads = V.positive_int(heads, "heads")
+        self.conv1 = GATConv(V.positive_int(in_features, "in_features"), V.positive_int(hidden, "hidden"),
+                             heads=heads, concat=True, dropout=self.dropout)
+        self.conv2 = GATConv(hidden * heads, V.positive_int(out_features, "out_features"), heads=1, concat=False,
+                             dropout=self.dropout)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, *, return_hidden: bool = False):
+        ei = check_edge_index(edge_index, x.shape[0])
+        h = F.dropout(F.elu(self.conv1(x, ei)), self.dropout, training=self.training)
+        out = self.conv2(h, ei)
         return (out, h) if return_hidden else out
 
     def extra_repr(self) -> str:
         return f"dropout={self.dropout}"
-
-
-class DeepGCN(nn.Module):
-    """Encoder, ``num_layers`` untied GCN layers, linear decoder: PIGN's compute without tying or relaxation."""
-
-    def __init__(self, in_features: int, hidden: int, out_features: int, *, num_layers: int = 4,
-                 dropout: float = 0.5, xavier_init: bool = True):
-        super().__init__()
-        self.encoder = nn.Linear(_pos_int("in_features", in_features), _pos_int("hidden", hidden))
-        self.layers = nn.ModuleList(GraphConv(hidden, hidden) for _ in range(_pos_int("num_layers", num_layers)))
-        self.decoder = nn.Linear(hidden, _pos_int("out_features", out_features))
-        self.dropout = _check_dropout(dropout)
-        if xavier_init:
-            for m in (self.encoder, self.decoder):
-                nn.init.xavier_normal_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor, adj: torch.Tensor, *, normalized: bool = False,
-                return_hidden: bool = False):
-        a_hat = adj if normalized else normalized_adjacency(adj)
-        h = F.dropout(F.relu(self.encoder(x)), self.dropout, training=self.training)
-        for conv in self.layers:
-            h = F.dropout(F.relu(conv(h, a_hat)), self.dropout, training=self.training)
-        out = self.decoder(h)
-        return (out, h) if return_hidden else out
-
-    def extra_repr(self) -> str:
-        return f"num_layers={len(self.layers)}, dropout={self.dropout}"

@@ -1,39 +1,61 @@
-"""Graph convolution on plain PyTorch adjacency (dense or sparse), as used by PIGN and the GCN baselines.
+"""Graph convolution for PIGN and its baselines, on PyTorch Geometric (``GCNConv``, ``GATConv``, ``Data``).
 
-Kipf & Welling's propagation rule, the message passing of every model in this package:
+Every model of this package takes a graph the PyG way, ``model(x, edge_index)`` with ``edge_index`` a
+``[2, E]`` LongTensor (``data.x``, ``data.edge_index`` of any ``torch_geometric.data.Data``), and uses
+Kipf & Welling's propagation rule through PyG's ``gcn_norm``:
 
-    A^ = D~^{-1/2} (A + I) D~^{-1/2},   D~_ii = sum_j (A + I)_ij,
-    GraphConv(H) = A^ H W + c.
+    A^ = D~^{-1/2} (A + I) D~^{-1/2},   D~_ii = sum_j (A + I)_ij,     GCNConv(H) = A^ H W + c.
 
-A^ is symmetric with spectrum in (-1, 1], its top eigenvalue is exactly 1 (eigenvector D~^{1/2} 1), so
-||A^||_2 = 1 and a ReLU graph convolution is Lipschitz in H with constant ||W||_2 (used by
-``check_convergence`` for PIGN's operator; Zappala et al., arXiv 2310.01618, App. A.3).
+A^ is symmetric with spectrum in (-1, 1] and top eigenvalue exactly 1 (eigenvector D~^{1/2} 1), so
+||A^||_2 = 1 and a ReLU graph convolution is Lipschitz in H with constant ||W||_2 (Zappala et al.,
+arXiv 2310.01618, convergence appendix; ``check_convergence`` measures it on a learned operator).
 
-No torch_geometric: a torch sparse COO (or CSR) matrix, or a dense [N, N] tensor, is all that is needed.
+``normalized_adjacency`` builds the same A^ as a matrix (dense or sparse): the reference the tests compare
+the message passing with, and the operand of dense spectral checks.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import nn
 
-__all__ = ["normalized_adjacency", "propagate", "GraphConv", "edge_index_to_adjacency"]
+__all__ = ["gcn_edges", "normalized_adjacency", "edge_index_to_adjacency", "check_edge_index"]
+
+
+def check_edge_index(edge_index, num_nodes: int) -> torch.Tensor:
+    """``edge_index`` must be a ``[2, E]`` integer tensor with node ids in ``[0, num_nodes)``."""
+    from iterlayers.errors import ShapeMismatchError, ValidationError
+
+    if not isinstance(edge_index, torch.Tensor) or edge_index.is_floating_point() or edge_index.is_sparse:
+        raise ValidationError(f"edge_index must be a [2, E] integer tensor (PyG layout), got "
+                              f"{getattr(edge_index, 'dtype', type(edge_index).__name__)}")
+    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        raise ShapeMismatchError(f"edge_index must have shape [2, E], got {tuple(edge_index.shape)}")
+    if edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= num_nodes):
+        raise ValidationError(f"edge_index holds node ids outside [0, {num_nodes}) (x has {num_nodes} rows)")
+    return edge_index.long()
+
+
+def gcn_edges(edge_index: torch.Tensor, num_nodes: int, *, dtype: torch.dtype = torch.float32):
+    """``(edge_index, edge_weight)`` of A^ (PyG's ``gcn_norm`` with self loops): the input of
+    ``GCNConv(normalize=False)``, computed once per forward instead of once per Picard step."""
+    from torch_geometric.nn.conv.gcn_conv import gcn_norm
+
+    ei = check_edge_index(edge_index, num_nodes)
+    return gcn_norm(ei, None, num_nodes, add_self_loops=True, dtype=dtype)
 
 
 def _check_square(adj: torch.Tensor) -> None:
+    from iterlayers.errors import ShapeMismatchError, ValidationError
+
     if not isinstance(adj, torch.Tensor):
-        raise TypeError(f"adjacency must be a torch.Tensor (dense or sparse), got {type(adj).__name__}")
+        raise ValidationError(f"adjacency must be a torch.Tensor (dense or sparse), got {type(adj).__name__}")
     if adj.dim() != 2 or adj.shape[0] != adj.shape[1]:
-        raise ValueError(f"adjacency must be a square [N, N] matrix, got shape {tuple(adj.shape)}")
+        raise ShapeMismatchError(f"adjacency must be a square [N, N] matrix, got shape {tuple(adj.shape)}")
 
 
 def edge_index_to_adjacency(edge_index: torch.Tensor, num_nodes: int, *, symmetric: bool = True,
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Sparse COO adjacency (0/1 weights) from an edge list ``[2, E]``; duplicate edges collapse to 1."""
-    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
-        raise ValueError(f"edge_index must have shape [2, E], got {tuple(edge_index.shape)}")
-    ei = edge_index.long()
+    ei = check_edge_index(edge_index, num_nodes)
     if symmetric:
         ei = torch.cat([ei, ei.flip(0)], dim=1)
     vals = torch.ones(ei.shape[1], dtype=dtype)
@@ -69,36 +91,3 @@ def normalized_adjacency(adj: torch.Tensor, *, add_self_loops: bool = True) -> t
     deg = a.sum(1)
     dinv = torch.where(deg > 0, deg.clamp_min(1e-30).rsqrt(), torch.zeros_like(deg))
     return dinv[:, None] * a * dinv[None, :]
-
-
-def propagate(a_hat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """A^ H for dense or sparse A^ (``h`` is [N, F])."""
-    if h.dim() != 2 or h.shape[0] != a_hat.shape[1]:
-        raise ValueError(
-            f"node features must be [N, F] with N = {a_hat.shape[1]} (adjacency size), got {tuple(h.shape)}"
-        )
-    if a_hat.is_sparse:
-        return torch.sparse.mm(a_hat, h)
-    return a_hat @ h
-
-
-class GraphConv(nn.Module):
-    """One graph convolution H -> A^ (H W) + c (Kipf & Welling 2017), with Glorot-initialised W."""
-
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = True):
-        super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(in_features, out_features))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        bound = math.sqrt(6.0 / (in_features + out_features))
-        nn.init.uniform_(self.weight, -bound, bound)
-
-    def forward(self, h: torch.Tensor, a_hat: torch.Tensor) -> torch.Tensor:
-        out = propagate(a_hat, h @ self.weight)
-        return out + self.bias if self.bias is not None else out
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["GraphData", "add_feature_noise", "row_normalize", "load_graph", "GRAPHS",
+__all__ = ["GraphData", "add_feature_noise", "row_normalize", "load_graph", "GRAPHS", "planetoid_like",
+           "PLANETOID_SHAPES",
            "contextual_sbm", "stochastic_block_model", "digits_knn", "networkx_graph"]
 
 
@@ -52,6 +53,19 @@ class GraphData:
     @property
     def num_features(self) -> int:
         return int(self.x.shape[1])
+
+    @property
+    def edge_index(self) -> torch.Tensor:
+        """The PyG edge list ``[2, E]`` (both directions of every undirected edge)."""
+        return self.adj.coalesce().indices()
+
+    def to_pyg(self, x: torch.Tensor | None = None):
+        """A ``torch_geometric.data.Data`` with x, edge_index, y and the three masks (``x`` replaces the
+        features, e.g. by a noisy copy)."""
+        from torch_geometric.data import Data
+
+        return Data(x=self.x if x is None else x, edge_index=self.edge_index, y=self.y, train_mask=self.train_mask,
+                    val_mask=self.val_mask, test_mask=self.test_mask, num_classes=self.num_classes)
 
     def with_features(self, x: torch.Tensor) -> "GraphData":
         return GraphData(self.name, x, self.adj, self.y, self.train_mask, self.val_mask, self.test_mask,
@@ -144,6 +158,34 @@ def contextual_sbm(*, num_nodes: int = 700, num_classes: int = 7, degree_in: flo
                      torch.from_numpy(y.astype(np.int64)), *masks, num_classes, substitute_for="Cora/CiteSeer/PubMed")
 
 
+# The shapes of the Planetoid graphs (nodes, bag-of-words features, classes, mean words per node, mean degree)
+# with the public split (20 labels per class, 500 validation, 1,000 test nodes).
+PLANETOID_SHAPES = {
+    "cora": dict(num_nodes=2708, num_features=1433, num_classes=7, words_per_node=18, degree=3.9),
+    "citeseer": dict(num_nodes=3327, num_features=3703, num_classes=6, words_per_node=32, degree=2.7),
+}
+
+
+def planetoid_like(name: str, *, scale: float = 1.0, homophily: float = 0.8, seed: int = 0) -> GraphData:
+    """SUBSTITUTE for a Planetoid graph: a contextual SBM of its shape (``PLANETOID_SHAPES``) with the public
+    split 20 per class / 500 / 1,000. ``scale < 1`` shrinks nodes, features and the validation / test sets
+    proportionally (the quick setting); ``homophily`` is the expected fraction of within-class edges."""
+    if name not in PLANETOID_SHAPES:
+        raise ValueError(f"unknown Planetoid shape {name!r}; valid: {sorted(PLANETOID_SHAPES)}")
+    if not (isinstance(scale, (int, float)) and 0 < scale <= 1):
+        raise ValueError(f"scale must be in (0, 1], got {scale!r}")
+    s = PLANETOID_SHAPES[name]
+    deg = s["degree"]
+    g = contextual_sbm(num_nodes=int(round(s["num_nodes"] * scale)), num_classes=s["num_classes"],
+                       num_features=int(round(s["num_features"] * scale)), words_per_node=s["words_per_node"],
+                       topic_words=max(10, int(round(40 * scale))), degree_in=homophily * deg,
+                       degree_out=(1 - homophily) * deg, per_class=20, num_val=int(round(500 * scale)),
+                       num_test=int(round(1000 * scale)), seed=seed)
+    g.name = f"{name}_csbm" if scale == 1 else f"{name}_csbm_x{scale:g}"
+    g.substitute_for = name
+    return g
+
+
 def stochastic_block_model(*, sizes=(60, 60, 60), p_in: float = 0.15, p_out: float = 0.02, per_class: int = 5,
                            seed: int = 0) -> GraphData:
     """networkx's stochastic block model, identity (one-hot node id) features, blocks as labels."""
@@ -207,6 +249,8 @@ def networkx_graph(name: str, *, per_class: int = 2, seed: int = 0) -> GraphData
 
 GRAPHS = {
     "csbm": contextual_sbm,
+    "cora_csbm": lambda **kw: planetoid_like("cora", **kw),
+    "citeseer_csbm": lambda **kw: planetoid_like("citeseer", **kw),
     "sbm": stochastic_block_model,
     "digits_knn": digits_knn,
     "karate": lambda **kw: networkx_graph("karate", **kw),

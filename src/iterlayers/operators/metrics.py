@@ -5,20 +5,24 @@
     MAD  = sum_{i != j} D_ij / (N (N - 1))             (global MAD, every pair of distinct nodes)
 
 MAD -> 0 when node representations collapse to one direction (over-smoothing). ``exclude_self=False``
-averages over all N^2 entries including the zero diagonal, the convention of the co-authors' code.
+averages over all N^2 entries including the zero diagonal. ``output_mad`` is the paper's protocol (the
+co-author code): MAD of the softmax of the output logits over all N^2 node pairs. For confident predictions
+of C balanced classes it approaches 1 - 1/C; a network predicting one class everywhere gives 0.
 Zero rows have no direction; they are given distance 1 to every other node (sklearn's convention).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["cosine_distance_matrix", "mad"]
+from iterlayers.errors import ShapeMismatchError, ValidationError
+
+__all__ = ["cosine_distance_matrix", "mad", "output_mad"]
 
 
 def cosine_distance_matrix(h: torch.Tensor, *, eps: float = 1e-12) -> torch.Tensor:
     """[N, N] matrix of cosine distances 1 - cos(h_i, h_j) between the rows of ``h`` ([N, F])."""
     if not isinstance(h, torch.Tensor) or h.dim() != 2:
-        raise ValueError(f"h must be a [N, F] tensor, got {getattr(h, 'shape', type(h))}")
+        raise ShapeMismatchError(f"h must be a [N, F] tensor, got {getattr(h, 'shape', type(h))}")
     norms = h.norm(dim=1, keepdim=True)
     u = h / norms.clamp_min(eps)
     d = 1.0 - (u @ u.T)
@@ -34,12 +38,17 @@ def mad(h: torch.Tensor, *, exclude_self: bool = True, mask: torch.Tensor | None
     h = h.detach()
     if mask is not None:
         if mask.dtype != torch.bool or mask.shape != h.shape[:1]:
-            raise ValueError(f"mask must be a bool tensor of shape [{h.shape[0]}], "
-                             f"got {mask.dtype} {tuple(mask.shape)}")
+            raise ValidationError(f"mask must be a bool tensor of shape [{h.shape[0]}], "
+                                  f"got {mask.dtype} {tuple(mask.shape)}")
         h = h[mask]
     n = h.shape[0]
     if n < 2:
-        raise ValueError(f"MAD needs at least 2 nodes, got {n}")
+        raise ValidationError(f"MAD needs at least 2 nodes, got {n}")
     d = cosine_distance_matrix(h)
     denom = n * (n - 1) if exclude_self else n * n
     return float(d.sum() / denom)
+
+
+def output_mad(logits: torch.Tensor) -> float:
+    """MAD of softmax(logits) over all node pairs, diagonal included (the paper's over-smoothing measure)."""
+    return mad(torch.softmax(logits.detach().double(), dim=1), exclude_self=False)

@@ -1,114 +1,166 @@
-"""PIGN, the Picard Iterative Graph Neural Network (Zappala et al., arXiv 2310.01618, Sec. 5.1).
+"""PIGN, the Picard Iterative Graph Neural Network (Zappala et al., arXiv 2310.01618, Sec. 5.1), on PyG.
 
 One weight-tied graph convolution is the operator, iterated with relaxed Picard steps in a latent space:
 
     H_0     = Dropout(ReLU(X W_enc + b_enc))                                (encoder)
-    T(H)    = Dropout(ReLU(A^ H W + c)),   A^ = D~^{-1/2} (A + I) D~^{-1/2}  (one GCN layer, shared)
-    H_{n+1} = a_n H_n + (1 - a_n) T(H_n),  n = 0..N-1                      (relaxed Picard, Eq. (1))
+    T(H)    = Dropout(ReLU(A^ H W + c)),   A^ = D~^{-1/2} (A + I) D~^{-1/2}  (one GCNConv, shared)
+    H_{n+1} = a_n H_n + (1 - a_n) T(H_n),  n = 0..N-1                      (relaxed Picard)
     Y       = H_N W_dec + b_dec                                             (linear decoder)
 
+``conv="gat"`` iterates one ``GATConv`` (``heads`` heads averaged, attention dropout) instead: the
+co-author code's iterative GAT. A graph is passed the PyG way, ``model(data.x, data.edge_index)``.
+
 The relaxation (the paper's "smoothing factor") is ``alpha_mode``:
-  "uniform"   a_n = alpha for all n (the paper's main setting; alpha swept in 0.30..0.85),
+  "uniform"   a_n = alpha for all n (the paper's main setting; alpha searched in 0.30..0.85),
   "learnable" one alpha = sigmoid(theta) learned with the weights, always in (0, 1),
-  "scheduled" a_n from ``make_schedule(schedule, N)`` (alpha rising towards 1).
+  "scheduled" a_n from ``make_schedule(schedule, N)``.
 Training backpropagates through all N iterations (the paper's procedure); ``eval_num_iter`` may differ.
 
-Convergence (App. A.3): ReLU is 1-Lipschitz and ||A^||_2 = 1, so in eval mode T is Lipschitz in H with
-q <= ||W||_2 (``lipschitz_bound``); when q < 1 the iteration converges at rate a + (1 - a) q. The paper's
-PIGN does not constrain W; ``lipschitz=L`` (our extension) caps ||W||_2 at L so that q <= L holds by design.
-A plain GCN of depth N would instead apply N *different* convolutions without the a_n H_n term, whose
-repeated averaging drives node features together (over-smoothing; measured by ``metrics.mad``).
+Convergence: ReLU is 1-Lipschitz and ||A^||_2 = 1, so in eval mode (no dropout) the GCN operator is
+Lipschitz in H with q <= ||W||_2 (``lipschitz_bound``); when q < 1 the iteration converges at rate at most
+a + (1 - a) q (Banach). The paper's PIGN does not constrain W. ``lipschitz=L`` (ours) reparametrises
+W -> W min(1, L / ||W||_2) with the exact spectral norm, so q <= L holds by design and, for L < 1, the
+learned operator is a contraction whose fixed point the iteration reaches (``fixed_point``).
+
+A contraction forgets its starting point: without an input term its fixed point H* does not depend on X
+at all (T above sees X only through H_0), so a convergent PIGN predicts the same thing for any features
+(derived here; observed: it trains to chance). ``inject=True`` (ours) therefore adds the encoded input
+U = H_0 inside the operator, T(H; U) = Dropout(ReLU(A^ H W + c + U)), as in implicit / equilibrium GNNs;
+its Lipschitz constant in H is still ||W||_2 and its fixed point is a function of X.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
-from .graph_conv import GraphConv, normalized_adjacency, propagate
-from .picard import PicardIteration
+from iterlayers import _validate as V
+from iterlayers.errors import ShapeMismatchError, ValidationError
+
+from .graph_conv import check_edge_index, gcn_edges
+from .picard import PicardIteration, relaxed_picard
 from .schedules import SCHEDULES, make_schedule
 
-__all__ = ["PIGN", "PIGNOperator", "ALPHA_MODES"]
+__all__ = ["PIGN", "PIGNOperator", "GATOperator", "SpectralCap", "ALPHA_MODES", "CONVS"]
 
 ALPHA_MODES = ("uniform", "learnable", "scheduled")
+CONVS = ("gcn", "gat")
 
 
-def _pos_int(name: str, v) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
+def _check_dropout(p, name: str = "dropout") -> float:
+    p = V.real(p, name)
+    if not 0.0 <= p < 1.0:
+        raise ValidationError(f"{name} must be in [0, 1), got {p!r}")
+    return p
 
 
-def _check_dropout(p) -> float:
-    if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
-        raise ValueError(f"dropout must be in [0, 1), got {p!r}")
-    return float(p)
+class SpectralCap(nn.Module):
+    """Parametrisation W -> W min(1, L / ||W||_2) (exact top singular value; differentiable)."""
+
+    def __init__(self, bound: float):
+        super().__init__()
+        self.bound = V.real(bound, "lipschitz")
+        if not self.bound > 0:
+            raise ValidationError(f"lipschitz must be None or a positive number, got {bound!r}")
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        sigma = torch.linalg.matrix_norm(w, ord=2)
+        return w * torch.clamp(self.bound / sigma.clamp_min(torch.finfo(w.dtype).tiny), max=1.0)
+
+    def extra_repr(self) -> str:
+        return f"bound={self.bound:g}"
 
 
 class PIGNOperator(nn.Module):
-    """T(H, A^) = Dropout(ReLU(A^ H W + c)): the weight-tied operator PIGN iterates.
-
-    ``lipschitz`` (an extension, not in the paper): if set to L, W is used as W min(1, L / ||W||_2), so the
-    eval-mode operator is an L-contraction for L < 1 and Banach's theorem applies to the learned operator.
-    """
+    """T(H, g) = Dropout(ReLU(A^ H W + c [+ U])) with ``g = (edge_index, edge_weight)`` of A^ (``gcn_edges``),
+    or ``g = (edge_index, edge_weight, U)`` with an injected input U (the encoded features, ``inject=True``)."""
 
     def __init__(self, hidden: int, *, dropout: float = 0.5, lipschitz: float | None = None):
+        from torch_geometric.nn import GCNConv
+
         super().__init__()
-        self.conv = GraphConv(_pos_int("hidden", hidden), hidden)
+        self.conv = GCNConv(V.positive_int(hidden, "hidden"), hidden, normalize=False)
         self.dropout = _check_dropout(dropout)
-        if lipschitz is not None and not (isinstance(lipschitz, (int, float)) and lipschitz > 0):
-            raise ValueError(f"lipschitz must be None or a positive float, got {lipschitz!r}")
-        self.lipschitz = None if lipschitz is None else float(lipschitz)
+        self.lipschitz = None if lipschitz is None else SpectralCap(lipschitz).bound
+        if self.lipschitz is not None:
+            parametrize.register_parametrization(self.conv.lin, "weight", SpectralCap(self.lipschitz))
 
-    def _scale(self) -> torch.Tensor | float:
-        if self.lipschitz is None:
-            return 1.0
-        norm = torch.linalg.matrix_norm(self.conv.weight, ord=2)
-        return torch.clamp(self.lipschitz / norm, max=1.0)
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective W (PyG stores it transposed, ``[out, in]``; the norm is the same)."""
+        return self.conv.lin.weight
 
-    def forward(self, h: torch.Tensor, a_hat: torch.Tensor) -> torch.Tensor:
-        if self.lipschitz is None:
-            out = self.conv(h, a_hat)
-        else:
-            out = propagate(a_hat, h @ (self._scale() * self.conv.weight))
-            out = out + self.conv.bias if self.conv.bias is not None else out
-        return F.dropout(F.relu(out), self.dropout, training=self.training)
+    def forward(self, h: torch.Tensor, graph) -> torch.Tensor:
+        edge_index, edge_weight, *u = graph
+        pre = self.conv(h, edge_index, edge_weight)
+        pre = pre + u[0] if u else pre
+        return F.dropout(F.relu(pre), self.dropout, training=self.training)
 
     def lipschitz_bound(self) -> float:
-        """||W_eff||_2: a Lipschitz constant of the eval-mode operator in H (||A^||_2 = 1, ReLU 1-Lipschitz)."""
-        w = torch.linalg.matrix_norm(self.conv.weight.detach(), ord=2)
-        return float(w if self.lipschitz is None else torch.clamp(w, max=self.lipschitz))
+        """||W||_2: a Lipschitz constant of the eval-mode operator in H (||A^||_2 = 1, ReLU 1-Lipschitz)."""
+        with torch.no_grad():
+            return float(torch.linalg.matrix_norm(self.weight.double(), ord=2))
 
     def extra_repr(self) -> str:
         return f"dropout={self.dropout}, lipschitz={self.lipschitz}"
 
 
-class PIGN(nn.Module):
-    """Picard Iterative GNN: encoder, N relaxed Picard steps of one GCN layer, linear decoder (see module doc)."""
+class GATOperator(nn.Module):
+    """T(H, edge_index) = Dropout(ReLU(GATConv(H))) with ``heads`` attention heads averaged."""
 
-    def __init__(self, in_features: int, hidden: int, out_features: int, *, num_iter: int = 4, alpha: float = 0.5,
-                 alpha_mode: str = "uniform", schedule: str = "linear", eval_num_iter: int | None = None,
-                 dropout: float = 0.5, lipschitz: float | None = None, xavier_init: bool = True):
+    def __init__(self, hidden: int, *, heads: int = 8, dropout: float = 0.6, attn_dropout: float = 0.6):
+        from torch_geometric.nn import GATConv
+
         super().__init__()
-        _pos_int("in_features", in_features), _pos_int("out_features", out_features)
-        _pos_int("num_iter", num_iter)
-        if alpha_mode not in ALPHA_MODES:
-            raise ValueError(f"alpha_mode must be one of {ALPHA_MODES}, got {alpha_mode!r}")
-        if alpha_mode == "scheduled" and schedule not in SCHEDULES[1:]:
-            raise ValueError(f"schedule must be one of {SCHEDULES[1:]} with alpha_mode='scheduled', got {schedule!r}")
+        self.conv = GATConv(V.positive_int(hidden, "hidden"), hidden, heads=V.positive_int(heads, "heads"),
+                            concat=False, dropout=_check_dropout(attn_dropout, "attn_dropout"))
         self.dropout = _check_dropout(dropout)
-        self.alpha_mode = alpha_mode
+
+    def forward(self, h: torch.Tensor, edge_index) -> torch.Tensor:
+        return F.dropout(F.relu(self.conv(h, edge_index)), self.dropout, training=self.training)
+
+    def extra_repr(self) -> str:
+        return f"dropout={self.dropout}"
+
+
+class PIGN(nn.Module):
+    """Picard Iterative GNN: encoder, N relaxed Picard steps of one graph convolution, linear decoder.
+
+    ``dropout`` applies to the encoder output and (unless ``operator_dropout`` is given) inside the operator.
+    """
+
+    def __init__(self, in_features: int, hidden: int, out_features: int, *, conv: str = "gcn", heads: int = 8,
+                 num_iter: int = 4, alpha: float = 0.5, alpha_mode: str = "uniform", schedule: str = "linear",
+                 eval_num_iter: int | None = None, dropout: float = 0.5, operator_dropout: float | None = None,
+                 lipschitz: float | None = None, inject: bool = False, xavier_init: bool = True):
+        super().__init__()
+        V.positive_int(in_features, "in_features"), V.positive_int(out_features, "out_features")
+        V.positive_int(num_iter, "num_iter")
+        self.conv_kind = V.choice(conv, "conv", CONVS)
+        self.alpha_mode = V.choice(alpha_mode, "alpha_mode", ALPHA_MODES)
+        if alpha_mode == "scheduled" and schedule not in SCHEDULES[1:]:
+            raise ValidationError(f"schedule must be one of {SCHEDULES[1:]} with alpha_mode='scheduled', "
+                                  f"got {schedule!r}")
+        if conv == "gat" and (lipschitz is not None or inject):
+            raise ValidationError("lipschitz / inject are available for conv='gcn' only (GAT's attention has no "
+                                  "such bound)")
+        self.inject = V.boolean(inject, "inject")
+        self.dropout = _check_dropout(dropout)
+        op_drop = self.dropout if operator_dropout is None else _check_dropout(operator_dropout, "operator_dropout")
         self.encoder = nn.Linear(in_features, hidden)
-        self.operator = PIGNOperator(hidden, dropout=dropout, lipschitz=lipschitz)
+        if conv == "gcn":
+            self.operator = PIGNOperator(hidden, dropout=op_drop, lipschitz=lipschitz)
+        else:
+            self.operator = GATOperator(hidden, heads=heads, dropout=op_drop, attn_dropout=op_drop)
         self.decoder = nn.Linear(hidden, out_features)
         if alpha_mode == "scheduled":
-            a = make_schedule(schedule, num_iter)
-            self.picard = PicardIteration(self.operator, alpha=a, num_iter=num_iter, eval_num_iter=eval_num_iter)
+            self.picard = PicardIteration(self.operator, alpha=make_schedule(schedule, num_iter), num_iter=num_iter,
+                                          eval_num_iter=eval_num_iter)
         else:
             self.picard = PicardIteration(self.operator, alpha=alpha, learnable_alpha=alpha_mode == "learnable",
                                           num_iter=num_iter, eval_num_iter=eval_num_iter)
-        if xavier_init:
+        if xavier_init:  # the co-author code: Xavier-normal encoder / decoder (PyG convs are Glorot already)
             for m in (self.encoder, self.decoder):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -121,24 +173,53 @@ class PIGN(nn.Module):
     def num_iter(self) -> int:
         return self.picard.num_iter
 
+    def graph(self, edge_index: torch.Tensor, num_nodes: int, dtype: torch.dtype = torch.float32):
+        """What the operator receives as its input: A^'s ``(edge_index, edge_weight)`` (GCN) or ``edge_index``."""
+        if self.conv_kind == "gcn":
+            return gcn_edges(edge_index, num_nodes, dtype=dtype)
+        return check_edge_index(edge_index, num_nodes)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(F.relu(self.encoder(x)), self.dropout, training=self.training)
 
-    def forward(self, x: torch.Tensor, adj: torch.Tensor, *, normalized: bool = False,
-                return_hidden: bool = False):
-        """Logits [N, C] for node features ``x`` [N, F] and adjacency ``adj`` (raw A, or A^ if ``normalized``)."""
-        if x.dim() != 2 or x.shape[0] != adj.shape[0]:
-            raise ValueError(f"x must be [N, F] with N = {adj.shape[0]} (adjacency size), got {tuple(x.shape)}")
-        a_hat = adj if normalized else normalized_adjacency(adj)
-        h = self.picard(a_hat, z0=self.encode(x))
+    def _inputs(self, x, edge_index):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.encoder.in_features:
+            raise ShapeMismatchError(f"x must be [num_nodes, {self.encoder.in_features}], "
+                                     f"got {tuple(getattr(x, 'shape', ()))}")
+        g, h0 = self.graph(edge_index, x.shape[0], x.dtype), self.encode(x)
+        return ((*g, h0) if self.inject else g), h0
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, *, return_hidden: bool = False):
+        """Logits [N, C] for node features ``x`` [N, F] and a PyG ``edge_index`` [2, E]."""
+        g, h0 = self._inputs(x, edge_index)
+        h = self.picard(g, z0=h0)
         out = self.decoder(h)
         return (out, h) if return_hidden else out
 
     @torch.no_grad()
-    def hidden_trace(self, x: torch.Tensor, adj: torch.Tensor, *, num_iter: int, normalized: bool = False):
-        """H_0..H_n for ``num_iter`` steps (no gradient, current train/eval mode)."""
-        a_hat = adj if normalized else normalized_adjacency(adj)
-        return self.picard.trace(a_hat, z0=self.encode(x), num_iter=num_iter)
+    def logits_trace(self, x: torch.Tensor, edge_index: torch.Tensor, *, num_iter: int, alpha=None):
+        """Decoded logits of H_0..H_n for ``num_iter`` steps (no gradient, current mode); ``alpha`` (a float or
+        a schedule) replaces the model's relaxation, e.g. an evaluation-time schedule. Also returns the
+        relative-step residuals of the run."""
+        g, h0 = self._inputs(x, edge_index)
+        _, stats, trace = relaxed_picard(self.operator, h0, g, alpha=self.alpha if alpha is None else alpha,
+                                         num_iter=V.positive_int(num_iter, "num_iter"), return_trace=True)
+        return [self.decoder(h) for h in trace], stats.residuals
+
+    @torch.no_grad()
+    def fixed_point(self, x: torch.Tensor, edge_index: torch.Tensor, *, tol: float = 1e-5, max_iter: int = 500,
+                    solver: str = "anderson"):
+        """Logits at the fixed point H* = R_a(H*) of the eval-mode operator, solved by the core ``deq_solve``
+        with the whole graph as one state (nodes are coupled through A^), and the solve's statistics."""
+        from iterlayers import deq_solve
+
+        g, h0 = self._inputs(x, edge_index)
+        shape = h0.shape
+        stats: dict = {}
+        w = deq_solve(lambda w: self.picard.relaxed(w.reshape(shape), g).reshape(1, -1), h0.reshape(1, -1),
+                      solver=solver, atol=0.0, rtol=V.real(tol, "tol"), max_iter=V.positive_int(max_iter, "max_iter"),
+                      on_failure="ignore", stats=stats)
+        return self.decoder(w.reshape(shape)), stats["forward"]
 
     def extra_repr(self) -> str:
-        return f"alpha_mode={self.alpha_mode!r}, dropout={self.dropout}"
+        return f"conv={self.conv_kind!r}, alpha_mode={self.alpha_mode!r}, dropout={self.dropout}, inject={self.inject}"
