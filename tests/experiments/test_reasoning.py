@@ -141,8 +141,8 @@ def test_batched_residual_equals_theory_and_gradcheck():
     r = R.residuals(lam, s, beta, k).detach()
     for m in range(4):
         algo = "nag" if beta[m] > 0 else "gd"
-        ref = theory.residual(algo, lam[m].detach(), int(k[m]), s=float(s[m]),
-                              beta=float(beta[m]) if algo == "nag" else None)
+        ref = theory.residual(algo, lam[m].detach(), int(k[m]), s=float(s[m].detach()),
+                              beta=float(beta[m].detach()) if algo == "nag" else None)
         assert torch.allclose(r[m], ref, atol=1e-14)
 
 
