@@ -127,3 +127,17 @@ def test_closed_form_rates_equal_analysis_toolkit_measurements():
         assert torch.allclose(rho, torch.full_like(rho, rate), atol=1e-6)  # NAG: defective double root
     fitted = theory.measure_trace_rate(GradientDescent(k=1), Q, b, steps=80)
     assert torch.allclose(fitted, torch.full_like(fitted, 0.9), atol=1e-3)
+
+
+def test_nag_stab_b_never_overshoots_one_over_mu():
+    """NAG's Stab_b is P_k(mu) = (1 - (1 + k sqrt(s mu)) (1 - sqrt(s mu))^k) / mu: increasing in k and below 1/mu
+    at every k <= 79 (its maximum there is 1/mu approached from below), i.e. no overshoot at intermediate k."""
+    vals = []
+    for k in range(1, 80):
+        r_mu = (1 + k * math.sqrt(MU)) * (1 - math.sqrt(MU)) ** k
+        st = theory.stability("nag", k, MU, L)["b"]
+        assert st == pytest.approx((1 - r_mu) / MU, rel=1e-10)  # the sup over [mu, L] sits at lam = mu
+        assert st < 1 / MU
+        vals.append(st)
+    assert all(b > a for a, b in zip(vals[:-1], vals[1:]))
+    assert 1 / MU - max(vals) < 1e-9
