@@ -133,6 +133,16 @@ def _worst(r: torch.Tensor, fn: torch.Tensor | None, atol: float, rtol: float, e
     return ratio.amax()
 
 
+def _disagree(f_new, f_old, z, live, conv, loop) -> torch.Tensor:
+    """Device bool: a ``live`` row's fresh ``f_new`` differs from its stored ``f_old`` by more than
+    ``max(TAU tol_i, KAPPA eps ||f_old_i||)``, or a ``conv`` (converged) row fails its own test under ``f_new``."""
+    fnorm = f_old.norm(dim=1)
+    threshold = torch.maximum(TAU * (loop.atol + loop.rtol * fnorm), KAPPA * loop.eps * fnorm)
+    moved = live & ~((f_new - f_old).norm(dim=1) <= threshold)
+    stale = conv & ~is_converged((f_new - z).norm(dim=1), f_new.norm(dim=1), loop.atol, loop.rtol)
+    return (moved | stale).any()
+
+
 class _Loop:
     """The state of one solve (a class rather than closures: the joint fallback resets most of it)."""
 
@@ -160,6 +170,9 @@ class _Loop:
         self.info["stopping"] = {"joint": "joint", "per_sample": "per_sample",
                                  "verify": "per_sample (no row stopped early)"}[stopping]
         self.full_out = None  # closure path: the last whole-batch output, frozen rows included
+        self.probe, self.probe_out = None, None  # sliced path: frozen rows evaluated with the first sub-batch
+        self.sub_batched = False  # some step ran on a strict subset of the system
+        self.final_checked = False
         self.carried_info: dict = {}  # solver counters of a state discarded by the joint fallback
         self.z = spec.flatten(z0)
         self.N = self.z.shape[1]
@@ -168,10 +181,24 @@ class _Loop:
 
     # -- evaluations ---------------------------------------------------------------------------------------
     def evaluate(self, zr: torch.Tensor, idx: torch.Tensor | None, zfull: torch.Tensor, check: bool = False):
-        """``f`` on rows ``idx`` (``None``: all) of the state whose other rows are ``zfull``'s; flat output."""
+        """``f`` on rows ``idx`` (``None``: all) of the state whose other rows are ``zfull``'s; flat output.
+
+        With ``self.probe`` set (rows of frozen samples, once, in the first sub-batch step of a verified
+        solve), those rows are evaluated along with ``idx`` in the same call and their outputs kept in
+        ``self.probe_out``: the independence probe costs rows, not a call.
+        """
         self.nfe += 1
         spec, B = self.spec, self.B
         if idx is None or self.sliceable:
+            probe, self.probe = self.probe, None
+            if probe is not None and idx is not None:
+                n = idx.numel()
+                both = torch.cat([idx, probe])
+                zr = torch.cat([zr, zfull.index_select(0, probe)])
+                out = self.f(spec.unflatten(zr), *_slice_args(self.args, both, B), **self.kwargs)
+                flat = self._flat(out, both.numel(), check)
+                self.probe_out = flat[n:]
+                return flat[:n]
             n = B if idx is None else idx.numel()
             out = self.f(spec.unflatten(zr), *_slice_args(self.args, idx, B), **self.kwargs)
             return self._flat(out, n, check)
@@ -184,9 +211,13 @@ class _Loop:
         spec = self.spec
         if check:
             spec.check_output(out, n)
-        flat = spec.flatten(out) if isinstance(out, (torch.Tensor, tuple, list)) else None
-        if flat is None or flat.shape != (n, self.N):
-            spec.check_output(out, n)  # a typed error naming what f returned (later calls: cheap test first)
+        try:
+            flat = spec.flatten(out)
+        except (RuntimeError, TypeError, AttributeError):
+            spec.check_output(out, n)  # a typed error naming what f returned
+            raise
+        if flat.shape != (n, self.N):
+            spec.check_output(out, n)  # later calls: the cheap test first, the named error if it fails
         return flat
 
     def residual(self, zz, ff):
@@ -262,25 +293,40 @@ class _Loop:
 
     # -- iterations ----------------------------------------------------------------------------------------
     def run(self) -> None:
+        self.iterate()
+        # The verification of a sliced solve ends with one evaluation of the whole system at the returned
+        # iterate; if it finds coupling the solve goes on jointly from there, with the iterations left.
+        while self.final_check() and self.it < self.max_iter and not self.finished:
+            self.iterate()
+
+    def iterate(self) -> None:
         while self.it < self.max_iter and not self.finished:
             if self.mode == "joint" or self.n_active == self.n_sys:
                 idx = self.sys_idx
             else:
                 idx = (~self.done).nonzero().flatten()
             partial = self.mode == "per_sample" and self.n_active < self.n_sys
+            first = partial and self.pending
             z, fz = self.z, self.fz
+            if first and self.sliceable:
+                # Every step so far ran on the whole system, so fz is f(z) evaluated in the whole batch.
+                self.probe = self._probe_idx = self.probe_rows()
+                self._probe_ref = None if self.probe is None else (rows(z, self.probe), rows(fz, self.probe))
             try:
                 z_new, fz_new = self.solver.step(
                     self.state, rows(z, idx), rows(fz, idx), idx, lambda zz, _i=idx, _z=z: self.evaluate(zz, _i, _z)
                 )
             except (RuntimeError, IndexError, ValueError) as err:
-                if not (partial and self.pending) or isinstance(err, ConvergenceError):
+                if not (partial and self.verify and not self.final_checked) or isinstance(err, ConvergenceError):
                     raise
-                # f cannot be evaluated on fewer rows: it couples them. z, fz are still one whole-batch
-                # evaluation (every earlier step was on the whole system), so no evaluation is needed.
-                first = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
-                self.to_joint(rows(fz, self.sys_idx), f"joint (the map failed on a sub-batch at iteration "
-                                                      f"{self.it + 1}: {type(err).__name__}: {first})")
+                # f cannot be evaluated on these rows alone: it couples them. Before the first sub-batch step
+                # z, fz are one whole-batch evaluation; later, the one extra evaluation makes them one.
+                self.probe = None
+                self.final_checked = True
+                f_sys = rows(fz, self.sys_idx) if first else self.evaluate(rows(z, self.sys_idx), self.sys_idx, z)
+                msg = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+                self.to_joint(f_sys, f"joint (the map failed on a sub-batch at iteration {self.it + 1}: "
+                                     f"{type(err).__name__}: {msg})")
                 continue
             self.it += 1
             r_new, fn_new = self.residual(z_new, fz_new)
@@ -297,11 +343,19 @@ class _Loop:
             if self.mode == "joint":
                 self.finished = self.joint_update()
             else:
-                self.per_sample_update(idx, r_new, fn_new, partial)
+                self.sub_batched |= partial
+                self.per_sample_update(idx, r_new, fn_new, partial, first)
             if self.return_trace:
                 self.trace.append(self.last_res.clone())
 
-    def per_sample_update(self, idx, r_new, fn_new, partial: bool) -> None:
+    def probe_rows(self) -> torch.Tensor | None:
+        """Up to ``max(1, n_sys // 8)`` finite samples (frozen ones first) whose stored ``f`` is re-evaluated,
+        at their stored iterate, inside the first sub-batch call."""
+        live = ~self.diverged
+        cand = torch.cat([(self.done & live).nonzero().flatten(), (~self.done).nonzero().flatten()])
+        return cand[: max(1, self.n_sys // 8)] if cand.numel() else None
+
+    def per_sample_update(self, idx, r_new, fn_new, partial: bool, first: bool) -> None:
         active = ~self.done
         improved = active & (self.last_res < self.best_res)
         self.best_res = torch.where(improved, self.last_res, self.best_res)
@@ -315,15 +369,20 @@ class _Loop:
             self.diverged = self.diverged.index_copy(0, idx, bad_new)
         frozen = self.done  # the rows this step left alone (excluded rows included)
         self.done = self.converged | self.diverged
-        coupled, f_check = None, None
-        if self.verify and partial and (self.pending or not self.sliceable):
-            if self.sliceable:
-                # The one extra evaluation: the whole system at the current iterate.
-                f_check = self.evaluate(rows(self.z, self.sys_idx), self.sys_idx, self.z)
-                coupled = self.disagree(f_check, None)
-            else:
-                # The step's own evaluation saw the whole batch: re-check the frozen rows for free.
-                coupled = self.disagree(rows(self.full_out, self.sys_idx), rows(frozen, self.sys_idx))
+        coupled = None
+        if self.verify and partial:
+            if not self.sliceable:
+                # The step's own evaluation saw the whole batch: re-check the frozen rows, at no evaluation.
+                sel = frozen if self.excluded is None else frozen & self.system
+                coupled = self.disagree(self.full_out, sel)
+            elif first and self.probe_out is not None:
+                # Rows re-evaluated at their stored iterate in the sub-batch's context (the active rows moved,
+                # the other frozen rows absent) against their whole-batch values: equal unless f couples rows.
+                zp, fp = self._probe_ref
+                live = torch.ones(zp.shape[0], dtype=torch.bool, device=zp.device)
+                conv = rows(frozen & self.converged, self._probe_idx)
+                coupled = _disagree(self.probe_out, fp, zp, live, conv, self)
+                self.probe_out = self._probe_ref = None
             self.pending = False
         vals = [self.best_is_last.all(), improved.any(), self.done.sum()]
         if coupled is not None:
@@ -339,32 +398,35 @@ class _Loop:
         self.finished = self.n_active == 0
         if coupled is not None:
             if flags[3]:
-                if f_check is None:  # the closure path's output may be a probe (GMRES): evaluate the iterate
-                    f_check = self.evaluate(rows(self.z, self.sys_idx), self.sys_idx, self.z)
-                self.to_joint(f_check, f"joint (coupling detected at iteration {self.it})")
-            elif self.info["stopping"].startswith("per_sample (no"):
+                f_sys = self.evaluate(rows(self.z, self.sys_idx), self.sys_idx, self.z)
+                self.final_checked = True  # the one extra evaluation is spent
+                self.to_joint(f_sys, f"joint (coupling detected at iteration {self.it})")
+            elif not self.sliceable:
                 self.info["stopping"] = "per_sample (verified)"
-                self.info["verified_at_iteration"] = self.it
 
-    def disagree(self, f_full: torch.Tensor, frozen: torch.Tensor | None) -> torch.Tensor:
-        """Device bool: some system row's stored ``f`` differs from the whole-system evaluation ``f_full``
-        beyond round-off and ``TAU`` times its tolerance, or a converged row fails its test under ``f_full``.
+    def final_check(self) -> bool:
+        """The end of a verified sliced solve: ``f`` on the whole system at the returned iterate, compared
+        with the stored rows. True if coupling was found (the solve is then joint, at that iterate)."""
+        if self.final_checked or not (self.verify and self.sliceable and self.sub_batched) or self.mode == "joint":
+            return False
+        self.final_checked = True
+        self.z, self.fz = self.best_z, self.best_fz
+        f_sys = self.evaluate(rows(self.z, self.sys_idx), self.sys_idx, self.z)
+        if not bool(self.disagree(f_sys, self.sys_idx)):
+            self.info["stopping"] = "per_sample (verified)"
+            return False
+        self.to_joint(f_sys, f"joint (coupling detected at iteration {self.it})")
+        return True
 
-        ``frozen`` (system rows) restricts the comparison to the rows a step left alone (their stored value is
-        older than ``f_full``); ``None`` compares every row. Diverged rows are not compared.
-        """
-        sel = self.sys_idx
-        fz, z = rows(self.fz, sel), rows(self.z, sel)
-        live = ~rows(self.diverged, sel)
-        conv = rows(self.converged, sel)
-        if frozen is not None:
-            live, conv = live & frozen, conv & frozen
-        fnorm = fz.norm(dim=1)
-        tol = self.atol + self.rtol * fnorm
-        threshold = torch.maximum(TAU * tol, KAPPA * self.eps * fnorm)
-        moved = live & ~((f_full - fz).norm(dim=1) <= threshold)
-        stale = conv & ~is_converged((f_full - z).norm(dim=1), f_full.norm(dim=1), self.atol, self.rtol)
-        return (moved | stale).any()
+    def disagree(self, f_new: torch.Tensor, sel) -> torch.Tensor:
+        """:func:`_disagree` of the fresh evaluation ``f_new`` with the stored rows ``sel`` (an index tensor,
+        ``None`` for the system, or a ``[B]`` mask with ``f_new`` holding every row); diverged rows skipped."""
+        if isinstance(sel, torch.Tensor) and sel.dtype == torch.bool:
+            return _disagree(f_new, self.fz, self.z, sel & ~self.diverged, sel & self.converged, self)
+        if sel is None:
+            sel = self.sys_idx
+        return _disagree(f_new, rows(self.fz, sel), rows(self.z, sel), ~rows(self.diverged, sel),
+                         rows(self.converged, sel), self)
 
     def to_joint(self, f_sys: torch.Tensor, reason: str) -> None:
         """Switch to joint stopping at the current iterate, ``f_sys`` being ``f`` of the whole system there."""
