@@ -25,31 +25,40 @@ Stopping (``stopping=``). The *system* is the batch minus the excluded samples.
   the remaining samples alone (``args`` sliced; a map without batched ``args`` is evaluated on the whole batch
   with the frozen rows in place and their outputs discarded). Right only if sample ``i``'s output depends on
   sample ``i`` alone; a converged sample then costs nothing.
-- ``"verify"`` (the default): per-sample stopping that checks the independence it relies on, falling back to
-  ``"joint"`` when it does not hold. When the active set first becomes a strict subset of the system, ``f``
-  is evaluated once on the whole system at the current iterate and compared, row by row, with the stored
-  values (active rows from the sliced evaluation, frozen rows from earlier). Without batched ``args`` every
-  iteration already evaluates the whole batch, so the frozen rows are re-checked at every iteration at no
-  extra evaluation. Sample ``i`` disagrees when
+- ``"verify"`` (the default): per-sample stopping that checks the independence it relies on and falls back
+  to ``"joint"`` when it does not hold, at the cost of at most one extra call of ``f`` per solve.
 
-      ||f_full(z)_i - f_stored_i|| > max(TAU * tol_i, KAPPA * eps * ||f_stored_i||),   tol_i = atol + rtol ||f_i||,
+  * With batched ``args`` (``f`` runs on sub-batches): (a) *probe*: the first sub-batch call also evaluates up
+    to ``max(1, n // 8)`` samples at their stored iterate (frozen ones first; their stored ``f`` comes from the
+    whole-batch evaluation of the previous step), in the same call, so the probe costs rows, not a call; it
+    sees early the usual couplings (batch statistics, train-mode BatchNorm, ``x - x.mean(0)``). (b) *final
+    check*: at the end, ``f`` is evaluated once on the whole system at the returned iterate and compared
+    with the stored rows. (b) is exact: a sample is never reported converged when its residual under the
+    whole-batch ``f`` fails its test. A single check at the first sub-batch would not be: coupling between
+    samples that are all still active then is invisible (found by the hypothesis test with index-based graph
+    cells and weighted batch means).
+  * Without batched ``args`` (a closure) every call already evaluates the whole batch with the frozen rows
+    in place: the frozen rows are re-checked at every iteration at no extra call.
+  * If ``f`` raises on a sub-batch (a map that cannot be evaluated on fewer rows couples them), or a check
+    disagrees, the loop switches to joint stopping for the rest of the solve (the iterations left): every
+    sample is re-activated at the current iterate and the solver's state restarts.
 
-  with ``TAU = 1/16`` and ``KAPPA = 16``, or when a frozen converged sample fails its test under ``f_full``.
-  Rationale (derived, and measured): evaluating the same rows in a batch of another size changes them by
-  round-off only; with torch's CPU BLAS we measured at most ``4.2 eps ||f_i||`` (tanh-MLP cells of width 16 to
-  2048 and a convolution, float32 and float64, sub-batches of 1 to 255 rows of 256), so ``KAPPA = 16`` leaves
-  a 4x margin and round-off never triggers the fallback. Any larger difference is coupling; an undetected one
-  moves a residual by at most ``TAU * tol_i`` (when ``tol_i >= 256 eps ||f_i||``, else by the round-off level
-  itself), and a frozen sample whose residual would cross its tolerance always triggers. On disagreement, or
-  if ``f`` raises on the first sub-batch (a map that cannot be evaluated on fewer rows couples them), the loop
-  switches to joint stopping for the rest of the solve: every sample is re-activated at the current iterate
-  and the solver's state restarts. This costs at most one extra evaluation of ``f`` per solve; what happened
+  Sample ``i`` disagrees when
+
+      ||f_new_i - f_stored_i|| > max(TAU * tol_i, KAPPA * eps * ||f_stored_i||),   tol_i = atol + rtol ||f_i||,
+
+  (``TAU = 1/16``, ``KAPPA = 16``), or when a converged sample fails its own test under ``f_new``. Rationale
+  (derived, and measured): evaluating the same rows in a batch of another size changes them by round-off
+  only; with torch's CPU BLAS we measured at most ``4.2 eps ||f_i||`` (tanh-MLP cells of width 16 to 2048 and
+  a convolution, float32 and float64, sub-batches of 1 to 255 rows of 256), so ``KAPPA = 16`` leaves a 4x
+  margin and round-off does not trigger the fallback (a false alarm would cost time, not correctness). A
+  larger difference is coupling; the second test makes a frozen sample whose residual would cross its
+  tolerance always trigger, and an undetected difference is at most ``TAU`` of a tolerance. What happened
   is ``stats.info["stopping"]``: ``"per_sample"``, ``"joint"``, ``"per_sample (verified)"``, ``"per_sample
-  (no row stopped early)"`` (then per-sample and joint stopping coincide), ``"joint (coupling detected at
-  iteration k)"`` or ``"joint (the map failed on a sub-batch at iteration k: ...)"``.
-
-  The check sees coupling that is present when it runs; for batched ``args`` it runs once, so a map whose
-  dependence on other rows appears only later is not covered (declare it with ``stopping="joint"``).
+  (no row stopped early)"`` (per-sample and joint stopping then coincide), ``"joint (coupling detected at
+  iteration k)"`` or ``"joint (the map failed on a sub-batch at iteration k: ...)"``. The evaluations of
+  the verification are ordinary calls of ``f`` (counted in ``nfe``; a train-mode BatchNorm updates its
+  running statistics in them).
 
 Tolerance and dtype. One evaluation of ``f`` in a dtype with machine epsilon ``eps`` is exact to about
 ``eps ||f(z)||``; a tolerance below that (``atol + rtol * m < eps * m``, ``m`` the mean ``||f(z0)_i||``) is
