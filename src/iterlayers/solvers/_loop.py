@@ -29,8 +29,9 @@ Stopping (``stopping=``). The *system* is the batch minus the excluded samples.
   to ``"joint"`` when it does not hold, at the cost of at most one extra call of ``f`` per solve.
 
   * With batched ``args`` (``f`` runs on sub-batches): (a) *probe*: the first sub-batch call also evaluates up
-    to ``max(1, n // 8)`` samples at their stored iterate (frozen ones first; their stored ``f`` comes from the
-    whole-batch evaluation of the previous step), in the same call, so the probe costs rows, not a call; it
+    to ``max(1, n // 8)`` samples again at their previous iterate (active ones first, as duplicates; their
+    stored ``f`` comes from the whole-batch evaluation of the previous step), in the same call, so the probe
+    costs rows, not a call; it
     sees early the usual couplings (batch statistics, train-mode BatchNorm, ``x - x.mean(0)``). (b) *final
     check*: at the end, ``f`` is evaluated once on the whole system at the returned iterate and compared
     with the stored rows. (b) is exact: a sample is never reported converged when its residual under the
@@ -332,7 +333,11 @@ class _Loop:
                 # z, fz are one whole-batch evaluation; later, the one extra evaluation makes them one.
                 self.probe = None
                 self.final_checked = True
-                f_sys = rows(fz, self.sys_idx) if first else self.evaluate(rows(z, self.sys_idx), self.sys_idx, z)
+                if first:
+                    f_sys = rows(fz, self.sys_idx)
+                else:
+                    self.restore_diverged()
+                    f_sys = self.evaluate(rows(self.z, self.sys_idx), self.sys_idx, self.z)
                 msg = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
                 self.to_joint(f_sys, f"joint (the map failed on a sub-batch at iteration {self.it + 1}: "
                                      f"{type(err).__name__}: {msg})")
@@ -358,10 +363,12 @@ class _Loop:
                 self.trace.append(self.last_res.clone())
 
     def probe_rows(self) -> torch.Tensor | None:
-        """Up to ``max(1, n_sys // 8)`` finite samples (frozen ones first) whose stored ``f`` is re-evaluated,
-        at their stored iterate, inside the first sub-batch call."""
+        """Up to ``max(1, n_sys // 8)`` finite samples whose stored ``f`` is re-evaluated, at their stored
+        iterate, inside the first sub-batch call. Active samples first (as duplicates, at their previous
+        iterate): with them the call's batch lacks every frozen sample, whereas probing all frozen samples
+        would rebuild the whole batch and hide a dependence on it."""
         live = ~self.diverged
-        cand = torch.cat([(self.done & live).nonzero().flatten(), (~self.done).nonzero().flatten()])
+        cand = torch.cat([(~self.done).nonzero().flatten(), (self.done & live).nonzero().flatten()])
         return cand[: max(1, self.n_sys // 8)] if cand.numel() else None
 
     def per_sample_update(self, idx, r_new, fn_new, partial: bool, first: bool) -> None:
@@ -407,11 +414,18 @@ class _Loop:
         self.finished = self.n_active == 0
         if coupled is not None:
             if flags[3]:
+                self.restore_diverged()
                 f_sys = self.evaluate(rows(self.z, self.sys_idx), self.sys_idx, self.z)
                 self.final_checked = True  # the one extra evaluation is spent
                 self.to_joint(f_sys, f"joint (coupling detected at iteration {self.it})")
             elif not self.sliceable:
                 self.info["stopping"] = "per_sample (verified)"
+
+    def restore_diverged(self) -> None:
+        """Before a switch to joint stopping: samples that diverged go back to their best iterate."""
+        keep = self.diverged.unsqueeze(1)
+        self.z = torch.where(keep, self.best_z, self.z)
+        self.fz = torch.where(keep, self.best_fz, self.fz)
 
     def final_check(self) -> bool:
         """The end of a verified sliced solve: ``f`` on the whole system at the returned iterate, compared
