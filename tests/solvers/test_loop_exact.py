@@ -138,3 +138,27 @@ def test_joint_keeps_iterating_converged_rows_and_reports_their_final_residuals(
     assert sol.stats.nstep.tolist() == [12, 12]  # 2^-12 for a = 1/2; the 1/8 row goes on with it
     assert sol.stats.abs_residual.tolist() == [2.0**-12, 0.125**12]
     assert set(calls) == {2} and sol.stats.nfe == len(calls) == 13
+
+
+@pytest.mark.parametrize("stopping", STOPPINGS)
+def test_residual_equal_to_atol_plus_rtol_times_norm_counts_as_converged(stopping):
+    """f(z) = z/2 + (3, 4) from 0: r_k = 5 2^-k and ||f(z_k)|| = 5 (2 - 2^-k), all exact in float64 (a
+    Pythagorean triple keeps the norms exact). With rtol = 2^-12 and atol = 5 (2^-11 + 2^-22), r_10 equals
+    atol + rtol ||f(z_10)|| exactly: the solve stops at 10, not 11."""
+    rtol, atol = 2.0**-12, 5 * (2.0**-11 + 2.0**-22)
+    assert 5 * 2.0**-10 == atol + rtol * 5 * (2 - 2.0**-10)  # the construction is exact
+    c = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
+    sol = il.solve(lambda z, cc: 0.5 * z + cc, torch.zeros(1, 2, dtype=torch.float64), args=(c,), solver="picard",
+                   atol=atol, rtol=rtol, max_iter=40, on_failure="raise", stopping=stopping)
+    assert sol.stats.nstep.tolist() == [10]
+    assert float(sol.stats.abs_residual[0]) == 5 * 2.0**-10
+
+
+def test_equal_residuals_keep_the_earliest_iterate():
+    """f(z) = z + c has residual ||c|| at every iterate: no iterate improves on z0, which is returned."""
+    c = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    z0 = torch.full((1, 2), 0.5, dtype=torch.float64)
+    sol = il.solve(lambda z, cc: z + cc, z0, args=(c,), solver="picard", atol=1e-3, rtol=0, max_iter=7,
+                   on_failure="ignore")
+    assert sol.stats.status == "max_iter" and sol.stats.nstep.tolist() == [7]
+    assert torch.equal(sol.z, z0) and sol.stats.best.tolist() == [True]
