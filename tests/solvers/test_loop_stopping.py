@@ -172,7 +172,8 @@ def test_coupling_found_by_the_probe_costs_one_evaluation():
         return f(z, xx)
 
     kw = dict(solver="picard", atol=ATOL, rtol=0, max_iter=300, on_failure="raise")
-    n0 = int(il.solve(f, torch.zeros(B, D, dtype=torch.float64), args=args, stopping="per_sample", **kw).stats.nstep.min())
+    ps = il.solve(f, torch.zeros(B, D, dtype=torch.float64), args=args, stopping="per_sample", **kw)
+    n0 = int(ps.stats.nstep.min())  # the first sample freezes after n0 steps: step n0 + 1 is a sub-batch one
     sol = il.solve(counted, torch.zeros(B, D, dtype=torch.float64), args=args, **kw)
     assert sol.stats.info["stopping"] == f"joint (coupling detected at iteration {n0 + 1})"  # by the probe ...
     whole = [s.shape == x.shape and torch.equal(s, x) for s in seen]
