@@ -260,5 +260,7 @@ def test_random_coupling_is_never_reported_converged_off_the_fixed_point(seed, v
                        rtol=0, max_iter=300, on_failure="ignore")
     with torch.no_grad():
         true = (full(sol.z) - sol.z).norm(dim=1)
-    assert not bool((sol.stats.converged & (true > 1e-8 * (1 + 1e-9))).any()), sol.stats.info
+    # the documented guarantee: no converged sample above its tolerance by more than 16 eps ||f_i|| (round-off)
+    limit = 1e-8 + 16 * torch.finfo(torch.float64).eps * full(sol.z).norm(dim=1)
+    assert not bool((sol.stats.converged & (true > limit)).any()), sol.stats.info
     assert sol.stats.status == "converged"  # every case is a whole-batch contraction (constant <= 0.8)
