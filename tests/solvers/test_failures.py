@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import iterlayers as il
+from iterlayers.errors import OptionTypeError
 from problems import LinearCell, ShiftCell, TanhCell, expanding_cell
 
 
@@ -92,12 +93,74 @@ def test_nan_input_rejected_before_iterating():
     x = torch.ones(3, 2)
     x[1, 0] = float("nan")
     with pytest.raises(il.NonFiniteInputError, match=r"args\[0\].*samples \[1\]"):
-        il.solve(f, torch.zeros(3, 2), args=(x,))
+        il.solve(f, torch.zeros(3, 2), args=(x,), on_failure="raise")
     z0 = torch.zeros(3, 2)
     z0[2, 1] = float("inf")
     with pytest.raises(il.NonFiniteInputError, match="z0"):
-        il.solve(lambda z: z, z0)
+        il.solve(lambda z: z, z0, on_failure="raise")
     assert calls == []
+
+
+@pytest.mark.parametrize("on_failure", ["warn", "ignore"])
+@pytest.mark.parametrize("stopping", ["verify", "per_sample", "joint"])
+def test_nan_input_sample_is_excluded_and_the_others_solved(on_failure, stopping):
+    """One NaN/Inf sample in x or z0: diverged from the start (residual inf, never evaluated); others solved."""
+    seen = []
+
+    def f(z, x):
+        seen.append(x.clone())
+        return 0.5 * z + x
+
+    x = torch.ones(4, 2, dtype=torch.float64)
+    x[1, 0] = float("nan")
+    z0 = torch.zeros(4, 2, dtype=torch.float64)
+    z0[3, 1] = float("inf")
+    ctx = pytest.warns(il.ConvergenceWarning, match=r"diverged.*NaN/Inf.*z0 \(samples \[3\]\); args\[0\] \(samples \[1\]\)") \
+        if on_failure == "warn" else warnings.catch_warnings()
+    with ctx:
+        if on_failure == "ignore":
+            warnings.simplefilter("error")
+        sol = il.solve(f, z0, args=(x,), solver="picard", atol=1e-12, rtol=0, on_failure=on_failure,
+                       stopping=stopping)
+    st = sol.stats
+    assert st.status == "diverged"
+    assert st.diverged.tolist() == [False, True, False, True]
+    assert st.converged.tolist() == [True, False, True, False]
+    assert st.abs_residual[[1, 3]].tolist() == [float("inf")] * 2
+    assert st.nstep[[1, 3]].tolist() == [0, 0] and bool((st.nstep[[0, 2]] > 0).all())
+    torch.testing.assert_close(sol.z[[0, 2]], torch.full((2, 2), 2.0, dtype=torch.float64), atol=1e-11, rtol=0)
+    # the excluded samples were never evaluated: every call saw the two finite rows only
+    assert all(s.shape[0] == 2 and bool(torch.isfinite(s).all()) for s in seen)
+    assert "args[0] (samples [1])" in st.info["nonfinite_input"]
+
+
+def test_nan_in_every_sample_or_in_a_non_batched_input_calls_nothing():
+    calls = []
+
+    def f(z, x, adj=None):
+        calls.append(1)
+        return z
+
+    x = torch.full((3, 2), float("nan"))
+    sol = il.solve(f, torch.zeros(3, 2), args=(x,), on_failure="ignore")
+    assert sol.stats.status == "diverged" and bool(sol.stats.diverged.all()) and sol.stats.nfe == 0
+    adj = torch.eye(3)
+    adj[0, 1] = float("inf")  # never sliced: concerns every sample
+    with pytest.raises(il.NonFiniteInputError, match=r"kwargs\['adj'\]"):
+        il.solve(f, torch.zeros(3, 2), args=(torch.ones(3, 2),), kwargs={"adj": adj}, on_failure="raise")
+    sol = il.solve(f, torch.zeros(3, 2), args=(torch.ones(3, 2),), kwargs={"adj": adj}, on_failure="ignore")
+    assert bool(sol.stats.diverged.all()) and sol.stats.abs_residual.isinf().all()
+    assert calls == []
+
+
+def test_nonfinite_input_named_by_arg_names():
+    from iterlayers.solvers._loop import run_loop
+
+    x = torch.ones(2, 3)
+    x[0, 0] = float("nan")
+    with pytest.raises(il.NonFiniteInputError, match=r"^x contains NaN or Inf: x \(samples \[0\]\)"):
+        run_loop(lambda z, x: z, torch.zeros(2, 3), solver=il.PicardSolver(), args=(x,), arg_names=("x",),
+                 atol=1e-5, rtol=0, max_iter=5, on_failure="raise", return_trace=False, divergence_ratio=1e6)
 
 
 def test_large_finite_inputs_are_not_mistaken_for_inf():
@@ -109,18 +172,18 @@ def test_large_finite_inputs_are_not_mistaken_for_inf():
     z0 = torch.zeros(3, 4)
     z0[0, 0], z0[0, 1] = float("inf"), -float("inf")  # sums to NaN: still caught, sample named
     with pytest.raises(il.NonFiniteInputError, match=r"samples \[0\]"):
-        il.solve(lambda z: z, z0)
+        il.solve(lambda z: z, z0, on_failure="raise")
 
 
 def test_shape_and_dtype_mismatch():
     with pytest.raises(il.ShapeMismatchError, match=r"shape \(2, 3\).*shape \(2, 4\)"):
         il.solve(lambda z: z[:, :3], torch.zeros(2, 4))
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(il.ShapeMismatchError, match="dtype"):
         il.solve(lambda z: z.double(), torch.zeros(2, 4))
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(OptionTypeError, match="floating-point"):
         il.solve(lambda z: z, torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(il.ShapeMismatchError, match="batch"):
-        il.solve(lambda z: z, torch.zeros(0, 4))
+        il.solve(lambda z: z, torch.zeros((), dtype=torch.float32))
     with pytest.raises(il.ShapeMismatchError, match="batch size"):
         il.solve(lambda z: z, (torch.zeros(2, 4), torch.zeros(3, 4)))
 

@@ -61,8 +61,10 @@ def test_per_sample_stopping_skips_converged_samples():
             return x * z  # contraction factor |x_i| per sample
 
     x = torch.tensor([[0.01], [0.5], [0.9]], dtype=torch.float64)
+    # stopping="per_sample": this test counts per-sample evaluations (the default "verify" adds one whole-batch
+    # evaluation, counted in tests/solvers/test_loop_stopping.py).
     sol = il.solve(Counting(), torch.ones(3, 1, dtype=torch.float64), args=(x,), solver="picard", atol=1e-8, rtol=0,
-                   max_iter=500)
+                   max_iter=500, stopping="per_sample")
     n = sol.stats.nstep.tolist()
     assert n[0] < n[1] < n[2]
     # Exact step counts of z_k = x^k: first k with |x|^(k+1) * |1 - x| ... recomputed here directly.

@@ -129,6 +129,8 @@ def solve(
     z0,
     *,
     args: Sequence = (),
+    kwargs: dict | None = None,
+    stopping: str = "verify",
     solver: str | FixedPointSolver = "anderson",
     atol: float = 1e-5,
     rtol: float = 1e-5,
@@ -138,14 +140,22 @@ def solve(
     divergence_ratio: float = 1e6,
     **solver_options,
 ) -> Solution:
-    """Solve the fixed-point problem ``z = f(z, *args)`` for a batch of samples (without gradients).
+    """Solve the fixed-point problem ``z = f(z, *args, **kwargs)`` for a batch of samples (without gradients).
 
     Args:
         f: maps a batched state (a tensor, or a tuple of tensors, first dimension = batch) to a state of the
             same structure, shape and dtype.
-        z0: the initial state.
+        z0: the initial state (a batch of size 0 gives an empty, converged solution without calling ``f``).
         args: batched inputs passed to ``f`` after ``z``. Passing inputs here (rather than capturing them in
-            a closure) lets the loop evaluate ``f`` on the unconverged samples alone.
+            a closure) lets the loop evaluate ``f`` on the unconverged samples alone. A sample with NaN/Inf in
+            its row of ``z0`` or of an input is refused (``on_failure="raise"``) or excluded and reported
+            diverged (``"warn"``, ``"ignore"``).
+        kwargs: keyword arguments of ``f`` that are never sliced (an adjacency coupling the rows, a table).
+        stopping: ``"verify"`` (per-sample stopping, checked once against a whole-batch evaluation; falls
+            back to ``"joint"`` when the samples turn out coupled), ``"per_sample"`` (freeze converged samples;
+            right only for maps that treat samples independently) or ``"joint"`` (the batch is one system,
+            stopped when every sample passes); see :mod:`iterlayers.solvers._loop`. What ran is
+            ``stats.info["stopping"]``.
         solver: ``"picard"``, ``"anderson"``, ``"broyden"``, ``"gmres"`` (affine maps), or a solver instance.
         atol, rtol: sample ``i`` has converged when ``||f(z_i) - z_i|| <= atol + rtol * ||f(z_i)||``.
         max_iter: iteration limit.
@@ -154,7 +164,7 @@ def solve(
             visible in ``stats``.
         return_trace: record the per-sample residual after every iteration.
         divergence_ratio: a sample whose residual exceeds this multiple of its initial residual (or gets
-            NaN/Inf) is declared diverged and frozen.
+            NaN/Inf) is declared diverged and frozen (joint stopping: the solve stops, reported diverged).
         **solver_options: options of the chosen solver (e.g. ``m``, ``lam``, ``damping`` for Anderson).
 
     Returns:
@@ -172,6 +182,8 @@ def solve(
             z0,
             solver=s,
             args=args,
+            kwargs=kwargs,
+            stopping=stopping,
             atol=float(atol),
             rtol=float(rtol),
             max_iter=max_iter,

@@ -29,16 +29,18 @@ class SolverStats:
 
     Per-sample tensors have shape ``[B]``:
 
-    - ``nstep``: iterations taken by the sample (it stops counting once it has converged),
+    - ``nstep``: iterations the sample took part in (per-sample stopping: it stops counting once the sample
+      has converged; joint stopping: the same for every sample),
     - ``abs_residual``: ``||f(z) - z||_2`` of the returned iterate (2-norm over all non-batch dimensions),
     - ``rel_residual``: ``abs_residual / ||f(z)||_2``,
     - ``converged``: ``abs_residual <= atol + rtol * ||f(z)||``,
     - ``diverged``: NaN/Inf met or the residual grew past ``divergence_ratio`` times its initial value,
-    - ``best``: the returned iterate is the best-so-far one, not the last one (only where the last was worse).
+    - ``best``: the returned iterate is an earlier, better one, not the sample's last iterate (joint stopping:
+      the best whole iterate is not the last one).
 
     ``nfe`` counts batched evaluations of ``f``; ``status`` is ``"converged"`` when every sample converged,
-    ``"diverged"`` when some sample diverged, ``"max_iter"`` otherwise. ``trace`` (with
-    ``return_trace=True``) lists the per-sample absolute residual after each iteration, ``trace[0]`` being the
+    ``"diverged"`` when some sample diverged, ``"max_iter"`` otherwise (an empty batch is ``"converged"``).
+    ``trace`` (with ``return_trace=True``) lists the per-sample absolute residual after each iteration, ``trace[0]`` being the
     initial one. ``info`` holds solver-specific counters (e.g. Anderson safeguard fallbacks).
     """
 
@@ -116,17 +118,18 @@ class SolverStats:
         return torch.stack(self.trace)
 
     def summary(self) -> dict:
-        """Plain-Python scalars, for logs and metrics files."""
+        """Plain-Python scalars, for logs and metrics files (an empty batch: zero work, all converged)."""
+        empty = self.batch_size == 0
         return {
             "solver": self.solver,
             "status": self.status,
-            "mean_nstep": float(self.nstep.float().mean()),
-            "max_nstep": int(self.nstep.max()) if self.nstep.numel() else 0,
+            "mean_nstep": 0.0 if empty else float(self.nstep.float().mean()),
+            "max_nstep": 0 if empty else int(self.nstep.max()),
             "nfe": int(self.nfe),
-            "mean_abs_residual": float(self.abs_residual.mean()),
-            "max_abs_residual": float(self.abs_residual.max()) if self.abs_residual.numel() else 0.0,
-            "mean_rel_residual": float(self.rel_residual.mean()),
-            "converged_fraction": float(self.converged.float().mean()),
+            "mean_abs_residual": 0.0 if empty else float(self.abs_residual.mean()),
+            "max_abs_residual": 0.0 if empty else float(self.abs_residual.max()),
+            "mean_rel_residual": 0.0 if empty else float(self.rel_residual.mean()),
+            "converged_fraction": 1.0 if empty else float(self.converged.float().mean()),
             **{k: v for k, v in self.info.items() if isinstance(v, (int, float, str))},
         }
 
