@@ -94,9 +94,10 @@ class DEQOptions:
             for the adjoint solve of ``backward="implicit"`` (and the tangent solve of its JVP). Their
             tolerances are *relative* to each sample's incoming gradient (tangent), so they must be below 1
             (at 1 the right-hand side itself, i.e. the JFB gradient, would pass). ``None`` (default) means
-            ``min(forward value, 1e-5)`` for the tolerances and ``max(max_iter, 50)`` for the limit: a loose
-            or zero forward setting never degenerates the implicit gradient; ``backward_max_iter=0`` is
-            refused (it is ``backward="jfb"``).
+            ``min(forward value, 1e-5)`` for the tolerances (but not below the resolution of the state's
+            dtype, e.g. 7.8e-3 in bfloat16: :meth:`adjoint_tolerances`) and ``max(max_iter, 50)`` for the
+            limit: a loose or zero forward setting never degenerates the implicit gradient;
+            ``backward_max_iter=0`` is refused (it is ``backward="jfb"``).
         phantom_steps, phantom_damping: ``k`` and ``lambda`` of ``backward="phantom"``.
         unrolled_damping: damping of the Picard loop of ``backward="unrolled"``.
         hoist: compute the part of ``f`` that does not depend on ``z`` once per forward solve instead of once
@@ -194,6 +195,16 @@ class DEQOptions:
     @property
     def adjoint_rtol(self) -> float:
         return min(self.rtol, ADJOINT_MAX_TOL) if self.backward_rtol is None else self.backward_rtol
+
+    def adjoint_tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
+        """``(atol, rtol)`` of the adjoint / tangent solve in ``dtype``: the given ``backward_*`` values, or
+        the defaults raised to the resolution ``eps`` of ``dtype`` (reachable in bfloat16 and float16, where
+        ``1e-5`` is not; no change in float32 and float64)."""
+        eps = torch.finfo(dtype).eps
+        atol = self.adjoint_atol if self.backward_atol is not None else max(self.adjoint_atol, eps)
+        rtol = self.adjoint_rtol if self.backward_rtol is not None else (
+            max(self.adjoint_rtol, eps) if self.adjoint_rtol > 0 else 0.0)
+        return atol, rtol
 
     @property
     def adjoint_max_iter(self) -> int:
@@ -399,9 +410,10 @@ def _tangent_solve(f_flat, z_star, b, o: DEQOptions):
         out = fwAD.unpack_dual(f_flat(fwAD.make_dual(z_star, t))).tangent
         return shift + (b if out is None else out)
 
+    atol, rtol = o.adjoint_tolerances(b.dtype)
     with torch.no_grad():
         t, stats = run_loop(
-            tangent, rhs, solver=o.adjoint_solver, atol=o.adjoint_atol, rtol=o.adjoint_rtol,
+            tangent, rhs, solver=o.adjoint_solver, atol=atol, rtol=rtol,
             max_iter=o.adjoint_max_iter, on_failure=o.on_failure, return_trace=False, divergence_ratio=1e6,
             check_inputs=False, stopping="joint", phase="jvp",
         )
@@ -592,9 +604,10 @@ def deq_solve(
                 "or compute second derivatives of an explicit reference"
             )
         inside[0] = True
+        atol, rtol = o.adjoint_tolerances(fz.dtype)
         try:
             u, bst = implicit_backward(
-                fz, z_leaf, grad, solver=o.adjoint_solver, atol=o.adjoint_atol, rtol=o.adjoint_rtol,
+                fz, z_leaf, grad, solver=o.adjoint_solver, atol=atol, rtol=rtol,
                 max_iter=o.adjoint_max_iter, on_failure=o.on_failure,
             )
         finally:
