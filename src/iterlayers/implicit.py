@@ -243,16 +243,25 @@ class CellTraits:
                 compiled = True
         return CellTraits(couples, tuple(stats), compiled)
 
-    def stopping(self, requested: str) -> str:
-        """The stopping rule passed to the solver loop for ``stopping=requested``."""
+    def stopping(self, requested: str, kwargs: Mapping, batch: int) -> str:
+        """The stopping rule passed to the solver loop for ``stopping=requested``. A non-batched keyword
+        argument with a dimension of the batch's size (an adjacency, a per-node table) is used with all rows
+        at once: slicing the rows would pair it with the wrong rows, so such a solve is joint too."""
         if requested == "per_sample" and self.couples:
             raise ValidationError(
                 "stopping='per_sample' with a cell that contains a batch norm using batch statistics: its rows "
                 "are coupled, so solving the active rows alone would be wrong; use stopping='joint' or 'auto'"
             )
+        shared_rows = any(batch in t.shape for t in _tensors(kwargs))
+        if requested == "per_sample" and shared_rows:
+            raise ValidationError(
+                f"stopping='per_sample' with a keyword argument that has a dimension of the batch size {batch} "
+                "(an adjacency, a per-row table): it is used with all rows at once, so the rows cannot be solved "
+                "separately; use stopping='joint' or 'auto'"
+            )
         if requested != "auto":
             return requested
-        return "joint" if self.couples or self.compiled else "verify"
+        return "joint" if self.couples or shared_rows or self.compiled else "verify"
 
     def eager(self):
         """A context in which compiled code runs eagerly: the differentiable evaluations (whose graph is
@@ -261,13 +270,21 @@ class CellTraits:
 
 
 def _snapshot(modules) -> list:
-    return [(b, b.clone()) for m in modules for b in m.buffers(recurse=False)]
+    return [(m, name, b.clone()) for m in modules for name, b in m._buffers.items() if b is not None]
 
 
 def _restore(saved) -> None:
+    """Put the saved values back in place (for buffers no graph has saved: after a no-grad solve)."""
     with torch.no_grad():
-        for b, value in saved:
-            b.copy_(value)
+        for m, name, value in saved:
+            m._buffers[name].copy_(value)
+
+
+def _rebind(saved) -> None:
+    """Give the modules fresh copies of the saved values: the old buffers may be saved for backward by an
+    evaluation with a graph (batch norm saves its running statistics), so they must not be written to."""
+    for m, name, value in saved:
+        m._buffers[name] = value.clone()
 
 
 @contextlib.contextmanager
@@ -375,10 +392,15 @@ def implicit_backward(
     ``fz`` must have been computed from the leaf ``z_star`` with a retained graph; only vector-Jacobian
     products are used, so ``J`` is never formed.
 
-    The system is linear in ``(u, grad)``, so it is solved for the unit right-hand side
-    ``grad_i / ||grad_i||`` per sample and rescaled: the tolerances are *relative* to the incoming gradient.
+    The system is solved in per-sample units: with ``D = diag(||grad_i||)`` and ``u = D w``,
+
+        w = D^{-1} J^T D w + D^{-1} grad,
+
+    whose right-hand side has unit rows, so the tolerances are *relative* to each sample's incoming gradient.
     An absolute tolerance would declare the adjoint of a small gradient (a mean-reduced loss, a nearly fitted
-    model) converged at ``u = 0`` and return a silently zero gradient. The iteration starts from the
+    model) converged at ``u = 0`` and return a silently zero gradient. The scaling is exact whether or not
+    rows are coupled (for independent rows ``D^{-1} J^T D = J^T``; rescaling the rows of a coupled system by
+    different factors without the ``D`` inside would change its solution). The iteration starts from the
     right-hand side itself (the first Neumann term, i.e. the JFB gradient). All rows iterate jointly: every
     vector-Jacobian product covers the whole batch anyway, and ``J^T`` couples rows when the cell does.
     """
@@ -386,9 +408,9 @@ def implicit_backward(
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     rhs = grad / scale
 
-    def adjoint(u):
-        (vjp,) = torch.autograd.grad(fz, z_star, u, retain_graph=True)
-        return vjp + rhs
+    def adjoint(w):
+        (vjp,) = torch.autograd.grad(fz, z_star, w * scale, retain_graph=True)
+        return vjp / scale + rhs
 
     u, stats = run_loop(
         adjoint, rhs, solver=solver, atol=atol, rtol=rtol, max_iter=max_iter, on_failure=on_failure,
@@ -398,17 +420,17 @@ def implicit_backward(
 
 
 def _tangent_solve(f_flat, z_star, b, o: DEQOptions):
-    """``t = J t + b`` for ``J = df/dz`` at ``z_star`` (flat ``[B, N]``): ``f`` at the dual ``z_star + eps t``
-    has tangent ``J t + b``, so ``t -> tangent(f(z_star + eps t)) - b + b/s`` is the map for the unit
-    right-hand side ``b / s`` (``s = ||b_i||`` per sample; relative tolerances as for the adjoint)."""
+    """``t = J t + b`` for ``J = df/dz`` at ``z_star`` (flat ``[B, N]``). ``f`` at the dual ``z_star + eps t``
+    has tangent ``J t + b``; in per-sample units ``t = D s`` (``D = diag(||b_i||)``, relative tolerances and
+    exact for coupled rows, as for the adjoint) the map is ``s -> D^{-1} (tangent(f(z_star + eps D s)) - b)
+    + D^{-1} b``."""
     scale = b.norm(dim=1, keepdim=True)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     rhs = b / scale
-    shift = rhs - b
 
-    def tangent(t):
-        out = fwAD.unpack_dual(f_flat(fwAD.make_dual(z_star, t))).tangent
-        return shift + (b if out is None else out)
+    def tangent(s):
+        out = fwAD.unpack_dual(f_flat(fwAD.make_dual(z_star, s * scale))).tangent
+        return rhs if out is None else (out - b) / scale + rhs
 
     atol, rtol = o.adjoint_tolerances(b.dtype)
     with torch.no_grad():
@@ -426,7 +448,8 @@ def _unrolled(f_flat, z, *, stopping, damping, atol, rtol, max_iter, return_trac
     The cell is evaluated on the full batch at every step and every residual is recomputed from that
     evaluation, so a row counts as converged only at the final iterate (a row coupled to others resumes
     when they move it). Per-sample stopping (default) freezes converged rows by masking; ``joint`` steps
-    every row until all have converged. Running statistics are those of the last evaluation.
+    every row until all have converged. Running statistics are those of the last evaluation: every evaluation
+    starts from the statistics the call began with (fresh buffers, since earlier ones are saved for backward).
     """
     saved = _snapshot(stat_modules)
     B = z.shape[0]
@@ -441,7 +464,7 @@ def _unrolled(f_flat, z, *, stopping, damping, atol, rtol, max_iter, return_trac
             break
         step = torch.ones_like(done) if stopping == "joint" else ~done
         z = torch.where(step.unsqueeze(1), z + damping * (fz - z), z)
-        _restore(saved)
+        _rebind(saved)
         fz = f_flat(z)
         nfe += 1
         nstep += step.long()
@@ -516,7 +539,7 @@ def deq_solve(
 
     spec = StateSpec.of(z0)
     _check_devices(f, z0, args, kwargs)
-    stopping = traits.stopping(o.stopping)
+    stopping = traits.stopping(o.stopping, kwargs, spec.batch_size)
     grad_needed = torch.is_grad_enabled()
     dual = _forward_ad_active()
 
@@ -574,7 +597,7 @@ def deq_solve(
                 z = (1 - o.phantom_damping) * z + o.phantom_damping * f_flat(z)
                 if k == 0:
                     after_first = _snapshot(traits.stat_modules)
-            _restore(after_first)
+            _rebind(after_first)
             return spec.unflatten(z)
 
         # implicit
