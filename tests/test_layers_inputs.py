@@ -289,3 +289,27 @@ def test_compiled_cells_with_inductor_are_exact(norm):
             assert (p.grad - ref).norm() <= 1e-5 * ref.norm()
     for how in ("method", "wrapper"):
         torch.testing.assert_close(solutions[how], solutions["eager"], atol=1e-5, rtol=0)
+
+
+def test_a_non_finite_sample_is_marked_diverged_or_named_in_the_error():
+    cell = TanhCell(4, norm=0.5, seed=16)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    x[2, 1] = float("nan")
+    for hoist in (True, False):
+        deq = il.DEQ(cell, hoist=hoist, on_failure="ignore", **{k: v for k, v in TIGHT.items()})
+        z = deq(x)
+        st = deq.stats["forward"]
+        assert bool(st.diverged[2]) and bool(st.converged[[0, 1, 3]].all())
+        assert true_residual(cell, z[[0, 1, 3]], x[[0, 1, 3]]).max() < 1e-11
+        with pytest.raises(il.NonFiniteInputError, match=r"\bx\b"):
+            il.DEQ(cell, hoist=hoist, on_failure="raise")(x)
+
+
+def test_failure_messages_say_which_solve_failed():
+    cell = TanhCell(6, norm=0.95, seed=17)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(il.ConvergenceError, match="forward"):
+        il.DEQ(cell, max_iter=1, atol=1e-14, rtol=0, on_failure="raise")(x)
+    z = il.DEQ(cell, backward_max_iter=1, backward_atol=1e-14, backward_rtol=0, on_failure="raise")(x)
+    with pytest.raises(il.ConvergenceError, match="backward"):
+        z.sum().backward()

@@ -239,7 +239,8 @@ class CellTraits:
                 couples = True
             if isinstance(m, _NormBase) and m.training and m.track_running_stats:
                 stats.append(m)
-            if isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None):
+            # torch.compile(module) wraps it (``_orig_mod``); module.compile() sets ``_compiled_call_impl``.
+            if getattr(m, "_orig_mod", None) is not None or getattr(m, "_compiled_call_impl", None) is not None:
                 compiled = True
         return CellTraits(couples, tuple(stats), compiled)
 
