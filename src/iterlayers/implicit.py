@@ -1,7 +1,7 @@
-"""Differentiable fixed points: one function, four gradient modes.
+"""Differentiable fixed points: one function, four gradient modes, forward and reverse mode.
 
-:func:`deq_solve` finds ``z* = f(z*, *args)`` without building a graph, then attaches ``z*`` to the graph
-of the parameters and inputs in one of four ways (``backward=``):
+:func:`deq_solve` finds ``z* = f(z*, *args, **kwargs)`` without building a graph, then attaches ``z*`` to the
+graph of the parameters and inputs in one of four ways (``backward=``):
 
 - ``"implicit"``: the implicit-function theorem. With ``J = d f / d z`` at ``z*`` and incoming gradient ``g``,
 
@@ -11,32 +11,61 @@ of the parameters and inputs in one of four ways (``backward=``):
   :mod:`iterlayers.solvers` (``backward_solver``; Anderson, Picard or GMRES). Memory is that of one
   evaluation of ``f``, whatever the number of forward iterations. The backward solve reports its own
   statistics and fails loudly (per ``on_failure``) rather than returning a silently wrong gradient.
+  Forward mode (``torch.autograd.forward_ad``): the tangent of ``z*`` along input/parameter tangents is
+  ``t = (I - J)^{-1} b`` with ``b`` the tangent of ``f(z*, x)`` at fixed ``z*``, i.e. the fixed point of
+  ``t -> J t + b``; evaluating ``f`` at the dual ``z* + eps t`` gives exactly that tangent, so ``t`` is
+  solved by the same solvers (statistics in ``stats["jvp"]``) and the output ``f(z* + eps t*, x)`` carries it.
 - ``"phantom"``: ``k`` damped steps ``z <- (1 - lam) z + lam f(z)`` from ``z*`` with autograd through them
   (Geng et al. 2021, "On training implicit models").
 - ``"jfb"``: Jacobian-free backprop, one step ``f(z*)`` (``u = g``; Fung et al. 2022).
-- ``"unrolled"``: ordinary backprop through every forward iteration of the damped Picard loop (the
-  reference; memory grows with the number of iterations).
+- ``"unrolled"``: ordinary autograd through every forward iteration of the damped Picard loop (the
+  reference; memory grows with the number of iterations). It is plain autograd, so forward mode, double
+  backward and gradients to ``z0`` are those of the iteration.
+
+For ``phantom`` and ``jfb`` the JVP (and a second derivative) is that of what their backward differentiates
+(the steps from ``z*``, with ``z*`` held constant): an approximation, like their gradient. Second-order
+derivatives through ``implicit`` (``create_graph=True``) are refused with :class:`UnsupportedError`, as are
+``torch.func`` transforms: neither is answered wrongly.
 
 The gradient of ``"implicit"`` is exact at an exact fixed point; tests compare it with the dense formula
 ``(I - J)^{-T}`` and with ``torch.autograd.gradcheck``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from . import _validate as V
+from .errors import OptionTypeError, ShapeMismatchError, UnsupportedError, ValidationError
 from .hoist import split_cell
-from .solvers import SolverStats, check_common, make_solver
-from .solvers._loop import report_failure, run_loop
+from .solvers import SolverStats, make_solver
+from .solvers._loop import ON_FAILURE, report_failure, run_loop
 from .solvers._state import StateSpec
 from .solvers.stats import CONVERGED, is_converged
 
-__all__ = ["deq_solve", "DEQOptions", "BACKWARD_MODES", "implicit_backward"]
+__all__ = ["deq_solve", "DEQOptions", "BACKWARD_MODES", "STOPPING", "implicit_backward"]
 
 BACKWARD_MODES = ("implicit", "phantom", "jfb", "unrolled")
+STOPPING = ("auto", "per_sample", "joint")
+
+#: Defaults of the adjoint (and JVP) solve when ``backward_*`` is not given: the forward tolerance, but never
+#: looser than this, and the forward iteration limit, but never fewer than ``ADJOINT_MIN_ITER``.
+ADJOINT_MAX_TOL = 1e-5
+ADJOINT_MIN_ITER = 50
+
+_WHERE = "DEQOptions"
+
+
+def _tolerance(value, name, *, high=None):
+    return V.in_range(value, name, where=_WHERE, low=0.0, high=high, high_open=high is not None)
 
 
 @dataclass(frozen=True)
@@ -44,19 +73,31 @@ class DEQOptions:
     """Every option of a differentiable fixed-point solve, with its default; validated when created.
 
     :func:`deq_solve` and :class:`iterlayers.DEQ` take these as keyword arguments (or a ready value as
-    ``options=``), so the list, the defaults and the checks live here once.
+    ``options=``), so the list, the defaults and the checks live here once. The solvers are built and
+    validated once, here (``forward_solver``, ``adjoint_solver``), not on every forward pass.
 
     Attributes:
         solver: forward solver name (``"anderson"``, ``"broyden"``, ``"picard"``, ``"gmres"``) or instance.
         backward: gradient mode, one of :data:`BACKWARD_MODES`.
+        stopping: ``"per_sample"`` (a converged sample is frozen and the cell then runs on the active rows:
+            only valid when samples are independent), ``"joint"`` (every row iterates until all have
+            converged, the cell always sees the full batch: for cells that couple samples) or ``"auto"``
+            (default): ``"joint"`` when the cell contains a batch norm that uses batch statistics or is a
+            ``torch.compile``'d module (kept at one batch shape), else per-sample stopping verified once per
+            solve against a full-batch evaluation, falling back to joint when the rows turn out coupled.
         atol, rtol, max_iter: forward stopping rule ``||f(z) - z|| <= atol + rtol ||f(z)||`` and iteration
-            limit, per sample.
-        on_failure: ``"raise"``, ``"warn"`` or ``"ignore"`` when a solve (forward or backward) fails.
+            limit.
+        on_failure: ``"raise"``, ``"warn"`` or ``"ignore"`` when a solve (forward, backward or JVP) fails.
         return_trace: record per-iteration residuals in ``stats["forward"].trace``.
         solver_options: options of the forward solver (e.g. ``{"m": 6}`` for Anderson).
         backward_solver, backward_atol, backward_rtol, backward_max_iter, backward_solver_options: the same
-            for the adjoint solve of ``backward="implicit"``; ``None`` means the forward value. The adjoint
-            tolerance is relative to the norm of each sample's incoming gradient.
+            for the adjoint solve of ``backward="implicit"`` (and the tangent solve of its JVP). Their
+            tolerances are *relative* to each sample's incoming gradient (tangent), so they must be below 1
+            (at 1 the right-hand side itself, i.e. the JFB gradient, would pass). ``None`` (default) means
+            ``min(forward value, 1e-5)`` for the tolerances (but not below the resolution of the state's
+            dtype, e.g. 7.8e-3 in bfloat16: :meth:`adjoint_tolerances`) and ``max(max_iter, 50)`` for the
+            limit: a loose or zero forward setting never degenerates the implicit gradient;
+            ``backward_max_iter=0`` is refused (it is ``backward="jfb"``).
         phantom_steps, phantom_damping: ``k`` and ``lambda`` of ``backward="phantom"``.
         unrolled_damping: damping of the Picard loop of ``backward="unrolled"``.
         hoist: compute the part of ``f`` that does not depend on ``z`` once per forward solve instead of once
@@ -65,6 +106,7 @@ class DEQOptions:
 
     solver: object = "anderson"
     backward: str = "implicit"
+    stopping: str = "auto"
     atol: float = 1e-5
     rtol: float = 1e-5
     max_iter: int = 50
@@ -82,23 +124,42 @@ class DEQOptions:
     hoist: bool = True
 
     def __post_init__(self):
-        # Own copies: a caller's dict changed later must not change a frozen value.
         for name in ("solver_options", "backward_solver_options"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, Mapping):
+                    raise OptionTypeError(f"{_WHERE}: {name} must be a dict or None, got {type(value).__name__}")
+                # Own copies: a caller's dict changed later must not change a frozen value.
+                object.__setattr__(self, name, dict(value))
+        V.choice(self.backward, "backward", BACKWARD_MODES, where=_WHERE)
+        V.choice(self.stopping, "stopping", STOPPING, where=_WHERE)
+        V.choice(self.on_failure, "on_failure", ON_FAILURE, where=_WHERE)
+        _tolerance(self.atol, "atol")
+        _tolerance(self.rtol, "rtol")
+        if self.atol == 0 and self.rtol == 0:
+            raise ValidationError(f"{_WHERE}: atol and rtol are both 0: no sample could ever be declared converged")
+        V.non_negative_int(self.max_iter, "max_iter", where=_WHERE)
+        V.boolean(self.return_trace, "return_trace", where=_WHERE)
+        V.boolean(self.hoist, "hoist", where=_WHERE)
+        for name in ("backward_atol", "backward_rtol"):
             if getattr(self, name) is not None:
-                object.__setattr__(self, name, dict(getattr(self, name)))
-        check_common(self.atol, self.rtol, self.max_iter, self.on_failure, 2.0)
-        check_common(self.adjoint_atol, self.adjoint_rtol, self.adjoint_max_iter, self.on_failure, 2.0)
-        if self.backward not in BACKWARD_MODES:
-            raise ValueError(f"backward must be one of {list(BACKWARD_MODES)}, got {self.backward!r}")
-        if not (isinstance(self.phantom_steps, int) and self.phantom_steps >= 1):
-            raise ValueError(f"phantom_steps must be a positive integer, got {self.phantom_steps!r}")
-        if not 0.0 < self.phantom_damping <= 1.0:
-            raise ValueError(f"phantom_damping must be in (0, 1], got {self.phantom_damping!r}")
-        if not 0.0 < self.unrolled_damping <= 1.0:
-            raise ValueError(f"unrolled_damping must be in (0, 1], got {self.unrolled_damping!r}")
-        # Solver names and options are checked now, not at the first forward pass.
-        make_solver(self.solver, self.solver_options)
-        make_solver(self.backward_solver, self.backward_solver_options)
+                # Relative to the incoming gradient: a value >= 1 accepts the right-hand side (JFB) at once.
+                _tolerance(getattr(self, name), name, high=1.0)
+        if self.backward_atol == 0 and self.backward_rtol == 0:
+            raise ValidationError(f"{_WHERE}: backward_atol and backward_rtol are both 0: the adjoint solve could "
+                                  "never be declared converged")
+        if self.backward_max_iter is not None:
+            if V.non_negative_int(self.backward_max_iter, "backward_max_iter", where=_WHERE) == 0:
+                raise ValidationError(
+                    f"{_WHERE}: backward_max_iter=0 would return the right-hand side as the adjoint, i.e. the "
+                    "JFB gradient reported as implicit; use backward='jfb' for that, or a positive limit"
+                )
+        V.positive_int(self.phantom_steps, "phantom_steps", where=_WHERE)
+        V.in_range(self.phantom_damping, "phantom_damping", where=_WHERE, low=0.0, high=1.0, low_open=True)
+        V.in_range(self.unrolled_damping, "unrolled_damping", where=_WHERE, low=0.0, high=1.0, low_open=True)
+        # Built and validated once per value (the value is frozen, so the cache cannot go stale).
+        object.__setattr__(self, "_forward_solver", make_solver(self.solver, self.solver_options))
+        object.__setattr__(self, "_adjoint_solver", make_solver(self.backward_solver, self.backward_solver_options))
 
     @classmethod
     def build(cls, options: "DEQOptions | None" = None, **overrides) -> "DEQOptions":
@@ -106,11 +167,11 @@ class DEQOptions:
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(overrides) - set(valid))
         if unknown:
-            raise TypeError(f"unknown option(s) {unknown}; valid DEQ options: {valid}")
+            raise OptionTypeError(f"unknown option(s) {unknown}; valid DEQ options: {valid}")
         if options is None:
             return cls(**overrides)
         if not isinstance(options, cls):
-            raise TypeError(f"options must be a DEQOptions, got {type(options).__name__}")
+            raise OptionTypeError(f"options must be a DEQOptions, got {type(options).__name__}")
         return dataclasses.replace(options, **overrides) if overrides else options
 
     def replace(self, **changes) -> "DEQOptions":
@@ -118,16 +179,202 @@ class DEQOptions:
         return DEQOptions.build(self, **changes)
 
     @property
+    def forward_solver(self):
+        """The forward solver value (built once)."""
+        return self._forward_solver
+
+    @property
+    def adjoint_solver(self):
+        """The solver of the adjoint (and JVP) solve (built once)."""
+        return self._adjoint_solver
+
+    @property
     def adjoint_atol(self) -> float:
-        return self.atol if self.backward_atol is None else self.backward_atol
+        return min(self.atol, ADJOINT_MAX_TOL) if self.backward_atol is None else self.backward_atol
 
     @property
     def adjoint_rtol(self) -> float:
-        return self.rtol if self.backward_rtol is None else self.backward_rtol
+        return min(self.rtol, ADJOINT_MAX_TOL) if self.backward_rtol is None else self.backward_rtol
+
+    def adjoint_tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
+        """``(atol, rtol)`` of the adjoint / tangent solve in ``dtype``: the given ``backward_*`` values, or
+        the defaults raised to the resolution ``eps`` of ``dtype`` (reachable in bfloat16 and float16, where
+        ``1e-5`` is not; no change in float32 and float64)."""
+        eps = torch.finfo(dtype).eps
+        atol = self.adjoint_atol if self.backward_atol is not None else max(self.adjoint_atol, eps)
+        rtol = self.adjoint_rtol if self.backward_rtol is not None else (
+            max(self.adjoint_rtol, eps) if self.adjoint_rtol > 0 else 0.0)
+        return atol, rtol
 
     @property
     def adjoint_max_iter(self) -> int:
-        return self.max_iter if self.backward_max_iter is None else self.backward_max_iter
+        return max(self.max_iter, ADJOINT_MIN_ITER) if self.backward_max_iter is None else self.backward_max_iter
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the cell is: coupling of rows, running statistics, compilation.
+
+
+@dataclass(frozen=True)
+class CellTraits:
+    """What :func:`deq_solve` needs to know about ``f`` (found by walking its modules once per call).
+
+    ``couples``: a batch norm normalising with batch statistics (rows are not independent);
+    ``stat_modules``: normalisation modules that update running statistics when called;
+    ``compiled``: ``f`` is, or contains, a ``torch.compile``'d module or function.
+    """
+
+    couples: bool
+    stat_modules: tuple
+    compiled: bool
+
+    @staticmethod
+    def of(f) -> "CellTraits":
+        compiled = hasattr(f, "_torchdynamo_orig_callable")
+        if not isinstance(f, nn.Module):
+            return CellTraits(False, (), compiled)
+        couples, stats = False, []
+        for m in f.modules():
+            if isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats):
+                couples = True
+            if isinstance(m, _NormBase) and m.training and m.track_running_stats:
+                stats.append(m)
+            # torch.compile(module) wraps it (``_orig_mod``); module.compile() sets ``_compiled_call_impl``.
+            if getattr(m, "_orig_mod", None) is not None or getattr(m, "_compiled_call_impl", None) is not None:
+                compiled = True
+        return CellTraits(couples, tuple(stats), compiled)
+
+    def stopping(self, requested: str, kwargs: Mapping, batch: int) -> str:
+        """The stopping rule passed to the solver loop for ``stopping=requested``. A non-batched keyword
+        argument with a dimension of the batch's size (an adjacency, a per-node table) is used with all rows
+        at once: slicing the rows would pair it with the wrong rows, so such a solve is joint too."""
+        if requested == "per_sample" and self.couples:
+            raise ValidationError(
+                "stopping='per_sample' with a cell that contains a batch norm using batch statistics: its rows "
+                "are coupled, so solving the active rows alone would be wrong; use stopping='joint' or 'auto'"
+            )
+        shared_rows = any(batch in t.shape for t in _tensors(kwargs))
+        if requested == "per_sample" and shared_rows:
+            raise ValidationError(
+                f"stopping='per_sample' with a keyword argument that has a dimension of the batch size {batch} "
+                "(an adjacency, a per-row table): it is used with all rows at once, so the rows cannot be solved "
+                "separately; use stopping='joint' or 'auto'"
+            )
+        if requested != "auto":
+            return requested
+        return "joint" if self.couples or shared_rows or self.compiled else "verify"
+
+    def eager(self):
+        """A context in which compiled code runs eagerly: the differentiable evaluations (whose graph is
+        backpropagated several times by the adjoint solve) use the eager module, which is exact."""
+        return torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext()
+
+
+def _snapshot(modules) -> list:
+    return [(m, name, b.clone()) for m in modules for name, b in m._buffers.items() if b is not None]
+
+
+def _restore(saved) -> None:
+    """Put the saved values back in place (for buffers no graph has saved: after a no-grad solve)."""
+    with torch.no_grad():
+        for m, name, value in saved:
+            m._buffers[name].copy_(value)
+
+
+def _rebind(saved) -> None:
+    """Give the modules fresh copies of the saved values: the old buffers may be saved for backward by an
+    evaluation with a graph (batch norm saves its running statistics), so they must not be written to."""
+    for m, name, value in saved:
+        m._buffers[name] = value.clone()
+
+
+@contextlib.contextmanager
+def _frozen_statistics(modules):
+    """Running statistics (batch norm) untouched by the evaluations inside: the solver's iterations are not
+    training steps, so only the one differentiable evaluation after the solve updates them."""
+    saved = _snapshot(modules)
+    try:
+        yield
+    finally:
+        _restore(saved)
+
+
+@contextlib.contextmanager
+def _primal_only():
+    """Forward-mode tangents off (no JVP is propagated through the solver's iterations). There is no public
+    switch for this in torch; ``torch._C._set_fwd_grad_enabled`` is what ``torch.autograd.forward_ad`` uses."""
+    enabled = torch._C._is_fwd_grad_enabled()
+    torch._C._set_fwd_grad_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_fwd_grad_enabled(enabled)
+
+
+def _forward_ad_active() -> bool:
+    return fwAD._current_level >= 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument checks (layer level: f's output is checked by the solver loop).
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _refuse_functorch() -> None:
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise UnsupportedError(
+            "deq_solve / DEQ under a torch.func transform (grad, jacrev, jacfwd, jvp, vmap, ...) is not supported: "
+            "the solver's data-dependent stopping and the adjoint hook cannot run on functorch's wrapped "
+            "tensors. Use torch.autograd.grad / .backward() for gradients (exact implicit gradient), "
+            "torch.autograd.forward_ad for JVPs, a Python loop over samples instead of vmap, or "
+            "backward='unrolled' with an unrolled layer (il.Unrolled) for plain autograd"
+        )
+
+
+def _check_devices(f, z0, args, kwargs) -> None:
+    device = next(_tensors(z0)).device
+    for what, value in (("args", args), ("kwargs", kwargs)):
+        for t in _tensors(value):
+            if t.device != device:
+                raise ShapeMismatchError(f"deq_solve: a tensor in {what} is on {t.device} but z0 is on {device}")
+    if isinstance(f, nn.Module):
+        for name, p in f.named_parameters():
+            if p.device != device:
+                raise ShapeMismatchError(f"deq_solve: the cell's parameter {name!r} is on {p.device} but z0 is on "
+                                         f"{device}; move the cell or the inputs")
+            break  # one parameter is enough to catch a cell on another device (checked every call: cheap)
+
+
+def _check_same_structure(out, z0) -> None:
+    parts = tuple(z0) if isinstance(z0, (tuple, list)) else (z0,)
+    got = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    if isinstance(out, (tuple, list)) != isinstance(z0, (tuple, list)) or len(got) != len(parts) or any(
+            not isinstance(g, torch.Tensor) or g.shape != p.shape for g, p in zip(got, parts)):
+        raise ShapeMismatchError(
+            f"f(z) must have the structure and shape of z0 ({[tuple(p.shape) for p in parts]}); got "
+            f"{[tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__ for g in got]}"
+        )
+
+
+def _batch_size(z0) -> int | None:
+    parts = tuple(z0) if isinstance(z0, (tuple, list)) else (z0,)
+    if parts and all(isinstance(p, torch.Tensor) and p.dim() >= 1 for p in parts):
+        return parts[0].shape[0]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The adjoint and tangent solves.
 
 
 def implicit_backward(
@@ -146,57 +393,84 @@ def implicit_backward(
     ``fz`` must have been computed from the leaf ``z_star`` with a retained graph; only vector-Jacobian
     products are used, so ``J`` is never formed.
 
-    The system is linear in ``(u, grad)``, so it is solved for the unit right-hand side
-    ``grad_i / ||grad_i||`` per sample and rescaled: the tolerances are *relative* to the incoming gradient.
+    The system is solved in per-sample units: with ``D = diag(||grad_i||)`` and ``u = D w``,
+
+        w = D^{-1} J^T D w + D^{-1} grad,
+
+    whose right-hand side has unit rows, so the tolerances are *relative* to each sample's incoming gradient.
     An absolute tolerance would declare the adjoint of a small gradient (a mean-reduced loss, a nearly fitted
-    model) converged at ``u = 0`` and return a silently zero gradient. The iteration starts from the
-    right-hand side itself (the first Neumann term, i.e. the JFB gradient).
+    model) converged at ``u = 0`` and return a silently zero gradient. The scaling is exact whether or not
+    rows are coupled (for independent rows ``D^{-1} J^T D = J^T``; rescaling the rows of a coupled system by
+    different factors without the ``D`` inside would change its solution). The iteration starts from the
+    right-hand side itself (the first Neumann term, i.e. the JFB gradient). All rows iterate jointly: every
+    vector-Jacobian product covers the whole batch anyway, and ``J^T`` couples rows when the cell does.
     """
     scale = grad.norm(dim=1, keepdim=True)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     rhs = grad / scale
 
-    def adjoint(u):
-        (vjp,) = torch.autograd.grad(fz, z_star, u, retain_graph=True)
-        return vjp + rhs
+    def adjoint(w):
+        (vjp,) = torch.autograd.grad(fz, z_star, w * scale, retain_graph=True)
+        return vjp / scale + rhs
 
     u, stats = run_loop(
-        adjoint,
-        rhs,
-        solver=solver,
-        atol=atol,
-        rtol=rtol,
-        max_iter=max_iter,
-        on_failure=on_failure,
-        return_trace=False,
-        divergence_ratio=1e6,
-        check_inputs=False,
+        adjoint, rhs, solver=solver, atol=atol, rtol=rtol, max_iter=max_iter, on_failure=on_failure,
+        return_trace=False, divergence_ratio=1e6, check_inputs=False, stopping="joint", phase="backward",
     )
     return u * scale, stats
 
 
-def _unrolled(f_flat, z, args, *, damping, atol, rtol, max_iter, return_trace):
-    """Damped Picard iteration with autograd through every step; per-sample freezing by masking."""
+def _tangent_solve(f_flat, z_star, b, o: DEQOptions):
+    """``t = J t + b`` for ``J = df/dz`` at ``z_star`` (flat ``[B, N]``). ``f`` at the dual ``z_star + eps t``
+    has tangent ``J t + b``; in per-sample units ``t = D s`` (``D = diag(||b_i||)``, relative tolerances and
+    exact for coupled rows, as for the adjoint) the map is ``s -> D^{-1} (tangent(f(z_star + eps D s)) - b)
+    + D^{-1} b``."""
+    scale = b.norm(dim=1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    rhs = b / scale
+
+    def tangent(s):
+        out = fwAD.unpack_dual(f_flat(fwAD.make_dual(z_star, s * scale))).tangent
+        return rhs if out is None else (out - b) / scale + rhs
+
+    atol, rtol = o.adjoint_tolerances(b.dtype)
+    with torch.no_grad():
+        t, stats = run_loop(
+            tangent, rhs, solver=o.adjoint_solver, atol=atol, rtol=rtol,
+            max_iter=o.adjoint_max_iter, on_failure=o.on_failure, return_trace=False, divergence_ratio=1e6,
+            check_inputs=False, stopping="joint", phase="jvp",
+        )
+    return t * scale, stats
+
+
+def _unrolled(f_flat, z, *, stopping, damping, atol, rtol, max_iter, return_trace, stat_modules):
+    """Damped Picard iteration with autograd through every step.
+
+    The cell is evaluated on the full batch at every step and every residual is recomputed from that
+    evaluation, so a row counts as converged only at the final iterate (a row coupled to others resumes
+    when they move it). Per-sample stopping (default) freezes converged rows by masking; ``joint`` steps
+    every row until all have converged. Running statistics are those of the last evaluation: every evaluation
+    starts from the statistics the call began with (fresh buffers, since earlier ones are saved for backward).
+    """
+    saved = _snapshot(stat_modules)
     B = z.shape[0]
-    fz = f_flat(z, *args)
+    fz = f_flat(z)
     r = (fz - z).norm(dim=1)
-    fnorm = fz.norm(dim=1)
-    # A sample is frozen once it has converged or its residual is no longer finite (nothing to gain).
-    done = is_converged(r.detach(), fnorm.detach(), atol, rtol) | ~torch.isfinite(r.detach())
+    done = is_converged(r.detach(), fz.norm(dim=1).detach(), atol, rtol) | ~torch.isfinite(r.detach())
     nstep = torch.zeros(B, dtype=torch.long, device=z.device)
     trace = [r.detach().clone()] if return_trace else None
     nfe = 1
     for _ in range(max_iter):
         if bool(done.all()):
             break
-        z_next = z + damping * (fz - z)
-        m = (~done).unsqueeze(1)
-        z = torch.where(m, z_next, z)
-        fz = torch.where(m, f_flat(z, *args), fz)
+        step = torch.ones_like(done) if stopping == "joint" else ~done
+        z = torch.where(step.unsqueeze(1), z + damping * (fz - z), z)
+        _rebind(saved)
+        fz = f_flat(z)
         nfe += 1
-        nstep += (~done).long()
+        nstep += step.long()
         r = (fz - z).norm(dim=1).detach()
-        done = done | is_converged(r, fz.norm(dim=1).detach(), atol, rtol) | ~torch.isfinite(r)
+        done = is_converged(r, fz.norm(dim=1).detach(), atol, rtol) | ~torch.isfinite(r)
         if return_trace:
             trace.append(r.clone())
     r = (fz - z).norm(dim=1).detach()
@@ -207,92 +481,137 @@ def _unrolled(f_flat, z, args, *, damping, atol, rtol, max_iter, return_trace):
     return z, stats
 
 
+# ----------------------------------------------------------------------------------------------------------
+
+
 def deq_solve(
     f: Callable,
     z0,
     *,
     args: Sequence = (),
+    kwargs: Mapping | None = None,
     options: DEQOptions | None = None,
     stats: dict | None = None,
+    arg_names: Sequence[str] | None = None,
     **overrides,
 ):
-    """Differentiable fixed point of ``z = f(z, *args)``; see the module docstring for the gradient modes.
+    """Differentiable fixed point of ``z = f(z, *args, **kwargs)``; see the module docstring for the modes.
+
+    ``args`` are the batched inputs (first dimension = batch): the solver slices them with the samples it
+    still iterates. ``kwargs`` are passed to ``f`` unsliced (non-batched values: an adjacency, a positional
+    table). Gradients flow to tensors passed either way, and to those ``f`` captures. ``arg_names`` name the
+    ``args`` in error messages.
 
     The solve is configured by ``options`` (a :class:`DEQOptions`; default: its defaults) and/or keyword
     overrides of its fields, e.g. ``deq_solve(f, z0, solver="broyden", atol=1e-6, backward="phantom")``.
     Returns ``z*`` shaped like ``z0``. If ``stats`` (a dict) is given, ``stats["forward"]`` receives the
-    forward :class:`SolverStats` and, once the backward pass has run (``backward="implicit"``),
-    ``stats["backward"]`` the adjoint solve's.
+    forward :class:`SolverStats`, ``stats["backward"]`` the adjoint solve's once the backward pass has run
+    (``backward="implicit"``), and ``stats["jvp"]`` the tangent solve's of a forward-mode pass.
 
     With ``hoist=True`` and ``f`` an ``nn.Module``, the part of ``f`` that does not depend on ``z`` (an input
     injection ``U x``, a normalised weight) is computed once per forward solve instead of once per iteration
     (:mod:`iterlayers.hoist`; verified to reproduce ``f``, and skipped when it cannot be). The number of hoisted
     operations is ``stats["forward"].info["hoisted_ops"]``. Gradients always use ``f`` itself.
+
+    Running statistics of batch norms inside ``f`` are updated once per call (by the differentiable evaluation
+    at ``z*``; for ``unrolled``, by the last iteration; for ``phantom``, by its first step), never by the
+    solver's iterations. A ``torch.compile``'d cell runs compiled, at the full batch shape, in the no-grad
+    forward iterations; its differentiable evaluations run eagerly.
     """
     o = DEQOptions.build(options, **overrides)
+    if not callable(f):
+        raise OptionTypeError(f"deq_solve: f must be callable, got {type(f).__name__}")
+    if not isinstance(args, (tuple, list)):
+        raise OptionTypeError(f"deq_solve: args must be a tuple of inputs, got {type(args).__name__}")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise OptionTypeError(f"deq_solve: kwargs must be a dict, got {type(kwargs).__name__}")
+    args, kwargs = tuple(args), dict(kwargs or {})
+    _refuse_functorch()
     if stats is None:
         stats = {}
-    stats["backward"] = None
+    stats.update(forward=None, backward=None, jvp=None)
+    traits = CellTraits.of(f)
+    if _batch_size(z0) == 0:
+        # An empty batch (a DDP shard, a detection head): one evaluation gives the empty output, with a graph.
+        with traits.eager():
+            out = f(z0, *args, **kwargs)
+        _check_same_structure(out, z0)
+        return out
 
     spec = StateSpec.of(z0)
-
-    def f_flat(zf, *a):
-        return spec.flatten(f(spec.unflatten(zf), *a))
-
-    z0f = spec.flatten(z0).detach()
+    _check_devices(f, z0, args, kwargs)
+    stopping = traits.stopping(o.stopping, kwargs, spec.batch_size)
     grad_needed = torch.is_grad_enabled()
+    dual = _forward_ad_active()
 
-    if o.backward == "unrolled" and grad_needed:
-        z, st = _unrolled(
-            f_flat, z0f, args, damping=o.unrolled_damping, atol=o.atol, rtol=o.rtol, max_iter=o.max_iter,
-            return_trace=o.return_trace,
-        )
+    def f_flat(zf):
+        return spec.flatten(f(spec.unflatten(zf), *args, **kwargs))
+
+    if o.backward == "unrolled" and (grad_needed or dual):
+        def f_checked(zf):
+            out = f(spec.unflatten(zf), *args, **kwargs)
+            if f_checked.first:  # the solver loop's check of f's output, before anything is flattened
+                spec.check_output(out, spec.batch_size)
+                f_checked.first = False
+            return spec.flatten(out)
+
+        f_checked.first = True
+        with traits.eager():
+            z, st = _unrolled(
+                f_checked, spec.flatten(z0), stopping=stopping, damping=o.unrolled_damping, atol=o.atol, rtol=o.rtol,
+                max_iter=o.max_iter, return_trace=o.return_trace, stat_modules=traits.stat_modules,
+            )
+        st.info["stopping"] = stopping
         stats["forward"] = st
         if st.status != CONVERGED:
             report_failure(st, o.on_failure)
         return spec.unflatten(z)
 
-    with torch.no_grad():
-        loop_f, loop_args, n_hoisted = f_flat, args, 0
-        if o.hoist:
-            split = split_cell(f, spec.unflatten(z0f), tuple(args), spec.batch_size)
+    z0d = tuple(p.detach() for p in z0) if spec.is_tuple else z0.detach()
+    with torch.no_grad(), (_primal_only() if dual else contextlib.nullcontext()), \
+            _frozen_statistics(traits.stat_modules):
+        loop_f, loop_args, names, n_hoisted = f, args, arg_names, 0
+        if o.hoist and not kwargs and not traits.compiled:
+            split = split_cell(f, z0d, args, spec.batch_size)
             if split is not None:
-                step_fn, loop_args, n_hoisted = split
-
-                def loop_f(zf, *a):
-                    return spec.flatten(step_fn(spec.unflatten(zf), *a))
-
+                loop_f, loop_args, n_hoisted = split
+                given = "/".join(arg_names) if arg_names else "args"
+                names = tuple(f"{given} (hoisted value {i})" for i in range(len(loop_args)))
         z_star, st = run_loop(
-            loop_f,
-            z0f,
-            solver=make_solver(o.solver, o.solver_options),
-            args=loop_args,
-            atol=o.atol,
-            rtol=o.rtol,
-            max_iter=o.max_iter,
-            on_failure=o.on_failure,
-            return_trace=o.return_trace,
-            divergence_ratio=1e6,
+            loop_f, z0d, solver=o.forward_solver, args=loop_args, kwargs=kwargs, stopping=stopping,
+            atol=o.atol, rtol=o.rtol, max_iter=o.max_iter, on_failure=o.on_failure, return_trace=o.return_trace,
+            divergence_ratio=1e6, arg_names=names, phase="forward",
         )
     st.info["hoisted_ops"] = n_hoisted
+    st.info["stopping"] = stopping
     stats["forward"] = st
-    if not grad_needed:
-        return spec.unflatten(z_star)
+    if not grad_needed and not dual:
+        return z_star
 
-    if o.backward == "jfb":
-        return spec.unflatten(f_flat(z_star, *args))
-    if o.backward == "phantom":
-        z = z_star
-        for _ in range(o.phantom_steps):
-            z = (1 - o.phantom_damping) * z + o.phantom_damping * f_flat(z, *args)
-        return spec.unflatten(z)
+    zf = spec.flatten(z_star)
+    with traits.eager():
+        if o.backward == "jfb":
+            return spec.unflatten(f_flat(zf))
+        if o.backward == "phantom":
+            z = zf
+            for k in range(o.phantom_steps):
+                z = (1 - o.phantom_damping) * z + o.phantom_damping * f_flat(z)
+                if k == 0:
+                    after_first = _snapshot(traits.stat_modules)
+            _rebind(after_first)
+            return spec.unflatten(z)
 
-    # implicit
-    z_leaf = z_star.detach().requires_grad_()
-    fz = f_flat(z_leaf, *args)
-    if not fz.requires_grad:
-        # Nothing upstream needs a gradient (no parameters, no input requiring grad).
-        return spec.unflatten(fz.detach())
+        # implicit
+        t = None
+        if dual:
+            with torch.no_grad(), _frozen_statistics(traits.stat_modules):
+                b = fwAD.unpack_dual(f_flat(zf)).tangent
+                if b is not None:
+                    t, stats["jvp"] = _tangent_solve(f_flat, zf, b, o)
+        z_leaf = zf.detach().requires_grad_(grad_needed)
+        fz = f_flat(z_leaf if t is None else fwAD.make_dual(z_leaf, t))
+    if not (grad_needed and fz.requires_grad):
+        return spec.unflatten(fz)
 
     inside = [False]
 
@@ -301,10 +620,18 @@ def deq_solve(
         # hook again: those inner calls must pass the gradient through unchanged.
         if inside[0] or grad is None:
             return grad
+        if torch.is_grad_enabled():
+            raise UnsupportedError(
+                "double backward (create_graph=True: Hessian-vector products, gradient penalties) through "
+                "backward='implicit' is not supported: the adjoint solve is not itself differentiated. Use "
+                "backward='unrolled' (plain autograd through the iterations, exact for the truncated iteration), "
+                "or compute second derivatives of an explicit reference"
+            )
         inside[0] = True
+        atol, rtol = o.adjoint_tolerances(fz.dtype)
         try:
             u, bst = implicit_backward(
-                fz, z_leaf, grad, solver=bwd_solver, atol=o.adjoint_atol, rtol=o.adjoint_rtol,
+                fz, z_leaf, grad, solver=o.adjoint_solver, atol=atol, rtol=rtol,
                 max_iter=o.adjoint_max_iter, on_failure=o.on_failure,
             )
         finally:
@@ -312,6 +639,5 @@ def deq_solve(
         stats["backward"] = bst
         return u
 
-    bwd_solver = make_solver(o.backward_solver, o.backward_solver_options)
     fz.register_hook(hook)
     return spec.unflatten(fz)

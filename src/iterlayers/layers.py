@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 from torch import nn
 
+from .errors import OptionTypeError, ShapeMismatchError
 from .implicit import DEQOptions, deq_solve
 
 __all__ = ["DEQ", "Unrolled"]
@@ -14,25 +16,30 @@ _OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(DEQOptions))
 
 
 class DEQ(nn.Module):
-    r"""Deep equilibrium layer: the output is the fixed point ``z*`` of ``z = cell(z, x)``.
+    r"""Deep equilibrium layer: the output is the fixed point ``z*`` of ``z = cell(z, *inputs, **shared)``.
 
-    ``forward(x, z0=None)`` solves ``z* = cell(z*, x)`` per sample with a batched solver (no graph is kept
-    for the iterations) and attaches ``z*`` to the graph of ``x`` and of the cell's parameters with the
-    gradient mode ``backward`` (``"implicit"``, ``"phantom"``, ``"jfb"`` or ``"unrolled"``; see
-    :mod:`iterlayers.implicit`). The initial state is ``z0`` if given, else ``cell.init_state(x)`` if the
-    cell defines it, else ``zeros_like(x)``.
+    ``forward(*inputs, z0=None, **shared)`` solves ``z* = cell(z*, *inputs, **shared)`` with a batched solver
+    (no graph is kept for the iterations) and attaches ``z*`` to the graph of the inputs and of the cell's
+    parameters with the gradient mode ``backward`` (``"implicit"``, ``"phantom"``, ``"jfb"`` or
+    ``"unrolled"``; see :mod:`iterlayers.implicit`). The positional ``inputs`` are batched (first dimension =
+    batch, a tensor or a tuple of tensors each): the solver slices them with the samples it still iterates.
+    Keyword arguments ``shared`` are passed unsliced (an adjacency, a positional table). The initial state is
+    ``z0`` if given, else ``cell.init_state(*inputs)`` if the cell defines it, else ``zeros_like(inputs[0])``
+    (under ``torch.autocast``: in the dtype of the cell's output). What the layer assumes about the cell is
+    in ``docs/cell_contract.md``.
 
     After a forward pass ``layer.stats["forward"]`` holds the solver's :class:`~iterlayers.SolverStats`;
     after ``loss.backward()`` with ``backward="implicit"``, ``layer.stats["backward"]`` holds the adjoint
-    solve's. Under ``torch.no_grad()`` only the forward solve runs.
+    solve's (``layer.stats["jvp"]`` the tangent solve's of a forward-mode pass). Under ``torch.no_grad()``
+    only the forward solve runs.
 
     Args:
-        cell: a module or callable ``cell(z, x) -> z_next``; parameters may live anywhere inside it.
+        cell: a module or callable ``cell(z, *inputs, **shared) -> z_next``; parameters may live anywhere in it.
         options: a :class:`~iterlayers.DEQOptions` value (default: its defaults).
         eval_max_iter: iteration limit in eval mode (``model.eval()``), if different.
-        **overrides: any field of :class:`~iterlayers.DEQOptions`: ``solver``, ``backward``, ``atol``,
-            ``rtol``, ``max_iter``, ``on_failure``, ``solver_options``, the ``backward_*`` options of the
-            adjoint solve, ``phantom_steps``, ``phantom_damping``, ``return_trace``, ``hoist``, ...
+        **overrides: any field of :class:`~iterlayers.DEQOptions`: ``solver``, ``backward``, ``stopping``,
+            ``atol``, ``rtol``, ``max_iter``, ``on_failure``, ``solver_options``, the ``backward_*`` options of
+            the adjoint solve, ``phantom_steps``, ``phantom_damping``, ``return_trace``, ``hoist``, ...
 
     The options are one frozen value, ``layer.options``. Each field also reads and writes as an attribute
     (``layer.max_iter = 100`` is ``layer.options = layer.options.replace(max_iter=100)``, validated).
@@ -42,13 +49,11 @@ class DEQ(nn.Module):
                  **overrides):
         super().__init__()
         if not callable(cell):
-            raise TypeError(f"cell must be a module or callable cell(z, x), got {type(cell).__name__}")
+            raise OptionTypeError(f"cell must be a module or callable cell(z, x), got {type(cell).__name__}")
         self.cell = cell
         self.options = DEQOptions.build(options, **overrides)
-        if eval_max_iter is not None:
-            self.options.replace(max_iter=eval_max_iter)  # validate it now
         self.eval_max_iter = eval_max_iter
-        self.stats: dict = {"forward": None, "backward": None}
+        self.stats: dict = {"forward": None, "backward": None, "jvp": None}
 
     def __getattr__(self, name):
         if name in _OPTION_FIELDS and "options" in self.__dict__:
@@ -58,34 +63,141 @@ class DEQ(nn.Module):
     def __setattr__(self, name, value):
         if name in _OPTION_FIELDS:
             self.options = self.options.replace(**{name: value})
-        else:
-            super().__setattr__(name, value)
+            return
+        if name == "eval_max_iter" and value is not None:
+            self.options.replace(max_iter=value)  # validated now, not at the first eval forward
+        super().__setattr__(name, value)
+        if name in ("options", "eval_max_iter"):
+            # The eval-mode value, built (and its solvers validated) once, not on every eval forward.
+            o, m = self.__dict__.get("options"), self.__dict__.get("eval_max_iter")
+            self.__dict__["_eval_options"] = o if (o is None or m is None) else o.replace(max_iter=m)
 
-    def initial_state(self, x):
+    def initial_state(self, *inputs):
         if hasattr(self.cell, "init_state"):
-            return self.cell.init_state(x)
+            return self.cell.init_state(*inputs)
+        if not inputs:
+            raise OptionTypeError("DEQ: no input to take the initial state from: pass z0")
+        x = inputs[0]
+        name = self._input_names(len(inputs))[0]
         if not isinstance(x, torch.Tensor):
-            raise TypeError("x is not a tensor: pass z0, or give the cell an init_state(x) method")
+            raise OptionTypeError(f"DEQ: {name} is a {type(x).__name__}, not a tensor: pass z0, or give the cell "
+                                  "an init_state method")
+        if not x.is_floating_point():
+            raise OptionTypeError(f"DEQ: {name} has dtype {x.dtype}, so the default initial state zeros_like({name})"
+                                  " would not be a float: pass z0, or give the cell an init_state method")
+        if x.dim() < 2:
+            raise ShapeMismatchError(
+                f"DEQ: {name} has shape {tuple(x.shape)}; inputs are batched [batch, ...] and the default initial "
+                f"state is zeros_like({name}): add the batch dimension ({name}[None] for one sample) or pass z0"
+            )
         return torch.zeros_like(x)
 
-    def forward(self, x, z0=None):
-        if z0 is None:
-            z0 = self.initial_state(x)
-        options = self.options
-        if not self.training and self.eval_max_iter is not None:
-            options = options.replace(max_iter=self.eval_max_iter)
+    def _arity(self) -> int | None:
+        """The number of positional inputs the cell takes after ``z`` (None if it takes ``*args`` or is opaque)."""
+        fn = self.cell.forward if isinstance(self.cell, nn.Module) else self.cell
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        if any(p.kind == p.VAR_POSITIONAL for p in params):
+            return None
+        return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) - 1
+
+    def _input_names(self, n: int) -> tuple:
+        """Names of the cell's positional inputs after ``z`` (from its signature), for error messages."""
+        fn = self.cell.forward if isinstance(self.cell, nn.Module) else self.cell
+        try:
+            params = [p for p in inspect.signature(fn).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+        except (TypeError, ValueError):
+            params = []
+        names = [p.name for p in params[:n]]
+        if len(names) < n:
+            names += ["x"] if n == 1 else [f"inputs[{i}]" for i in range(len(names), n)]
+        return tuple(names)
+
+    def forward(self, *inputs, z0=None, **shared):
+        if z0 is None and len(inputs) == 2 and (inputs[1] is None or self._arity() == 1):
+            # The former signature forward(x, z0): a None is never a batched input, and a cell taking one
+            # input cannot mean a second one as an input (calling it would fail): it is the initial state.
+            inputs, z0 = inputs[:1], inputs[1]
+        names = self._input_names(len(inputs))
+        for name, x in zip(names, inputs):
+            if not (isinstance(x, torch.Tensor) or (isinstance(x, (tuple, list)) and x
+                                                    and all(isinstance(t, torch.Tensor) for t in x))):
+                raise OptionTypeError(
+                    f"DEQ: input {name} is a {type(x).__name__}; positional inputs are batched tensors (or tuples "
+                    "of them); pass non-batched values as keyword arguments"
+                )
+        default_z0 = z0 is None
+        if default_z0:
+            z0 = self.initial_state(*inputs)
+        batch = _batch_of(z0, "z0")
+        for name, x in zip(names, inputs):
+            for i, t in enumerate(x if isinstance(x, (tuple, list)) else (x,)):
+                what = f"{name}[{i}]" if isinstance(x, (tuple, list)) else name
+                if t.dim() == 0 or t.shape[0] != batch:
+                    raise ShapeMismatchError(
+                        f"DEQ: {what} has shape {tuple(t.shape)} but z0 has batch size {batch}; positional inputs "
+                        "are batched (first dimension = batch) - pass a non-batched value (an adjacency, a "
+                        "table) as a keyword argument, which is never sliced"
+                    )
+        cell, args, arg_names = self.cell, inputs, names
+        if any(isinstance(x, (tuple, list)) for x in inputs):
+            # Tuple inputs travel as separate batched tensors (each sliced with the samples) and are regrouped.
+            sizes = [len(x) if isinstance(x, (tuple, list)) else None for x in inputs]
+            args = tuple(t for x in inputs for t in (x if isinstance(x, (tuple, list)) else (x,)))
+            arg_names = tuple(f"{n}[{i}]" if s is not None else n for n, s in zip(names, sizes)
+                              for i in range(s or 1))
+            cell = _Regrouped(self.cell, sizes)
+        if default_z0 and torch.is_autocast_enabled(_device_type(z0)):
+            # Under autocast the cell's output dtype is not the input's: start in the dtype it returns.
+            with torch.no_grad():
+                out = cell(z0, *args, **shared)
+            if isinstance(out, torch.Tensor) and out.dtype != z0.dtype:
+                z0 = z0.to(out.dtype)
+        options = self.options if self.training or self.eval_max_iter is None else self._eval_options
         stats: dict = {}
         # The dict is shared with the backward hook, which fills stats["backward"] later.
         self.stats = stats
-        return deq_solve(self.cell, z0, args=(x,), options=options, stats=stats)
+        return deq_solve(cell, z0, args=args, kwargs=shared, options=options, stats=stats, arg_names=arg_names)
 
     def extra_repr(self) -> str:
         o = self.options
         solver = o.solver if isinstance(o.solver, str) else type(o.solver).__name__
         return (
-            f"solver={solver!r}, backward={o.backward!r}, atol={o.atol:g}, rtol={o.rtol:g}, "
-            f"max_iter={o.max_iter}, on_failure={o.on_failure!r}"
+            f"solver={solver!r}, backward={o.backward!r}, stopping={o.stopping!r}, atol={o.atol:g}, "
+            f"rtol={o.rtol:g}, max_iter={o.max_iter}, on_failure={o.on_failure!r}"
         )
+
+
+def _device_type(z) -> str:
+    return (z[0] if isinstance(z, (tuple, list)) else z).device.type
+
+
+def _batch_of(z0, what: str) -> int:
+    parts = tuple(z0) if isinstance(z0, (tuple, list)) else (z0,)
+    for i, p in enumerate(parts):
+        if not isinstance(p, torch.Tensor):
+            raise OptionTypeError(f"DEQ: {what} must be a tensor or a tuple of tensors, got {type(p).__name__}")
+        if p.dim() == 0:
+            raise ShapeMismatchError(f"DEQ: {what} is a scalar; it must have a leading batch dimension")
+    return parts[0].shape[0]
+
+
+class _Regrouped(nn.Module):
+    """``cell(z, *flat)`` with the flat inputs regrouped into the tuples the cell takes (a module holding the
+    cell, so that the solve still sees its batch norms and compiled parts)."""
+
+    def __init__(self, cell, sizes):
+        super().__init__()
+        self.cell, self.sizes = cell, sizes
+
+    def forward(self, z, *flat, **shared):
+        it, grouped = iter(flat), []
+        for s in self.sizes:
+            grouped.append(next(it) if s is None else tuple(next(it) for _ in range(s)))
+        return self.cell(z, *grouped, **shared)
 
 
 class Unrolled(nn.Module):

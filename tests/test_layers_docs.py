@@ -1,0 +1,17 @@
+"""The code blocks of docs/cell_contract.md run as written."""
+import re
+from pathlib import Path
+
+import pytest
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "cell_contract.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+
+
+def test_the_page_has_snippets():
+    assert len(BLOCKS) >= 4
+
+
+@pytest.mark.parametrize("i", range(len(BLOCKS)))
+def test_cell_contract_snippet_runs(i):
+    exec(compile(BLOCKS[i], f"{DOC.name}[{i}]", "exec"), {})  # noqa: S102 - our own documentation
