@@ -280,7 +280,8 @@ def test_compiled_cells_with_inductor_are_exact(norm):
             z = deq(xi)
             (z * g).sum().backward()
         if how != "eager":
-            assert deq.stats["forward"].info["stopping"] == "joint"
+            # Per-sample stopping as in eager mode, the compiled cell evaluated on the whole batch each time.
+            assert deq.stats["forward"].info["stopping"].startswith("per_sample")
         solutions[how] = z.detach()
         assert true_residual(cell, z, xi).max() < 2e-6
         gx, gp = dense_ift(cell, z, x, g)

@@ -82,9 +82,11 @@ class DEQOptions:
         stopping: ``"per_sample"`` (a converged sample is frozen and the cell then runs on the active rows:
             only valid when samples are independent), ``"joint"`` (every row iterates until all have
             converged, the cell always sees the full batch: for cells that couple samples) or ``"auto"``
-            (default): ``"joint"`` when the cell contains a batch norm that uses batch statistics or is a
-            ``torch.compile``'d module (kept at one batch shape), else per-sample stopping verified once per
-            solve against a full-batch evaluation, falling back to joint when the rows turn out coupled.
+            (default): ``"joint"`` when the cell contains a batch norm that uses batch statistics or receives a
+            keyword argument with a dimension of the batch size, else per-sample stopping verified against
+            full-batch evaluations (the loop's ``"verify"``), falling back to joint when the rows turn out
+            coupled. A ``torch.compile``'d cell is always evaluated on the whole batch (frozen rows in place),
+            so it sees one shape.
         atol, rtol, max_iter: forward stopping rule ``||f(z) - z|| <= atol + rtol ||f(z)||`` and iteration
             limit.
         on_failure: ``"raise"``, ``"warn"`` or ``"ignore"`` when a solve (forward, backward or JVP) fails.
@@ -262,7 +264,7 @@ class CellTraits:
             )
         if requested != "auto":
             return requested
-        return "joint" if self.couples or shared_rows or self.compiled else "verify"
+        return "joint" if self.couples or shared_rows else "verify"
 
     def eager(self):
         """A context in which compiled code runs eagerly: the differentiable evaluations (whose graph is
@@ -577,13 +579,22 @@ def deq_solve(
                 loop_f, loop_args, n_hoisted = split
                 given = "/".join(arg_names) if arg_names else "args"
                 names = tuple(f"{given} (hoisted value {i})" for i in range(len(loop_args)))
+        if traits.compiled and args:
+            # A compiled cell is evaluated at one batch shape: the inputs are bound here, so the loop sees a map
+            # without batched arguments and evaluates the whole batch, frozen rows in place (their outputs are
+            # discarded). Per-sample stopping and its statistics are unchanged; no recompilation per active set.
+            def loop_f(z, **kw):
+                return f(z, *args, **kw)
+
+            loop_args, names = (), None
         z_star, st = run_loop(
             loop_f, z0d, solver=o.forward_solver, args=loop_args, kwargs=kwargs, stopping=stopping,
             atol=o.atol, rtol=o.rtol, max_iter=o.max_iter, on_failure=o.on_failure, return_trace=o.return_trace,
             divergence_ratio=1e6, arg_names=names, phase="forward",
         )
     st.info["hoisted_ops"] = n_hoisted
-    st.info["stopping"] = stopping
+    # The loop records what happened ("per_sample (verified)", "joint (coupling detected ...)"); keep that.
+    st.info["stopping_requested"] = o.stopping
     stats["forward"] = st
     if not grad_needed and not dual:
         return z_star

@@ -60,6 +60,11 @@ def build_model(name: str, in_features: int, num_classes: int, **options) -> nn.
         raise ValidationError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
     try:
         return MODELS[name](in_features, num_classes, **options)
+    except (OptionTypeError, ValidationError) as err:
+        # The family's own option errors (from the model or the DEQOptions it builds): keep the type, name the model.
+        if str(err).startswith(f"model {name!r}"):
+            raise
+        raise type(err)(f"model {name!r}: {err}") from None
     except IterlayersError:
         raise
     except TypeError as err:

@@ -99,7 +99,7 @@ __all__ = ["run_loop", "report_failure", "ON_FAILURE", "STOPPING", "PHASES", "To
 
 ON_FAILURE = ("raise", "warn", "ignore")
 STOPPING = ("verify", "per_sample", "joint")
-PHASES = ("forward", "backward")
+PHASES = ("forward", "backward", "jvp")
 
 #: a coupling undetected by ``stopping="verify"`` moves a residual by at most this fraction of its tolerance
 TAU = 1.0 / 16
