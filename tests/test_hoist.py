@@ -217,7 +217,17 @@ class TypeTest(Injected):
         return torch.tanh(self.W(z) - 3 * self.U(x))
 
 
-@pytest.mark.parametrize("cls", [InPlace, DataDependent, Stateful, TypeTest])
+class TypeTestLate(Injected):
+    """Traces into the wrong branch, which agrees with the cell at z0 = 0 (W 0 = 2 W 0) and differs from the
+    second iterate on: a verification of the first iterate alone would accept it."""
+
+    def forward(self, z, x):
+        if isinstance(z, torch.Tensor):
+            return torch.tanh(self.W(z) + self.U(x))
+        return torch.tanh(2 * self.W(z) + self.U(x))
+
+
+@pytest.mark.parametrize("cls", [InPlace, DataDependent, Stateful, TypeTest, TypeTestLate])
 def test_unsafe_cells_are_used_as_written(cls):
     torch.manual_seed(0)
     cell = cls().double()
