@@ -291,3 +291,21 @@ def test_anderson_safeguard_takes_a_damped_picard_step(damping):
     assert sol.z.flatten().tolist() == zs
     # every step but each sample's first fell back
     assert sol.stats.info["anderson_fallbacks"] == sum(steps) - 2
+
+
+@pytest.mark.parametrize("solver,opts", [("picard", {}), ("anderson", {"m": 3}), ("broyden", {"line_search": True}),
+                                         ("gmres", {})])
+def test_nfe_counts_every_evaluation_of_f(solver, opts):
+    calls = []
+
+    def cell(z, x):
+        calls.append(z.shape[0])
+        return torch.tanh(0.6 * z.flip(1) + x)
+
+    x = torch.linspace(-3, 3, 12, dtype=F64).reshape(4, 3) * torch.tensor([[1e-6], [1.0], [2.0], [3.0]], dtype=F64)
+    sol = il.solve(cell, torch.zeros_like(x), args=(x,), solver=solver, atol=1e-9, rtol=0, max_iter=60,
+                   on_failure="ignore", **opts)
+    assert sol.stats.nfe == len(calls) > 3
+    with torch.no_grad():
+        true_res = (cell(sol.z, x) - sol.z).norm(dim=1)
+    torch.testing.assert_close(sol.stats.abs_residual, true_res, rtol=1e-6, atol=1e-13)
