@@ -259,3 +259,24 @@ def test_the_per_solve_check_costs_no_cell_evaluation():
     assert deq.stats["forward"].info["hoisted_ops"] >= 1
     # a cache hit: the loop's evaluations only, no verification and no trace
     assert count.n == deq.stats["forward"].nfe
+
+
+def test_the_mlp_models_cell_keeps_its_hoisted_weight_and_trains_between_solves():
+    # DEQMLP's cell computes W = gamma V / ||V||_2 (an SVD) from parameters alone: hoisted once per solve.
+    # Optimiser steps between solves change V in place: no rebuild, and the solve follows the new weight.
+    from iterlayers.models.deq_mlp import DEQMLP
+
+    torch.manual_seed(0)
+    model = DEQMLP(5, 3, width=8, atol=1e-9, max_iter=200).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+        assert model.deq.stats["forward"].info["hoisted_ops"] >= 2
+        with torch.no_grad():
+            u = model.inject(x)
+            z = model.deq(u)
+            assert float((model.cell(z, u) - z).norm(dim=1).max()) <= 1e-9
+    assert hoist._CACHE[model.cell].get(hoist._REBUILDS, 0) == 0
