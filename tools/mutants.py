@@ -153,6 +153,27 @@ MUTANTS = [
       "for path, m in cell.named_modules():\n        d = m.__dict__",
       "for path, m in [('', cell)]:\n        d = m.__dict__", HT),
     M("hoist: verification tolerance loosened", H, "tol = 8 * torch.finfo(a.dtype).eps", "tol = 0.5", HT),
+
+    # --- "blind" mutants: written after the tests above as a check that the suite's strength generalises to
+    # bugs it was not tuned for (select them with -k blind). The first run caught 5 of 9 (three more were
+    # dropped as equivalent, see tools/mutants.md); the tests added for the 4 missed ones make them no longer
+    # blind. Add new blind mutants here before writing tests for them.
+    M("blind loop: the caller's z0 handed back as the solution", L, "if out_z is z0 or (isinstance(z0",
+      "if False and (isinstance(z0", S),
+    M("blind loop: a non-finite initial residual not diverged", L, "diverged = ~torch.isfinite(r)",
+      "diverged = torch.zeros_like(r, dtype=torch.bool)", S),
+    M("blind broyden: line search accepts equal residuals", BR, "worse = ~((fz_new - z_new).norm(dim=1) < gnorm)",
+      "worse = ~((fz_new - z_new).norm(dim=1) <= gnorm)", S),
+    M("blind broyden: every sample backtracks", BR, "z_try = torch.where(worse.unsqueeze(1), z + t * dz, z_new)",
+      "z_try = z + t * dz", S),
+    M("blind implicit: a zero incoming gradient divided by zero", IM,
+      "scale = torch.where(scale > 0, scale, torch.ones_like(scale))", "scale = scale", G),
+    M("blind implicit: unrolled frozen samples keep counting steps", IM, "nstep += (~done).long()", "nstep += 1", G),
+    M("blind hoist: in-place methods not detected", H, 'return name.endswith("_") and not name.endswith("__")',
+      "return False", HT),
+    M("blind hoist: module state changed by the trace ignored", H, "if _state_changed(snap):", "if False:", HT),
+    M("blind hoist: non-batch-shaped input values hoisted", H, "if fa and not _batch_shaped(v, batch)]",
+      "if False]", HT),
 ]
 
 

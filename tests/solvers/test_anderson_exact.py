@@ -159,6 +159,30 @@ def test_a_nan_mid_solve_marks_that_sample_diverged_and_frees_the_others():
     assert sol.z[0].item() == 0.0 and sol.stats.best.tolist() == [True, False]
 
 
+def test_a_sample_whose_first_image_is_not_finite_is_diverged_before_any_step():
+    def cell(z, a):
+        return 0.5 * z + torch.log(a)  # a = -1: f(z0) = NaN although z0 and a are finite
+
+    a = col(-1.0, 1.0)
+    sol = il.solve(cell, torch.ones(2, 1, dtype=F64), args=(a,), solver="picard", atol=2.0**-10, rtol=0,
+                   max_iter=100, on_failure="ignore")
+    assert sol.stats.nstep.tolist() == [0, 9]
+    assert sol.stats.diverged.tolist() == [True, False] and sol.stats.status == "diverged"
+    assert sol.z[0].item() == 1.0 and sol.z[1].item() == 2.0**-9
+
+
+@pytest.mark.parametrize("max_iter", [0, 5])
+def test_the_solution_never_shares_memory_with_z0(max_iter):
+    # z0 is already the fixed point (or no iteration is allowed): the returned tensor is still a new one, so
+    # writing into it (or into z0) cannot change the other
+    z0 = torch.zeros(3, 2, dtype=F64)
+    sol = il.solve(lambda z, a: a * z, z0, args=(torch.full((3, 2), 0.5, dtype=F64),), solver="picard", atol=1e-9,
+                   rtol=0, max_iter=max_iter, on_failure="raise")
+    assert sol.stats.nstep.tolist() == [0, 0, 0]
+    sol.z.add_(1.0)
+    assert bool((z0 == 0).all())
+
+
 def test_an_infinite_map_never_passes_a_relative_tolerance():
     def cell(z, a):
         return 0.5 * z + 1.0 / a  # a = 0: f(z) = inf, r = inf, and inf <= atol + rtol * inf would pass

@@ -120,3 +120,15 @@ def test_broyden_first_step_is_picard_and_second_is_exact_on_a_scalar_affine_map
                    rtol=0, max_iter=10, on_failure="raise", return_trace=True)
     assert sol.stats.nstep.tolist() == [2, 2]
     torch.testing.assert_close(sol.z, c / (1 - a), rtol=1e-15, atol=0)
+
+
+def test_broyden_line_search_backtracks_on_an_equal_residual():
+    # f(z) = c - z from z0 = 0: the Picard step lands on z1 = c with g1 = -c, a residual of exactly the same
+    # norm. That is not a decrease, so the line search halves the step and lands on c / 2, the fixed point,
+    # after one step and two evaluations. (Accepting the equal residual would take a second Broyden step.)
+    c = torch.tensor([[1.0, -2.0], [0.5, 4.0]], dtype=F64)
+    sol = il.solve(lambda z, cc: cc - z, torch.zeros_like(c), args=(c,), solver="broyden", line_search=True,
+                   atol=1e-12, rtol=0, max_iter=10, on_failure="raise")
+    assert sol.stats.nstep.tolist() == [1, 1]
+    assert sol.stats.nfe == 1 + 2
+    assert torch.equal(sol.z, c / 2)
