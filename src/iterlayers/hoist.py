@@ -47,7 +47,9 @@ took a wrong Python branch (an ``isinstance`` test on a proxy, say) and differs 
 point is refused. This is a check at two points, not a proof: fx cannot branch on tensor values, so once the
 baked-in Python values are pinned by the fingerprint and the input signature by the cache key, the graph is
 the same function for every later input, and a wrong branch that agrees with the cell at both points (an
-error that vanishes at ``z0`` and at ``f(z0)``) is the residual risk.
+error that vanishes at ``z0`` and at ``f(z0)``) is the residual risk. State carried between iterations is
+not something two points can reveal (an in-place update of a hoisted value that is a no-op at ``z0`` and
+``z1``): it is excluded by refusing every in-place op, not by the verification.
 """
 from __future__ import annotations
 
