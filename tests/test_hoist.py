@@ -188,6 +188,16 @@ class InPlace(Injected):
         return torch.tanh(h)
 
 
+class InPlaceFunction(Injected):
+    def forward(self, z, x):
+        h = self.U(x).abs()
+        # A function-form in-place op in the loop on a value that would be hoisted: the split would carry
+        # max(|U x|, W z_1, ..., W z_k) from one iteration to the next. The verification cannot see it
+        # (the carried value is a no-op at z0 = 0 and at z1), so the in-place test must refuse the split.
+        torch.clamp_min_(h, self.W(z))
+        return torch.tanh(h + 0 * z)
+
+
 class DataDependent(Injected):
     def forward(self, z, x):
         h = self.W(z) + self.U(x)
@@ -217,7 +227,17 @@ class TypeTest(Injected):
         return torch.tanh(self.W(z) - 3 * self.U(x))
 
 
-@pytest.mark.parametrize("cls", [InPlace, DataDependent, Stateful, TypeTest])
+class TypeTestLate(Injected):
+    """Traces into the wrong branch, which agrees with the cell at z0 = 0 (W 0 = 2 W 0) and differs from the
+    second iterate on: a verification of the first iterate alone would accept it."""
+
+    def forward(self, z, x):
+        if isinstance(z, torch.Tensor):
+            return torch.tanh(self.W(z) + self.U(x))
+        return torch.tanh(2 * self.W(z) + self.U(x))
+
+
+@pytest.mark.parametrize("cls", [InPlace, InPlaceFunction, DataDependent, Stateful, TypeTest, TypeTestLate])
 def test_unsafe_cells_are_used_as_written(cls):
     torch.manual_seed(0)
     cell = cls().double()

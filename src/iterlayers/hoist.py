@@ -14,14 +14,46 @@ The split is an optimisation and does not change results beyond round-off (a hoi
 the whole batch once, where the loop would compute it for the shrinking set of unconverged samples, and a
 matrix product's rounding can depend on its batch size). It is refused (the cell is then used as written)
 when tracing fails, when the traced graph mutates tensors in place, when tracing changed the module's
-state, or when ``step(prepare(.))`` does not reproduce the cell on the first two iterates of the solve it is
-built for. Random ops (dropout, ``rand*``) and modules with buffers in training mode (batch-norm statistics)
-are never hoisted: they stay inside ``step`` and run every iteration, as they would without the split.
-Values derived from the batched inputs are hoisted only as tensors whose first dimension is the batch, so
-the solver can still slice them when it drops converged samples.
+state, when a forward hook would not fire once per real evaluation (below), or when ``step(prepare(.))``
+does not reproduce the cell on the first two iterates of the solve it is built for. Random ops (dropout,
+``rand*``) and modules with buffers in training mode (batch-norm statistics) are never hoisted: they stay
+inside ``step`` and run every iteration, as they would without the split. Values derived from the batched
+inputs are hoisted only as tensors whose first dimension is the batch, so the solver can still slice them
+when it drops converged samples.
+
+What a trace bakes in, and how the cache stays valid. The generated code looks parameters, buffers, tensor
+attributes and leaf submodules up on the live cell at every call (``self.W``), so an optimiser step, a
+replaced ``nn.Parameter`` or ``load_state_dict`` is followed without re-tracing. Every other Python value the
+forward reads (a temperature ``self.temp``, a flag, ``training``, a submodule's ``eps``, which submodules and
+parameters exist and of what type) is frozen into the graph. :func:`_fingerprint` records all of them at
+trace time, for the cell and every submodule, and each solve compares the record with the cell as it is
+(a walk over the modules' attribute dicts: no extra evaluation of the cell); any difference rebuilds and
+re-verifies the split. A cell whose record keeps changing (an attribute annealed at every step) is not
+worth re-tracing: after ``_MAX_REBUILDS`` rebuilds it is used as written from then on. Values the forward
+reaches outside the module tree (globals, closures of stored functions, objects nested deeper than
+``_DEPTH`` or containers of more than ``_WIDTH`` items, which are compared by identity) are not tracked:
+such a cell should be solved with ``hoist=False``.
+
+Hooks. The cell's own ``forward`` never runs under the split, and fx inlines every submodule that is not a
+``torch.nn`` leaf, so forward (pre-)hooks on those would silently stop firing (an NFE counter, an activation
+recorder). Hoisting is therefore refused while the cell, a non-leaf submodule, or the global registry
+(``torch.nn.modules.module.register_module_forward_hook``) carries a forward or forward-pre hook. Hooks on
+leaf submodules (``nn.Linear``, ``nn.Conv2d``, ...) are kept: the split still calls those modules, so their
+hooks fire once per real evaluation (once per solve for a hoisted ``U``, once per iteration for ``W``).
+
+What the verification guarantees. ``step(prepare(args))`` is compared with ``cell`` (to ``8 eps``
+relative) at ``z0`` and at ``cell(z0)``, for the inputs of the solve the split is built for. A trace that
+took a wrong Python branch (an ``isinstance`` test on a proxy, say) and differs from the cell at either
+point is refused. This is a check at two points, not a proof: fx cannot branch on tensor values, so once the
+baked-in Python values are pinned by the fingerprint and the input signature by the cache key, the graph is
+the same function for every later input, and a wrong branch that agrees with the cell at both points (an
+error that vanishes at ``z0`` and at ``f(z0)``) is the residual risk. State carried between iterations is
+not something two points can reveal (an in-place update of a hoisted value that is a no-op at ``z0`` and
+``z1``): it is excluded by refusing every in-place op, not by the verification.
 """
 from __future__ import annotations
 
+import enum
 import inspect
 import operator
 import weakref
@@ -239,6 +271,73 @@ def _build(cell: nn.Module, graph: fx.Graph, nargs: int, refuse: set) -> SplitCe
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_REBUILDS = "rebuilds"  # per-cell counter of splits rebuilt because the fingerprint changed
+_MAX_REBUILDS = 3
+
+# Entries of every nn.Module's __dict__ that the fingerprint treats itself (or that cannot change a trace).
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
+_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, enum.Enum)
+_DEPTH, _WIDTH = 4, 64
+_TENSOR = ("tensor",)  # tensors are looked up live by the generated code: only their presence matters
+
+
+def _value(v, depth: int = 0):
+    """A comparable record of a Python value a trace may have read (without references to it)."""
+    if isinstance(v, torch.Tensor):
+        return _TENSOR
+    if isinstance(v, _SCALARS):
+        return (type(v), v)
+    if depth < _DEPTH:
+        if isinstance(v, (tuple, list)) and len(v) <= _WIDTH:
+            return (type(v), tuple(_value(x, depth + 1) for x in v))
+        if isinstance(v, dict) and len(v) <= _WIDTH:
+            return (type(v), tuple((_value(k, depth + 1), _value(x, depth + 1)) for k, x in v.items()))
+        if isinstance(v, (set, frozenset)) and len(v) <= _WIDTH and all(isinstance(x, _SCALARS) for x in v):
+            return (type(v), frozenset(v))
+        # a plain object holding options (a config dataclass): its fields, one level further down
+        if not callable(v) and not isinstance(v, (type, nn.Module)) and hasattr(v, "__dict__"):
+            return (type(v), _value(vars(v), depth + 1))
+    # functions, classes, large or deep containers: identity (and length, where there is one)
+    return ("id", type(v), id(v), len(v) if isinstance(v, (tuple, list, dict, set, frozenset)) else -1)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    g = torch.nn.modules.module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks)
+
+
+def _fingerprint(cell: nn.Module) -> tuple:
+    """Everything a trace of ``cell`` may have frozen besides the input signature: per module (by path) its
+    type, its non-tensor attributes (values), which parameters, buffers and children it has (and which are
+    None), and whether it carries forward hooks; plus whether global forward hooks exist. Two equal
+    fingerprints mean the traced graph is still the cell's graph."""
+    parts = [_global_hooks()]
+    for path, m in cell.named_modules():
+        d = m.__dict__
+        parts.append((
+            path,
+            type(m),
+            tuple((k, _value(v)) for k, v in d.items() if k not in _MODULE_INTERNALS),
+            tuple((k, v is None) for k, v in m._parameters.items()),
+            tuple((k, v is None) for k, v in m._buffers.items()),
+            tuple((k, v is None) for k, v in m._modules.items()),
+            _has_hooks(m),
+        ))
+    return tuple(parts)
+
+
+def _hooks_refuse(cell: nn.Module) -> bool:
+    """Whether some forward hook would not fire once per real evaluation under the split: one on the cell
+    itself or on a submodule fx inlines (only leaf modules stay calls), or a global one."""
+    if _global_hooks():
+        return True
+    tracer = fx.Tracer()
+    return any(_has_hooks(m) and (path == "" or not tracer.is_leaf_module(m, path))
+               for path, m in cell.named_modules())
 
 
 def _key(cell: nn.Module, z, args) -> tuple:
@@ -268,7 +367,9 @@ def split_cell(cell, z0, args: tuple, batch: int):
 
     Returns ``(step_fn, batched_args, n_hoisted)`` where ``step_fn(z, *batched_args)`` evaluates the cell
     with its ``z``-independent part already computed; ``None`` when the cell cannot (or need not) be split.
-    The split is built and verified once per cell, training mode and input signature, then cached.
+    The split is built and verified once per cell, training mode and input signature, then cached with the
+    cell's :func:`_fingerprint`; a solve that finds a different fingerprint rebuilds it (see the module
+    docstring), and after ``_MAX_REBUILDS`` rebuilds the cell is no longer split.
     """
     if not isinstance(cell, nn.Module) or len(args) == 0:
         return None
@@ -277,19 +378,30 @@ def split_cell(cell, z0, args: tuple, batch: int):
     if not all(isinstance(a, torch.Tensor) for a in args):
         return None
     per_cell = _CACHE.setdefault(cell, {})
+    if per_cell.get(_REBUILDS, 0) > _MAX_REBUILDS:
+        return None
     key = _key(cell, z0, args)
-    if key in per_cell:
-        split = per_cell[key]
+    fingerprint = _fingerprint(cell)
+    entry = per_cell.get(key)
+    if entry is not None and entry[1] == fingerprint:
+        split = entry[0]
         if split is None:
             return None
         bound = split.bind(cell, args, batch)
         return None if bound is None else (*bound, split.n_hoisted)
+    if entry is not None:
+        # Something the cached trace baked in has changed since: rebuild (or give up on a volatile cell).
+        per_cell[_REBUILDS] = per_cell.get(_REBUILDS, 0) + 1
+        if per_cell[_REBUILDS] > _MAX_REBUILDS:
+            per_cell.clear()
+            per_cell[_REBUILDS] = _MAX_REBUILDS + 1
+            return None
 
     result = None
     try:
-        result = _make_verified(cell, z0, args, batch)
+        result = None if _hooks_refuse(cell) else _make_verified(cell, z0, args, batch)
     finally:
-        per_cell[key] = None if result is None else result[0]
+        per_cell[key] = (None if result is None else result[0], fingerprint)
     return None if result is None else (result[1], result[2], result[0].n_hoisted)
 
 
