@@ -45,7 +45,11 @@ def test_absolute_tolerance_boundary_is_inclusive(solver, opts):
     assert sol.stats.nstep.tolist() == [9, 10, 11]
     torch.testing.assert_close(sol.z, z0 * 2.0 ** -sol.stats.nstep.to(F64).unsqueeze(1), rtol=0, atol=0)
     assert sol.stats.abs_residual.tolist() == [2.0**-10] * 3
-    assert sol.stats.nfe == 1 + 11
+    # 1 + 11 evaluations of the iteration, plus the one whole-batch evaluation of the default stopping="verify"
+    assert sol.stats.nfe == 1 + 11 + 1 and sol.stats.info["stopping"] == "per_sample (verified)"
+    plain = il.solve(scale_cell, z0, args=(col(0.5, 0.5, 0.5),), solver=solver, atol=2.0**-10, rtol=0,
+                     max_iter=50, on_failure="raise", stopping="per_sample", **opts)
+    assert plain.stats.nfe == 1 + 11 and plain.stats.nstep.tolist() == [9, 10, 11]
 
 
 @pytest.mark.parametrize("solver,opts", STOPPERS)
