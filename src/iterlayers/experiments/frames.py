@@ -56,10 +56,10 @@ SETTINGS = {
         n_attack=449, n_perm=500,
     ),
     "quick": dict(
-        depths=[1, 2, 3], widths=[16, 64], dfp_steps=150, epochs={"digits": 30, "mnist1d": 30},
+        depths=[1, 2, 3], widths=[16, 64], dfp_steps=80, epochs={"digits": 15, "mnist1d": 15},
         mnist1d_samples=2000, seeds=3, fc_family=100,
-        rec_widths=(64, 64), rec_T=10, rec_epochs=20, eps_inf=[0.1, 0.2], pgd_steps=100, pgd_restarts=5,
-        n_attack=200, n_perm=300,
+        rec_widths=(64, 64), rec_T=10, rec_epochs=12, eps_inf=[0.1], pgd_steps=100, pgd_restarts=5,
+        n_attack=100, n_perm=300,
     ),
     "tiny": dict(
         depths=[1, 3], widths=[8, 16], dfp_steps=40, epochs={"digits": 4, "mnist1d": 4},
@@ -530,8 +530,11 @@ def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0, wor
         control={"description": "the family's range scaled by 10 (a wrong normalisation)",
                  "value": max(abs(math.log(10 * min(fam) / PAPER_FC_RANGE[0])),
                               abs(math.log(10 * max(fam) / PAPER_FC_RANGE[1])))}))
+    t1 = time.perf_counter()
     sel_claims, sel_stats = _selection_claims(rows, names, cfg, mode, seed)
+    t_stats = time.perf_counter() - t1
     skip_claims, skip_detail = _skip_claims(cfg, names, datasets, rows, mode, seed)
+    t_skip = time.perf_counter() - t1 - t_stats
     claims += sel_claims + skip_claims + _recurrent_claims(rec, cfg, mode)
 
     small = FrameArchitecture((6,), (4, 8, 8))
@@ -551,7 +554,8 @@ def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0, wor
         "seed": seed, "paper_reference": ref, "architectures": rows, "selection_statistics": sel_stats,
         "skip_detail": skip_detail, "recurrent": rec, "datasets": {n: repr(d) for n, d in datasets.items()},
         "normalizations": list(NORMALIZATIONS),
-        "phase_seconds": {"paper_reference": t_ref, "model_selection": t_sel, "recurrent": t_rec},
+        "phase_seconds": {"paper_reference": t_ref, "model_selection": t_sel, "recurrent": t_rec,
+                          "selection_statistics": t_stats, "skip_claims": t_skip},
     }
     metrics["figures"] = _plots(out, metrics, names, cfg)
     metrics["seconds"] = time.perf_counter() - t0
