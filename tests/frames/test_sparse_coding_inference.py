@@ -70,18 +70,19 @@ def test_apg_objective_decreases_with_iterations():
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_T1_equals_relu_network(structure):
     torch.manual_seed(2)
-    arch = FrameArchitecture((7,), (4, 4, 4), structure=structure)
+    arch = FrameArchitecture((7,), (4, 4, 4, 4), structure=structure)
     net = DeepFrameNet(arch, 3)
     x = torch.randn(5, 7)
-    L1, L2, L3 = net.layers
+    L1, L2, L3, L4 = net.layers
     relu = torch.relu
     if structure == "chain":
-        h1 = relu(L1(x)); h2 = relu(L2(h1)); h3 = relu(L3(h2)); feat = h3
-    elif structure == "residual":
-        h1 = relu(L1(x)); h2 = h1 + relu(L2(h1)); h3 = h2 + relu(L3(h2)); feat = h3
-    else:
-        w1 = relu(L1(x)); w2 = relu(L2(torch.cat([x, w1], 1))); w3 = relu(L3(torch.cat([x, w1, w2], 1)))
-        feat = torch.cat([w1, w2, w3], 1)
+        h1 = relu(L1(x)); h2 = relu(L2(h1)); h3 = relu(L3(h2)); feat = relu(L4(h3))
+    elif structure == "residual":  # basic blocks: the shortcut spans two layers
+        h1 = relu(L1(x)); h2 = relu(L2(h1)); h3 = relu(L3(h2) + h1); feat = relu(L4(h3) + h2)
+    else:  # dense among hidden layers: the input feeds layer 1 only
+        w1 = relu(L1(x)); w2 = relu(L2(w1)); w3 = relu(L3(torch.cat([w1, w2], 1)))
+        w4 = relu(L4(torch.cat([w1, w2, w3], 1)))
+        feat = torch.cat([w1, w2, w3, w4], 1)
     assert torch.equal(net(x), net.head(feat))
 
 

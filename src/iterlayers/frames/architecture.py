@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .global_frame import STRUCTURES, GlobalFrame, assemble_global_frame, conv_matrix
+from .global_frame import STRUCTURES, FrameLayout, GlobalFrame, assemble_global_frame, check_skip, conv_matrix, frame_layout
 
 __all__ = ["KINDS", "FrameArchitecture"]
 
@@ -23,9 +23,10 @@ KINDS = ("fc", "conv")
 class FrameArchitecture:
     """``widths`` are units (``fc``) or channels (``conv``, 1-D, stride 1, 'same' zero padding, odd kernel).
 
-    ``input_shape``: ``(d,)`` for ``fc``; ``(C, L)`` for ``conv``. Layer ``j`` reads ``x`` / the previous code
-    (chain), the residual stream (residual; all widths equal), or the concatenation of ``x`` and all previous
-    codes (dense).
+    ``input_shape``: ``(d,)`` for ``fc``; ``(C, L)`` for ``conv``. Layer ``j`` reads the previous code (chain;
+    residual, whose layer ``j > skip`` also adds the code ``w_{j-skip}`` through an identity shortcut), or the
+    concatenation of all previous hidden codes (dense, ``j >= 2``); layer 1 reads ``x`` in every structure.
+    ``skip`` (residual only): layers spanned by a shortcut.
     """
 
     input_shape: tuple[int, ...]
@@ -33,6 +34,7 @@ class FrameArchitecture:
     structure: str = "chain"
     kind: str = "fc"
     kernel_size: int = 3
+    skip: int = 2
     name: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -51,10 +53,11 @@ class FrameArchitecture:
                 raise ValueError(f"conv input_shape must be (C, L), got {self.input_shape}")
             if self.kernel_size < 1 or self.kernel_size % 2 == 0:
                 raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size}")
-        if self.structure == "residual" and len(set(self.widths)) > 1:
-            raise ValueError(f"residual structure needs equal widths, got {self.widths}")
+        if self.structure == "residual":
+            check_skip(self.widths, self.skip)
         if not self.name:
-            object.__setattr__(self, "name", f"{self.kind}-{self.structure}-d{self.depth}-w{self.widths[0]}")
+            widths = "x".join(str(w) for w in self.widths)
+            object.__setattr__(self, "name", f"{self.kind}-{self.structure}-{widths}")
 
     @property
     def depth(self) -> int:
@@ -70,7 +73,7 @@ class FrameArchitecture:
         if j == 0:
             return c0
         if self.structure == "dense":
-            return c0 + sum(self.widths[:j])
+            return sum(self.widths[:j])
         return self.widths[j - 1]
 
     def weight_shapes(self) -> list[tuple[int, ...]]:
@@ -108,5 +111,35 @@ class FrameArchitecture:
                 out.append(conv_matrix(W, shape, padding=self.kernel_size // 2).transpose(0, 1))
         return out
 
+    def frame_input_sizes(self) -> list[int]:
+        """Rows ``in_j`` of every layer frame (flattened input size of layer ``j``)."""
+        return [self.in_channels(j) * self._spatial for j in range(self.depth)]
+
+    def layout(self) -> FrameLayout:
+        """The global frame's block layout (no weights needed)."""
+        return frame_layout(math.prod(self.input_shape), self.feature_sizes, structure=self.structure, skip=self.skip)
+
+    def gram_nonzeros(self) -> int:
+        """Structural non-zeros ``N`` of the Gram matrix of the global frame.
+
+        ``fc``: counted block by block (a block whose products are all identity x identity is diagonal, any
+        other non-zero block is dense for generic weights), so no ``K x K`` matrix is formed; ``conv``: from
+        the support of the assembled frame (Toeplitz blocks are sparse)."""
+        lay = self.layout()
+        n, P, I = lay.col_sizes, lay.pattern, lay.identity
+        if self.kind == "conv":
+            ones = [torch.ones(sh, dtype=torch.float64) for sh in self.weight_shapes()]
+            return int(self.global_frame(ones, normalize_atoms=False).gram_mask().sum())
+        total = 0
+        for j in range(self.depth):
+            for k in range(self.depth):
+                shared = [r for r in range(self.depth) if P[r, j] and P[r, k]]
+                if shared:
+                    diagonal = j != k and all(I[r, j] and I[r, k] for r in shared)
+                    total += n[j] if diagonal else n[j] * n[k]
+        return total
+
     def global_frame(self, weights, *, normalize_atoms: bool = True) -> GlobalFrame:
-        return assemble_global_frame(self.layer_frames(weights), structure=self.structure, normalize_atoms=normalize_atoms)
+        return assemble_global_frame(
+            self.layer_frames(weights), structure=self.structure, normalize_atoms=normalize_atoms, skip=self.skip
+        )

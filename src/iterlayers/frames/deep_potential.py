@@ -11,18 +11,19 @@ Atoms of every layer frame are unit-norm (sparse-coding convention), then each g
 The *minimal* DFP of an architecture (minimum over all weights of that shape) depends on the architecture
 only; it is found here by gradient descent on the weights, without any data.
 
-Lower bound (``deep_frame_potential_lower_bound``): ``||G||_F^2`` is the sum of its Gram blocks. With
-``m_j`` identity blocks in global column block ``j`` its atoms have norm ``sqrt(1 + m_j)`` and the diagonal
-block is ``G_jj = (B_j^T B_j + m_j I) / (1 + m_j)``, so, with ``FP(B_j) >= max(n_j, n_j^2 / in_j)``,
+Lower bound (``deep_frame_potential_lower_bound``), for every structure from its block pattern: ``||G||_F^2``
+is the sum of its Gram blocks. Column block ``j`` holds the unit atoms of ``B_j`` and ``m_j`` fixed identity
+blocks (its own ``-I``, shortcut identities), so its atoms have norm ``c_j = sqrt(1 + m_j)`` and its diagonal
+block is ``G_jj = (B_j^T B_j + m_j I) / c_j^2``; as ``trace B_j^T B_j = n_j`` and
+``FP(B_j) >= max(n_j, n_j^2 / in_j)``,
 
-    ||G_jj||_F^2 >= (max(n_j, n_j^2 / in_j) + 2 m_j n_j + m_j^2 n_j) / (1 + m_j)^2.
+    ||G_jj||_F^2 >= (max(n_j, n_j^2 / in_j) + 2 m_j n_j + m_j^2 n_j) / c_j^4.
 
-Chain off-diagonal blocks are ``-B_{j+1} / sqrt((1+m_j)(1+m_{j+1}))`` whose squared norm is the constant
-``n_{j+1} / ((1+m_j)(1+m_{j+1}))`` (unit atoms): for a chain the bound is attained exactly when every layer
-frame is a unit-norm tight frame (or orthonormal). Residual off-diagonal blocks are
-``(-B_k + a_k I) / (c_j c_k)`` (``a_k`` identity rows below layer ``k``) with squared norm
-``>= n (a_k - 1)^2 / (c_j c_k)^2`` (since
-``trace B_k <= n`` for unit atoms); dense off-diagonal blocks are bounded below by 0 only.
+An off-diagonal block ``G_jk = sum_r P_rj^T P_rk / (c_j c_k)`` (over the row blocks ``r`` both columns occupy)
+is fixed when every product is identity x identity (a residual ``-I``/shortcut pair: ``||.||^2 = n``), and
+equals ``-B_k / (c_j c_k)`` with squared norm ``n_k / (c_j c_k)^2`` when its only product is an identity
+against a whole unit-atom layer frame (the chain coupling); otherwise it is bounded below by 0. For a chain
+the bound is attained exactly when every layer frame is a unit-norm tight frame (or orthonormal).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ __all__ = [
     "minimize_deep_frame_potential",
 ]
 
-NORMALIZATIONS = ("nonzero", "none", "full")
+NORMALIZATIONS = ("nonzero", "none", "full", "offdiagonal", "rms", "mean_abs")
 
 
 def _check_normalize(normalize: str) -> str:
@@ -56,15 +57,37 @@ def _check_normalize(normalize: str) -> str:
 
 
 def global_frame_potential(frame: GlobalFrame, *, normalize: str = "nonzero") -> torch.Tensor:
-    """``||B~^T B~||_F^2`` of an assembled global frame, divided by ``N(B)`` (``nonzero``), ``K^2`` (``full``)
-    or nothing (``none``)."""
+    """The deep frame potential of an assembled global frame under one reading of "average".
+
+    With ``G`` the Gram matrix of the column-normalised frame, ``S`` its structural support (``N = |S|``) and
+    ``S_off`` the off-diagonal part of ``S``:
+
+    - ``nonzero`` (default; the papers' definition as we read it): ``||G||_F^2 / N``;
+    - ``full``: ``||G||_F^2 / K^2``; ``none``: ``||G||_F^2``;
+    - ``offdiagonal``: ``sum_{S_off} G_ik^2 / |S_off|`` (the unit diagonal left out);
+    - ``rms``: its square root (a root-mean-square inner product, a magnitude on the scale of coherence);
+    - ``mean_abs``: ``sum_{S_off} |G_ik| / |S_off|`` ("the average non-zero magnitude of inner products",
+      read literally; not a frame potential, and tight frames need not minimise it).
+
+    ``offdiagonal``, ``rms`` and ``mean_abs`` are the alternatives tried against the papers' read-outs
+    (docs/papers/frames.md); all are invariant to the scale of every atom.
+    """
     _check_normalize(normalize)
-    fp = gram_matrix(frame.matrix).pow(2).sum()
-    if normalize == "none":
-        return fp
-    if normalize == "full":
-        return fp / frame.matrix.shape[1] ** 2
-    return fp / int(frame.gram_mask().sum())
+    G = gram_matrix(frame.matrix)
+    if normalize in ("nonzero", "full", "none"):
+        fp = G.pow(2).sum()
+        if normalize == "none":
+            return fp
+        if normalize == "full":
+            return fp / frame.matrix.shape[1] ** 2
+        return fp / int(frame.gram_mask().sum())
+    off = frame.gram_mask() & ~torch.eye(G.shape[0], dtype=torch.bool, device=G.device)
+    if not bool(off.any()):
+        return G.new_zeros(())
+    if normalize == "mean_abs":
+        return G[off].abs().mean()
+    ms = G[off].pow(2).mean()
+    return ms if normalize == "offdiagonal" else ms.sqrt()
 
 
 def _frames_from_model(model: nn.Module, input_shape) -> tuple[list[torch.Tensor], str]:
@@ -104,23 +127,26 @@ def deep_frame_potential(
     structure: str | None = None,
     input_shape: Sequence[int] | None = None,
     normalize: str = "nonzero",
+    skip: int = 2,
 ) -> torch.Tensor:
     """Deep frame potential of an architecture's induced global frame (differentiable in the weights).
 
     ``weights`` is one of: a list of layer frames ``B_j`` ``[in_j, n_j]`` (2-D; ``nn.Linear.weight.T``) with
     ``structure`` (default ``"chain"``); a ``(FrameArchitecture, list_of_raw_weights)`` pair; a model with
     ``layer_frames()`` and ``structure`` (``DeepFrameNet``); or a plain module of ``Linear``/``Conv`` layers,
-    read as a chain whose last layer is the classifier (conv layers need ``input_shape``).
+    read as a chain whose last layer is the classifier (conv layers need ``input_shape``). ``skip``: the
+    residual shortcut span for a list of frames (an architecture or a model carries its own).
     """
     _check_normalize(normalize)
     if isinstance(weights, nn.Module):
         frames, model_structure = _frames_from_model(weights, input_shape)
+        skip = weights.architecture.skip if hasattr(weights, "architecture") else skip
         if structure is not None and structure != model_structure:
             raise ValueError(f"structure={structure!r} conflicts with the model's structure {model_structure!r}")
         structure = model_structure
     elif isinstance(weights, tuple) and len(weights) == 2 and isinstance(weights[0], FrameArchitecture):
         arch, raw = weights
-        frames, structure = arch.layer_frames(raw), arch.structure
+        frames, structure, skip = arch.layer_frames(raw), arch.structure, arch.skip
     else:
         frames = list(weights)
         if not all(isinstance(B, torch.Tensor) and B.dim() == 2 for B in frames):
@@ -128,42 +154,49 @@ def deep_frame_potential(
         structure = "chain" if structure is None else structure
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
-    frame = assemble_global_frame(frames, structure=structure, normalize_atoms=True)
+    frame = assemble_global_frame(frames, structure=structure, normalize_atoms=True, skip=skip)
     return global_frame_potential(frame, normalize=normalize)
 
 
 def deep_frame_potential_lower_bound(architecture: FrameArchitecture, *, normalize: str = "nonzero") -> float:
-    """Weight-independent lower bound on the DFP of ``architecture`` (exact minimum for ``fc`` chains)."""
+    """Weight-independent lower bound on the DFP of ``architecture`` (the exact minimum for chains); only the
+    potential-based normalisations (``nonzero``, ``full``, ``none``) have one."""
     _check_normalize(normalize)
-    n = architecture.feature_sizes
+    if normalize not in ("nonzero", "full", "none"):
+        raise ValueError(f"no closed-form lower bound for normalize={normalize!r}")
+    lay = architecture.layout()
+    n, ins = lay.col_sizes, architecture.frame_input_sizes()
+    P, I = lay.pattern, lay.identity
+    learned = P & ~I
     l = len(n)
-    d0 = math.prod(architecture.input_shape)
-    ins = [d0 + sum(n[:j]) if architecture.structure == "dense" else (d0 if j == 0 else n[j - 1]) for j in range(l)]
-    s = architecture.structure
-    m = [(l - 1 - j) if s == "residual" else (1 if j < l - 1 else 0) for j in range(l)]  # identity blocks per column
+    m = [int(I[:, j].sum()) for j in range(l)]
     c2 = [1 + mj for mj in m]
+
+    def sign(r, j):
+        return float(lay.sign[r, j])
+
     total = 0.0
     for j in range(l):
-        fpj = frame_potential_lower_bound(n[j], ins[j])
-        total += (fpj + 2 * m[j] * n[j] + m[j] ** 2 * n[j]) / c2[j] ** 2
-    for j in range(l):
-        for k in range(j + 1, l):
-            if s == "chain" and k == j + 1:
-                total += 2 * n[k] / (c2[j] * c2[k])
-            elif s == "residual":
-                # column k (0-based) has a = l-1-k identity blocks below its frame: G_jk = (-B_k + a I) / (c_j c_k)
-                # and ||-B_k + a I||^2 = n - 2 a trace(B_k) + a^2 n >= n (a - 1)^2 as trace(B_k) <= n.
-                total += 2 * n[k] * (l - 2 - k) ** 2 / (c2[j] * c2[k])
+        total += (frame_potential_lower_bound(n[j], ins[j]) + 2 * m[j] * n[j] + m[j] ** 2 * n[j]) / c2[j] ** 2
+        for k in range(l):
+            if k == j:
+                continue
+            shared = [r for r in range(l) if P[r, j] and P[r, k]]
+            if not shared:
+                continue
+            if all(I[r, j] and I[r, k] for r in shared):
+                total += n[j] * sum(sign(r, j) * sign(r, k) for r in shared) ** 2 / (c2[j] * c2[k])
+            elif len(shared) == 1:
+                r = shared[0]
+                # identity against a whole layer frame (the column's only learned block): ||B||_F^2 = its atoms
+                other = k if I[r, j] else j
+                if (I[r, j] or I[r, k]) and int(learned[:, other].sum()) == 1:
+                    total += n[other] / (c2[j] * c2[k])
     if normalize == "none":
         return total
     if normalize == "full":
         return total / sum(n) ** 2
-    with torch.no_grad():
-        # Structural support of the Gram matrix, from an all-ones weight pattern.
-        ones = [torch.ones(sh, dtype=torch.float64) for sh in architecture.weight_shapes()]
-        frame = assemble_global_frame(architecture.layer_frames(ones), structure=s, normalize_atoms=False)
-        N = int(frame.gram_mask().sum())
-    return total / N
+    return total / architecture.gram_nonzeros()
 
 
 @dataclass

@@ -9,21 +9,24 @@ stacked codes ``w = [w_1; ...; w_l]`` so that exact inference is a single sparse
     min_{w >= 0}  1/2 ||x~ - B w||^2 + lambda^T w,        x~ = [x; 0; ...; 0]   (zero-padded input).
 
 Row blocks are ``0 .. l-1`` (row 0 reconstructs the input, of dimension ``d_0``; row ``m >= 1`` has the
-dimension ``n_m`` of layer ``m``), column blocks are the layers ``1 .. l``. The structures built here:
+dimension ``n_m`` of layer ``m``), column blocks are the layers ``1 .. l``. The structures, as drawn in the
+induced-dictionary panel of CVPR 2020 Fig. 1 (read from the project page's figure, not from the text):
 
 - ``chain``     ``B[j-1, j] = B_j``, ``B[j, j] = -I`` (``j < l``): block lower bidiagonal. Row ``m`` reads
-  ``w_m - B_{m+1} w_{m+1}``: each layer's code is reconstructed by the next layer's frame.
-- ``residual``  ``B[j-1, j] = B_j``, ``B[m, j] = -I`` for every ``m = j .. l-1`` (all widths equal). Row ``m``
-  reads ``h_m - B_{m+1} w_{m+1}`` with the residual stream ``h_m = w_1 + ... + w_m``: the identity shortcuts
-  fill the lower triangle with identity blocks, so every pair of layers interacts in the Gram matrix.
-- ``dense``     ``B_j`` (over the concatenation ``[x; w_1; ...; w_{j-1}]``) is split into its row blocks
-  ``B[i, j] = B_j^{(i)}``, ``i < j``, and ``B[j, j] = -I``: a block lower-triangular frame; row ``m`` reads
-  ``w_m - sum_{k > m} B_k^{(m)} w_k`` (every later layer that consumes ``w_m`` helps to reconstruct it).
+  ``B_{m+1} w_{m+1} - w_m``: each layer's code is reconstructed by the next layer's frame. The Gram matrix is
+  block tridiagonal.
+- ``residual``  the chain plus one identity block per shortcut: a shortcut from layer ``j``'s code into layer
+  ``j + s`` (skip span ``s``, default 2: the basic block) puts ``+I`` at ``B[j, j+s]``, so row ``j`` reads
+  ``B_{j+1} w_{j+1} + w_{j+s} - w_j``. Every ``j = 1 .. l - s`` has a shortcut (widths ``n_j = n_{j+s}``);
+  the input has none. The Gram matrix is banded: blocks ``(j, k)`` with ``|j - k| > s`` are zero (at depth 4,
+  span 2: the ``(1, 4)`` and ``(4, 1)`` blocks).
+- ``dense``     dense connections among the *hidden* layers only: layer ``j >= 2`` reads the concatenation
+  ``[w_1; ...; w_{j-1}]`` and its frame is split into row blocks ``B[i, j] = B_j^{(i)}`` (``1 <= i < j``);
+  only ``B_1`` acts on the input (row 0); ``B[j, j] = -I``. The extra blocks fill the lower-left triangle
+  and the Gram matrix is full (columns ``j < k`` share row ``j``).
 
-The zero-padded input and the chain structure are stated in the papers; so is the qualitative effect of skip
-connections (denser Gram matrices with more non-zero blocks, hence lower minimal coherence). The exact
-residual and dense block patterns above are our derivation from the networks' forward passes under the
-zero-padded-input convention (the papers' figures could not be read here).
+The zero-padded input and the chain structure are stated in the papers; the residual and dense patterns follow
+the figure's block layout. The sign of a shortcut identity does not change any Gram magnitude.
 
 Convolutional layers enter as their (multi-channel, Toeplitz-structured) matrices: ``conv_matrix`` returns
 ``A`` with ``vec(conv(x)) = A vec(x)``, and the layer frame is ``B_j = A^T``.
@@ -37,7 +40,7 @@ import torch
 
 from .potential import normalize_columns
 
-__all__ = ["STRUCTURES", "conv_matrix", "GlobalFrame", "assemble_global_frame"]
+__all__ = ["STRUCTURES", "conv_matrix", "GlobalFrame", "assemble_global_frame", "layer_input_sizes", "check_skip", "FrameLayout", "frame_layout"]
 
 STRUCTURES = ("chain", "residual", "dense")
 
@@ -119,8 +122,9 @@ class GlobalFrame:
     """An assembled global frame ``B`` ``[D, K]`` with its block layout.
 
     ``row_sizes[m]`` / ``col_sizes[j]``: block sizes; ``block_pattern[m, j]``: whether block ``(m, j)`` is
-    structurally non-zero. ``gram_block_support`` says which Gram blocks ``(j, k)`` can be non-zero (the two
-    layers share a row block).
+    structurally non-zero; ``identity_pattern[m, j]``: whether that block is a fixed ``+-I`` (a code's own
+    ``-I`` or a shortcut's identity) rather than (part of) a learned layer frame. ``gram_block_support`` says
+    which Gram blocks ``(j, k)`` can be non-zero (the two layers share a row block).
     """
 
     matrix: torch.Tensor
@@ -128,6 +132,8 @@ class GlobalFrame:
     col_sizes: tuple[int, ...]
     structure: str
     block_pattern: torch.Tensor
+    identity_pattern: torch.Tensor
+    skip: int = 2
 
     @property
     def gram_block_support(self) -> torch.Tensor:
@@ -156,15 +162,76 @@ def _validate_structure(structure: str) -> str:
     return structure
 
 
+def layer_input_sizes(d0: int, widths: Sequence[int], structure: str) -> list[int]:
+    """Input size of every layer: ``d0`` for layer 1; then ``n_{j-1}`` (chain, residual) or
+    ``n_1 + ... + n_{j-1}`` (dense: the concatenation of all earlier *hidden* codes, never the input)."""
+    _validate_structure(structure)
+    n = list(widths)
+    return [d0] + [sum(n[:j]) if structure == "dense" else n[j - 1] for j in range(1, len(n))]
+
+
+def check_skip(widths: Sequence[int], skip) -> int:
+    """Validate a residual skip span (``>= 2`` layers) against the widths: every shortcut ``j -> j + skip``
+    adds ``w_j`` to layer ``j + skip``'s pre-activation, so ``n_j = n_{j+skip}`` is required."""
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 2:
+        raise ValueError(f"skip must be an int >= 2 (layers spanned by a shortcut), got {skip!r}")
+    n = list(widths)
+    bad = [(j + 1, j + 1 + skip) for j in range(len(n) - skip) if n[j] != n[j + skip]]
+    if bad:
+        raise ValueError(f"residual: shortcut(s) {bad} join layers of different widths {n}")
+    return skip
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """The block layout of a global frame, without weights: ``pattern[m, j]`` (block ``(m, j)`` structurally
+    non-zero), ``identity[m, j]`` (it is a fixed identity) and ``sign[m, j]`` (+1 / -1 of that identity)."""
+
+    row_sizes: tuple[int, ...]
+    col_sizes: tuple[int, ...]
+    pattern: torch.Tensor
+    identity: torch.Tensor
+    sign: torch.Tensor
+
+    @property
+    def gram_block_support(self) -> torch.Tensor:
+        P = self.pattern.to(torch.float64)
+        return (P.T @ P) > 0
+
+
+def frame_layout(d0: int, widths: Sequence[int], *, structure: str = "chain", skip: int = 2) -> FrameLayout:
+    """Block layout of the induced global frame of ``structure`` on ``d0`` inputs (see the module docstring)."""
+    _validate_structure(structure)
+    n = [int(w) for w in widths]
+    l = len(n)
+    if structure == "residual":
+        check_skip(n, skip)
+    P = torch.zeros(l, l, dtype=torch.bool)
+    ident = torch.zeros(l, l, dtype=torch.bool)
+    sign = torch.zeros(l, l)
+    for j in range(l):  # column block j holds layer j+1; row block m >= 1 holds code m
+        if structure == "dense" and j > 0:
+            P[1 : j + 1, j] = True  # B_{j+1} split over the hidden codes 1..j it reads
+        else:
+            P[j, j] = True
+        if j + 1 < l:  # the code's own -I: row j+1 reads (what later layers reconstruct of w_{j+1}) - w_{j+1}
+            P[j + 1, j], ident[j + 1, j], sign[j + 1, j] = True, True, -1.0
+        if structure == "residual" and j - skip >= 0:  # shortcut w_{j+1-skip} -> layer j+1: +I in that code's row
+            m = j + 1 - skip
+            P[m, j], ident[m, j], sign[m, j] = True, True, 1.0
+    return FrameLayout((d0,) + tuple(n[: l - 1]), tuple(n), P, ident, sign)
+
+
 def assemble_global_frame(
-    layer_frames: Sequence[torch.Tensor], *, structure: str = "chain", normalize_atoms: bool = True
+    layer_frames: Sequence[torch.Tensor], *, structure: str = "chain", normalize_atoms: bool = True, skip: int = 2
 ) -> GlobalFrame:
     """Assemble the induced global frame from layer frames ``B_j`` ``[in_j, n_j]`` (differentiably).
 
     ``normalize_atoms=True`` first gives every layer atom (column of ``B_j``) unit norm, as the papers do
     (sparse-coding atoms are unit-norm; without it the fixed ``-I`` blocks would let the potential be driven
-    to its minimum by shrinking the weights). Shapes required: chain ``in_j = n_{j-1}``; residual additionally
-    all ``n_j`` equal; dense ``in_j = d_0 + n_1 + ... + n_{j-1}`` (``d_0 = in_1``).
+    to its minimum by shrinking the weights). Shapes required: chain and residual ``in_j = n_{j-1}``
+    (residual also ``n_j = n_{j+skip}``); dense ``in_j = n_1 + ... + n_{j-1}`` for ``j >= 2``
+    (``layer_input_sizes``).
     """
     _validate_structure(structure)
     frames = list(layer_frames)
@@ -177,37 +244,26 @@ def assemble_global_frame(
     l = len(frames)
     n = [int(B.shape[1]) for B in frames]
     d0 = int(frames[0].shape[0])
+    ins = layer_input_sizes(d0, n, structure)
     for j in range(1, l):
-        expect = d0 + sum(n[:j]) if structure == "dense" else n[j - 1]
-        if frames[j].shape[0] != expect:
+        if frames[j].shape[0] != ins[j]:
             raise ValueError(
-                f"{structure}: layer {j + 1} frame must have {expect} rows (its input size), got {frames[j].shape[0]}"
+                f"{structure}: layer {j + 1} frame must have {ins[j]} rows (its input size), got {frames[j].shape[0]}"
             )
-    if structure == "residual" and len(set(n)) > 1:
-        raise ValueError(f"residual: all layer widths must be equal for identity shortcuts, got {n}")
+    lay = frame_layout(d0, n, structure=structure, skip=skip)
     if normalize_atoms:
         frames = [normalize_columns(B) for B in frames]
-    row_sizes = (d0,) + tuple(n[: l - 1])
-    blocks: list[list[torch.Tensor | None]] = [[None] * l for _ in range(l)]
-    for j in range(l):  # column block j holds layer j+1
-        if structure == "dense":
-            offs = [0]
-            for r in row_sizes[: j + 1]:
-                offs.append(offs[-1] + r)
-            for i in range(j + 1):
-                blocks[i][j] = frames[j][offs[i] : offs[i + 1]]
-        else:
-            blocks[j][j] = frames[j]
-        below = range(j + 1, l) if structure == "residual" else range(j + 1, min(j + 2, l))
-        for m in below:
-            blocks[m][j] = -torch.eye(n[j], dtype=dtype, device=dev)
-    pattern = torch.tensor([[b is not None for b in row] for row in blocks], dtype=torch.bool)
     rows = []
     for m in range(l):
-        rows.append(
-            torch.cat(
-                [b if b is not None else torch.zeros(row_sizes[m], n[j], dtype=dtype, device=dev) for j, b in enumerate(blocks[m])],
-                dim=1,
-            )
-        )
-    return GlobalFrame(torch.cat(rows, dim=0), row_sizes, tuple(n), structure, pattern)
+        row = []
+        for j in range(l):
+            if lay.identity[m, j]:
+                row.append(float(lay.sign[m, j]) * torch.eye(n[j], dtype=dtype, device=dev))
+            elif lay.pattern[m, j]:
+                # the rows of B_j that read row block m (all of them, except for a dense layer's split frame)
+                start = sum(lay.row_sizes[r] for r in range(m) if lay.pattern[r, j] and not lay.identity[r, j])
+                row.append(frames[j][start : start + lay.row_sizes[m]])
+            else:
+                row.append(torch.zeros(lay.row_sizes[m], n[j], dtype=dtype, device=dev))
+        rows.append(torch.cat(row, dim=1))
+    return GlobalFrame(torch.cat(rows, dim=0), lay.row_sizes, tuple(n), structure, lay.pattern, lay.identity, skip)

@@ -11,8 +11,7 @@ or 1-D convolutional) and a linear classifier. Its representation is the sparse 
 - ``solver="deq"``: exact inference as the fixed point of the proximal-gradient map, through
   ``iterlayers.deq_solve`` with implicit gradients.
 
-The classifier reads the last code (chain), the residual stream ``w_1 + ... + w_l`` (residual), or the
-concatenation of all codes (dense).
+The classifier reads the last code (chain, residual) or the concatenation of all codes (dense).
 """
 from __future__ import annotations
 
@@ -89,7 +88,7 @@ class DeepFrameNet(nn.Module):
 
     def global_frame(self) -> GlobalFrame:
         """The un-normalised induced global frame of the network's weights."""
-        return assemble_global_frame(self.layer_frames(), structure=self.structure, normalize_atoms=False)
+        return self.architecture.global_frame([m.weight for m in self.layers], normalize_atoms=False)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The codes ``[w_1, ..., w_l]`` after ``iterations`` steps (or at the equilibrium)."""
@@ -100,10 +99,11 @@ class DeepFrameNet(nn.Module):
             )
         x = x.reshape(x.shape[0], d0)
         frames, lams = self.layer_frames(), self.lambdas()
-        codes = feed_forward(x, frames, lams, structure=self.structure)
+        codes = feed_forward(x, frames, lams, structure=self.structure, skip=self.architecture.skip)
         if self.iterations == 1 and self.solver == "apg":
             return codes
-        frame = assemble_global_frame(frames, structure=self.structure, normalize_atoms=False)
+        frame = assemble_global_frame(frames, structure=self.structure, normalize_atoms=False,
+                                      skip=self.architecture.skip)
         B = frame.matrix
         w = solve_sparse_coding(
             pad_input(x, B.shape[0]),
@@ -119,11 +119,9 @@ class DeepFrameNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         codes = self.encode(x)
-        if self.structure == "chain":
-            return codes[-1]
-        if self.structure == "residual":
-            return torch.stack(codes).sum(0)
-        return torch.cat(codes, dim=-1)
+        if self.structure == "dense":
+            return torch.cat(codes, dim=-1)
+        return codes[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -132,5 +130,5 @@ class DeepFrameNet(nn.Module):
         a = self.architecture
         return (
             f"kind={a.kind!r}, structure={a.structure!r}, input_shape={a.input_shape}, widths={a.widths}, "
-            f"iterations={self.iterations}, solver={self.solver!r}, ridge={self.ridge}"
+            f"skip={a.skip}, iterations={self.iterations}, solver={self.solver!r}, ridge={self.ridge}"
         )

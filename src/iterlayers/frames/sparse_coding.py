@@ -11,9 +11,11 @@ weights). Its optimality (KKT) conditions, with ``g = grad F(w) = B^T (B w - x~)
     w >= 0,   g >= 0,   w * g = 0      <=>      min(w, g) = 0  (element-wise; ``kkt_residual``).
 
 - *Feed-forward approximation*: every layer solves its own problem ``min_{w_j >= 0} 1/2 ||u_j - B_j w_j||^2 +
-  lambda_j^T w_j`` (``u_j`` = the layer's input: previous code, residual stream, or concatenation) with one
-  proximal-gradient step of unit size from ``w_j = 0``: ``w_j = ReLU(B_j^T u_j - lambda_j)``, layer by layer.
-  That is exactly the ReLU network (chain / ResNet / DenseNet).
+  lambda_j^T w_j`` (``u_j`` = the layer's input: previous code, or the concatenation of the earlier hidden
+  codes) with one proximal-gradient step of unit size from ``w_j = 0``: ``w_j = ReLU(B_j^T u_j - lambda_j)``,
+  layer by layer, plus the shortcut ``w_{j-s}`` in a residual net. That is exactly the ReLU network
+  (chain / ResNet / DenseNet); for skip connections it is the network, an initialisation of the global
+  problem rather than its layer-wise minimiser.
 - *Exact inference*: accelerated proximal gradient (FISTA, Beck & Teboulle 2009) on ``F`` with step
   ``1 / L``, ``L = ||B||_2^2 + ridge``, started from the feed-forward codes:
 
@@ -104,28 +106,35 @@ def prox_grad_step(w, x_tilde, B, lam, step, *, ridge: float = 0.0) -> torch.Ten
 
 
 def feed_forward(
-    x: torch.Tensor, layer_frames: Sequence[torch.Tensor], lambdas: Sequence[torch.Tensor], *, structure: str = "chain"
+    x: torch.Tensor,
+    layer_frames: Sequence[torch.Tensor],
+    lambdas: Sequence[torch.Tensor],
+    *,
+    structure: str = "chain",
+    skip: int = 2,
 ) -> list[torch.Tensor]:
     """Layer-wise feed-forward approximation ``w_j = ReLU(B_j^T u_j - lambda_j)``; returns ``[w_1, ..., w_l]``.
 
-    ``u_j``: chain ``w_{j-1}`` (``w_0 = x``); residual ``h_{j-1} = w_1 + ... + w_{j-1}`` (``u_1 = x``);
-    dense ``[x; w_1; ...; w_{j-1}]``.
+    ``u_1 = x``; then chain ``u_j = w_{j-1}``; dense ``u_j = [w_1; ...; w_{j-1}]`` (hidden codes only);
+    residual as chain, with the shortcut added to the pre-activation of layer ``j > skip``:
+    ``w_j = ReLU(B_j^T w_{j-1} + w_{j-skip} - lambda_j)`` (the ResNet basic block for ``skip = 2``).
     """
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
     if len(layer_frames) != len(lambdas):
         raise ValueError(f"got {len(layer_frames)} layer frames but {len(lambdas)} lambdas")
     codes: list[torch.Tensor] = []
-    u = x
     for j, (Bj, lj) in enumerate(zip(layer_frames, lambdas)):
-        if structure == "dense" and j > 0:
-            u = torch.cat([x, *codes], dim=-1)
-        w = torch.relu(u @ Bj - lj)
-        codes.append(w)
-        if structure == "chain":
-            u = w
-        elif structure == "residual":
-            u = w if j == 0 else u + w
+        if j == 0:
+            u = x
+        elif structure == "dense":
+            u = torch.cat(codes, dim=-1)
+        else:
+            u = codes[-1]
+        pre = u @ Bj - lj
+        if structure == "residual" and j >= skip:
+            pre = pre + codes[j - skip]
+        codes.append(torch.relu(pre))
     return codes
 
 
