@@ -48,6 +48,7 @@ __all__ = [
     "loss_fn",
     "loss_grad",
     "implicit_gradient",
+    "equilibrium_gradient",
     "EQUILIBRIA",
     "LOSSES",
     "REDUCTIONS",
@@ -357,25 +358,47 @@ class ImplicitLinearModel(nn.Module):
                 f"gamma={self.gamma}, equilibrium={self.equilibrium!r}")
 
 
+def equilibrium_gradient(A: torch.Tensor, B: torch.Tensor, phi: torch.Tensor, y: torch.Tensor, *, gamma: float,
+                         loss: str = "squared", reduction: str = "sum"):
+    """Closed-form (dL/dA, dL/dB, L) of L(A, B) = sum_i l(B (I - gamma sigma(A))^{-1} phi_i, y_i), functional.
+
+    The formulas of the module doc with U = (I - gamma sigma(A))^{-1}, Z = Phi U^T, G = [g_i], V = G B U:
+    dL/dB = G^T Z, dL/dsigma = gamma V^T Z, then the column-softmax Jacobian. Leading batch dimensions are
+    allowed (A [..., m, m], B [..., m_y, m], Phi [..., N, m], y [..., N, m_y] or integer labels [..., N]): one
+    independent model per batch index (e.g. one per seed), each with its own mean over its N samples.
+    No autograd is involved.
+    """
+    _check_loss_args(loss, reduction)
+    with torch.no_grad():
+        m = A.shape[-1]
+        S = torch.softmax(A, dim=-2)
+        eye = torch.eye(m, dtype=A.dtype, device=A.device)
+        U = torch.linalg.solve(eye - gamma * S, eye.expand_as(S))
+        Z = phi @ U.transpose(-1, -2)
+        q = Z @ B.transpose(-1, -2)
+        n, my = q.shape[-2], q.shape[-1]
+        qf = q.reshape(-1, my)
+        yf = y.reshape(-1) if not torch.is_floating_point(y) else y.reshape(-1, y.shape[-1])
+        scale = 1.0 / n if reduction == "mean" else 1.0
+        G = loss_grad(loss, qf, yf, reduction="sum").reshape(q.shape) * scale
+        value = loss_fn(loss, qf, yf, reduction="sum") * scale
+        grad_B = G.transpose(-1, -2) @ Z
+        V = G @ B @ U
+        grad_S = gamma * V.transpose(-1, -2) @ Z
+        grad_A = S * (grad_S - (S * grad_S).sum(-2, keepdim=True))
+    return grad_A, grad_B, value
+
+
 def implicit_gradient(model: ImplicitLinearModel, x: torch.Tensor, y: torch.Tensor, *, loss: str = "squared",
                       reduction: str = "sum", return_loss: bool = False):
     """Closed-form (dL/dA, dL/dB) of L = sum_i l(f(x_i), y_i) by implicit differentiation (see module doc).
 
-    Needs no autograd: U = (I - gamma sigma(A))^{-1}, Z = Phi U^T (rows z_i), G = [g_i], V = G B U (rows v_i^T),
-    dL/dB = G^T Z, dL/dsigma = gamma V^T Z, then the column-softmax Jacobian. Returns (dL/dA, dL/dB), and
-    the loss value L as a third element with ``return_loss=True`` (same solve, no extra cost).
+    :func:`equilibrium_gradient` at the model's weights and features phi(x). Returns (dL/dA, dL/dB), and the
+    loss value L as a third element with ``return_loss=True`` (same solve, no extra cost).
     """
     with torch.no_grad():
-        u = model.features(x)
-        U = model.inverse_factor()
-        Z = u @ U.transpose(0, 1)
-        q = Z @ model.B.transpose(0, 1)
-        G = loss_grad(loss, q, y, reduction=reduction)
-        grad_B = G.transpose(0, 1) @ Z
-        V = G @ model.B @ U
-        grad_S = model.gamma * V.transpose(0, 1) @ Z
-        S = model.weight_map()
-        grad_A = S * (grad_S - (S * grad_S).sum(0, keepdim=True))
-        if return_loss:
-            return grad_A, grad_B, loss_fn(loss, q, y, reduction=reduction)
+        grad_A, grad_B, value = equilibrium_gradient(model.A, model.B, model.features(x), y, gamma=model.gamma,
+                                                     loss=loss, reduction=reduction)
+    if return_loss:
+        return grad_A, grad_B, value
     return grad_A, grad_B
