@@ -135,3 +135,13 @@ def test_trust_region_trajectory_is_first_order_close_and_metric_matters():
     # whole-run deviation O(eta): halves with eta; the Euclidean metric stays O(1) away
     assert devs[1] < 0.65 * devs[0] and devs[1] < 0.02
     assert min(eu) > 0.1
+
+
+def test_bad_options_get_typed_errors():
+    from iterlayers.errors import ValidationError
+
+    with pytest.raises(ValidationError, match="width"):
+        E.pca_features(torch.zeros(5, 3), torch.zeros(2, 3), 4)
+    with pytest.raises(ValidationError, match="metric"):
+        E.trust_region_trajectory(E._model(3, 0.5, 0), torch.zeros(4, 3, dtype=F64), torch.zeros(4, dtype=torch.long),
+                                  lr=0.1, steps=1, metric="riemann")

@@ -311,3 +311,18 @@ def test_nearest_least_squares_is_where_shallow_gradient_descent_goes():
         R = R - lr * shallow_grad(R, phi, T)
     torch.testing.assert_close(R, R_near, rtol=1e-8, atol=1e-9)
     assert float((R - R_mn).norm()) > 0.1  # ... which is not the minimum-norm one when R0 != 0
+
+
+def test_new_theory_helpers_reject_bad_shapes_with_typed_errors():
+    from iterlayers.errors import ShapeMismatchError, ValidationError
+    from iterlayers.models.implicit_theory import logistic_infimum_attained, nearest_least_squares
+
+    phi = torch.randn(4, 3, dtype=F64)
+    with pytest.raises(ShapeMismatchError, match="labels"):
+        logistic_infimum_attained(phi, torch.tensor([0, 1]))
+    with pytest.raises(ValidationError, match="integer"):
+        logistic_infimum_attained(phi, torch.zeros(4))
+    with pytest.raises(ShapeMismatchError, match="targets"):
+        nearest_least_squares(phi, torch.zeros(3, 2, dtype=F64))
+    with pytest.raises(ShapeMismatchError, match="R0"):
+        nearest_least_squares(phi, torch.zeros(4, 2, dtype=F64), torch.zeros(3, 3, dtype=F64))

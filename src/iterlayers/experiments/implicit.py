@@ -9,12 +9,13 @@ Every claim goes through :mod:`iterlayers.experiments.claims` (pre-registered th
 negative control by the same code path). What runs (full-batch gradient descent, float64 unless said):
 
 1. **Rates** (digits, fixed Gaussian random features phi: R^64 -> R^m). Square loss at widths up to 128
-   (including m < m_y = 10): the relative loss gap to the shallow optimum L*_R, the per-step rate early vs late
-   (a linear rate does not slow down), and the derived bound gap_k <= gap_0 exp(-eta mu lambda_T k). Control: a
+   (including m < m_y = 10): the relative loss gap to the shallow optimum L*_R and the derived linear-rate bound
+   gap_k <= gap_0 exp(-eta mu lambda_T k) at every step. Control: a
    rank-2 bottleneck linear network W2 W1 phi trained the same way cannot reach L*_R, and the bound with
    lambda_max(U U^T) in place of lambda_min is violated. Logistic loss: a linear program decides whether the
-   infimum is attained (no (quasi-)separation); separable widths are "not applicable" for the linear rate; the
-   control is a separable subset, where the rate slows down (the infimum 0 is not attained).
+   infimum is attained (no (quasi-)separation); separable widths are "not applicable" for the linear rate, which
+   is tested on the others as "the per-step rate does not slow down" (late vs early half of the run); the control
+   is a separable subset, where the rate slows down (the infimum 0 is not attained).
 2. **Trust-region relation** (derived): an independent trust-region Newton trajectory of the *shallow* model
    (its own iterate R_k, its own Hessian and gradient, the metric P(A_k, R_k)^{-1} and radius
    eta sqrt(g^T P g) of the derived relation computed from its own state) against the implicit model's
@@ -38,7 +39,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from iterlayers import _validate
 from iterlayers.data import load_digits, load_mnist1d
+from iterlayers.errors import ValidationError
 from iterlayers.experiments.claims import (
     Threshold,
     claims_markdown,
@@ -297,7 +300,8 @@ def rates_study(cfg: dict, seed: int) -> dict:
         out["controls"].setdefault("separable", []).append({
             "width": wl, "n": phi.shape[0], "attained": sep["attained"],
             "log10_relative_gap": math.log10(max(g[-1], FLOOR * g[0]) / g[0]),
-            "rate_change": rate_change(g, floor=FLOOR * g[0]), "final_weight_norm": float(model.shallow_weight().detach().norm()),
+            "rate_change": rate_change(g, floor=FLOOR * g[0]),
+            "final_weight_norm": float(model.shallow_weight().detach().norm()),
             "curve": g if s == 0 else None})
     return out
 
@@ -340,7 +344,8 @@ def _rates_claims(r: dict, mode: str) -> tuple[list, list]:
     cv, civ = seed_interval(_worst_over_widths(sq, "bound_excess_lambda_max"))
     claims.append(make_claim(
         id="square_linear_rate_bound", mode=mode, n_seeds=n,
-        statement="linear rate, derived bound: L_k - L* <= (L_0 - L*) exp(-eta mu lambda_T k), mu = 4 lambda_min+(Phi^T Phi)/N, "
+        statement="linear rate, derived bound: L_k - L* <= (L_0 - L*) exp(-eta mu lambda_T k), "
+                  "mu = 4 lambda_min+(Phi^T Phi)/N, "
                   "lambda_T = min_k lambda_min(U_k U_k^T) (derived from the paper's theorem, our constants)",
         source="ours (derived)", statistic="worst over widths and k of log10(gap_k / bound_k)",
         threshold=Threshold("<=", 0.0, "max_k log10(gap_k / bound_k) <= 0 (bound holds at every step)"),
@@ -387,7 +392,8 @@ def _rates_claims(r: dict, mode: str) -> tuple[list, list]:
               f"max norm attained {fmt(max((q['newton_weight_norm'] for q in att_rows), default=float('nan')))}",
         passed=(not sep_rows or not att_rows)
         or min(q["newton_weight_norm"] for q in sep_rows) > max(q["newton_weight_norm"] for q in att_rows)))
-    sd = min(row["min_sufficient_decrease"] for w in sq for row in sq[w] if math.isfinite(row["min_sufficient_decrease"]))
+    sd = min(row["min_sufficient_decrease"] for w in sq for row in sq[w]
+             if math.isfinite(row["min_sufficient_decrease"]))
     sanity.append(sanity_check(
         id="gd_sufficient_decrease", statement="square loss: min_k (L_k - L_{k+1}) / (eta ||grad_k||^2) >= 1/2 "
         "(the step rule keeps GD in the regime of the discrete bound)", value=sd, passed=sd >= 0.5))
@@ -419,6 +425,7 @@ def trust_region_trajectory(model0: ImplicitLinearModel, phi: torch.Tensor, y: t
 
     Returns the iterates R_0..R_steps. Nothing of the implicit model's own trajectory is used.
     """
+    _validate.choice(metric, "metric", ("implicit", "euclidean"), where="trust_region_trajectory")
     helper = copy.deepcopy(model0)
     if gamma is not None:
         helper.cell.gamma = float(gamma)
@@ -540,7 +547,7 @@ def pca_features(x_train: torch.Tensor, x_test: torch.Tensor, width: int) -> tup
     xtr = x_train.reshape(x_train.shape[0], -1).to(DTYPE)
     xte = x_test.reshape(x_test.shape[0], -1).to(DTYPE)
     if width > xtr.shape[1]:
-        raise ValueError(f"width {width} exceeds the input dimension {xtr.shape[1]}")
+        raise ValidationError(f"width {width} exceeds the input dimension {xtr.shape[1]}")
     mean = xtr.mean(0, keepdim=True)
     _, sv, vh = torch.linalg.svd(xtr - mean, full_matrices=False)
     proj = vh[:width].transpose(0, 1) / (sv[:width] / math.sqrt(xtr.shape[0]))
@@ -631,7 +638,8 @@ def _fit_three(phi, y, phi_test, y_test, *, gamma: float, seeds, steps: int, rec
         for name, R in finals.items():
             last = curves[name][-1]
             row[name] = {
-                "train_loss": last["train_loss"][i], "relative_gap": (last["train_loss"][i] - optimum) / (initial - optimum),
+                "train_loss": last["train_loss"][i],
+                "relative_gap": (last["train_loss"][i] - optimum) / (initial - optimum),
                 "test_error": last["test_error"][i], "test_loss": last["test_loss"][i], "R_norm": float(R[i].norm()),
                 "dist_min_norm": float((R[i] - R_mn).norm()), "dist_nearest_R0": float((R[i] - R_near).norm()),
                 "curve": [{"step": c["step"], "test_error": c["test_error"][i], "train_loss": c["train_loss"][i]}
@@ -756,7 +764,8 @@ def scale_study(cfg: dict, seed: int) -> list:
         rows.append({
             "width": width, "n": int(x.shape[0]), **errors, "solve_cpu_s": solve_cpu, "forward_steps": fwd_steps,
             "train_steps": cfg["scale_steps"], "train_cpu_s": time.process_time() - t0,
-            "train_wall_s": time.perf_counter() - w0, "loss_before": float(loss.detach()), "loss_after": float(L.detach()),
+            "train_wall_s": time.perf_counter() - w0, "loss_before": float(loss.detach()),
+            "loss_after": float(L.detach()),
         })
     return rows
 
@@ -857,13 +866,15 @@ def _table(m: dict) -> str:
     ]
     for loss in ("squared", "logistic"):
         for w, rows in r[loss].items():
-            att = "yes" if loss == "squared" else ("yes" if all(q["attained"] for q in rows) else
-                                                    "no (separable): linear rate not applicable")
+            n_att = len(rows) if loss == "squared" else sum(q["attained"] for q in rows)
+            att = (f"{n_att}/{len(rows)} seeds" if n_att == len(rows)
+                   else f"{n_att}/{len(rows)} seeds: separable, linear rate not applicable")
             lines.append(
                 f"| {loss} | {w} | {att} | {fmt(_mean(q['log10_relative_gap'] for q in rows))} | "
                 f"{fmt(_mean(q['rate_change'] for q in rows))} | {fmt(_mean(q['fitted_rate'] for q in rows), '.5f')} | "
                 f"{fmt(_mean(q.get('theory_rate', float('nan')) for q in rows), '.5f')} | "
-                f"{fmt(_mean(q['final_weight_norm'] for q in rows))} | {fmt(_mean(q['newton_weight_norm'] for q in rows))} |")
+                f"{fmt(_mean(q['final_weight_norm'] for q in rows))} | "
+                f"{fmt(_mean(q['newton_weight_norm'] for q in rows))} |")
     tr = m["trust_region"]
     lines += [
         "",
@@ -908,7 +919,8 @@ def _table(m: dict) -> str:
     for q in m["scale"]:
         lines.append(f"| {q['width']} | {fmt(q['z_rel_error'])} | {fmt(q['grad_A_rel_error'])} | "
                      f"{fmt(q['grad_B_rel_error'])} | {q['forward_steps']} | {fmt(q['solve_cpu_s'])} | "
-                     f"{q['train_steps']} | {fmt(q['train_cpu_s'])} | {fmt(q['loss_before'])} -> {fmt(q['loss_after'])} |")
+                     f"{q['train_steps']} | {fmt(q['train_cpu_s'])} | {fmt(q['loss_before'])} -> "
+                     f"{fmt(q['loss_after'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -52,6 +52,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from iterlayers.errors import ShapeMismatchError, ValidationError
+
 from iterlayers.models.implicit_linear import (
     ImplicitLinearModel,
     _as_targets,
@@ -270,6 +272,10 @@ def logistic_infimum_attained(phi: torch.Tensor, labels: torch.Tensor, *, num_cl
     """
     from scipy.optimize import linprog
 
+    if phi.dim() != 2 or labels.dim() != 1 or labels.shape[0] != phi.shape[0]:
+        raise ShapeMismatchError(f"need phi [N, m] and labels [N], got {tuple(phi.shape)} and {tuple(labels.shape)}")
+    if torch.is_floating_point(labels):
+        raise ValidationError("labels must be integer class indices")
     phi64 = phi.detach().to(torch.float64).cpu().numpy()
     y = labels.detach().cpu().numpy().astype(int)
     n, m = phi64.shape
@@ -301,8 +307,13 @@ def nearest_least_squares(phi: torch.Tensor, targets: torch.Tensor, R0: torch.Te
     Gradient descent / flow on the shallow square loss from R0 converges to exactly this R (its iterates stay
     in R0 + span of the rows of Phi), which makes it the reference of the implicit-bias study.
     """
+    if phi.dim() != 2 or targets.dim() != 2 or targets.shape[0] != phi.shape[0]:
+        raise ShapeMismatchError(f"need phi [N, m] and targets [N, m_y], got {tuple(phi.shape)} and "
+                                 f"{tuple(targets.shape)}")
     phi64 = phi.detach().to(torch.float64)
     t = targets.detach().to(torch.float64)
+    if R0 is not None and R0.shape != (t.shape[1], phi64.shape[1]):
+        raise ShapeMismatchError(f"R0 must have shape {(t.shape[1], phi64.shape[1])}, got {tuple(R0.shape)}")
     if R0 is None:
         R0 = torch.zeros(t.shape[1], phi64.shape[1], dtype=torch.float64)
     R0 = R0.detach().to(torch.float64)
