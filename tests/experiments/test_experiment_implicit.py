@@ -145,3 +145,15 @@ def test_bad_options_get_typed_errors():
     with pytest.raises(ValidationError, match="metric"):
         E.trust_region_trajectory(E._model(3, 0.5, 0), torch.zeros(4, 3, dtype=F64), torch.zeros(4, dtype=torch.long),
                                   lr=0.1, steps=1, metric="riemann")
+
+
+def test_a_baseline_at_chance_makes_the_test_error_claims_untestable():
+    bias = _synthetic_bias([0.3, 0.32, 0.31], [0.05, 0.06, 0.05])
+    for r in bias["digits"]["init=1"]["nonunique"]:
+        r["shallow"]["test_error"] = r["deep"]["test_error"] = 0.89
+        r["implicit"]["test_error"] = 0.80
+    claims, _ = E._bias_claims(bias, "quick")
+    verdicts = {c["id"]: c["verdict"] for c in claims}
+    assert verdicts["bias_digits_init1_interpolant"] == HOLDS
+    assert verdicts["bias_digits_init1_test_error_vs_shallow"] == "not testable here"
+    assert verdicts["bias_digits_init1_test_error_vs_deep"] == "not testable here"
