@@ -171,3 +171,23 @@ def test_options_are_validated():
         model.loss(x, torch.tensor([0, 1, 2, 3]), loss="logistic")
     with pytest.raises(ValueError, match="method"):
         model.equilibrium_point(x, method="fast")
+
+
+@pytest.mark.parametrize("loss", ["squared", "logistic"])
+def test_batched_equilibrium_gradient_equals_one_model_at_a_time_and_autograd(loss):
+    from iterlayers.models.implicit_linear import equilibrium_gradient
+
+    g = torch.Generator().manual_seed(11)
+    models = [ImplicitLinearModel(4, 4, 3, gamma=0.7, seed=s, dtype=torch.float64) for s in range(3)]
+    phi = torch.randn(3, 9, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (3, 9), generator=g)
+    A = torch.stack([m.A.detach() for m in models])
+    B = torch.stack([m.B.detach() for m in models])
+    gA, gB, L = equilibrium_gradient(A, B, phi, y, gamma=0.7, loss=loss, reduction="mean")
+    assert L.shape == (3,)
+    for i, m in enumerate(models):
+        value = m.loss(phi[i], y[i], loss=loss, reduction="mean", method="direct")
+        ra, rb = torch.autograd.grad(value, (m.A, m.B))
+        torch.testing.assert_close(gA[i], ra, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gB[i], rb, rtol=1e-10, atol=1e-12)
+        assert float(L[i]) == pytest.approx(float(value.detach()), rel=1e-12)  # one mean loss per model

@@ -255,3 +255,74 @@ def test_trust_region_newton_step_matches_the_implicit_step_to_first_order():
         errs.append(float((R_tr - R1).norm() / (R1 - R0).norm()))
     order = math.log(errs[0] / errs[1]) / math.log(4.0)
     assert errs[1] < 0.01 and 0.8 < order < 1.3
+
+
+def test_lambda_U_range_matches_numpy_svd():
+    from iterlayers.models.implicit_theory import lambda_U_range
+
+    model = ImplicitLinearModel(5, 5, 2, gamma=0.6, init_scale=2.0, seed=9, dtype=F64)
+    s = np.linalg.svd(np.eye(5) - 0.6 * torch.softmax(model.A.detach(), 0).numpy(), compute_uv=False)
+    lo, hi = lambda_U_range(model)
+    assert lo == pytest.approx(1 / s[0] ** 2, rel=1e-12) and hi == pytest.approx(1 / s[-1] ** 2, rel=1e-12)
+    assert lo == pytest.approx(lambda_U(model), rel=1e-12)
+
+
+def test_logistic_infimum_attained_by_linear_programming():
+    from iterlayers.models.implicit_theory import logistic_infimum_attained
+
+    col = lambda *v: torch.tensor([[float(a)] for a in v], dtype=F64)  # noqa: E731
+    lab = lambda *v: torch.tensor(v)  # noqa: E731
+    sep = logistic_infimum_attained(col(1, 2, -1, -2), lab(0, 0, 1, 1))
+    assert sep == {"attained": False, "separable": True, "max_margin_sum": sep["max_margin_sum"]}
+    overlap = logistic_infimum_attained(col(1, 1, -1, -1), lab(0, 1, 0, 1))
+    assert overlap["attained"] and not overlap["separable"]
+    # quasi-separation: two points at phi = 0 carry both labels (no margin ever), the others separate
+    quasi = logistic_infimum_attained(col(1, 0, 0, -1), lab(0, 0, 1, 1))
+    assert not quasi["attained"] and not quasi["separable"] and quasi["max_margin_sum"] > 0.5
+    g = torch.Generator().manual_seed(3)
+    # N <= m in general position: any labelling is separable; the damped Newton norm keeps growing
+    phi = torch.randn(6, 8, generator=g, dtype=F64)
+    labels = torch.randint(0, 3, (6,), generator=g)
+    assert not logistic_infimum_attained(phi, labels, num_classes=3)["attained"]
+    norms = [float(shallow_optimum(phi, labels, loss="logistic", out_features=3, max_iter=k).R.norm())
+             for k in (5, 20)]
+    assert norms[1] > norms[0] + 1.0
+    # N >> m with random labels: attained, and Newton converges to a stationary point of finite norm
+    phi = torch.randn(200, 2, generator=g, dtype=F64)
+    labels = torch.randint(0, 3, (200,), generator=g)
+    assert logistic_infimum_attained(phi, labels, num_classes=3)["attained"]
+    assert shallow_optimum(phi, labels, loss="logistic", out_features=3).grad_norm < 1e-8
+
+
+def test_nearest_least_squares_is_where_shallow_gradient_descent_goes():
+    from iterlayers.models.implicit_theory import nearest_least_squares
+
+    g = torch.Generator().manual_seed(4)
+    phi = torch.randn(5, 9, generator=g, dtype=F64)  # N < m: many interpolants
+    T = torch.randn(5, 3, generator=g, dtype=F64)
+    R0 = torch.randn(3, 9, generator=g, dtype=F64)
+    R_mn = nearest_least_squares(phi, T)
+    torch.testing.assert_close(R_mn, (torch.linalg.pinv(phi) @ T).T, rtol=1e-10, atol=1e-12)
+    R_near = nearest_least_squares(phi, T, R0)
+    torch.testing.assert_close(phi @ R_near.T, T, rtol=1e-10, atol=1e-10)  # an interpolant
+    R = R0.clone()
+    lr = 1.0 / float(torch.linalg.eigvalsh(2 * phi.T @ phi).max())
+    for _ in range(3000):
+        R = R - lr * shallow_grad(R, phi, T)
+    torch.testing.assert_close(R, R_near, rtol=1e-8, atol=1e-9)
+    assert float((R - R_mn).norm()) > 0.1  # ... which is not the minimum-norm one when R0 != 0
+
+
+def test_new_theory_helpers_reject_bad_shapes_with_typed_errors():
+    from iterlayers.errors import ShapeMismatchError, ValidationError
+    from iterlayers.models.implicit_theory import logistic_infimum_attained, nearest_least_squares
+
+    phi = torch.randn(4, 3, dtype=F64)
+    with pytest.raises(ShapeMismatchError, match="labels"):
+        logistic_infimum_attained(phi, torch.tensor([0, 1]))
+    with pytest.raises(ValidationError, match="integer"):
+        logistic_infimum_attained(phi, torch.zeros(4))
+    with pytest.raises(ShapeMismatchError, match="targets"):
+        nearest_least_squares(phi, torch.zeros(3, 2, dtype=F64))
+    with pytest.raises(ShapeMismatchError, match="R0"):
+        nearest_least_squares(phi, torch.zeros(4, 2, dtype=F64), torch.zeros(3, 3, dtype=F64))

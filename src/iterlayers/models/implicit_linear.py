@@ -39,6 +39,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from iterlayers import _validate
+from iterlayers.errors import OptionTypeError, ShapeMismatchError, ValidationError
+
 __all__ = [
     "column_softmax",
     "EquilibriumCell",
@@ -48,6 +51,7 @@ __all__ = [
     "loss_fn",
     "loss_grad",
     "implicit_gradient",
+    "equilibrium_gradient",
     "EQUILIBRIA",
     "LOSSES",
     "REDUCTIONS",
@@ -60,19 +64,17 @@ _ADJOINT_SOLVERS = ("anderson", "picard", "gmres")  # solvers the core documents
 
 
 def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+    _validate.choice(value, name, choices)
 
 
 def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    _validate.positive_int(value, name)
 
 
 def column_softmax(a: torch.Tensor) -> torch.Tensor:
     """sigma(A)_{ij} = exp(A_ij) / sum_k exp(A_kj): every column is a probability vector (Kawaguchi 2021)."""
     if a.dim() != 2 or a.shape[0] != a.shape[1]:
-        raise ValueError(f"A must be a square matrix, got shape {tuple(a.shape)}")
+        raise ShapeMismatchError(f"A must be a square matrix, got shape {tuple(a.shape)}")
     return torch.softmax(a, dim=0)
 
 
@@ -85,20 +87,20 @@ def _check_loss_args(kind: str, reduction: str) -> None:
 def _as_targets(kind: str, q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Square loss: y as given (or one-hot if integer labels). Logistic: a probability matrix."""
     if q.dim() != 2:
-        raise ValueError(f"outputs must be [N, out_features], got shape {tuple(q.shape)}")
+        raise ShapeMismatchError(f"outputs must be [N, out_features], got shape {tuple(q.shape)}")
     if y.shape[0] != q.shape[0]:
-        raise ValueError(f"targets have {y.shape[0]} rows but outputs have {q.shape[0]}")
+        raise ShapeMismatchError(f"targets have {y.shape[0]} rows but outputs have {q.shape[0]}")
     if not torch.is_floating_point(y):
         if y.dim() != 1:
-            raise ValueError(f"integer labels must be 1-D, got shape {tuple(y.shape)}")
+            raise ShapeMismatchError(f"integer labels must be 1-D, got shape {tuple(y.shape)}")
         if int(y.min()) < 0 or int(y.max()) >= q.shape[1]:
-            raise ValueError(f"labels must lie in [0, {q.shape[1]}), got range [{int(y.min())}, {int(y.max())}]")
+            raise ValidationError(f"labels must lie in [0, {q.shape[1]}), got range [{int(y.min())}, {int(y.max())}]")
         return torch.nn.functional.one_hot(y, q.shape[1]).to(q.dtype)
     y = y.to(q.dtype)
     if y.dim() == 1 and q.shape[1] == 1:
         y = y[:, None]
     if y.shape != q.shape:
-        raise ValueError(f"targets of shape {tuple(y.shape)} do not match outputs {tuple(q.shape)}")
+        raise ShapeMismatchError(f"targets of shape {tuple(y.shape)} do not match outputs {tuple(q.shape)}")
     return y
 
 
@@ -146,10 +148,9 @@ class EquilibriumCell(nn.Module):
                  generator: torch.Generator | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         _check_positive_int("width", width)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < float(gamma) < 1.0:
-            raise ValueError(f"gamma must lie in the open interval (0, 1), got {gamma!r}")
+        gamma = _validate.in_range(gamma, "gamma", low=0.0, high=1.0, low_open=True, high_open=True)
         if not isinstance(init_scale, (int, float)) or init_scale < 0:
-            raise ValueError(f"init_scale must be a non-negative number, got {init_scale!r}")
+            raise ValidationError(f"init_scale must be a non-negative number, got {init_scale!r}")
         self.width = int(width)
         self.gamma = float(gamma)
         a = torch.randn(width, width, generator=generator, dtype=dtype or torch.get_default_dtype())
@@ -239,7 +240,7 @@ class ImplicitLinearModel(nn.Module):
         _check_positive_int("max_iter", max_iter)
         _check_choice("on_failure", on_failure, ("raise", "warn", "ignore"))
         if atol is not None and (not isinstance(atol, (int, float)) or atol <= 0):
-            raise ValueError(f"atol must be a positive number or None, got {atol!r}")
+            raise ValidationError(f"atol must be a positive number or None, got {atol!r}")
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         self.width = int(width)
         self.out_features = int(out_features)
@@ -250,7 +251,7 @@ class ImplicitLinearModel(nn.Module):
         self.backward_mode = backward
         self.on_failure = on_failure
         if isinstance(features, bool):
-            raise TypeError("features must be in_features (int) or a callable feature map, got a bool")
+            raise OptionTypeError("features must be in_features (int) or a callable feature map, got a bool")
         if isinstance(features, int):
             _check_positive_int("in_features", features)
             self.in_features = int(features)
@@ -262,7 +263,7 @@ class ImplicitLinearModel(nn.Module):
                 for p in features.parameters():
                     p.requires_grad_(False)
         else:
-            raise TypeError(f"features must be in_features (int) or a callable feature map, got {type(features)}")
+            raise OptionTypeError(f"features must be in_features (int) or a callable feature map, got {type(features)}")
         self.cell = EquilibriumCell(width, gamma=gamma, init_scale=init_scale, generator=gen, dtype=dtype)
         b = torch.randn(out_features, width, generator=gen, dtype=dtype or torch.get_default_dtype())
         self.B = nn.Parameter(b / width ** 0.5)
@@ -295,7 +296,7 @@ class ImplicitLinearModel(nn.Module):
         """phi(x), shape [N, width]."""
         u = self.phi(x)
         if u.dim() != 2 or u.shape[1] != self.width:
-            raise ValueError(f"feature map must return [N, {self.width}], got shape {tuple(u.shape)}")
+            raise ShapeMismatchError(f"feature map must return [N, {self.width}], got shape {tuple(u.shape)}")
         return u.to(self.A.dtype)
 
     # -- the equilibrium --------------------------------------------------------------------------
@@ -324,7 +325,7 @@ class ImplicitLinearModel(nn.Module):
         if z0 is None:
             z0 = self.cell.init_state(u)
         elif z0.shape != u.shape:
-            raise ValueError(f"z0 must have shape {tuple(u.shape)}, got {tuple(z0.shape)}")
+            raise ShapeMismatchError(f"z0 must have shape {tuple(u.shape)}, got {tuple(z0.shape)}")
         stats: dict = {}
         self.last_stats = stats  # the backward hook fills stats["backward"] later
         return deq_solve(self.cell, z0, args=(u,), solver=self.solver, backward=self.backward_mode,
@@ -357,25 +358,49 @@ class ImplicitLinearModel(nn.Module):
                 f"gamma={self.gamma}, equilibrium={self.equilibrium!r}")
 
 
+def equilibrium_gradient(A: torch.Tensor, B: torch.Tensor, phi: torch.Tensor, y: torch.Tensor, *, gamma: float,
+                         loss: str = "squared", reduction: str = "sum"):
+    """Closed-form (dL/dA, dL/dB, L) of L(A, B) = sum_i l(B (I - gamma sigma(A))^{-1} phi_i, y_i), functional.
+
+    The formulas of the module doc with U = (I - gamma sigma(A))^{-1}, Z = Phi U^T, G = [g_i], V = G B U:
+    dL/dB = G^T Z, dL/dsigma = gamma V^T Z, then the column-softmax Jacobian. Leading batch dimensions are
+    allowed (A [..., m, m], B [..., m_y, m], Phi [..., N, m], y [..., N, m_y] or integer labels [..., N]): one
+    independent model per batch index (e.g. one per seed), each with its own mean over its N samples; L then
+    has the batch shape (one loss per model). No autograd is involved.
+    """
+    _check_loss_args(loss, reduction)
+    with torch.no_grad():
+        m = A.shape[-1]
+        S = torch.softmax(A, dim=-2)
+        eye = torch.eye(m, dtype=A.dtype, device=A.device)
+        U = torch.linalg.solve(eye - gamma * S, eye.expand_as(S))
+        Z = phi @ U.transpose(-1, -2)
+        q = Z @ B.transpose(-1, -2)
+        n, my = q.shape[-2], q.shape[-1]
+        qf = q.reshape(-1, my)
+        yf = y.reshape(-1) if not torch.is_floating_point(y) else y.reshape(-1, y.shape[-1])
+        scale = 1.0 / n if reduction == "mean" else 1.0
+        G = loss_grad(loss, qf, yf, reduction="sum").reshape(q.shape) * scale
+        t = _as_targets(loss, qf, yf).reshape(q.shape)
+        per = (q - t) ** 2 if loss == "squared" else -t * torch.log_softmax(q, dim=-1)
+        value = per.sum((-2, -1)) * scale  # one loss per model: shape A.shape[:-2]
+        grad_B = G.transpose(-1, -2) @ Z
+        V = G @ B @ U
+        grad_S = gamma * V.transpose(-1, -2) @ Z
+        grad_A = S * (grad_S - (S * grad_S).sum(-2, keepdim=True))
+    return grad_A, grad_B, value
+
+
 def implicit_gradient(model: ImplicitLinearModel, x: torch.Tensor, y: torch.Tensor, *, loss: str = "squared",
                       reduction: str = "sum", return_loss: bool = False):
     """Closed-form (dL/dA, dL/dB) of L = sum_i l(f(x_i), y_i) by implicit differentiation (see module doc).
 
-    Needs no autograd: U = (I - gamma sigma(A))^{-1}, Z = Phi U^T (rows z_i), G = [g_i], V = G B U (rows v_i^T),
-    dL/dB = G^T Z, dL/dsigma = gamma V^T Z, then the column-softmax Jacobian. Returns (dL/dA, dL/dB), and
-    the loss value L as a third element with ``return_loss=True`` (same solve, no extra cost).
+    :func:`equilibrium_gradient` at the model's weights and features phi(x). Returns (dL/dA, dL/dB), and the
+    loss value L as a third element with ``return_loss=True`` (same solve, no extra cost).
     """
     with torch.no_grad():
-        u = model.features(x)
-        U = model.inverse_factor()
-        Z = u @ U.transpose(0, 1)
-        q = Z @ model.B.transpose(0, 1)
-        G = loss_grad(loss, q, y, reduction=reduction)
-        grad_B = G.transpose(0, 1) @ Z
-        V = G @ model.B @ U
-        grad_S = model.gamma * V.transpose(0, 1) @ Z
-        S = model.weight_map()
-        grad_A = S * (grad_S - (S * grad_S).sum(0, keepdim=True))
-        if return_loss:
-            return grad_A, grad_B, loss_fn(loss, q, y, reduction=reduction)
+        grad_A, grad_B, value = equilibrium_gradient(model.A, model.B, model.features(x), y, gamma=model.gamma,
+                                                     loss=loss, reduction=reduction)
+    if return_loss:
+        return grad_A, grad_B, value
     return grad_A, grad_B

@@ -48,8 +48,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
+
+from iterlayers.errors import ShapeMismatchError, ValidationError
 
 from iterlayers.models.implicit_linear import (
     ImplicitLinearModel,
@@ -74,7 +77,10 @@ __all__ = [
     "pl_constant_square",
     "local_pl_constant",
     "lambda_U",
+    "lambda_U_range",
     "lambda_U_bounds",
+    "logistic_infimum_attained",
+    "nearest_least_squares",
     "theorem_quantities",
     "rate_bounds",
     "fit_linear_rate",
@@ -238,6 +244,81 @@ def lambda_U(model: ImplicitLinearModel) -> float:
         eye = torch.eye(m, dtype=model.A.dtype, device=model.A.device)
         smax = torch.linalg.matrix_norm(eye - model.cell.matrix(), ord=2)
     return float(1.0 / smax ** 2)
+
+
+def lambda_U_range(model: ImplicitLinearModel) -> tuple[float, float]:
+    """(lambda_min, lambda_max) of U U^T: 1 / sigma_max(I - gamma sigma(A))^2 and 1 / sigma_min(...)^2 (one SVD)."""
+    with torch.no_grad():
+        m = model.width
+        eye = torch.eye(m, dtype=model.A.dtype, device=model.A.device)
+        s = torch.linalg.svdvals(eye - model.cell.matrix())
+    return float(1.0 / s[0] ** 2), float(1.0 / s[-1] ** 2)
+
+
+def logistic_infimum_attained(phi: torch.Tensor, labels: torch.Tensor, *, num_classes: int | None = None,
+                              tol: float = 1e-7) -> dict:
+    """Whether the multiclass logistic loss of the shallow model attains its infimum on (Phi, labels).
+
+    The softmax cross-entropy L_R(R) = sum_i -log softmax(R phi_i)_{y_i} has a minimiser iff the data are not
+    (quasi-)separable: iff no direction D has all margins t_ik(D) = (D phi_i)_{y_i} - (D phi_i)_k >= 0 (k != y_i)
+    with at least one margin > 0 (along such a D the loss decreases strictly towards its infimum and never stops;
+    directions with all margins zero leave it unchanged). We decide it by the linear program
+
+        max_D  sum_{i, k != y_i} t_ik(D)    s.t.  0 <= t_ik(D) <= 1,
+
+    (scipy's HiGHS): the maximum is 0 iff the infimum is attained. Returns ``{"attained", "max_margin_sum",
+    "separable"}`` where ``separable`` (complete separation: some D with every margin >= 1) is tested by a second
+    LP, min 0 s.t. t_ik(D) >= 1, run first (``max_margin_sum`` is then NaN: not needed).
+    """
+    from scipy.optimize import linprog
+
+    if phi.dim() != 2 or labels.dim() != 1 or labels.shape[0] != phi.shape[0]:
+        raise ShapeMismatchError(f"need phi [N, m] and labels [N], got {tuple(phi.shape)} and {tuple(labels.shape)}")
+    if torch.is_floating_point(labels):
+        raise ValidationError("labels must be integer class indices")
+    phi64 = phi.detach().to(torch.float64).cpu().numpy()
+    y = labels.detach().cpu().numpy().astype(int)
+    n, m = phi64.shape
+    k = int(y.max()) + 1 if num_classes is None else int(num_classes)
+    # rows: one per (i, c != y_i); t_ic = phi_i . (D_{y_i} - D_c), D flattened row-major (class-major)
+    ii, cc = np.nonzero(np.arange(k)[None, :] != y[:, None])
+    T = np.zeros((len(ii), k, m))
+    T[np.arange(len(ii)), y[ii]] = phi64[ii]
+    T[np.arange(len(ii)), cc] = -phi64[ii]
+    T = T.reshape(len(ii), k * m)
+    bounds = [(None, None)] * (k * m)
+    # complete separation first (one feasibility LP, the cheap common case at large widths): then not attained
+    sep = linprog(np.zeros(k * m), A_ub=-T, b_ub=-np.ones(len(T)), bounds=bounds, method="highs")
+    if sep.status == 0:
+        return {"attained": False, "separable": True, "max_margin_sum": float("nan")}
+    # max sum t  s.t.  0 <= t <= 1: > 0 exactly under quasi-separation
+    res = linprog(-T.sum(0), A_ub=np.vstack([T, -T]), b_ub=np.concatenate([np.ones(len(T)), np.zeros(len(T))]),
+                  bounds=bounds, method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"separability LP failed: {res.message}")
+    best = float(-res.fun)
+    return {"attained": best <= tol * len(T), "separable": False, "max_margin_sum": best}
+
+
+def nearest_least_squares(phi: torch.Tensor, targets: torch.Tensor, R0: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin ||R - R0||_F over the least-squares solutions R of min ||Phi R^T - T||_F (float64).
+
+    R0 = 0 gives the minimum-norm solution (the minimum-norm interpolant when Phi has full row rank, N <= m).
+    Gradient descent / flow on the shallow square loss from R0 converges to exactly this R (its iterates stay
+    in R0 + span of the rows of Phi), which makes it the reference of the implicit-bias study.
+    """
+    if phi.dim() != 2 or targets.dim() != 2 or targets.shape[0] != phi.shape[0]:
+        raise ShapeMismatchError(f"need phi [N, m] and targets [N, m_y], got {tuple(phi.shape)} and "
+                                 f"{tuple(targets.shape)}")
+    phi64 = phi.detach().to(torch.float64)
+    t = targets.detach().to(torch.float64)
+    if R0 is not None and R0.shape != (t.shape[1], phi64.shape[1]):
+        raise ShapeMismatchError(f"R0 must have shape {(t.shape[1], phi64.shape[1])}, got {tuple(R0.shape)}")
+    if R0 is None:
+        R0 = torch.zeros(t.shape[1], phi64.shape[1], dtype=torch.float64)
+    R0 = R0.detach().to(torch.float64)
+    delta = torch.linalg.lstsq(phi64, t - phi64 @ R0.transpose(0, 1), driver="gelsd").solution
+    return R0 + delta.transpose(0, 1)
 
 
 def lambda_U_bounds(model: ImplicitLinearModel) -> dict:
