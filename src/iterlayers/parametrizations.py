@@ -41,9 +41,15 @@ from torch.nn.utils import parametrize as _parametrize
 from . import _validate
 from .errors import OptionTypeError, ShapeMismatchError, ValidationError
 
-__all__ = ["MonotoneLinear", "SpectralNormLinear", "spectral_norm", "weight_norm"]
+__all__ = ["MonotoneLinear", "SpectralNormLinear", "spectral_norm", "weight_norm", "spectral_cap"]
 
 _ACTS = {"relu": torch.relu, "tanh": torch.tanh, "identity": lambda t: t}
+
+
+def spectral_cap(w: Tensor, bound: float) -> Tensor:
+    """``W min(1, bound / sigma_max(W))``: ``||.||_2 <= bound`` exactly (top singular value, differentiable)."""
+    sigma = torch.linalg.matrix_norm(w, ord=2)
+    return w * torch.clamp(bound / sigma.clamp_min(torch.finfo(w.dtype).tiny), max=1.0)
 
 
 def _check_features(value, name: str, where: str) -> int:
@@ -180,8 +186,7 @@ class SpectralNormLinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """``W = V min(1, bound / sigma_max(V))``; differentiable (through the top singular value)."""
-        sigma = torch.linalg.matrix_norm(self.V, ord=2)
-        return self.V * torch.clamp(self.bound / sigma.clamp_min(torch.finfo(self.V.dtype).tiny), max=1.0)
+        return spectral_cap(self.V, self.bound)
 
     def lipschitz_bound(self) -> float:
         with torch.no_grad():

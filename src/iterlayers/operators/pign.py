@@ -37,6 +37,7 @@ from torch.nn.utils import parametrize
 
 from iterlayers import _validate as V
 from iterlayers.errors import ShapeMismatchError, ValidationError
+from iterlayers.parametrizations import spectral_cap
 
 from .graph_conv import check_edge_index, gcn_edges
 from .picard import PicardIteration, relaxed_picard
@@ -65,8 +66,7 @@ class SpectralCap(nn.Module):
             raise ValidationError(f"lipschitz must be None or a positive number, got {bound!r}")
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        sigma = torch.linalg.matrix_norm(w, ord=2)
-        return w * torch.clamp(self.bound / sigma.clamp_min(torch.finfo(w.dtype).tiny), max=1.0)
+        return spectral_cap(w, self.bound)
 
     def extra_repr(self) -> str:
         return f"bound={self.bound:g}"
