@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import weakref
 
 import torch
 from torch import nn
@@ -13,6 +14,8 @@ from .implicit import DEQOptions, deq_solve
 __all__ = ["DEQ", "Unrolled"]
 
 _OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(DEQOptions))
+#: forward function -> (positional parameter names after z, takes *args); see DEQ._positional
+_SIGNATURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class DEQ(nn.Module):
@@ -92,26 +95,35 @@ class DEQ(nn.Module):
             )
         return torch.zeros_like(x)
 
+    def _positional(self):
+        """The cell's positional parameters after ``z`` and whether it takes ``*args`` (``None``: opaque),
+        read from its signature once per forward function (``inspect.signature`` costs more than a small
+        cell's evaluation)."""
+        fn = self.cell.forward if isinstance(self.cell, nn.Module) else self.cell
+        key = getattr(fn, "__func__", fn)
+        cached = _SIGNATURES.get(key)
+        if cached is None:
+            try:
+                params = list(inspect.signature(fn).parameters.values())
+            except (TypeError, ValueError):
+                cached = ((), None)
+            else:
+                names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+                cached = (names[1:], any(p.kind == p.VAR_POSITIONAL for p in params))
+            try:
+                _SIGNATURES[key] = cached
+            except TypeError:  # a callable that cannot be weakly referenced: not cached
+                pass
+        return cached
+
     def _arity(self) -> int | None:
         """The number of positional inputs the cell takes after ``z`` (None if it takes ``*args`` or is opaque)."""
-        fn = self.cell.forward if isinstance(self.cell, nn.Module) else self.cell
-        try:
-            params = list(inspect.signature(fn).parameters.values())
-        except (TypeError, ValueError):
-            return None
-        if any(p.kind == p.VAR_POSITIONAL for p in params):
-            return None
-        return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) - 1
+        names, var = self._positional()
+        return None if var is None or var else len(names)
 
     def _input_names(self, n: int) -> tuple:
         """Names of the cell's positional inputs after ``z`` (from its signature), for error messages."""
-        fn = self.cell.forward if isinstance(self.cell, nn.Module) else self.cell
-        try:
-            params = [p for p in inspect.signature(fn).parameters.values()
-                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
-        except (TypeError, ValueError):
-            params = []
-        names = [p.name for p in params[:n]]
+        names = list(self._positional()[0][:n])
         if len(names) < n:
             names += ["x"] if n == 1 else [f"inputs[{i}]" for i in range(len(names), n)]
         return tuple(names)
