@@ -52,7 +52,8 @@ def test_a_mode_value_equals_its_keyword_shortcut(name, value, keywords):
     f, _, x = problem()
     _, g_value, _ = grad_of(f, x, backward=value)
     _, g_keyword, _ = grad_of(f, x, backward=name, **keywords)
-    assert torch.equal(g_value, g_keyword)
+    # the same computation; not asserted bitwise: BLAS may split reductions differently between two calls
+    torch.testing.assert_close(g_value, g_keyword, rtol=1e-12, atol=1e-14)
     assert il.DEQOptions(backward=name, **keywords).gradient == value
 
 

@@ -215,7 +215,7 @@ MUTANTS = [
     M("fresh implicit: running statistics not restored after the solve", IM,
       "    saved = _snapshot(modules)\n    try:\n        yield\n    finally:",
       "    saved = []\n    try:\n        yield\n    finally:", ("tests/test_layers_inputs.py",)),
-    M("fresh state: wrong batch size of f(z) accepted", "solvers/_state.py",
+    M("fresh state: wrong batch size of f(z) accepted", "solvers/_loop.py",
       "if isinstance(fz, (tuple, list)) != self.is_tuple or len(parts) != len(self.shapes):",
       "if isinstance(fz, (tuple, list)) != self.is_tuple:", ("tests/solvers",)),
     M("blind hoist: in-place methods not detected", H, 'return name.endswith("_") and not name.endswith("__")',

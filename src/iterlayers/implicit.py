@@ -47,10 +47,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from . import _validate as V
 from .errors import OptionTypeError, ShapeMismatchError, UnsupportedError, ValidationError
 from .hoist import cell_fingerprint, input_signature, split_cell
-from .solvers import SolverStats, make_solver
-from .solvers._loop import ON_FAILURE, report_failure, run_loop
-from .solvers._state import StateSpec
-from .solvers.stats import CONVERGED, is_converged
+from .solvers import CONVERGED, ON_FAILURE, SolverStats, StateSpec, is_converged, make_solver, report_failure, run_loop
 
 __all__ = ["deq_solve", "DEQOptions", "BACKWARD_MODES", "STOPPING", "implicit_backward", "GradientMode",
            "ImplicitGradient", "PhantomGradient", "JFBGradient", "UnrolledGradient", "GRADIENT_MODES"]

@@ -7,8 +7,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import _validate as v
-from ._base import FixedPointSolver
-from ._loop import ON_FAILURE, run_loop
+from ._loop import ON_FAILURE, FixedPointSolver, StateSpec, report_failure, run_loop
 from .anderson import AndersonSolver
 from .broyden import BroydenSolver
 from .errors import (
@@ -22,10 +21,15 @@ from .errors import (
 )
 from .gmres import GMRESSolver
 from .picard import PicardSolver
-from .stats import CONVERGED, DIVERGED, MAX_ITER, SolverStats
+from .stats import CONVERGED, DIVERGED, MAX_ITER, SolverStats, is_converged
 
 __all__ = [
     "solve",
+    "run_loop",
+    "report_failure",
+    "StateSpec",
+    "is_converged",
+    "ON_FAILURE",
     "Solution",
     "make_solver",
     "register_solver",

@@ -19,7 +19,7 @@ import dataclasses
 import torch
 
 from .. import _validate as v
-from ._base import FixedPointSolver, rows
+from ._loop import FixedPointSolver, rows
 
 __all__ = ["BroydenSolver"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from .. import _validate as v
-from ._base import FixedPointSolver
+from ._loop import FixedPointSolver
 
 __all__ = ["PicardSolver"]
 
