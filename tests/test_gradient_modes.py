@@ -188,3 +188,24 @@ def test_run_loop_keeps_the_requested_iterates():
     assert torch.equal(sol.stats.iterates[0], torch.zeros_like(x))
     torch.testing.assert_close(sol.stats.iterates[2], ref[2], rtol=0, atol=0)
     assert torch.equal(sol.stats.iterates[10_000], sol.z)
+
+
+@pytest.mark.parametrize("mode", ["implicit", "phantom", "jfb"])
+def test_trajectory_updates_running_statistics_once_per_call(mode):
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm1d(D, dtype=torch.float64).train()
+    W = 0.3 * torch.linalg.qr(torch.randn(D, D, dtype=torch.float64))[0]
+
+    class Cell(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bn
+
+        def forward(self, z, x):
+            return torch.tanh(0.5 * self.bn(z @ W.T) + x)
+
+    x = torch.randn(8, D, dtype=torch.float64, requires_grad=True)
+    layer = il.DEQ(Cell(), backward=mode, trajectory=(1, 2, 3), atol=1e-10, rtol=0, max_iter=200)
+    z = layer(x)
+    assert int(bn.num_batches_tracked) == 1
+    (z.sum() + sum(s.sum() for s in layer.stats["trajectory"].values())).backward()

@@ -914,9 +914,13 @@ def deq_solve(
 
     with traits.eager():
         if o.trajectory:
-            # Fixed-point correction: each kept state enters the graph by the same mode as z*.
+            # Fixed-point correction: each kept state enters the graph by the same mode as z*. Running statistics
+            # are then given back (fresh copies: the old buffers may be saved for backward), so that only z*'s
+            # attachment updates them, once per call.
+            before = _snapshot(traits.stat_modules)
             stats["trajectory"], stats["trajectory_backward"] = {}, {}
             for k, zk in st.iterates.items():
                 stats["trajectory"][k] = spec.unflatten(mode.attach(
                     solve, spec.flatten(zk), record=lambda b, k=k: stats["trajectory_backward"].__setitem__(k, b)))
+            _rebind(before)
         return spec.unflatten(mode.attach(solve, spec.flatten(z_star)))
