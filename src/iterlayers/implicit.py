@@ -49,7 +49,8 @@ from .hoist import split_cell
 from .solvers import SolverStats, make_solver
 from .solvers._loop import ON_FAILURE, report_failure, run_loop
 from .solvers._state import StateSpec
-from .solvers.stats import CONVERGED, is_converged
+from .solvers.stats import CONVERGED
+from .unrolling import unroll
 
 __all__ = ["deq_solve", "DEQOptions", "BACKWARD_MODES", "STOPPING", "implicit_backward"]
 
@@ -446,41 +447,25 @@ def _tangent_solve(f_flat, z_star, b, o: DEQOptions):
 
 
 def _unrolled(f_flat, z, *, stopping, damping, atol, rtol, max_iter, return_trace, stat_modules):
-    """Damped Picard iteration with autograd through every step.
+    """Damped Picard iteration with autograd through every step: :func:`iterlayers.unrolling.unroll` on the
+    flat state (its docstring has the stopping rule).
 
-    The cell is evaluated on the full batch at every step and every residual is recomputed from that
-    evaluation, so a row counts as converged only at the final iterate (a row coupled to others resumes
-    when they move it). Per-sample stopping (default) freezes converged rows by masking; ``joint`` steps
-    every row until all have converged. Running statistics are those of the last evaluation: every evaluation
-    starts from the statistics the call began with (fresh buffers, since earlier ones are saved for backward).
+    Running statistics are those of the last evaluation: every evaluation starts from the statistics the call
+    began with (fresh buffers, since earlier ones are saved for backward).
     """
     saved = _snapshot(stat_modules)
-    B = z.shape[0]
-    fz = f_flat(z)
-    r = (fz - z).norm(dim=1)
-    done = is_converged(r.detach(), fz.norm(dim=1).detach(), atol, rtol) | ~torch.isfinite(r.detach())
-    nstep = torch.zeros(B, dtype=torch.long, device=z.device)
-    trace = [r.detach().clone()] if return_trace else None
-    nfe = 1
-    for _ in range(max_iter):
-        if bool(done.all()):
-            break
-        step = torch.ones_like(done) if stopping == "joint" else ~done
-        z = torch.where(step.unsqueeze(1), z + damping * (fz - z), z)
-        _rebind(saved)
-        fz = f_flat(z)
-        nfe += 1
-        nstep += step.long()
-        r = (fz - z).norm(dim=1).detach()
-        done = is_converged(r, fz.norm(dim=1).detach(), atol, rtol) | ~torch.isfinite(r)
-        if return_trace:
-            trace.append(r.clone())
-    r = (fz - z).norm(dim=1).detach()
-    stats = SolverStats.of_final_iterate(
-        "picard(unrolled)", r, fz.norm(dim=1).detach(), nstep=nstep, diverged=~torch.isfinite(r),
-        best=torch.zeros_like(done), nfe=nfe, atol=atol, rtol=rtol, max_iter=max_iter, trace=trace,
-    )
-    return z, stats
+    first = [True]
+
+    def f(zf):
+        if not first[0]:
+            _rebind(saved)
+        first[0] = False
+        return f_flat(zf)
+
+    out = unroll(f, z, max_iter=max_iter, damping=damping, atol=atol, rtol=rtol,
+                 stopping="joint" if stopping == "joint" else "per_sample", return_trace=return_trace,
+                 name="picard(unrolled)")
+    return out.z, out.stats
 
 
 # ----------------------------------------------------------------------------------------------------------
