@@ -25,9 +25,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import OptionTypeError, ShapeMismatchError
+from torch import nn
 
-__all__ = ["initial_state", "lipschitz_bound"]
+from .errors import OptionTypeError, ShapeMismatchError
+from .solvers._state import StateSpec
+
+__all__ = ["initial_state", "lipschitz_bound", "flattened"]
 
 
 def initial_state(cell: Callable, *inputs, z0=None, where: str = "cell", names: Sequence[str] | None = None):
@@ -67,3 +70,33 @@ def lipschitz_bound(cell: Callable) -> float | None:
     bound = getattr(cell, "lipschitz_bound", None)
     return float(bound()) if callable(bound) else None
 
+
+
+class _Flat(nn.Module):
+    """``cell`` on flat states ``[B, N]`` of a tuple state: ``flatten(cell(unflatten(w), ...))``."""
+
+    def __init__(self, cell: Callable, spec: StateSpec):
+        super().__init__()
+        self.cell, self.spec = cell, spec
+
+    def forward(self, w, *inputs, **shared):
+        return self.spec.flatten(self.cell(self.spec.unflatten(w), *inputs, **shared))
+
+
+class _FlatBounded(_Flat):
+    """A flat view of a cell that defines ``lipschitz_bound()``: the flat 2-norm is the tuple's norm, so the
+    bound holds for the view unchanged."""
+
+    def lipschitz_bound(self) -> float:
+        return lipschitz_bound(self.cell)
+
+
+def flattened(cell: Callable, z):
+    """``(cell, z)`` for a tensor state; for a tuple state ``(flat_cell, flat_z)`` with ``flat_z`` the
+    ``[B, N]`` concatenation of the parts and ``flat_cell`` the cell on such states (a module holding
+    ``cell``, so its parameters are seen). Lets tools written for ``[B, n]`` states analyse tuple states."""
+    if not isinstance(z, (tuple, list)):
+        return cell, z
+    spec = StateSpec.of(z, "z")
+    view = _Flat if lipschitz_bound(cell) is None else _FlatBounded
+    return view(cell, spec), spec.flatten(z)
