@@ -20,6 +20,7 @@ from ..layers import DEQ
 from ..solvers import solve
 from . import plots
 from ._linear import call_cell
+from .jacobian import jacobian
 from .contraction import ContractionCertificate, certify_contraction
 from .rates import fit_linear_rate, predict_iterations
 from .sensitivity import condition_number, input_sensitivity, parameter_sensitivity
@@ -198,7 +199,6 @@ def report(layer_or_cell, x: Tensor, *, z_star: Tensor | None = None, trace: Ten
             par_sens = parameter_sensitivity(cell, z_star, x, method=sm, seed=seed)
     eig = None
     if n <= dense_limit:
-        from .jacobian import jacobian
         eig = torch.linalg.eigvals(jacobian(cell, z_star, x))
 
     fitted = pred_iters = None
