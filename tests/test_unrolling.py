@@ -193,3 +193,26 @@ def test_bad_states_and_maps_raise_typed_errors():
 
 def test_exported_at_top_level():
     assert il.unroll is unroll
+
+
+def test_one_implementation_per_idea_no_duplicate_comes_back():
+    """Issue 14: the removed duplicates stay removed (the engine, the statistics, the rate fit, the imports)."""
+    import re
+    from pathlib import Path
+
+    from iterlayers import operators
+
+    src = Path(il.__file__).parent
+    texts = {p.relative_to(src).as_posix(): p.read_text() for p in src.rglob("*.py")}
+    for name in ("PicardStats", "observed_rate", "GRADIENT_MODES"):
+        assert not hasattr(operators, name), name
+    assert [k for k, t in texts.items() if re.search(r"^def fit_linear_rate\b", t, re.M)] == ["analysis/rates.py"]
+    assert [k for k, t in texts.items() if "last_stats" in t] == []
+    assert "algorithms/_equilibrium.py" not in texts
+    paper = ("algorithms/", "frames/", "operators/", "models/", "analysis/")
+    for k, t in texts.items():
+        if k.startswith(paper):
+            assert "except ImportError" not in t and "imported late" not in t, k
+            # the core is imported at top level: no function-level import of the iterlayers core
+            assert not re.search(r"^[ \t]+from (iterlayers|\.\.)(\.\w+)* import .*\b(deq_solve|DEQ|solve|unroll)\b",
+                                 t, re.M), k
