@@ -90,8 +90,9 @@ def relaxed_picard(operator: Callable, z0, x=None, *, alpha=0.5, max_iter: int =
 
 
 def relative_steps(iterates: Sequence[torch.Tensor]) -> list[float]:
-    """The paper's convergence monitor of a run: for each step n the largest (over the rows) relative step
-    ``||z_{n+1} - z_n|| / ||z_{n+1}||`` (row norms over the non-batch dimensions)."""
+    """The relative-step monitor of a run (ours; the operator experiments fit their rates to it): for each step
+    n the largest (over the rows) ``||z_{n+1} - z_n|| / ||z_{n+1}||`` (row norms over the non-batch
+    dimensions). Computed from the iterates, e.g. ``relaxed_picard(..., return_iterates=True).iterates``."""
     out = []
     for a, b in zip(iterates, iterates[1:]):
         step = (b - a).detach().reshape(b.shape[0], -1).norm(dim=1)
