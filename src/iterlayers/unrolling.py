@@ -70,9 +70,10 @@ def _like(z, parts):
 
 
 def _norm(parts) -> torch.Tensor:
-    """Per-sample 2-norm over every non-batch element of every part."""
-    sq = sum(p.reshape(p.shape[0], -1).pow(2).sum(dim=1) for p in parts)
-    return sq.sqrt()
+    """Per-sample 2-norm over every non-batch element of every part (the norm of the part norms: no squares
+    are formed, so no overflow before the norm itself overflows)."""
+    norms = [torch.linalg.vector_norm(p.reshape(p.shape[0], -1), dim=1) for p in parts]
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)
 
 
 def _damping_at(damping, k: int):
@@ -155,6 +156,8 @@ def unroll(f: Callable, z0, *, max_iter: int, damping=1.0, atol: float | None = 
                 fz = f(z)
         if k == 0:
             spec.check_output(fz, batch)
+        if fixed and not return_trace and k < max_iter:
+            return fz, None, None  # fixed steps: only the returned iterate's residual is reported
         fp = _parts(fz)
         with torch.no_grad():
             r = _norm([a - b for a, b in zip(fp, _parts(z))])
@@ -166,8 +169,8 @@ def unroll(f: Callable, z0, *, max_iter: int, damping=1.0, atol: float | None = 
 
     z = z0
     fz, r, done = evaluate(z, 0)
-    nstep = torch.zeros(batch, dtype=torch.long, device=spec.device)
-    trace = [r.clone()] if return_trace else None
+    nstep = torch.zeros(batch, dtype=torch.long, device=spec.device)  # per-sample stopping only
+    trace = [r] if return_trace else None
     iterates = [z0] if return_iterates else None
     k = 0
     while k < max_iter and not (done is not None and bool(done.all())):
@@ -177,9 +180,7 @@ def unroll(f: Callable, z0, *, max_iter: int, damping=1.0, atol: float | None = 
         zp, fp = _parts(z), _parts(fz)
         new = fp if (not isinstance(d, torch.Tensor) and d == 1.0) else tuple(
             a + d * (b - a) for a, b in zip(zp, fp))
-        if done is None or stopping == "joint":
-            nstep += 1
-        else:
+        if done is not None and stopping != "joint":
             step = ~done
             nstep += step.long()
             new = tuple(torch.where(step.view(-1, *([1] * (a.dim() - 1))), b, a) for a, b in zip(zp, new))
@@ -187,9 +188,11 @@ def unroll(f: Callable, z0, *, max_iter: int, damping=1.0, atol: float | None = 
         k += 1
         fz, r, done = evaluate(z, k)
         if return_trace:
-            trace.append(r.clone())
+            trace.append(r)
         if return_iterates:
             iterates.append(z)
+    if done is None or stopping == "joint":  # every sample took every step
+        nstep = torch.full((batch,), k, dtype=torch.long, device=spec.device)
     with torch.no_grad():
         fnorm = _norm(_parts(fz))
     stats = SolverStats.of_final_iterate(
