@@ -86,17 +86,20 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 def test_unrolled_layer_matches_plain_loop_and_converges_to_deq():
     cell = TanhCell(5, norm=0.5, seed=3)
     x = torch.randn(3, 5, dtype=torch.float64)
-    layer = il.Unrolled(cell, steps=4, damping=0.5, return_all=True)
+    layer = il.Unrolled(cell, max_iter=4, damping=0.5, return_all=True)
     zs = layer(x)
     z = torch.zeros_like(x)
     for k in range(4):
         z = 0.5 * z + 0.5 * cell(z, x)
         torch.testing.assert_close(zs[k], z)
-    assert len(layer.residuals) == 4 and "steps=4" in repr(layer)
-    deep = il.Unrolled(cell, steps=80)(x)
+    st = layer.stats["forward"]
+    assert len(st.trace) == 5 and st.nstep.tolist() == [4, 4, 4] and "max_iter=4" in repr(layer)
+    torch.testing.assert_close(st.trace[-1], (cell(zs[-1], x) - zs[-1]).norm(dim=1), rtol=1e-14, atol=0)
+    assert layer.stats["backward"] is None
+    deep = il.Unrolled(cell, max_iter=80)(x)
     torch.testing.assert_close(deep, il.DEQ(cell, atol=1e-13, rtol=0)(x), atol=1e-12, rtol=0)
-    with pytest.raises(ValueError, match="steps must be"):
-        il.Unrolled(cell, steps=-1)
+    with pytest.raises(ValueError, match="max_iter must be"):
+        il.Unrolled(cell, max_iter=-1)
 
 
 def test_options_are_one_validated_value_shared_by_layer_and_function():

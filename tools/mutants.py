@@ -157,7 +157,8 @@ MUTANTS = [
     M("implicit: adjoint map without the per-sample scaling D^-1 J^T D", IM, "return vjp / scale + rhs", "return vjp + rhs", G),
     M("implicit: phantom damping ignored", IM,
       "z = (1 - o.phantom_damping) * z + o.phantom_damping * f_flat(z)", "z = f_flat(z)", G),
-    M("implicit: unrolled damping ignored", IM, "z + damping * (fz - z), z)", "fz, z)", G),
+    M("unroll: damping ignored", "unrolling.py", "a + d * (b - a) for a, b in zip(zp, fp))", "b for a, b in zip(zp, fp))",
+      G + ("tests/test_unrolling.py",)),
     # --- hoisting --------------------------------------------------------------------------------------
     M("hoist: the check verifies only the first iterate", H, "for i in range(2):", "for i in range(1):", HT),
     M("hoist: cached split reused whatever the fingerprint", H,

@@ -11,6 +11,7 @@ Every error raised is an :class:`IterlayersError` (:mod:`iterlayers.errors`).
 """
 from .implicit import (BACKWARD_MODES, DEQOptions, GradientMode, ImplicitGradient, JFBGradient, PhantomGradient,
                        UnrolledGradient, deq_solve, implicit_backward)
+from .unrolling import Unrolling, unroll
 from . import analysis
 from .analysis.audit import GradientAudit, audit_gradients
 from .errors import (
@@ -45,6 +46,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "solve",
+    "unroll",
+    "Unrolling",
     "Solution",
     "deq_solve",
     "DEQOptions",

@@ -47,7 +47,8 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from . import _validate as V
 from .errors import OptionTypeError, ShapeMismatchError, UnsupportedError, ValidationError
 from .hoist import cell_fingerprint, input_signature, split_cell
-from .solvers import CONVERGED, ON_FAILURE, SolverStats, StateSpec, is_converged, make_solver, report_failure, run_loop
+from .solvers import CONVERGED, ON_FAILURE, SolverStats, StateSpec, make_solver, report_failure, run_loop
+from .unrolling import unroll
 
 __all__ = ["deq_solve", "DEQOptions", "BACKWARD_MODES", "STOPPING", "implicit_backward", "GradientMode",
            "ImplicitGradient", "PhantomGradient", "JFBGradient", "UnrolledGradient", "GRADIENT_MODES"]
@@ -746,45 +747,29 @@ def _tangent_solve(f_flat, z_star, b, mode: "Implicit", o: DEQOptions):
 
 
 def _unrolled(f_flat, z, *, stopping, damping, atol, rtol, max_iter, return_trace, stat_modules, keep=()):
-    """Damped Picard iteration with autograd through every step.
+    """Damped Picard iteration with autograd through every step: :func:`iterlayers.unrolling.unroll` on the
+    flat state (its docstring has the stopping rule); ``keep``: iterations whose (differentiable) state goes to
+    ``stats.iterates``.
 
-    The cell is evaluated on the full batch at every step and every residual is recomputed from that
-    evaluation, so a row counts as converged only at the final iterate (a row coupled to others resumes
-    when they move it). Per-sample stopping (default) freezes converged rows by masking; ``joint`` steps
-    every row until all have converged. Running statistics are those of the last evaluation: every evaluation
-    starts from the statistics the call began with (fresh buffers, since earlier ones are saved for backward).
+    Running statistics are those of the last evaluation: every evaluation starts from the statistics the call
+    began with (fresh buffers, since earlier ones are saved for backward).
     """
     saved = _snapshot(stat_modules)
-    B = z.shape[0]
-    fz = f_flat(z)
-    r = (fz - z).norm(dim=1)
-    done = is_converged(r.detach(), fz.norm(dim=1).detach(), atol, rtol) | ~torch.isfinite(r.detach())
-    nstep = torch.zeros(B, dtype=torch.long, device=z.device)
-    trace = [r.detach().clone()] if return_trace else None
-    nfe = 1
-    kept = {}
-    for k in range(1, max_iter + 1):
-        if bool(done.all()):
-            break
-        step = torch.ones_like(done) if stopping == "joint" else ~done
-        z = torch.where(step.unsqueeze(1), z + damping * (fz - z), z)
-        if k in keep:
-            kept[k] = z
-        _rebind(saved)
-        fz = f_flat(z)
-        nfe += 1
-        nstep += step.long()
-        r = (fz - z).norm(dim=1).detach()
-        done = is_converged(r, fz.norm(dim=1).detach(), atol, rtol) | ~torch.isfinite(r)
-        if return_trace:
-            trace.append(r.clone())
-    r = (fz - z).norm(dim=1).detach()
-    stats = SolverStats.of_final_iterate(
-        "picard(unrolled)", r, fz.norm(dim=1).detach(), nstep=nstep, diverged=~torch.isfinite(r),
-        best=torch.zeros_like(done), nfe=nfe, atol=atol, rtol=rtol, max_iter=max_iter, trace=trace,
-        iterates={k: kept.get(k, z) for k in keep} if keep else None,
-    )
-    return z, stats
+    first = [True]
+
+    def f(zf):
+        if not first[0]:
+            _rebind(saved)
+        first[0] = False
+        return f_flat(zf)
+
+    out = unroll(f, z, max_iter=max_iter, damping=damping, atol=atol, rtol=rtol,
+                 stopping="joint" if stopping == "joint" else "per_sample", return_trace=return_trace,
+                 return_iterates=bool(keep), name="picard(unrolled)")
+    if keep:
+        # iterates[k] is the state after k steps; an iteration the loop did not reach gives the returned state
+        out.stats.iterates = {k: out.iterates[k] if k < len(out.iterates) else out.z for k in keep}
+    return out.z, out.stats
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,8 +8,11 @@ import weakref
 import torch
 from torch import nn
 
+from . import _validate as V
+from . import cells
 from .errors import OptionTypeError, ShapeMismatchError
 from .implicit import DEQOptions, deq_solve
+from .unrolling import unroll
 
 __all__ = ["DEQ", "Unrolled"]
 
@@ -76,24 +79,8 @@ class DEQ(nn.Module):
             self.__dict__["_eval_options"] = o if (o is None or m is None) else o.replace(max_iter=m)
 
     def initial_state(self, *inputs):
-        if hasattr(self.cell, "init_state"):
-            return self.cell.init_state(*inputs)
-        if not inputs:
-            raise OptionTypeError("DEQ: no input to take the initial state from: pass z0")
-        x = inputs[0]
-        name = self._input_names(len(inputs))[0]
-        if not isinstance(x, torch.Tensor):
-            raise OptionTypeError(f"DEQ: {name} is a {type(x).__name__}, not a tensor: pass z0, or give the cell "
-                                  "an init_state method")
-        if not x.is_floating_point():
-            raise OptionTypeError(f"DEQ: {name} has dtype {x.dtype}, so the default initial state zeros_like({name})"
-                                  " would not be a float: pass z0, or give the cell an init_state method")
-        if x.dim() < 2:
-            raise ShapeMismatchError(
-                f"DEQ: {name} has shape {tuple(x.shape)}; inputs are batched [batch, ...] and the default initial "
-                f"state is zeros_like({name}): add the batch dimension ({name}[None] for one sample) or pass z0"
-            )
-        return torch.zeros_like(x)
+        """The initial state for ``inputs``: :func:`iterlayers.cells.initial_state` (the cell protocol)."""
+        return cells.initial_state(self.cell, *inputs, where="DEQ", names=self._input_names(len(inputs)))
 
     def _positional(self):
         """The cell's positional parameters after ``z`` and whether it takes ``*args`` (``None``: opaque),
@@ -213,40 +200,35 @@ class _Regrouped(nn.Module):
 
 
 class Unrolled(nn.Module):
-    r"""``steps`` damped iterations of a cell with ordinary backprop through all of them.
+    r"""``max_iter`` damped iterations of a cell with ordinary backprop through all of them.
 
-        z_{k+1} = (1 - beta) z_k + beta cell(z_k, x),    k = 0, ..., steps - 1,
+        z_{k+1} = z_k + d (cell(z_k, x) - z_k),    k = 0, ..., max_iter - 1,    d = ``damping`` in (0, 1],
 
-    the finite-depth counterpart of :class:`DEQ` (a weight-tied network of depth ``steps``). Returns
-    ``z_steps``, or every iterate ``[z_1, ..., z_steps]`` with ``return_all=True`` (for per-step losses or
-    the convergence-vs-depth curves of an unrolled algorithm layer). ``residuals`` holds the per-sample
-    ``||cell(z_k, x) - z_k||`` of the last call, so the analysis toolkit can fit its rate.
+    the finite-depth counterpart of :class:`DEQ` (a weight-tied network of depth ``max_iter``), run by the one
+    engine :func:`iterlayers.unroll` (fixed steps). The initial state is ``z0`` if given, else the cell
+    protocol's (:func:`iterlayers.cells.initial_state`). Returns ``z_max_iter``, or every iterate
+    ``[z_1, ..., z_max_iter]`` with ``return_all=True`` (for per-step losses or the convergence-vs-depth curves
+    of an unrolled algorithm layer). ``stats["forward"]`` holds the :class:`~iterlayers.SolverStats` of the
+    last call, its ``trace`` the per-sample residuals ``||cell(z_k, x) - z_k||`` of ``z_0, ..., z_max_iter``
+    (for the analysis toolkit's rate fit); ``stats["backward"]`` is ``None`` (plain backprop, no solve).
     """
 
-    def __init__(self, cell, *, steps: int, damping: float = 1.0, return_all: bool = False):
+    def __init__(self, cell, *, max_iter: int, damping: float = 1.0, return_all: bool = False):
         super().__init__()
         if not callable(cell):
-            raise TypeError(f"cell must be a module or callable cell(z, x), got {type(cell).__name__}")
-        if not (isinstance(steps, int) and steps >= 0):
-            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-        if not 0.0 < damping <= 1.0:
-            raise ValueError(f"damping must be in (0, 1], got {damping!r}")
+            raise OptionTypeError(f"cell must be a module or callable cell(z, x), got {type(cell).__name__}")
         self.cell = cell
-        self.steps = steps
-        self.damping = float(damping)
-        self.return_all = return_all
-        self.residuals: list[torch.Tensor] = []
+        self.max_iter = V.non_negative_int(max_iter, "max_iter", where="Unrolled")
+        self.damping = V.in_range(damping, "damping", where="Unrolled", low=0.0, high=1.0, low_open=True)
+        self.return_all = V.boolean(return_all, "return_all", where="Unrolled")
+        self.stats: dict = {"forward": None, "backward": None}
 
     def forward(self, x, z0=None):
-        z = (self.cell.init_state(x) if hasattr(self.cell, "init_state") else torch.zeros_like(x)) if z0 is None else z0
-        out, self.residuals = [], []
-        for _ in range(self.steps):
-            fz = self.cell(z, x)
-            self.residuals.append((fz - z).detach().flatten(1).norm(dim=1))
-            z = fz if self.damping == 1.0 else z + self.damping * (fz - z)
-            if self.return_all:
-                out.append(z)
-        return out if self.return_all else z
+        z0 = cells.initial_state(self.cell, x, z0=z0, where="Unrolled")
+        out = unroll(lambda z: self.cell(z, x), z0, max_iter=self.max_iter, damping=self.damping,
+                     return_iterates=self.return_all, return_trace=True)
+        self.stats = {"forward": out.stats, "backward": None}
+        return out.iterates[1:] if self.return_all else out.z
 
     def extra_repr(self) -> str:
-        return f"steps={self.steps}, damping={self.damping:g}, return_all={self.return_all}"
+        return f"max_iter={self.max_iter}, damping={self.damping:g}, return_all={self.return_all}"

@@ -213,18 +213,15 @@ def deq_layers(model: nn.Module) -> list[nn.Module]:
 def solver_stats(module: nn.Module) -> dict | None:
     """The ``{"forward": SolverStats | None, "backward": SolverStats | None}`` a module reports, or None.
 
-    The one protocol: an iterative module exposes ``stats`` as that dict (as :class:`iterlayers.DEQ` does).
-    ``last_stats`` is read for the models that still use the earlier name (the same dict), until they move.
+    The one protocol: every iterative module (:class:`iterlayers.DEQ`, :class:`iterlayers.Unrolled`,
+    ``operators.PicardIteration``, ``models.ImplicitLinearModel``) exposes ``stats`` as that dict.
     """
     stats = getattr(module, "stats", None)
-    if not isinstance(stats, dict):
-        stats = getattr(module, "last_stats", None)
     return stats if isinstance(stats, dict) else None
 
 
 def _reports_stats(module: nn.Module) -> bool:
-    # ``last_stats`` may still be None before the first forward pass
-    return isinstance(getattr(module, "stats", None), dict) or hasattr(module, "last_stats")
+    return solver_stats(module) is not None
 
 
 def stat_sources(model: nn.Module) -> list[nn.Module]:

@@ -1,10 +1,13 @@
 """Algorithm layers run to their fixed point (DEQ mode): solution and implicit gradients."""
+from pathlib import Path
+
 import pytest
 import torch
 
+from iterlayers import algorithms
+
 from iterlayers.algorithms import (GradientDescent, HeavyBall, ISTA, L1Penalty, Nesterov, Quadratic,
                                    QuadraticEnergy, random_rotation, FISTA)
-from iterlayers.algorithms._equilibrium import equilibrium
 
 
 def _energy_and_input(seed=0, batch=4):
@@ -53,18 +56,31 @@ def test_deq_solution_and_b_gradient_match_exact_minimiser():
     assert torch.allclose(gb, ref, atol=1e-8)
 
 
-def test_local_fallback_matches_core():
+def test_equilibrium_mode_is_the_core_solve_with_the_dense_implicit_gradient():
+    # The former local fallback (algorithms/_equilibrium.py) is gone: the DEQ mode is iterlayers.deq_solve on
+    # the state tuple. Reference: the dense implicit-function-theorem gradient, computed here.
     energy, x, target = _energy_and_input(seed=2)
+    layer = HeavyBall(k=1, step_size=1.0, momentum=0.3)  # a two-tensor state (y, y_prev)
+    stats: dict = {}
+    y = layer.solve(energy, x, atol=1e-12, max_iter=500, backward_atol=1e-12, stats=stats)
+    params = list(energy.parameters())
+    grads = torch.autograd.grad(((y - target) ** 2).sum(), params)
+    assert bool(stats["forward"].converged.all()) and bool(stats["backward"].converged.all())
     bound = energy.bind(x)
-    layer = GradientDescent(k=1)
     f = layer.fixed_point_map(bound)
-    z0 = bound.zeros()
-    grads = []
-    for use_core in (True, False):
-        z = equilibrium(f, z0, atol=1e-12, max_iter=500, use_core=use_core)
-        grads.append(torch.autograd.grad(((z - target) ** 2).sum(), list(energy.parameters()), retain_graph=True))
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, atol=1e-8)
+    with torch.no_grad():
+        z = torch.cat([y.detach()] * 2, dim=-1)
+        assert float((f(z) - z).norm(dim=1).max()) <= 1e-11  # a fixed point, measured here
+    B, N = z.shape
+    J = torch.autograd.functional.jacobian(f, z).reshape(B, N, B, N)
+    J = torch.stack([J[i, :, i] for i in range(B)])  # samples are independent: the block diagonal
+    dl = torch.zeros_like(z)
+    dl[:, :4] = 2 * (y.detach() - target)  # the output is the first part of the state
+    adj = torch.linalg.solve((torch.eye(N, dtype=z.dtype) - J).transpose(1, 2), dl.unsqueeze(-1)).squeeze(-1)
+    ref = torch.autograd.grad(layer.fixed_point_map(energy.bind(x))(z), params, adj)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-7)
+    assert not (Path(algorithms.__file__).parent / "_equilibrium.py").exists()
 
 
 def test_solve_rejects_untied_and_fista():

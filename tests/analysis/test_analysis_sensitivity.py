@@ -1,4 +1,6 @@
 """Input/parameter sensitivity, condition number and unrolled sensitivity against closed forms and dense values."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -140,3 +142,28 @@ def test_unrolled_sensitivity_nonlinear_finite_difference_and_validation():
         unrolled_sensitivity(step, torch.zeros(3, 4, dtype=D), x, [1], "best")
     with pytest.raises(ValueError, match="shape of x"):
         unrolled_sensitivity(step, torch.zeros(3, 4, dtype=D), x, [1], delta[:, :2])
+
+
+def test_linear_solves_use_the_core_gmres_and_match_a_dense_solve():
+    # one Krylov kernel: analysis/_linsolve.gmres is the core's GMRES solver on an affine fixed point; here
+    # rho(J) > 1 (a Neumann series would diverge) but I - J is invertible
+    from iterlayers.analysis import _linsolve
+
+    g = torch.Generator().manual_seed(3)
+    J = 1.5 * torch.randn(3, 6, 6, generator=g, dtype=torch.float64) / 6 ** 0.5
+    assert float(torch.linalg.eigvals(J).abs().max()) > 1
+    rhs = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    rhs[1] = 0.0  # a zero right-hand side has the solution 0
+    A = torch.eye(6, dtype=torch.float64) - J
+    w, ok = _linsolve.gmres(lambda u: torch.einsum("bij,bj->bi", A, u), rhs, tol=1e-12, max_iter=100)
+    exact = torch.linalg.solve(A, rhs.unsqueeze(-1)).squeeze(-1)
+    assert ok.tolist() == [True, True, True]
+    torch.testing.assert_close(w, exact, atol=1e-10, rtol=0)
+    res = (rhs - torch.einsum("bij,bj->bi", A, w)).norm(dim=1)  # measured here
+    assert bool((res <= 1e-11 * rhs.norm(dim=1).clamp_min(1e-300) + 1e-300).all())
+    assert "def gmres" in Path(_linsolve.__file__).read_text() and "Arnoldi" not in Path(
+        _linsolve.__file__).read_text()
+    # an unsolvable budget is flagged, not silently returned as solved
+    with pytest.warns(Warning):
+        _, ok = _linsolve.gmres(lambda u: torch.einsum("bij,bj->bi", A, u), rhs, tol=1e-12, max_iter=2)
+    assert not bool(ok[0])

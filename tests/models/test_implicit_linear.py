@@ -66,7 +66,7 @@ def test_direct_and_iterative_agree(dtype, atol, solver):
         fi = model(x, method="iterative")
     assert fd.dtype == dtype and fd.shape == (16, 4)
     torch.testing.assert_close(fi, fd, rtol=0, atol=atol)
-    assert bool(model.last_stats["forward"].converged.all())
+    assert bool(model.stats["forward"].converged.all())
 
 
 @pytest.mark.parametrize("loss,reduction", [("squared", "sum"), ("squared", "mean"), ("logistic", "sum"),
@@ -81,7 +81,7 @@ def test_closed_form_gradient_equals_autograd_and_core_implicit_backward(loss, r
         model.loss(x, y, loss=loss, reduction=reduction, method=method).backward()
         torch.testing.assert_close(model.A.grad, gA, rtol=0, atol=tol)
         torch.testing.assert_close(model.B.grad, gB, rtol=0, atol=tol)
-    assert model.last_stats["backward"] is not None and bool(model.last_stats["backward"].converged.all())
+    assert model.stats["backward"] is not None and bool(model.stats["backward"].converged.all())
 
 
 def test_closed_form_gradient_matches_central_finite_differences():

@@ -6,10 +6,10 @@ import pytest
 import scipy.optimize
 import torch
 
+from iterlayers.analysis import fit_linear_rate
 from iterlayers.models.implicit_linear import ImplicitLinearModel, implicit_gradient
 from iterlayers.models.implicit_theory import (
     ShallowLinearModel,
-    fit_linear_rate,
     induced_metric,
     lambda_U,
     min_nonzero_eig,
@@ -120,7 +120,7 @@ def test_lambda_U_fit_rate_and_bounds():
     M = (np.eye(4) - 0.9 * torch.softmax(model.A.detach(), 0).numpy())
     assert lambda_U(model) == pytest.approx(1 / np.linalg.svd(M, compute_uv=False)[0] ** 2, rel=1e-12)
     gaps = [3.0 * 0.9 ** k for k in range(50)] + [1e-30] * 5
-    assert fit_linear_rate(gaps, floor=1e-20) == pytest.approx(0.9, rel=1e-12)
+    assert fit_linear_rate(gaps, floor=1e-20, floor_factor=1.0) == pytest.approx(0.9, rel=1e-12)
     b = rate_bounds(0.2, 0.5)
     assert b["flow"] == pytest.approx(math.exp(-0.1)) and b["gd"] == pytest.approx(0.95)
     with pytest.raises(ValueError, match="lr"):
@@ -167,7 +167,7 @@ def test_gradient_descent_converges_linearly_within_the_theorem_bound():
     assert gaps[-1] <= 1e-6 * gaps[0]  # L_T - L* <= 1e-6 (L_0 - L*): the global optimum of the shallow model
     c = mu * min(lam_us)
     bounds = rate_bounds(c, lr)
-    fitted = fit_linear_rate(gaps, floor=1e-11 * gaps[0])
+    fitted = fit_linear_rate(gaps, floor=1e-11 * gaps[0], floor_factor=1.0)
     assert fitted < bounds["flow"] < 1
     assert min(suff) >= 0.5  # sufficient decrease at every step certifies the discrete bound below
     for k, gk in enumerate(gaps):

@@ -72,7 +72,7 @@ def _pign_reference(model, X, alphas):
 def test_pign_forward_matches_the_definition(mode):
     torch.manual_seed(1)
     num_iter, alpha = 5, 0.35
-    model = PIGN(4, 6, 3, num_iter=num_iter, alpha=alpha, alpha_mode=mode, schedule="sigmoid").double().eval()
+    model = PIGN(4, 6, 3, max_iter=num_iter, alpha=alpha, alpha_mode=mode, schedule="sigmoid").double().eval()
     X = torch.randn(N, 4, dtype=torch.float64)
     a_learn = float(model.alpha.detach()) if mode == "learnable" else alpha  # float32-stored logit
     alphas = {"uniform": [alpha] * num_iter, "learnable": [a_learn] * num_iter,
@@ -89,7 +89,7 @@ def test_pign_runs_on_a_pyg_data_object():
 
     torch.manual_seed(2)
     data = Data(x=torch.randn(N, 4, dtype=torch.float64), edge_index=_edge_index())
-    model = PIGN(4, 6, 3, num_iter=3, alpha=0.5).double().eval()
+    model = PIGN(4, 6, 3, max_iter=3, alpha=0.5).double().eval()
     ref, _ = _pign_reference(model, data.x, [0.5] * 3)
     with torch.no_grad():
         torch.testing.assert_close(model(data.x, data.edge_index), ref, atol=1e-12, rtol=0)
@@ -97,22 +97,22 @@ def test_pign_runs_on_a_pyg_data_object():
 
 def test_logits_trace_and_eval_time_schedule():
     torch.manual_seed(2)
-    model = PIGN(4, 5, 2, num_iter=2, eval_num_iter=6, alpha=0.5).double().eval()
+    model = PIGN(4, 5, 2, max_iter=2, eval_max_iter=6, alpha=0.5).double().eval()
     X = torch.randn(N, 4, dtype=torch.float64)
     with torch.no_grad():
         out, h = model(X, _edge_index(), return_hidden=True)
-    logits, res = model.logits_trace(X, _edge_index(), num_iter=6)
+    logits, res = model.logits_trace(X, _edge_index(), max_iter=6)
     assert len(logits) == 7 and len(res) == 6
     torch.testing.assert_close(logits[-1], out)
     sched = make_schedule("sigmoid", 6, start=0.5, end=3.0)
-    logits, _ = model.logits_trace(X, _edge_index(), num_iter=6, alpha=sched)
+    logits, _ = model.logits_trace(X, _edge_index(), max_iter=6, alpha=sched)
     ref, _ = _pign_reference(model, X, list(sched))
     torch.testing.assert_close(logits[-1], ref, atol=1e-12, rtol=0)
 
 
 def test_operator_lipschitz_bound_dominates_its_jacobian():
     torch.manual_seed(3)
-    model = PIGN(4, 5, 2, num_iter=3).double().eval()
+    model = PIGN(4, 5, 2, max_iter=3).double().eval()
     g = model.graph(_edge_index(), N, torch.float64)
     H = torch.randn(N, 5, dtype=torch.float64)
     J = torch.autograd.functional.jacobian(lambda h: model.operator(h, g), H).reshape(N * 5, N * 5)
@@ -149,7 +149,7 @@ def test_baselines_match_their_definitions():
 
 def test_iterative_gat_is_relaxed_picard_of_one_gat_layer():
     torch.manual_seed(5)
-    model = PIGN(4, 6, 3, conv="gat", heads=2, num_iter=3, alpha=0.55).double().eval()
+    model = PIGN(4, 6, 3, conv="gat", heads=2, max_iter=3, alpha=0.55).double().eval()
     X = torch.randn(N, 4, dtype=torch.float64)
     with torch.no_grad():
         H = torch.relu(model.encoder(X))
@@ -160,7 +160,7 @@ def test_iterative_gat_is_relaxed_picard_of_one_gat_layer():
 
 def test_learnable_alpha_stays_in_unit_interval_during_training():
     torch.manual_seed(5)
-    model = PIGN(4, 5, 2, num_iter=3, alpha=0.5, alpha_mode="learnable", dropout=0.0)
+    model = PIGN(4, 5, 2, max_iter=3, alpha=0.5, alpha_mode="learnable", dropout=0.0)
     X, y = torch.randn(N, 4), torch.tensor([0, 1, 0, 1, 0, 1, 0])
     opt = torch.optim.Adam(model.parameters(), lr=5.0)
     seen = []
@@ -173,7 +173,7 @@ def test_learnable_alpha_stays_in_unit_interval_during_training():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(alpha_mode="adaptive"), "alpha_mode"), (dict(dropout=1.0), "dropout"), (dict(num_iter=0), "num_iter"),
+    (dict(alpha_mode="adaptive"), "alpha_mode"), (dict(dropout=1.0), "dropout"), (dict(max_iter=0), "max_iter"),
     (dict(alpha_mode="scheduled", schedule="uniform"), "schedule"), (dict(alpha=1.2), "alpha"),
     (dict(conv="sage"), "conv"), (dict(conv="gat", lipschitz=0.5), "lipschitz"), (dict(lipschitz=-1.0), "lipschitz"),
 ])
@@ -198,7 +198,7 @@ def test_bad_graph_inputs_are_rejected():
 
 def test_lipschitz_capped_operator_is_a_contraction_with_the_banach_rate():
     torch.manual_seed(6)
-    model = PIGN(4, 5, 2, num_iter=3, alpha=0.4, lipschitz=0.5).double().eval()
+    model = PIGN(4, 5, 2, max_iter=3, alpha=0.4, lipschitz=0.5).double().eval()
     with torch.no_grad():
         model.operator.conv.lin.parametrizations.weight.original.mul_(10.0)  # ||W||_2 far above the cap
     assert model.operator.lipschitz_bound() == pytest.approx(0.5)
@@ -207,25 +207,25 @@ def test_lipschitz_capped_operator_is_a_contraction_with_the_banach_rate():
     J = torch.autograd.functional.jacobian(lambda h: model.operator(h, g), H).reshape(N * 5, N * 5)
     assert float(torch.linalg.matrix_norm(J, ord=2)) <= 0.5 + 1e-12
     # iterates of the relaxed map approach the fixed point no slower than rho = a + (1 - a) * 0.5 = 0.7
-    z_star, _, trace = relaxed_picard(model.operator, H, g, alpha=0.4, num_iter=120, return_trace=True)
+    z_star, _, trace = relaxed_picard(model.operator, H, g, alpha=0.4, max_iter=120, return_iterates=True)
     errs = [float((t - z_star).norm()) for t in trace[:30]]
     assert all(e <= 0.7 ** k * errs[0] * (1 + 1e-9) for k, e in enumerate(errs))
 
 
 def test_fixed_point_is_solved_by_the_core_engine_and_is_a_fixed_point():
     torch.manual_seed(7)
-    model = PIGN(4, 5, 3, num_iter=3, alpha=0.3, lipschitz=0.6).double().eval()
+    model = PIGN(4, 5, 3, max_iter=3, alpha=0.3, lipschitz=0.6).double().eval()
     with torch.no_grad():
         model.operator.conv.bias.fill_(0.5)  # a non-trivial fixed point (with c = 0 it may be H* = 0)
     X = torch.randn(N, 4, dtype=torch.float64)
     logits, st = model.fixed_point(X, _edge_index(), tol=1e-10, max_iter=400)
     assert bool(st.converged.all()) and float(st.rel_residual.max()) <= 1e-10
     # independently of the solver's statistics: H* (from the logits' preimage, via a long plain iteration)
-    long_logits, _ = model.logits_trace(X, _edge_index(), num_iter=200)
+    long_logits, _ = model.logits_trace(X, _edge_index(), max_iter=200)
     torch.testing.assert_close(logits, long_logits[-1], atol=1e-8, rtol=0)
     g = model.graph(_edge_index(), N, torch.float64)
     h = torch.relu(model.encoder(X))
-    z, _ = relaxed_picard(model.operator, h, g, alpha=0.3, num_iter=200)
+    z = relaxed_picard(model.operator, h, g, alpha=0.3, max_iter=200).z
     assert float(z.norm()) > 0.1
     resid = (model.picard.relaxed(z, g) - z).norm() / z.norm()
     assert float(resid) < 1e-10

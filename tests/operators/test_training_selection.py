@@ -34,7 +34,7 @@ def test_selection_is_unchanged_when_the_test_split_is_poisoned():
     assert bool((bad.y[d.test_mask] != d.y[d.test_mask]).all())
     cfgs = SearchSpace(num_iter=(2, 3)).sample(3, seed=0)
     f, c = d.x.shape[1], int(d.y.max() + 1)
-    build = lambda h: PIGN(f, 8, c, num_iter=h["num_iter"], alpha=h["alpha"])  # noqa: E731
+    build = lambda h: PIGN(f, 8, c, max_iter=h["num_iter"], alpha=h["alpha"])  # noqa: E731
     best, trials = random_search(build, d, cfgs, seeds=[0], epochs=15)
     best_bad, trials_bad = random_search(build, bad, cfgs, seeds=[0], epochs=15)
     assert best == best_bad
@@ -51,7 +51,7 @@ def test_selection_is_unchanged_when_the_test_split_is_poisoned():
 def test_training_keeps_the_best_validation_weights():
     d = _data()
     torch.manual_seed(0)
-    m = PIGN(d.x.shape[1], 8, int(d.y.max() + 1), num_iter=2)
+    m = PIGN(d.x.shape[1], 8, int(d.y.max() + 1), max_iter=2)
     r = train_node_classifier(m, d, epochs=20, lr=0.01, eval_every=5, seed=0)
     with torch.no_grad():
         m.eval()

@@ -16,11 +16,11 @@ def _manual_transformer(m, x, alphas):
 def test_single_pass_is_the_plain_block_and_iteration_follows_the_rule():
     torch.manual_seed(0)
     x = torch.randn(3, 8, 2, dtype=torch.float64)
-    one = PicardTransformer(2, 8, 1, seq_len=8, num_iter=1, alpha=0.0).double().eval()
+    one = PicardTransformer(2, 8, 1, seq_len=8, max_iter=1, alpha=0.0).double().eval()
     with torch.no_grad():
         plain = one.head(one.norm(one.operator.block(one.embed(x) + one.pos)))
         torch.testing.assert_close(one(x), plain, atol=1e-12, rtol=0)
-    it = PicardTransformer(2, 8, 1, seq_len=8, num_iter=3, alpha=0.3, eval_num_iter=5).double()
+    it = PicardTransformer(2, 8, 1, seq_len=8, max_iter=3, alpha=0.3, eval_max_iter=5).double()
     it.train()
     with torch.no_grad():
         torch.testing.assert_close(it(x), _manual_transformer(it, x, [0.3] * 3), atol=1e-12, rtol=0)
@@ -32,13 +32,13 @@ def test_single_pass_is_the_plain_block_and_iteration_follows_the_rule():
 
 def test_denoiser_iterates_from_the_noisy_signal():
     torch.manual_seed(1)
-    m = IterativeDenoiser(num_iter=3, alpha=0.25, channels=4).double()
+    m = IterativeDenoiser(max_iter=3, alpha=0.25, channels=4).double()
     y = torch.randn(5, 40, dtype=torch.float64)
     z = y
     for _ in range(3):
         z = 0.25 * z + 0.75 * (z + m.operator.net(torch.stack([z, y], 1)).squeeze(1))
     torch.testing.assert_close(m(y), z, atol=1e-12, rtol=0)
-    assert m.picard.last_stats.nstep == 3
+    assert m.picard.stats["forward"].nstep.tolist() == [3] * 5
     with pytest.raises(ValueError, match="1-D signals"):
         m(torch.randn(2, 1, 40, dtype=torch.float64))
     with pytest.raises(ValueError, match="kernel_size"):

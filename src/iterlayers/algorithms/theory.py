@@ -45,6 +45,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from iterlayers.analysis import fit_linear_rate, spectral_radius
+
+from .energy import Quadratic
+
 __all__ = [
     "ALGORITHMS",
     "residual",
@@ -224,15 +228,11 @@ def frechet_derivative(algorithm: str, Q: Tensor, b: Tensor, dQ: Tensor, k: int,
 # Numerical counterparts (autograd through an actual layer)
 # ---------------------------------------------------------------------------------------------
 def _run(layer, Q: Tensor, b: Tensor, steps: int | None) -> Tensor:
-    from .energy import Quadratic
-
     return layer(Quadratic(Q, b), steps=steps) if steps is not None else layer(Quadratic(Q, b))
 
 
 def measure_convergence(layer, Q: Tensor, b: Tensor, *, steps: int | None = None) -> Tensor:
     """Per-sample ``||y_k - y*|| / ||y*||`` of ``layer`` on the quadratic ``(Q, b)``."""
-    from .energy import Quadratic
-
     y_star = Quadratic(Q, b).minimizer()
     with torch.no_grad():
         y = _run(layer, Q, b, steps)
@@ -278,9 +278,6 @@ def measure_asymptotic_rate(layer, Q: Tensor, b: Tensor) -> Tensor:
     flattened state map of :meth:`UnrolledAlgorithm.fixed_point_map`; the closed-form counterpart is
     :func:`asymptotic_rate` (for quadratics the Jacobian does not depend on the point).
     """
-    from ..analysis import spectral_radius
-    from .energy import Quadratic
-
     bound = Quadratic(Q, b)
     f = layer.fixed_point_map(bound)
     y_star = bound.minimizer()
@@ -290,9 +287,6 @@ def measure_asymptotic_rate(layer, Q: Tensor, b: Tensor) -> Tensor:
 
 def measure_trace_rate(layer, Q: Tensor, b: Tensor, *, steps: int = 60, tail: float = 0.5) -> Tensor:
     """Per-sample linear rate fitted (``iterlayers.analysis.fit_linear_rate``) to ``||y_t - y*||``."""
-    from ..analysis import fit_linear_rate
-    from .energy import Quadratic
-
     bound = Quadratic(Q, b)
     y_star = bound.minimizer()
     with torch.no_grad():

@@ -11,7 +11,8 @@ parameters ``phi`` are the step sizes (and momenta for subclasses):
 Subclasses define the state (a tuple of [B, n] tensors, e.g. ``(x, x_prev)`` for momentum methods),
 ``_update(t, state, energy)`` and ``_output(state)``.  Where the update map with tied parameters has the
 minimiser as a fixed point (GD, heavy ball, NAG with constant momentum, ISTA), :meth:`solve` runs it to
-convergence as a deep-equilibrium layer through the core solver with implicit gradients.
+convergence as a deep-equilibrium layer through the core (``iterlayers.deq_solve``, tuple states as they are)
+with implicit gradients.
 """
 from __future__ import annotations
 
@@ -20,10 +21,15 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from iterlayers import DEQOptions, deq_solve
+from iterlayers.errors import ValidationError
+
 from .energy import BoundEnergy, Energy, Quadratic
-from ._equilibrium import equilibrium
 
 __all__ = ["UnrolledAlgorithm", "bind_energy"]
+
+#: the equilibrium mode's defaults: a minimiser to high accuracy (an algorithm's update is cheap)
+_SOLVE_DEFAULTS = {"solver": "anderson", "backward": "implicit", "atol": 1e-8, "rtol": 0.0, "max_iter": 500}
 
 
 def bind_energy(energy, x=None) -> BoundEnergy:
@@ -136,39 +142,38 @@ class UnrolledAlgorithm(nn.Module):
         return trace if return_all else self._output(state)
 
     # -- equilibrium (DEQ) mode ------------------------------------------------------------------
-    def fixed_point_map(self, energy: BoundEnergy):
-        """The tied update as a map on the flattened state ``z = cat(state)`` [B, state_size * n]."""
+    def update_map(self, energy: BoundEnergy):
+        """The tied update ``T`` as a map of the state tuple: the fixed-point map of the DEQ mode."""
         if not self.tied:
-            raise ValueError("fixed_point_map needs tied parameters (tied=True)")
+            raise ValidationError("the equilibrium mode needs tied parameters (tied=True)")
         if not self.has_fixed_point:
-            raise ValueError(f"{type(self).__name__} has no stationary update map (time-varying momentum)")
-        n = energy.dim
+            raise ValidationError(f"{type(self).__name__} has no stationary update map (time-varying momentum)")
+        return lambda state: tuple(self._update(0, tuple(state), energy))
 
-        def f(z: Tensor) -> Tensor:
-            state = tuple(z[:, i * n:(i + 1) * n] for i in range(self.state_size))
-            return torch.cat(self._update(0, state, energy), dim=-1)
+    def fixed_point_map(self, energy: BoundEnergy):
+        """``T`` on the flattened state ``z = cat(state)`` [B, state_size * n] (for Jacobian analyses)."""
+        T = self.update_map(energy)
+        return lambda z: torch.cat(T(torch.split(z, energy.dim, dim=-1)), dim=-1)
 
-        return f
-
-    def solve(self, energy, x=None, *, y0: Tensor | None = None, solver: str = "anderson",
-              backward: str = "implicit", atol: float = 1e-8, rtol: float = 0.0, max_iter: int = 500,
-              **options) -> Tensor:
+    def solve(self, energy, x=None, *, y0: Tensor | None = None, options: DEQOptions | None = None,
+              stats: dict | None = None, **overrides) -> Tensor:
         """Run the algorithm to its fixed point (the minimiser) with implicit gradients.
 
-        ``z* = T(z*)`` for the tied update ``T``; by the implicit function theorem the gradient of a
-        loss ``l(y*)`` needs only ``(I - J_T(z*))^{-T}``, not the iterates (memory independent of the
-        number of iterations).  Delegates to ``iterlayers.deq_solve`` (options such as
-        ``backward_solver``, ``backward_atol``, ``on_failure`` pass through).
+        ``z* = T(z*)`` for the tied update ``T`` on the state tuple; by the implicit function theorem the
+        gradient of a loss ``l(y*)`` needs only ``(I - J_T(z*))^{-T}``, not the iterates (memory independent of
+        the number of iterations). The solve is the core's :func:`iterlayers.deq_solve`, configured by
+        ``options`` (a :class:`~iterlayers.DEQOptions`) and/or keyword overrides of its fields; the defaults
+        here are ``solver="anderson"``, ``backward="implicit"``, ``atol=1e-8``, ``rtol=0``, ``max_iter=500``.
+        ``stats`` (a dict) receives the solve's ``{"forward", "backward"}`` statistics.
         """
         bound = bind_energy(energy, x)
-        f = self.fixed_point_map(bound)
+        T = self.update_map(bound)
         if y0 is None:
             y0 = bound.zeros()
-        z0 = torch.cat(self._init_state(y0), dim=-1)
-        z = equilibrium(f, z0, solver=solver, backward=backward, atol=atol, rtol=rtol, max_iter=max_iter,
-                        **options)
-        n = bound.dim
-        return self._output(tuple(z[:, i * n:(i + 1) * n] for i in range(self.state_size)))
+        if options is None:
+            overrides = {**_SOLVE_DEFAULTS, **overrides}
+        z = deq_solve(T, self._init_state(y0), options=options, stats=stats, **overrides)
+        return self._output(z)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, tied={self.tied}, learn_step={self.learn_step}"

@@ -1,10 +1,13 @@
-"""Batched restarted GMRES for the linear systems of implicit differentiation.
+"""The linear systems of implicit differentiation, solved by the one Krylov kernel (``solvers/gmres.py``).
 
-Solves ``A_b w_b = r_b`` for every sample ``b`` with only products ``v -> A v`` (``[B, n] -> [B, n]``).
-Each cycle builds an Arnoldi basis ``V_k`` (modified Gram-Schmidt, applied twice for stability) with
-``A V_k = V_{k+1} H_k`` and takes ``w = w_0 + V_k y``, ``y = argmin ||beta e_1 - H_k y||`` (Saad & Schultz,
-1986). Used with ``A = I - J`` or ``A = I - J^T``, which is non-singular whenever ``rho(J) < 1``; unlike the
-Neumann series ``w <- r + J w`` it also converges when ``rho(J) > 1`` as long as ``I - J`` is invertible.
+``A_b w_b = r_b`` for every sample ``b`` with only products ``v -> A v`` (``[B, n] -> [B, n]``), used with
+``A = I - J`` or ``A = I - J^T`` (non-singular whenever ``rho(J) < 1``; unlike the Neumann series
+``w <- r + J w``, GMRES also converges when ``rho(J) > 1`` as long as ``I - J`` is invertible). The system is the
+fixed point of the affine map ``f(w) = u + w - A w`` with ``u = r / ||r||`` per sample, solved by
+:func:`iterlayers.solve` with ``solver="gmres"``: per-sample stopping (verified), statistics, and a
+:class:`~iterlayers.errors.ConvergenceWarning` when a system is not solved. Since ``A`` is linear the solution is
+``||r||`` times that of the unit right-hand side, so the test ``||u - A w|| <= tol`` is the relative one
+``||r - A w|| <= tol ||r||``.
 """
 from __future__ import annotations
 
@@ -13,52 +16,21 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._linear import bdot, bnorm
+from ..solvers import solve
+from ._linear import bnorm
 
 
 def gmres(matvec: Callable[[Tensor], Tensor], rhs: Tensor, *, tol: float = 1e-8, max_iter: int = 200,
           restart: int = 50) -> tuple[Tensor, Tensor]:
-    """Return ``(w, converged[B])`` with ``||A w - rhs|| <= tol * ||rhs||`` per converged sample."""
+    """Return ``(w, converged[B])`` with ``||A w - rhs|| <= tol * ||rhs||`` for each converged sample.
+
+    ``tol`` is raised to ``20 eps`` of the dtype (below it the test measures round-off); ``restart`` is the
+    Krylov dimension of a cycle (at most ``n``).
+    """
     batch, n = rhs.shape
-    eps = torch.finfo(rhs.dtype).eps
-    tol = max(float(tol), 20 * eps)
-    m = max(1, min(restart, n))
-    w = torch.zeros_like(rhs)
-    rhs_norm = bnorm(rhs)
-    target = tol * rhs_norm
-    converged = rhs_norm == 0
-    used = 0
-    while used < max_iter and not bool(converged.all()):
-        r = rhs - matvec(w)
-        beta = bnorm(r)
-        converged = converged | (beta <= target)
-        if bool(converged.all()):
-            break
-        basis = [r / beta.clamp_min(torch.finfo(rhs.dtype).tiny)[:, None]]
-        H = torch.zeros(batch, m + 1, m, dtype=rhs.dtype, device=rhs.device)
-        e1 = torch.zeros(batch, m + 1, dtype=rhs.dtype, device=rhs.device)
-        e1[:, 0] = beta
-        y = None
-        k_used = 0
-        for j in range(min(m, max_iter - used)):
-            v = matvec(basis[j])
-            for _ in range(2):
-                for i in range(j + 1):
-                    h = bdot(v, basis[i])
-                    H[:, i, j] += h
-                    v = v - h[:, None] * basis[i]
-            h_next = bnorm(v)
-            H[:, j + 1, j] = h_next
-            # Lucky breakdown (h_next = 0) means the Krylov space is invariant: the next vector is unused.
-            basis.append(v / h_next.clamp_min(torch.finfo(rhs.dtype).tiny)[:, None])
-            k_used = j + 1
-            Hk = H[:, : j + 2, : j + 1]
-            y = torch.linalg.lstsq(Hk, e1[:, : j + 2, None]).solution[..., 0]
-            res = bnorm(e1[:, : j + 2] - (Hk @ y[..., None])[..., 0])
-            if bool(((res <= target) | converged).all()):
-                break
-        used += k_used
-        if y is not None:
-            w = w + torch.einsum("bk,kbn->bn", y, torch.stack(basis[:k_used]))
-    final = bnorm(rhs - matvec(w))
-    return w, converged | (final <= target * 10)
+    tol = max(float(tol), 20 * torch.finfo(rhs.dtype).eps)
+    scale = bnorm(rhs)
+    unit = rhs / scale.clamp_min(torch.finfo(rhs.dtype).tiny)[:, None]
+    sol = solve(lambda w: unit + w - matvec(w), torch.zeros_like(rhs), solver="gmres", atol=tol, rtol=0.0,
+                max_iter=max_iter, divergence_ratio=float("inf"), restart=max(1, min(restart, n)))
+    return sol.z * scale[:, None], sol.stats.converged

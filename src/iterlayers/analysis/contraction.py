@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import cells
 from ._linear import check_method
 from .lipschitz import lipschitz_upper_bound
 from .spectral import spectral_norm, spectral_radius
@@ -62,20 +63,15 @@ class ContractionCertificate:
 
 
 def _global_bound(cell) -> tuple[float | None, str]:
-    if hasattr(cell, "lipschitz_bound") and callable(cell.lipschitz_bound):
-        return float(cell.lipschitz_bound()), "cell.lipschitz_bound()"
+    bound = cells.lipschitz_bound(cell)
+    if bound is not None:
+        return bound, "cell.lipschitz_bound()"
     if isinstance(cell, nn.Sequential):
         try:
             return lipschitz_upper_bound(cell), "lipschitz_upper_bound(cell)"
         except TypeError as err:
             return None, str(err)
     return None, "no global bound: the cell neither defines lipschitz_bound() nor is an nn.Sequential of z"
-
-
-def _initial_state(cell, x: Tensor) -> Tensor:
-    if hasattr(cell, "init_state") and callable(cell.init_state):
-        return cell.init_state(x)
-    return torch.zeros_like(x)
 
 
 def certify_contraction(cell: Callable, z: Tensor | None = None, x: Tensor | None = None, *, samples: int = 8,
@@ -101,7 +97,9 @@ def certify_contraction(cell: Callable, z: Tensor | None = None, x: Tensor | Non
     points: list[Tensor] = []
     if z is not None or x is not None:
         with torch.no_grad():
-            base = z if z is not None else _initial_state(cell, x)
+            base = z if z is not None else cells.initial_state(cell, x, where="certify_contraction")
+        # A tuple state is certified as its flat vector (the solvers' view; the same 2-norm).
+        cell, base = cells.flattened(cell, base)
         if not isinstance(base, Tensor) or not base.is_floating_point():
             raise TypeError("z (or cell.init_state(x) / x) must be a floating-point Tensor")
         if z is not None:

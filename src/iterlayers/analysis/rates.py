@@ -38,40 +38,42 @@ def _as_array(trace) -> np.ndarray:
     return arr
 
 
-def _fit_one(r: np.ndarray, skip: int, floor_factor: float, tail: float, floor: float) -> float:
+def _fit_one(r: np.ndarray, skip: int, floor_factor: float | None, tail: float, floor: float) -> float:
     r = r[skip:]
     bad = ~np.isfinite(r) | (r <= floor)
     if bad.any():  # an exactly-zero (or broken) residual ends the informative part of the trace
         r = r[: int(np.argmax(bad))]
     if r.size < 2:
         return float("nan")
-    # Plateau: after the minimum the residual only wanders at the noise floor; points close to the floor are
-    # dominated by roundoff too. Keep everything up to the first point within floor_factor of the minimum.
-    floor = r.min()
-    r = r[: int(np.argmax(r <= floor * floor_factor)) + 1]
-    if r.size < 2:  # converged (or stalled) from the start: no decay to fit
-        return float("nan")
+    if floor_factor is not None:
+        # Plateau: after the minimum the residual only wanders at the noise floor; points close to the floor are
+        # dominated by roundoff too. Keep everything up to the first point within floor_factor of the minimum.
+        r = r[: int(np.argmax(r <= r.min() * floor_factor)) + 1]
+        if r.size < 2:  # converged (or stalled) from the start: no decay to fit
+            return float("nan")
     r = r[min(int(r.size * (1 - tail)), r.size - 2):]
     k = np.arange(r.size, dtype=np.float64)
     slope = np.polyfit(k, np.log(r), 1)[0]
     return float(math.exp(slope))
 
 
-def fit_linear_rate(trace, *, skip: int = 0, floor_factor: float = 2.0, tail: float = 1.0, floor: float = 0.0):
+def fit_linear_rate(trace, *, skip: int = 0, floor_factor: float | None = 2.0, tail: float = 1.0,
+                    floor: float = 0.0):
     """Least-squares fit of ``log r_k = a + k log q``; returns q.
 
     ``trace``: residual norms as a sequence of floats / 1-D Tensor ``[T]`` -> float; or ``[T, B]`` (a Tensor, or
     a list of ``Tensor[B]`` as in ``SolverStats.trace``) -> ``Tensor[B]`` of per-sample rates. ``skip`` drops a
     transient head. The tail is ignored from the first zero/non-finite residual on, and after the first point
-    within ``floor_factor`` (>= 1) of the trace's minimum (the plateau at the noise floor). ``tail`` in (0, 1]
+    within ``floor_factor`` (>= 1) of the trace's minimum (the plateau at the noise floor; ``None``: no plateau
+    test, every usable point is informative, e.g. a monotone sequence). ``tail`` in (0, 1]
     keeps only that last fraction of the usable points: the asymptotic rate, without the nonlinear transient.
     ``floor`` (>= 0) is a known absolute noise floor (e.g. float64 resolution of a loss gap): residuals at or
     below it end the usable part like zeros do. NaN if fewer than two usable points remain.
     """
     if not isinstance(skip, int) or skip < 0:
         raise ValueError(f"skip must be a non-negative int, got {skip!r}")
-    if not isinstance(floor_factor, (int, float)) or floor_factor < 1:
-        raise ValueError(f"floor_factor must be a number >= 1, got {floor_factor!r}")
+    if floor_factor is not None and (not isinstance(floor_factor, (int, float)) or not floor_factor >= 1):
+        raise ValueError(f"floor_factor must be None or a number >= 1, got {floor_factor!r}")
     if not isinstance(tail, (int, float)) or not 0 < tail <= 1:
         raise ValueError(f"tail must be a number in (0, 1], got {tail!r}")
     if not isinstance(floor, (int, float)) or not floor >= 0:

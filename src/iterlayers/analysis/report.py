@@ -15,8 +15,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import cells
+from ..layers import DEQ
+from ..solvers import solve
 from . import plots
 from ._linear import call_cell
+from .jacobian import jacobian
 from .contraction import ContractionCertificate, certify_contraction
 from .rates import fit_linear_rate, predict_iterations
 from .sensitivity import condition_number, input_sensitivity, parameter_sensitivity
@@ -108,41 +112,16 @@ class AnalysisReport:
         return plots._save(fig, path)
 
 
-def _is_deq(obj) -> bool:
-    try:
-        from ..layers import DEQ
-    except ImportError:  # core not importable: fall back to duck typing
-        return hasattr(obj, "cell") and hasattr(obj, "stats")
-    return isinstance(obj, DEQ)
+def _rows(z, n: int):
+    """The first ``n`` samples of a state (a tensor or a tuple of tensors)."""
+    return tuple(p[:n] for p in z) if isinstance(z, (tuple, list)) else z[:n]
 
 
-def _initial_state(cell, x: Tensor) -> Tensor:
-    if hasattr(cell, "init_state") and callable(cell.init_state):
-        return cell.init_state(x)
-    return torch.zeros_like(x)
-
-
-def _picard_trace(cell: Callable, x: Tensor, z0: Tensor, *, atol: float, max_iter: int):
-    """Picard solve with a residual trace: ``iterlayers.solve`` if available, else a local loop."""
-    try:
-        from ..solvers import solve
-    except ImportError:
-        solve = None
-    if solve is not None:
-        sol = solve(cell, z0, args=(x,), solver="picard", atol=atol, rtol=0.0, max_iter=max_iter,
-                    on_failure="ignore", return_trace=True)
-        return sol.z, sol.stats.trace_tensor(), sol.stats.nstep, "picard"
-    z, trace = z0, []
-    nstep = torch.zeros(z0.shape[0], dtype=torch.long)
-    for _ in range(max_iter + 1):
-        fz = call_cell(cell, z, x)
-        r = (fz - z).reshape(z.shape[0], -1).norm(dim=1)
-        trace.append(r)
-        if bool((r <= atol).all()) or len(trace) > max_iter:
-            break
-        nstep += (r > atol).long()
-        z = torch.where((r > atol).reshape(-1, *([1] * (z.dim() - 1))), fz, z)
-    return z, torch.stack(trace), nstep, "picard"
+def _picard_trace(cell: Callable, x: Tensor, z0, *, atol: float, max_iter: int):
+    """A Picard solve with a residual trace (the core's :func:`iterlayers.solve`)."""
+    sol = solve(cell, z0, args=(x,), solver="picard", atol=atol, rtol=0.0, max_iter=max_iter, on_failure="ignore",
+                return_trace=True)
+    return sol.z, sol.stats.trace_tensor(), sol.stats.nstep, "picard"
 
 
 def report(layer_or_cell, x: Tensor, *, z_star: Tensor | None = None, trace: Tensor | None = None,
@@ -172,12 +151,12 @@ def report(layer_or_cell, x: Tensor, *, z_star: Tensor | None = None, trace: Ten
     measured = None
     trace_solver = None
     tol = atol
-    if _is_deq(layer_or_cell):
+    if isinstance(layer_or_cell, DEQ):
         layer = layer_or_cell
         cell = layer.cell
         if z_star is None:
             with torch.no_grad():
-                z_star = layer(x, z0=None if z0 is None else z0[:max_samples])
+                z_star = layer(x, z0=None if z0 is None else _rows(z0, max_samples))
             stats = layer.stats.get("forward") if isinstance(layer.stats, dict) else None
             if stats is not None and getattr(stats, "trace", None) is not None and trace is None:
                 trace = torch.stack(list(stats.trace))
@@ -190,7 +169,7 @@ def report(layer_or_cell, x: Tensor, *, z_star: Tensor | None = None, trace: Ten
         raise TypeError(f"layer_or_cell must be an iterlayers.DEQ or a callable cell(z, x), got "
                         f"{type(layer_or_cell).__name__}")
     with torch.no_grad():
-        z0 = _initial_state(cell, x) if z0 is None else z0[:max_samples]
+        z0 = cells.initial_state(cell, x, where="report") if z0 is None else _rows(z0, max_samples)
         if z_star is None or trace is None:
             z_solved, picard_trace, nstep, trace_solver_p = _picard_trace(cell, x, z0, atol=atol,
                                                                           max_iter=max_iter)
@@ -198,7 +177,9 @@ def report(layer_or_cell, x: Tensor, *, z_star: Tensor | None = None, trace: Ten
                 z_star = z_solved
             if trace is None:
                 trace, measured, trace_solver = picard_trace, nstep, trace_solver_p
-        z_star = z_star[:max_samples].detach()
+        # A tuple state is analysed as its flat vector (the solvers' view): the cell on flat states.
+        cell, z_star = cells.flattened(cell, _rows(z_star, max_samples))
+        z_star = z_star.detach()
         trace = None if trace is None else torch.as_tensor(trace)[..., :max_samples]
         if measured is not None:
             measured = measured[:max_samples]
@@ -218,7 +199,6 @@ def report(layer_or_cell, x: Tensor, *, z_star: Tensor | None = None, trace: Ten
             par_sens = parameter_sensitivity(cell, z_star, x, method=sm, seed=seed)
     eig = None
     if n <= dense_limit:
-        from .jacobian import jacobian
         eig = torch.linalg.eigvals(jacobian(cell, z_star, x))
 
     fitted = pred_iters = None

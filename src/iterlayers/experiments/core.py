@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from iterlayers.analysis import fit_linear_rate
+
 __all__ = ["run", "settings"]
 
 
@@ -77,16 +79,6 @@ def _banach_ratio(trace: torch.Tensor, lipschitz: float, atol: float) -> float:
     mask = trace > atol  # a converged, frozen sample repeats its last residual; do not compare those
     ratio = torch.where(mask, trace / bound.clamp_min(1e-300), torch.zeros_like(trace))
     return float(ratio.max())
-
-
-def _picard_rate(trace: torch.Tensor, atol: float) -> float:
-    """Geometric-mean per-step contraction of the median Picard residual while above 10 * atol."""
-    med = trace.median(dim=1).values
-    keep = med > 10 * atol
-    m = med[keep]
-    if m.numel() < 3:
-        return float("nan")
-    return float((m[-1] / m[1]) ** (1.0 / (m.numel() - 2)))
 
 
 def _gradient_check(model, x: torch.Tensor, y: torch.Tensor, *, max_iter: int) -> float:
@@ -261,7 +253,10 @@ def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> 
 
     lipschitz = model0.cell.lipschitz_bound()
     banach = _banach_ratio(traces0["picard"]["trace"], lipschitz, solve_atol)
-    rate = _picard_rate(traces0["picard"]["trace"], solve_atol)
+    # The Picard rate of the median residual, from its second point while above 10 * atol (the tolerance's
+    # neighbourhood is round-off dominated): the one linear-rate fit, without its plateau test.
+    rate = fit_linear_rate(traces0["picard"]["trace"].median(dim=1).values, skip=1, floor=10 * solve_atol,
+                           floor_factor=None)
     # Banach's a-priori count: r_k <= L^k r_0 <= atol once k >= log(atol / r_0) / log L.
     r0 = traces0["picard"]["trace"][0]
     bound_iters = int(torch.ceil(torch.log(solve_atol / r0) / math.log(lipschitz)).clamp_min(0).max())

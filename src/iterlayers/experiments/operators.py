@@ -39,6 +39,8 @@ from torch.nn import functional as F
 from iterlayers.experiments.claims import (Threshold, claims_markdown, fmt, make_claim, mode_of, new_figure,
                                            sanity_check, sanity_markdown, save_figure, seed_interval,
                                            write_metrics)
+from iterlayers.analysis import fit_linear_rate
+from iterlayers.operators import relative_steps
 
 __all__ = ["run", "config"]
 
@@ -100,14 +102,18 @@ def _fit(model, d, *, lr: float, wd: float, seed: int, epochs: int, eval_every: 
     return rec
 
 
+def _observed_rate(steps: list[float]) -> float:
+    """The linear rate of a run's relative steps (all above ``FLOOR``): the least-squares fit over the last half,
+    without the plateau test (the floor is applied by the caller); 0.0 with fewer than two steps."""
+    return fit_linear_rate(steps, tail=0.5, floor_factor=None) if len(steps) >= 2 else 0.0
+
+
 def _rate(model, d, num_iter: int) -> dict:
     """Observed rate of a trained PIGN operator iterated ``num_iter`` steps in eval mode (relative steps)."""
-    from iterlayers.operators import observed_rate
-
     model.eval()
-    _, res = model.logits_trace(d.x, d.edge_index, num_iter=num_iter)
+    _, res = model.logits_trace(d.x, d.edge_index, max_iter=num_iter)
     pos = [r for r in res if r > FLOOR]
-    return {"observed_rate": observed_rate(pos) if len(pos) >= 2 else 0.0, "final_residual": res[-1],
+    return {"observed_rate": _observed_rate(pos), "final_residual": res[-1],
             "residuals": res}
 
 
@@ -115,7 +121,7 @@ def _acc_per_iteration(model, d, num_iter: int, alpha=None) -> list[float]:
     from iterlayers.operators.training import accuracy
 
     model.eval()
-    logits, _ = model.logits_trace(d.x, d.edge_index, num_iter=num_iter, alpha=alpha)
+    logits, _ = model.logits_trace(d.x, d.edge_index, max_iter=num_iter, alpha=alpha)
     return [accuracy(o, d.y, d.test_mask) for o in logits]
 
 
@@ -131,7 +137,7 @@ def select_pign(d, cfg: dict, seed: int):
     space = SearchSpace(num_iter=tuple(cfg["iter_range"]), lr=tuple(cfg.get("lr_range", SearchSpace.lr)))
     configs = space.sample(cfg["search"], seed=seed)
     f, c = d.x.shape[1], int(d.num_classes)
-    build = lambda h: PIGN(f, HIDDEN, c, num_iter=h["num_iter"], alpha=h["alpha"])  # noqa: E731
+    build = lambda h: PIGN(f, HIDDEN, c, max_iter=h["num_iter"], alpha=h["alpha"])  # noqa: E731
     seeds = [seed + s for s in range(cfg["search_seeds"])]
     best, trials = random_search(build, d, configs, seeds=seeds, epochs=cfg["epochs"],
                                  eval_every=cfg.get("eval_every", 5))
@@ -175,7 +181,7 @@ def _graph(name: str, scale: float, cfg: dict, seed: int, bar) -> dict:
                 torch.manual_seed(s)
                 r["gat"].append(_fit(GAT(f, 8, c, heads=8, dropout=0.6), d, lr=0.005, wd=5e-4, seed=s, **_budget(cfg)))
                 torch.manual_seed(s)
-                ig = PIGN(f, HIDDEN, c, conv="gat", heads=8, num_iter=2, alpha=0.55, dropout=0.6)
+                ig = PIGN(f, HIDDEN, c, conv="gat", heads=8, max_iter=2, alpha=0.55, dropout=0.6)
                 r["igat"].append(_fit(ig, d, lr=0.0145, wd=5e-4, seed=s, **_budget(cfg)))
                 r["igat_rate"].append(_rate(ig, d, cfg["eval_iters"]))
                 bar.update(1)
@@ -201,7 +207,7 @@ def _contractive(d, cfg: dict, best: dict, seeds, selected_models, bar) -> dict:
         for kind in ("contractive", "unconstrained"):
             torch.manual_seed(s)
             if kind == "contractive":
-                m = PIGN(f, HIDDEN, c, num_iter=k["num_iter"], alpha=k["alpha"], lipschitz=k["lipschitz"],
+                m = PIGN(f, HIDDEN, c, max_iter=k["num_iter"], alpha=k["alpha"], lipschitz=k["lipschitz"],
                          inject=True)
                 rec = _fit(m, d, lr=best["lr"], wd=best["weight_decay"], seed=s, **_budget(cfg))
             else:
@@ -214,9 +220,9 @@ def _contractive(d, cfg: dict, best: dict, seeds, selected_models, bar) -> dict:
             rec["fixed_point_steps"] = int(st.nstep.max())
             per_it = _acc_per_iteration(m, d, cfg["eval_iters"])
             rec["acc_per_iteration"] = per_it
-            rec["acc_at_N"], rec["acc_at_end"] = per_it[m.num_iter], per_it[-1]
+            rec["acc_at_N"], rec["acc_at_end"] = per_it[m.max_iter], per_it[-1]
             rec["lipschitz_bound_W"] = m.operator.lipschitz_bound()
-            rec["num_iter"], rec["alpha"] = m.num_iter, float(m.alpha)
+            rec["num_iter"], rec["alpha"] = m.max_iter, float(m.alpha)
             rec.update({kk: vv for kk, vv in _rate(m, d, cfg["eval_iters"]).items() if kk != "residuals"})
             out[kind].append(rec)
         bar.update(1)
@@ -235,7 +241,7 @@ def _rising(d, cfg: dict, best: dict, seeds, bar) -> dict:
                  "rising": [], "uniform": [], "fits": []}
     for s in seeds:
         torch.manual_seed(s)
-        m = PIGN(f, HIDDEN, c, num_iter=cfg["rising_train"], alpha=best["alpha"])
+        m = PIGN(f, HIDDEN, c, max_iter=cfg["rising_train"], alpha=best["alpha"])
         out["fits"].append(_fit(m, d, lr=best["lr"], wd=best["weight_decay"], seed=s, **_budget(cfg)))
         out["rising"].append(_acc_per_iteration(m, d, cfg["rising_eval"], alpha=sched))
         out["uniform"].append(_acc_per_iteration(m, d, cfg["rising_eval"]))
@@ -255,7 +261,7 @@ def _depth_study(g, cfg: dict, seeds, bar) -> dict:
         out["pign"][str(n)], out["gcn"][str(n)] = [], []
         for s in seeds:
             torch.manual_seed(s)
-            out["pign"][str(n)].append(_fit(PIGN(f, HIDDEN, c, num_iter=n, alpha=0.8), d, lr=0.01, wd=4e-4, seed=s,
+            out["pign"][str(n)].append(_fit(PIGN(f, HIDDEN, c, max_iter=n, alpha=0.8), d, lr=0.01, wd=4e-4, seed=s,
                                             **_budget(cfg)))
             torch.manual_seed(s)
             out["gcn"][str(n)].append(_fit(GCN(f, HIDDEN, c, num_layers=n), d, lr=0.01, wd=4e-4, seed=s,
@@ -274,7 +280,7 @@ def _networkx(name: str, cfg: dict, seed: int) -> dict:
     out = {"graph": repr(g), "pign": [], "gcn2": []}
     for s in range(seed, seed + cfg["seeds"]):
         torch.manual_seed(s)
-        out["pign"].append(_fit(PIGN(g.num_features, 16, g.num_classes, num_iter=4, alpha=0.5), d, lr=0.01,
+        out["pign"].append(_fit(PIGN(g.num_features, 16, g.num_classes, max_iter=4, alpha=0.5), d, lr=0.01,
                                 wd=5e-4, seed=s, **_budget(cfg)))
         torch.manual_seed(s)
         out["gcn2"].append(_fit(GCN(g.num_features, 16, g.num_classes), d, lr=0.008, wd=5e-4, seed=s,
@@ -296,12 +302,11 @@ def _poisson_data(n: int, *, grid: int = 32, modes: int = 8, seed: int = 0):
     return inp.float(), u.float()
 
 
-def _picard_rate(picard, x, z0, num_iter: int) -> dict:
-    from iterlayers.operators import observed_rate
-
-    _, st = picard.trace(x, z0=z0, num_iter=num_iter)
-    pos = [r for r in st.residuals if r > FLOOR]
-    return {"observed_rate": observed_rate(pos) if len(pos) >= 2 else 0.0, "final_residual": st.residuals[-1]}
+def _run_rate(picard, x, z0, num_iter: int) -> dict:
+    """Observed rate of a trained Picard layer run ``num_iter`` steps (no gradient; relative steps)."""
+    res = relative_steps(picard.trace(x, z0=z0, max_iter=num_iter).iterates)
+    pos = [r for r in res if r > FLOOR]
+    return {"observed_rate": _observed_rate(pos), "final_residual": res[-1]}
 
 
 def _transformer_part(cfg: dict, seed: int, bar) -> dict:
@@ -314,7 +319,7 @@ def _transformer_part(cfg: dict, seed: int, bar) -> dict:
         scale = ytr.std()
         for name, N, a in (("single", 1, 0.0), ("picard", 4, 0.5), ("untrained", 4, 0.5)):
             torch.manual_seed(s)
-            m = PicardTransformer(2, 32, 1, seq_len=32, num_heads=2, num_iter=N, alpha=a)
+            m = PicardTransformer(2, 32, 1, seq_len=32, num_heads=2, max_iter=N, alpha=a)
             if name != "untrained":
                 opt = torch.optim.Adam(m.parameters(), lr=3e-3)
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg["tf_steps"])
@@ -326,7 +331,7 @@ def _transformer_part(cfg: dict, seed: int, bar) -> dict:
             m.eval()
             errs = {}
             for n_eval in ([1] if N == 1 else [1, 2, 4, 8, 16]):
-                m.picard.eval_num_iter = n_eval
+                m.picard.eval_max_iter = n_eval
                 with torch.no_grad():
                     pred = m(xte).squeeze(-1) * scale
                 errs[str(n_eval)] = float(((pred - yte).norm(dim=1) / yte.norm(dim=1)).mean())
@@ -334,7 +339,7 @@ def _transformer_part(cfg: dict, seed: int, bar) -> dict:
             if name == "picard":
                 with torch.no_grad():
                     u = m.embed(xte) + m.pos
-                res["rate"].append(_picard_rate(m.picard, u, torch.zeros_like(u), cfg["eval_iters"]))
+                res["rate"].append(_run_rate(m.picard, u, torch.zeros_like(u), cfg["eval_iters"]))
         bar.update(1)
     return res
 
@@ -354,7 +359,7 @@ def _denoiser_part(cfg: dict, seed: int, bar) -> dict:
         res["noisy_mse"].append(float(F.mse_loss(yte, xte)))
         for name, N in (("single", 1), ("picard", 4), ("untrained", 4)):
             torch.manual_seed(s)
-            m = IterativeDenoiser(num_iter=N, alpha=0.5 if N > 1 else 0.0, channels=cfg["dn_channels"])
+            m = IterativeDenoiser(max_iter=N, alpha=0.5 if N > 1 else 0.0, channels=cfg["dn_channels"])
             if name != "untrained":
                 opt = torch.optim.Adam(m.parameters(), lr=2e-3)
                 for _ in range(cfg["dn_steps"]):
@@ -365,12 +370,12 @@ def _denoiser_part(cfg: dict, seed: int, bar) -> dict:
             m.eval()
             by_n = {}
             for n_eval in ([1] if N == 1 else [1, 2, 4, 8, 16]):
-                m.picard.eval_num_iter = n_eval
+                m.picard.eval_max_iter = n_eval
                 with torch.no_grad():
                     by_n[str(n_eval)] = float(F.mse_loss(m(yte), xte))
             res[name].append({"mse": by_n[str(N)], "mse_by_eval_iterations": by_n, "seed": s})
             if name == "picard":
-                res["rate"].append(_picard_rate(m.picard, yte, yte, cfg["eval_iters"]))
+                res["rate"].append(_run_rate(m.picard, yte, yte, cfg["eval_iters"]))
         bar.update(1)
     return res
 

@@ -36,6 +36,8 @@ from typing import Sequence
 
 import torch
 
+from iterlayers import deq_solve
+
 from .global_frame import STRUCTURES
 
 __all__ = [
@@ -180,8 +182,6 @@ def solve_sparse_coding(
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if solver == "apg":
         return apg(x_tilde, B, lam, w0=w0, iterations=iterations, ridge=ridge)
-    from ..implicit import deq_solve
-
     step = 1.0 / lipschitz_constant(B, ridge=ridge)
     z0 = x_tilde.new_zeros(x_tilde.shape[0], B.shape[1]) if w0 is None else w0.detach()
     opts = {"solver": "anderson", "atol": 1e-6, "rtol": 0.0, "max_iter": 200, "on_failure": "warn"}

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from iterlayers import _validate
+from iterlayers import BACKWARD_MODES, _validate, deq_solve
 from iterlayers.errors import OptionTypeError, ShapeMismatchError, ValidationError
 
 __all__ = [
@@ -210,7 +210,8 @@ class ImplicitLinearModel(nn.Module):
         solver, atol, max_iter, backward, on_failure: options of the iterative path (``atol=None``: 1e-6 in
             float32, 1e-12 in float64); the adjoint solve of ``backward="implicit"`` uses the same solver (Anderson
             for Broyden).
-            ``last_stats`` holds the core's {"forward", "backward"} SolverStats of the latest iterative solve.
+            ``stats`` holds the core's {"forward", "backward"} SolverStats of the latest iterative solve (both
+            ``None`` before one, and after a direct solve, which iterates nothing).
         init_scale: A ~ N(0, init_scale^2); B ~ N(0, 1/m).
         seed: seeds the initialisation (and the random projection) for reproducibility.
     """
@@ -236,7 +237,7 @@ class ImplicitLinearModel(nn.Module):
         _check_positive_int("width", width)
         _check_positive_int("out_features", out_features)
         _check_choice("equilibrium", equilibrium, EQUILIBRIA)
-        _check_choice("backward", backward, ("implicit", "phantom", "jfb", "unrolled"))
+        _check_choice("backward", backward, BACKWARD_MODES)
         _check_positive_int("max_iter", max_iter)
         _check_choice("on_failure", on_failure, ("raise", "warn", "ignore"))
         if atol is not None and (not isinstance(atol, (int, float)) or atol <= 0):
@@ -267,7 +268,7 @@ class ImplicitLinearModel(nn.Module):
         self.cell = EquilibriumCell(width, gamma=gamma, init_scale=init_scale, generator=gen, dtype=dtype)
         b = torch.randn(out_features, width, generator=gen, dtype=dtype or torch.get_default_dtype())
         self.B = nn.Parameter(b / width ** 0.5)
-        self.last_stats = None
+        self.stats: dict = {"forward": None, "backward": None}
 
     # -- parameters and derived matrices ----------------------------------------------------------
     @property
@@ -319,15 +320,12 @@ class ImplicitLinearModel(nn.Module):
         return self._iterative(u, z0)
 
     def _iterative(self, u: torch.Tensor, z0: torch.Tensor | None) -> torch.Tensor:
-        # the core engine, imported late so that this module never depends on import order
-        from iterlayers.implicit import deq_solve
-
         if z0 is None:
             z0 = self.cell.init_state(u)
         elif z0.shape != u.shape:
             raise ShapeMismatchError(f"z0 must have shape {tuple(u.shape)}, got {tuple(z0.shape)}")
         stats: dict = {}
-        self.last_stats = stats  # the backward hook fills stats["backward"] later
+        self.stats = stats  # the backward hook fills stats["backward"] later
         return deq_solve(self.cell, z0, args=(u,), solver=self.solver, backward=self.backward_mode,
                          atol=self._atol(), rtol=0.0, max_iter=self.max_iter, on_failure=self.on_failure,
                          backward_solver=self.solver if self.solver in _ADJOINT_SOLVERS else "anderson",

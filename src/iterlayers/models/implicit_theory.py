@@ -83,7 +83,6 @@ __all__ = [
     "nearest_least_squares",
     "theorem_quantities",
     "rate_bounds",
-    "fit_linear_rate",
     "induced_metric",
     "trust_region_subproblem",
     "trust_region_newton_step",
@@ -402,20 +401,6 @@ def rate_bounds(rate_constant: float, lr: float) -> dict:
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     return {"flow": math.exp(-lr * rate_constant), "gd": max(0.0, 1.0 - 0.5 * lr * rate_constant)}
-
-
-def fit_linear_rate(gaps, *, floor: float = 0.0) -> float:
-    """rho with gap_k ~ C rho^k over the loss gaps above ``floor``; raises if fewer than two remain.
-
-    :func:`iterlayers.analysis.fit_linear_rate` with the plateau test off (``floor_factor=1``: a loss gap under
-    gradient descent decreases monotonically, so every point above the absolute floor is informative).
-    """
-    from ..analysis import fit_linear_rate as fit_trace  # imported late: analysis pulls in the core engine
-
-    rate = fit_trace([float(g) for g in gaps], floor=max(float(floor), 0.0), floor_factor=1.0)
-    if math.isnan(rate):
-        raise ValueError("need at least two gaps above the floor to fit a rate")
-    return rate
 
 
 # --------------------------------------------------------------------------------- trust-region Newton

@@ -15,16 +15,16 @@ from .graph_conv import check_edge_index, edge_index_to_adjacency, gcn_edges, no
 from .graph_data import (GRAPHS, PLANETOID_SHAPES, GraphData, add_feature_noise, contextual_sbm, digits_knn,
                          load_graph, networkx_graph, planetoid_like, row_normalize, stochastic_block_model)
 from .metrics import cosine_distance_matrix, mad, output_mad
-from .picard import (GRADIENT_MODES, ConvergenceCheck, IterativeOperator, PicardIteration, PicardStats,
-                     check_convergence, observed_rate, relaxed_picard)
+from .picard import (ConvergenceCheck, IterativeOperator, PicardIteration, check_convergence, relative_steps,
+                     relaxed_picard)
 from .pign import ALPHA_MODES, CONVS, PIGN, GATOperator, PIGNOperator, SpectralCap
 from .schedules import SCHEDULES, make_schedule, validate_schedule
 from .training import NodeResult, SearchSpace, evaluate, random_search, train_node_classifier
 from .transformer import PicardTransformer, TransformerBlock, TransformerOperator
 
 __all__ = [
-    "PicardIteration", "IterativeOperator", "relaxed_picard", "PicardStats", "check_convergence",
-    "ConvergenceCheck", "observed_rate", "GRADIENT_MODES", "make_schedule", "validate_schedule", "SCHEDULES",
+    "PicardIteration", "IterativeOperator", "relaxed_picard", "relative_steps", "check_convergence",
+    "ConvergenceCheck", "make_schedule", "validate_schedule", "SCHEDULES",
     "PIGN", "PIGNOperator", "GATOperator", "SpectralCap", "ALPHA_MODES", "CONVS", "GCN", "GAT", "gcn_edges",
     "normalized_adjacency", "edge_index_to_adjacency", "check_edge_index", "mad", "output_mad",
     "cosine_distance_matrix", "PicardTransformer", "TransformerBlock", "TransformerOperator", "IterativeDenoiser",

@@ -45,11 +45,11 @@ class DenoisingOperator(nn.Module):
 class IterativeDenoiser(nn.Module):
     """Relaxed Picard iteration of a learned denoising operator, started from the noisy signal."""
 
-    def __init__(self, *, num_iter: int = 4, alpha: float = 0.5, eval_num_iter: int | None = None,
+    def __init__(self, *, max_iter: int = 4, alpha: float = 0.5, eval_max_iter: int | None = None,
                  channels: int = 32, kernel_size: int = 5, depth: int = 3):
         super().__init__()
         self.operator = DenoisingOperator(channels=channels, kernel_size=kernel_size, depth=depth)
-        self.picard = PicardIteration(self.operator, alpha=alpha, num_iter=num_iter, eval_num_iter=eval_num_iter)
+        self.picard = PicardIteration(self.operator, alpha=alpha, max_iter=max_iter, eval_max_iter=eval_max_iter)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if y.dim() != 2:

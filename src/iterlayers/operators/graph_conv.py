@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import torch
 
+from iterlayers.errors import ShapeMismatchError, ValidationError
+
 __all__ = ["gcn_edges", "normalized_adjacency", "edge_index_to_adjacency", "check_edge_index"]
 
 
 def check_edge_index(edge_index, num_nodes: int) -> torch.Tensor:
     """``edge_index`` must be a ``[2, E]`` integer tensor with node ids in ``[0, num_nodes)``."""
-    from iterlayers.errors import ShapeMismatchError, ValidationError
-
     if not isinstance(edge_index, torch.Tensor) or edge_index.is_floating_point() or edge_index.is_sparse:
         raise ValidationError(f"edge_index must be a [2, E] integer tensor (PyG layout), got "
                               f"{getattr(edge_index, 'dtype', type(edge_index).__name__)}")
@@ -44,8 +44,6 @@ def gcn_edges(edge_index: torch.Tensor, num_nodes: int, *, dtype: torch.dtype = 
 
 
 def _check_square(adj: torch.Tensor) -> None:
-    from iterlayers.errors import ShapeMismatchError, ValidationError
-
     if not isinstance(adj, torch.Tensor):
         raise ValidationError(f"adjacency must be a torch.Tensor (dense or sparse), got {type(adj).__name__}")
     if adj.dim() != 2 or adj.shape[0] != adj.shape[1]:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .graph_conv import edge_index_to_adjacency
+
 __all__ = ["GraphData", "add_feature_noise", "row_normalize", "load_graph", "GRAPHS", "planetoid_like",
            "PLANETOID_SHAPES",
            "contextual_sbm", "stochastic_block_model", "digits_knn", "networkx_graph"]
@@ -116,8 +118,6 @@ def _planetoid_masks(y: np.ndarray, num_classes: int, *, per_class: int, num_val
 
 
 def _adj_from_edges(edges: np.ndarray, n: int) -> torch.Tensor:
-    from .graph_conv import edge_index_to_adjacency
-
     if len(edges) == 0:
         empty = torch.zeros(2, 0, dtype=torch.long)
         return torch.sparse_coo_tensor(empty, torch.zeros(0), (n, n), check_invariants=True).coalesce()

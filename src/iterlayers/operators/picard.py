@@ -14,58 +14,46 @@ and R_a has the same fixed point z* as T. Relaxation slows a contraction (rho >=
 locally the rate is the spectral radius of a I + (1 - a) J_T(z*), which can be < 1 even when ||J_T|| > 1 if
 J_T's eigenvalues point away from +1 (e.g. negative real). ``check_convergence`` measures both.
 
+In the library's vocabulary (1) is damped iteration ``z <- z + d_n (T(z) - z)`` with the damping
+``d_n = 1 - a_n``: the paper's relaxation ``alpha`` is ``1 - damping``. It runs on the one engine
+:func:`iterlayers.unroll`.
+
 Training procedure of the paper (PIGN, Sec. 5.1; the transformer, Sec. 5.2): a *fixed* number N of
 iterations with a schedule a_1..a_N (uniform in the main experiments), gradients by backpropagation through
-all N iterations (``gradient="unrolled"``); evaluation may use a different schedule/length
-(``eval_num_iter``). The library's equilibrium machinery is available as well: ``gradient`` in
+all N iterations (``backward="unrolled"``); evaluation may use a different schedule/length
+(``eval_max_iter``). The library's equilibrium machinery is available as well: ``backward`` in
 {"implicit", "phantom", "jfb"} solves the fixed point of R_a with the core solvers (``iterlayers.deq_solve``)
 and differentiates it implicitly, and ``tol`` turns the fixed count into an adaptive one (stop when the
-relative residual ||z_{n+1} - z_n|| / ||z_{n+1}|| falls below ``tol``, at most ``num_iter`` steps).
+relative residual ||T(z_n) - z_n|| / ||T(z_n)|| of every sample is at most ``tol``, at most ``max_iter``
+steps).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from iterlayers import _validate as V
+from iterlayers import BACKWARD_MODES, DEQOptions, analysis, cells, deq_solve
+from iterlayers.errors import OptionTypeError, ValidationError
+from iterlayers.unrolling import Unrolling, unroll
+
 from .schedules import validate_schedule
 
 __all__ = [
-    "PicardStats",
     "relaxed_picard",
+    "relative_steps",
     "PicardIteration",
     "IterativeOperator",
     "ConvergenceCheck",
     "check_convergence",
-    "observed_rate",
-    "GRADIENT_MODES",
 ]
 
-GRADIENT_MODES = ("unrolled", "implicit", "phantom", "jfb")
 _EPS = 1e-12
 _ALPHA_LO, _ALPHA_HI = 1e-3, 0.999  # range of a learnable alpha: strictly inside (0, 1) in float32 too
-
-
-@dataclass
-class PicardStats:
-    """What one run of relaxed Picard iteration did.
-
-    ``residuals[n]`` is the largest (over the batch) relative step ||z_{n+1} - z_n|| / ||z_{n+1}|| of step n;
-    ``abs_residual`` / ``rel_residual`` are the per-sample values of the last step.
-    """
-
-    nstep: int
-    residuals: list[float] = field(default_factory=list)
-    abs_residual: torch.Tensor | None = None
-    rel_residual: torch.Tensor | None = None
-    converged: bool = False
-
-
-def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).norm(dim=1) if t.dim() > 0 else t.abs().reshape(1)
 
 
 def _alpha_at(alpha, n: int):
@@ -74,68 +62,77 @@ def _alpha_at(alpha, n: int):
     return alpha
 
 
-def relaxed_picard(operator: Callable, z0: torch.Tensor, x=None, *, alpha=0.5, num_iter: int = 10,
-                   tol: float | None = None, return_trace: bool = False):
-    """Run iteration (1) from ``z0`` for ``num_iter`` steps (fewer if ``tol`` is met); differentiable.
-
-    ``alpha`` is a float, a 0-dim tensor (e.g. a learnable one) or a sequence a_1..a_N (a schedule; its last
-    value is reused past its end). Returns ``(z, stats)`` or ``(z, stats, trace)`` with ``trace`` the list
-    of iterates z_0..z_n (detached).
-    """
-    if not isinstance(num_iter, int) or num_iter < 0:
-        raise ValueError(f"num_iter must be a non-negative int, got {num_iter!r}")
-    if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be None or a positive float, got {tol!r}")
+def _damping(alpha):
+    """The engine's damping ``d_n = 1 - a_n`` of a relaxation (a float, a 0-dim tensor or a schedule)."""
     if isinstance(alpha, (tuple, list)):
-        alpha = validate_schedule(alpha, name="alpha")
-    elif not isinstance(alpha, torch.Tensor):
+        return tuple(1.0 - a for a in validate_schedule(alpha, name="alpha"))
+    if not isinstance(alpha, torch.Tensor):
         validate_schedule([alpha], name="alpha")
-    z = z0
-    stats = PicardStats(nstep=0)
-    trace = [z0.detach()] if return_trace else None
-    for n in range(num_iter):
-        a = _alpha_at(alpha, n)
-        z_new = a * z + (1 - a) * operator(z, x)
-        with torch.no_grad():
-            step = _per_sample_norm(z_new - z)
-            rel = step / (_per_sample_norm(z_new) + _EPS)
-        stats.residuals.append(float(rel.max()))
-        stats.abs_residual, stats.rel_residual = step, rel
-        z = z_new
-        stats.nstep = n + 1
-        if return_trace:
-            trace.append(z.detach())
-        if tol is not None and float(rel.max()) <= tol:
-            stats.converged = True
-            break
-    if return_trace:
-        return z, stats, trace
-    return z, stats
+    return 1 - alpha
+
+
+def relaxed_picard(operator: Callable, z0, x=None, *, alpha=0.5, max_iter: int = 10, tol: float | None = None,
+                   return_iterates: bool = False, return_trace: bool = False) -> Unrolling:
+    """Run iteration (1) from ``z0`` for ``max_iter`` steps (fewer if ``tol`` is met); differentiable.
+
+    :func:`iterlayers.unroll` of ``T(., x)`` with damping ``1 - a_n``. ``alpha`` is a float, a 0-dim tensor
+    (e.g. a learnable one) or a sequence a_1..a_N (a schedule; its last value is reused past its end). ``tol``
+    (``None``: exactly ``max_iter`` steps) stops every sample together (``stopping="joint"``: rows may be
+    coupled, e.g. a graph's nodes) once each relative residual ``||T(z) - z|| / ||T(z)||`` is at most ``tol``.
+    Returns the engine's ``(z, stats, iterates)``; ``iterates`` (``return_iterates=True``) are
+    ``z_0, ..., z_n``.
+    """
+    if tol is not None:
+        tol = V.in_range(tol, "tol", low=0.0, low_open=True)
+    return unroll(lambda z: operator(z, x), z0, max_iter=max_iter, damping=_damping(alpha),
+                  rtol=tol, atol=None if tol is None else 0.0, stopping="joint", return_iterates=return_iterates,
+                  return_trace=return_trace, name="relaxed_picard")
+
+
+def relative_steps(iterates: Sequence[torch.Tensor]) -> list[float]:
+    """The relative-step monitor of a run (ours; the operator experiments fit their rates to it): for each step
+    n the largest (over the rows) ``||z_{n+1} - z_n|| / ||z_{n+1}||`` (row norms over the non-batch
+    dimensions). Computed from the iterates, e.g. ``relaxed_picard(..., return_iterates=True).iterates``."""
+    out = []
+    for a, b in zip(iterates, iterates[1:]):
+        step = (b - a).detach().reshape(b.shape[0], -1).norm(dim=1)
+        out.append(float((step / (b.detach().reshape(b.shape[0], -1).norm(dim=1) + _EPS)).max()))
+    return out
 
 
 class PicardIteration(nn.Module):
     """Turn a network operator T(z, x) into the relaxed Picard iteration (1) (arXiv 2310.01618).
 
     Options (keyword-only):
-      alpha            float in [0, 1) (uniform schedule), or a sequence a_1..a_N (a schedule; then
-                       ``num_iter`` defaults to its length). Paper's PIGN sweeps alpha in 0.30..0.85.
+      alpha            the paper's relaxation (``alpha = 1 - damping``): a float in [0, 1) (uniform schedule), or
+                       a sequence a_1..a_N (a schedule; then ``max_iter`` defaults to its length). Paper's PIGN
+                       sweeps alpha in 0.30..0.85.
       learnable_alpha  learn a single alpha = lo + (hi - lo) sigmoid(theta), initialised at ``alpha``, with
                        (lo, hi) = (0.001, 0.999): alpha stays inside (0, 1) even when the sigmoid saturates.
-      num_iter         N, the number of iterations while training (and the step cap when ``tol`` is set).
-      eval_num_iter    iterations in eval mode (default: ``num_iter``); a schedule repeats its last value.
-      tol              None: exactly N steps. A float: stop when the relative residual <= tol.
-      gradient         "unrolled" (backprop through the N steps, the paper's procedure), or "implicit",
-                       "phantom", "jfb": fixed point of R_a by the core ``iterlayers.deq_solve``.
-      solver           core solver for the non-unrolled modes ("picard", "anderson", "broyden").
-      solver_options   extra keyword options for ``deq_solve``.
+      max_iter         N, the number of iterations while training (and the step cap when ``tol`` is set).
+      eval_max_iter    iterations in eval mode (default: ``max_iter``); a schedule repeats its last value.
+      tol              None: exactly N steps. A float: stop when every relative residual <= tol.
+      backward         "unrolled" (backprop through the N steps on :func:`iterlayers.unroll`, the paper's
+                       procedure), or "implicit", "phantom", "jfb": fixed point of R_a by the core
+                       ``iterlayers.deq_solve``.
+      solver           core solver for the non-unrolled modes (a name of ``iterlayers.solvers.SOLVERS``).
+      solver_options   extra :class:`~iterlayers.DEQOptions` fields for those modes (defaults: ``atol=tol`` or
+                       1e-6, ``rtol=0``, ``on_failure="ignore"``).
+
+    The core's options are one :class:`~iterlayers.DEQOptions` value, ``options`` (and ``eval_options`` for
+    eval mode), built and validated once here.
+
+    After a forward pass ``stats["forward"]`` holds the :class:`~iterlayers.SolverStats` of the run (the
+    engine's, or the core solver's), ``stats["backward"]`` the adjoint solve's (implicit mode, after
+    ``backward()``) or ``None``.
     """
 
     def __init__(self, operator: Callable, *, alpha: float | Sequence[float] = 0.5, learnable_alpha: bool = False,
-                 num_iter: int | None = None, eval_num_iter: int | None = None, tol: float | None = None,
-                 gradient: str = "unrolled", solver: str = "picard", solver_options: dict | None = None):
+                 max_iter: int | None = None, eval_max_iter: int | None = None, tol: float | None = None,
+                 backward: str = "unrolled", solver: str = "picard", solver_options: dict | None = None):
         super().__init__()
         if not callable(operator):
-            raise TypeError(f"operator must be callable as operator(z, x), got {type(operator).__name__}")
+            raise OptionTypeError(f"operator must be callable as operator(z, x), got {type(operator).__name__}")
         self.operator = operator
         if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
             self.schedule = validate_schedule([alpha], name="alpha")
@@ -143,39 +140,51 @@ class PicardIteration(nn.Module):
         else:
             self.schedule = validate_schedule(alpha, name="alpha")
             scheduled = True
-        if not isinstance(learnable_alpha, bool):
-            raise TypeError(f"learnable_alpha must be a bool, got {learnable_alpha!r}")
+        self.learnable_alpha = V.boolean(learnable_alpha, "learnable_alpha")
         if learnable_alpha and scheduled:
-            raise ValueError("learnable_alpha=True needs a single float alpha, not a schedule")
+            raise ValidationError("learnable_alpha=True needs a single float alpha, not a schedule")
         if learnable_alpha and not (_ALPHA_LO < self.schedule[0] < _ALPHA_HI):
-            raise ValueError(f"learnable_alpha=True needs an initial alpha in ({_ALPHA_LO}, {_ALPHA_HI}), "
-                             f"got {self.schedule[0]}")
-        if num_iter is None:
-            num_iter = len(self.schedule) if scheduled else 10
-        if not isinstance(num_iter, int) or num_iter < 1:
-            raise ValueError(f"num_iter must be a positive int, got {num_iter!r}")
-        if eval_num_iter is not None and (not isinstance(eval_num_iter, int) or eval_num_iter < 1):
-            raise ValueError(f"eval_num_iter must be None or a positive int, got {eval_num_iter!r}")
-        if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
-            raise ValueError(f"tol must be None or a positive float, got {tol!r}")
-        if gradient not in GRADIENT_MODES:
-            raise ValueError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
-        if gradient != "unrolled" and scheduled:
-            raise ValueError(f"gradient={gradient!r} solves a fixed point and needs a single float alpha, "
-                             "not a schedule")
-        if solver not in ("picard", "anderson", "broyden"):
-            raise ValueError(f"solver must be one of ('picard', 'anderson', 'broyden'), got {solver!r}")
+            raise ValidationError(f"learnable_alpha=True needs an initial alpha in ({_ALPHA_LO}, {_ALPHA_HI}), "
+                                  f"got {self.schedule[0]}")
+        if max_iter is None:
+            max_iter = len(self.schedule) if scheduled else 10
+        max_iter = V.positive_int(max_iter, "max_iter")
+        self.tol = None if tol is None else V.in_range(tol, "tol", low=0.0, low_open=True)
+        self.backward = V.choice(backward, "backward", BACKWARD_MODES, where="PicardIteration")
+        if backward != "unrolled" and scheduled:
+            raise ValidationError(f"backward={backward!r} solves a fixed point and needs a single float alpha, "
+                                  "not a schedule")
         self.scheduled = scheduled
-        self.learnable_alpha = learnable_alpha
-        self.num_iter, self.eval_num_iter, self.tol = num_iter, eval_num_iter, tol
-        self.gradient, self.solver = gradient, solver
-        self.solver_options = dict(solver_options or {})
+        core = {"atol": 1e-6 if self.tol is None else self.tol, "rtol": 0.0, "on_failure": "ignore",
+                **dict(solver_options or {})}  # ``tol`` is the whole stopping rule, forward and adjoint
+        self.options = DEQOptions.build(solver=solver, backward=backward, max_iter=max_iter, **core)
+        self.eval_max_iter = eval_max_iter  # builds eval_options
         if learnable_alpha:
             s = (self.schedule[0] - _ALPHA_LO) / (_ALPHA_HI - _ALPHA_LO)
             self.alpha_logit = nn.Parameter(torch.tensor(math.log(s / (1.0 - s))))
         else:
             self.register_parameter("alpha_logit", None)
-        self.last_stats: PicardStats | None = None
+        self.stats: dict = {"forward": None, "backward": None}
+
+    @property
+    def max_iter(self) -> int:
+        return self.options.max_iter
+
+    @max_iter.setter
+    def max_iter(self, value: int) -> None:
+        """Validated, and the core options rebuilt (they hold the iteration limit)."""
+        self.options = self.options.replace(max_iter=V.positive_int(value, "max_iter"))
+        self.eval_max_iter = self._eval_max_iter
+
+    @property
+    def eval_max_iter(self) -> int | None:
+        return self._eval_max_iter
+
+    @eval_max_iter.setter
+    def eval_max_iter(self, value: int | None) -> None:
+        """Validated, and the eval-mode core options rebuilt (once, not on every eval forward)."""
+        self._eval_max_iter = None if value is None else V.positive_int(value, "eval_max_iter")
+        self.eval_options = self.options if value is None else self.options.replace(max_iter=self._eval_max_iter)
 
     @property
     def alpha(self):
@@ -185,7 +194,8 @@ class PicardIteration(nn.Module):
         return self.schedule if self.scheduled else self.schedule[0]
 
     def steps(self) -> int:
-        return self.num_iter if (self.training or self.eval_num_iter is None) else self.eval_num_iter
+        """The number of iterations of the current mode (``max_iter``, or ``eval_max_iter`` in eval mode)."""
+        return self.max_iter if (self.training or self.eval_max_iter is None) else self.eval_max_iter
 
     def relaxed(self, z: torch.Tensor, x=None) -> torch.Tensor:
         """R_a(z) = a z + (1 - a) T(z, x) with a = the first alpha of the schedule."""
@@ -193,68 +203,37 @@ class PicardIteration(nn.Module):
         return a * z + (1 - a) * self.operator(z, x)
 
     def _init(self, x, z0):
-        if z0 is not None:
-            return z0
-        init = getattr(self.operator, "init_state", None)
-        if callable(init):
-            return init(x)
-        if not isinstance(x, torch.Tensor):
-            raise ValueError("z0 is required when x is not a tensor and the operator has no init_state(x)")
-        return torch.zeros_like(x)
+        return cells.initial_state(self.operator, x, z0=z0, where="PicardIteration")
 
     def forward(self, x=None, z0: torch.Tensor | None = None) -> torch.Tensor:
         z0 = self._init(x, z0)
-        if self.gradient == "unrolled":
-            z, self.last_stats = relaxed_picard(self.operator, z0, x, alpha=self.alpha, num_iter=self.steps(),
-                                                tol=self.tol)
-            return z
-        from iterlayers import deq_solve  # the core engine; imported late so this module loads without it
-
-        opts = dict(self.solver_options)
-        opts.setdefault("atol", self.tol if self.tol is not None else 1e-6)
-        opts.setdefault("rtol", 0.0)  # ``tol`` is the whole stopping rule, forward and adjoint
-        opts.setdefault("on_failure", "ignore")
-        core: dict = {}
-        z = deq_solve(lambda w: self.relaxed(w, x), z0, solver=self.solver, backward=self.gradient,
-                      max_iter=self.steps(), stats=core, **opts)
-        fs = core.get("forward")
-        if fs is not None:  # the core solver's own SolverStats, summarised in this module's terms
-            self.last_stats = PicardStats(nstep=int(fs.nstep.max()), residuals=[float(fs.rel_residual.max())],
-                                          abs_residual=fs.abs_residual, rel_residual=fs.rel_residual,
-                                          converged=bool(fs.converged.all()))
-        return z
+        if self.backward == "unrolled":
+            out = relaxed_picard(self.operator, z0, x, alpha=self.alpha, max_iter=self.steps(), tol=self.tol)
+            self.stats = {"forward": out.stats, "backward": None}
+            return out.z
+        stats: dict = {}
+        # The dict is shared with the backward hook, which fills stats["backward"] later.
+        self.stats = stats
+        options = self.options if (self.training or self.eval_max_iter is None) else self.eval_options
+        return deq_solve(lambda w: self.relaxed(w, x), z0, options=options, stats=stats)
 
     @torch.no_grad()
-    def trace(self, x=None, z0: torch.Tensor | None = None, *, num_iter: int | None = None):
-        """Iterates z_0..z_N (no gradient) with ``num_iter`` steps (default: the mode's N), and the stats."""
+    def trace(self, x=None, z0: torch.Tensor | None = None, *, max_iter: int | None = None) -> Unrolling:
+        """The run of ``max_iter`` steps (default: the mode's N) without gradient, with its iterates
+        ``z_0..z_N`` and residual trace: the engine's ``(z, stats, iterates)``."""
         z0 = self._init(x, z0)
-        n = self.steps() if num_iter is None else num_iter
-        _, stats, tr = relaxed_picard(self.operator, z0, x, alpha=self.alpha, num_iter=n, tol=None,
-                                      return_trace=True)
-        return tr, stats
+        n = self.steps() if max_iter is None else max_iter
+        return relaxed_picard(self.operator, z0, x, alpha=self.alpha, max_iter=n, tol=None, return_iterates=True,
+                              return_trace=True)
 
     def extra_repr(self) -> str:
         a = f"{float(self.alpha.detach()):.3f} (learnable)" if self.learnable_alpha else (
             f"schedule[{len(self.schedule)}]" if self.scheduled else f"{self.schedule[0]}")
-        return (f"alpha={a}, num_iter={self.num_iter}, eval_num_iter={self.eval_num_iter}, tol={self.tol}, "
-                f"gradient={self.gradient!r}")
+        return (f"alpha={a}, max_iter={self.max_iter}, eval_max_iter={self.eval_max_iter}, tol={self.tol}, "
+                f"backward={self.backward!r}")
 
 
 IterativeOperator = PicardIteration  # the paper's name for the general construction
-
-
-def observed_rate(residuals: Sequence[float], *, tail: float = 0.5) -> float:
-    """Empirical linear rate of a residual sequence r_n ~ C rho^n: exp of the least-squares slope of log r_n
-    over the last ``tail`` fraction of the steps (ignoring exact zeros)."""
-    r = [float(v) for v in residuals if v > 0 and math.isfinite(v)]
-    if len(r) < 2:
-        raise ValueError(f"need at least 2 positive residuals to fit a rate, got {len(r)}")
-    k = max(2, int(round(len(r) * tail)))
-    ys = [math.log(v) for v in r[-k:]]
-    xs = list(range(len(ys)))
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
-    return math.exp(slope)
 
 
 @dataclass
@@ -309,13 +288,13 @@ class _Relaxed(nn.Module):
 class _RelaxedBounded(_Relaxed):
     """R_a for an operator T that knows a global Lipschitz constant L(T) (``T.lipschitz_bound()``)."""
 
-    def __init__(self, op: Callable, alpha: float, bound: Callable[[], float]):
+    def __init__(self, op: Callable, alpha: float, bound: float):
         super().__init__(op, alpha)
         self._bound = bound
 
     def lipschitz_bound(self) -> float:
         """a + (1 - a) L(T): a Lipschitz constant of R_a (triangle inequality)."""
-        return self.alpha + (1 - self.alpha) * float(self._bound())
+        return self.alpha + (1 - self.alpha) * self._bound
 
 
 def check_convergence(operator: Callable, z: torch.Tensor, x=None, *, alpha: float = 0.0, scope: str = "sample",
@@ -333,8 +312,6 @@ def check_convergence(operator: Callable, z: torch.Tensor, x=None, *, alpha: flo
     if method not in ("power", "dense"):
         raise ValueError(f"method must be 'power' or 'dense', got {method!r}")
     validate_schedule([alpha], name="alpha")
-    from iterlayers import analysis  # written alongside; imported late so this module loads without it
-
     op = operator
     zz = z.detach()
     if scope == "global":
@@ -346,8 +323,8 @@ def check_convergence(operator: Callable, z: torch.Tensor, x=None, *, alpha: flo
     q = _value(analysis.spectral_norm(op, zz, x, **kw))
     local = _value(analysis.spectral_radius(_Relaxed(op, alpha), zz, x, **kw))
     banach = alpha + (1 - alpha) * q
-    bound = getattr(operator, "lipschitz_bound", None)
-    relaxed = _RelaxedBounded(op, alpha, bound) if callable(bound) else _Relaxed(op, alpha)
+    bound = cells.lipschitz_bound(operator)
+    relaxed = _Relaxed(op, alpha) if bound is None else _RelaxedBounded(op, alpha, bound)
     ckw = {"method": method} if method == "dense" else {"method": "power", "tol": tol, "max_iter": max_iter}
     certified = analysis.certify_contraction(relaxed, zz, x, samples=0, **ckw)
     return ConvergenceCheck(alpha=float(alpha), q=q, banach_rate=banach, local_rate=local, contractive=banach < 1,

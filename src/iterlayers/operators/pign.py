@@ -14,7 +14,7 @@ The relaxation (the paper's "smoothing factor") is ``alpha_mode``:
   "uniform"   a_n = alpha for all n (the paper's main setting; alpha searched in 0.30..0.85),
   "learnable" one alpha = sigmoid(theta) learned with the weights, always in (0, 1),
   "scheduled" a_n from ``make_schedule(schedule, N)``.
-Training backpropagates through all N iterations (the paper's procedure); ``eval_num_iter`` may differ.
+Training backpropagates through all N iterations (the paper's procedure); ``eval_max_iter`` may differ.
 
 Convergence: ReLU is 1-Lipschitz and ||A^||_2 = 1, so in eval mode (no dropout) the GCN operator is
 Lipschitz in H with q <= ||W||_2 (``lipschitz_bound``); when q < 1 the iteration converges at rate at most
@@ -36,11 +36,12 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from iterlayers import _validate as V
+from iterlayers import deq_solve
 from iterlayers.errors import ShapeMismatchError, ValidationError
 from iterlayers.parametrizations import spectral_cap
 
 from .graph_conv import check_edge_index, gcn_edges
-from .picard import PicardIteration, relaxed_picard
+from .picard import PicardIteration, relative_steps, relaxed_picard
 from .schedules import SCHEDULES, make_schedule
 
 __all__ = ["PIGN", "PIGNOperator", "GATOperator", "SpectralCap", "ALPHA_MODES", "CONVS"]
@@ -131,12 +132,12 @@ class PIGN(nn.Module):
     """
 
     def __init__(self, in_features: int, hidden: int, out_features: int, *, conv: str = "gcn", heads: int = 8,
-                 num_iter: int = 4, alpha: float = 0.5, alpha_mode: str = "uniform", schedule: str = "linear",
-                 eval_num_iter: int | None = None, dropout: float = 0.5, operator_dropout: float | None = None,
+                 max_iter: int = 4, alpha: float = 0.5, alpha_mode: str = "uniform", schedule: str = "linear",
+                 eval_max_iter: int | None = None, dropout: float = 0.5, operator_dropout: float | None = None,
                  lipschitz: float | None = None, inject: bool = False, xavier_init: bool = True):
         super().__init__()
         V.positive_int(in_features, "in_features"), V.positive_int(out_features, "out_features")
-        V.positive_int(num_iter, "num_iter")
+        V.positive_int(max_iter, "max_iter")
         self.conv_kind = V.choice(conv, "conv", CONVS)
         self.alpha_mode = V.choice(alpha_mode, "alpha_mode", ALPHA_MODES)
         if alpha_mode == "scheduled" and schedule not in SCHEDULES[1:]:
@@ -155,11 +156,11 @@ class PIGN(nn.Module):
             self.operator = GATOperator(hidden, heads=heads, dropout=op_drop, attn_dropout=op_drop)
         self.decoder = nn.Linear(hidden, out_features)
         if alpha_mode == "scheduled":
-            self.picard = PicardIteration(self.operator, alpha=make_schedule(schedule, num_iter), num_iter=num_iter,
-                                          eval_num_iter=eval_num_iter)
+            self.picard = PicardIteration(self.operator, alpha=make_schedule(schedule, max_iter), max_iter=max_iter,
+                                          eval_max_iter=eval_max_iter)
         else:
             self.picard = PicardIteration(self.operator, alpha=alpha, learnable_alpha=alpha_mode == "learnable",
-                                          num_iter=num_iter, eval_num_iter=eval_num_iter)
+                                          max_iter=max_iter, eval_max_iter=eval_max_iter)
         if xavier_init:  # the co-author code: Xavier-normal encoder / decoder (PyG convs are Glorot already)
             for m in (self.encoder, self.decoder):
                 nn.init.xavier_normal_(m.weight)
@@ -170,8 +171,8 @@ class PIGN(nn.Module):
         return self.picard.alpha
 
     @property
-    def num_iter(self) -> int:
-        return self.picard.num_iter
+    def max_iter(self) -> int:
+        return self.picard.max_iter
 
     def graph(self, edge_index: torch.Tensor, num_nodes: int, dtype: torch.dtype = torch.float32):
         """What the operator receives as its input: A^'s ``(edge_index, edge_weight)`` (GCN) or ``edge_index``."""
@@ -197,22 +198,20 @@ class PIGN(nn.Module):
         return (out, h) if return_hidden else out
 
     @torch.no_grad()
-    def logits_trace(self, x: torch.Tensor, edge_index: torch.Tensor, *, num_iter: int, alpha=None):
-        """Decoded logits of H_0..H_n for ``num_iter`` steps (no gradient, current mode); ``alpha`` (a float or
+    def logits_trace(self, x: torch.Tensor, edge_index: torch.Tensor, *, max_iter: int, alpha=None):
+        """Decoded logits of H_0..H_n for ``max_iter`` steps (no gradient, current mode); ``alpha`` (a float or
         a schedule) replaces the model's relaxation, e.g. an evaluation-time schedule. Also returns the
         relative-step residuals of the run."""
         g, h0 = self._inputs(x, edge_index)
-        _, stats, trace = relaxed_picard(self.operator, h0, g, alpha=self.alpha if alpha is None else alpha,
-                                         num_iter=V.positive_int(num_iter, "num_iter"), return_trace=True)
-        return [self.decoder(h) for h in trace], stats.residuals
+        run = relaxed_picard(self.operator, h0, g, alpha=self.alpha if alpha is None else alpha,
+                             max_iter=V.positive_int(max_iter, "max_iter"), return_iterates=True)
+        return [self.decoder(h) for h in run.iterates], relative_steps(run.iterates)
 
     @torch.no_grad()
     def fixed_point(self, x: torch.Tensor, edge_index: torch.Tensor, *, tol: float = 1e-5, max_iter: int = 500,
                     solver: str = "anderson"):
         """Logits at the fixed point H* = R_a(H*) of the eval-mode operator, solved by the core ``deq_solve``
         with the whole graph as one state (nodes are coupled through A^), and the solve's statistics."""
-        from iterlayers import deq_solve
-
         g, h0 = self._inputs(x, edge_index)
         shape = h0.shape
         stats: dict = {}

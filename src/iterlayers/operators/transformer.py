@@ -61,8 +61,8 @@ class PicardTransformer(nn.Module):
     """Sequence-to-sequence transformer whose single block is iterated with relaxed Picard steps."""
 
     def __init__(self, in_features: int, d_model: int, out_features: int, *, seq_len: int, num_heads: int = 2,
-                 num_iter: int = 4, alpha: float = 0.5, learnable_alpha: bool = False,
-                 eval_num_iter: int | None = None):
+                 max_iter: int = 4, alpha: float = 0.5, learnable_alpha: bool = False,
+                 eval_max_iter: int | None = None):
         super().__init__()
         for name, v in (("in_features", in_features), ("d_model", d_model), ("out_features", out_features),
                         ("seq_len", seq_len)):
@@ -73,7 +73,7 @@ class PicardTransformer(nn.Module):
         self.pos = nn.Parameter(0.02 * torch.randn(1, seq_len, d_model))
         self.operator = TransformerOperator(d_model, num_heads=num_heads)
         self.picard = PicardIteration(self.operator, alpha=alpha, learnable_alpha=learnable_alpha,
-                                      num_iter=num_iter, eval_num_iter=eval_num_iter)
+                                      max_iter=max_iter, eval_max_iter=eval_max_iter)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, out_features)
 
