@@ -4,14 +4,61 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from . import _validate
+from .analysis.regularization import jacobian_frobenius_penalty
+from .analysis.spectral import spectral_radius
 from .errors import OptionTypeError, ShapeMismatchError
-from .implicit import DEQOptions, deq_solve
+from .implicit import CellTraits, DEQOptions, _rebind, _snapshot, deq_solve
+from .solvers._state import StateSpec
 
-__all__ = ["DEQ", "Unrolled"]
+__all__ = ["DEQ", "Unrolled", "JacobianPenalty", "SpectralMonitor"]
+
+
+@dataclass(frozen=True)
+class JacobianPenalty:
+    r"""Jacobian regularisation of a :class:`DEQ` (Bai, Koltun & Kolter 2021): in training mode, every
+    ``every``-th forward pass, ``layer.penalty`` is the Hutchinson estimate of
+
+        mean_b ||J_b||_F^2 / d,     J_b = d cell(z*, x)_b / d z_b   at the fixed point,  d = size of one state,
+
+    with ``samples`` probes (``"normal"`` or ``"rademacher"``;
+    :func:`iterlayers.analysis.regularization.jacobian_frobenius_penalty`), differentiable with respect to the
+    cell's parameters and the inputs: add ``weight * layer.penalty`` to the loss. ``z*`` is held constant (a
+    leaf), as in Bai et al. Cost: one more evaluation of the cell and one vector-Jacobian product per probe,
+    both kept for the backward pass (double backward through one cell evaluation).
+    """
+
+    every: int = 1
+    samples: int = 1
+    distribution: str = "normal"
+
+    def __post_init__(self):
+        _validate.positive_int(self.every, "every", where="JacobianPenalty")
+        _validate.positive_int(self.samples, "samples", where="JacobianPenalty")
+        _validate.choice(self.distribution, "distribution", ("normal", "rademacher"), where="JacobianPenalty")
+
+
+@dataclass(frozen=True)
+class SpectralMonitor:
+    """Spectral-radius monitor of a :class:`DEQ`: in training mode, every ``every``-th forward pass,
+    ``layer.stats["spectral_radius"]`` is the per-sample estimate of ``rho(J*)`` at the fixed point
+    (:func:`iterlayers.analysis.spectral.spectral_radius`, power method with Ritz values, ``tol`` and
+    ``max_iter``; an :class:`~iterlayers.analysis.spectral.Estimate`), ``None`` on the other passes.
+    ``rho(J*) < 1`` is the condition for local convergence of the forward iteration (and of the adjoint)."""
+
+    every: int = 1
+    tol: float = 1e-3
+    max_iter: int = 50
+
+    def __post_init__(self):
+        _validate.positive_int(self.every, "every", where="SpectralMonitor")
+        _validate.in_range(self.tol, "tol", where="SpectralMonitor", low=0.0, low_open=True)
+        _validate.positive_int(self.max_iter, "max_iter", where="SpectralMonitor")
 
 _OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(DEQOptions))
 #: forward function -> (positional parameter names after z, takes *args); see DEQ._positional
@@ -49,6 +96,7 @@ class DEQ(nn.Module):
     """
 
     def __init__(self, cell, options: DEQOptions | None = None, *, eval_max_iter: int | None = None,
+                 jacobian_penalty: JacobianPenalty | None = None, spectral_monitor: SpectralMonitor | None = None,
                  **overrides):
         super().__init__()
         if not callable(cell):
@@ -56,7 +104,13 @@ class DEQ(nn.Module):
         self.cell = cell
         self.options = DEQOptions.build(options, **overrides)
         self.eval_max_iter = eval_max_iter
-        self.stats: dict = {"forward": None, "backward": None, "jvp": None}
+        self.jacobian_penalty = jacobian_penalty
+        self.spectral_monitor = spectral_monitor
+        #: training-mode forward passes so far (the schedule of the penalty and the monitor)
+        self.train_forwards = 0
+        #: the Jacobian penalty of the last training-mode forward pass (None when it was not computed)
+        self.penalty: torch.Tensor | None = None
+        self.stats: dict = {"forward": None, "backward": None, "jvp": None, "spectral_radius": None}
 
     def __getattr__(self, name):
         if name in _OPTION_FIELDS and "options" in self.__dict__:
@@ -69,6 +123,9 @@ class DEQ(nn.Module):
             return
         if name == "eval_max_iter" and value is not None:
             self.options.replace(max_iter=value)  # validated now, not at the first eval forward
+        for attr, kind in (("jacobian_penalty", JacobianPenalty), ("spectral_monitor", SpectralMonitor)):
+            if name == attr and value is not None and not isinstance(value, kind):
+                raise OptionTypeError(f"DEQ: {attr} must be a {kind.__name__} or None, got {type(value).__name__}")
         super().__setattr__(name, value)
         if name in ("options", "eval_max_iter"):
             # The eval-mode value, built (and its solvers validated) once, not on every eval forward.
@@ -154,6 +211,12 @@ class DEQ(nn.Module):
                         "are batched (first dimension = batch) - pass a non-batched value (an adjacency, a "
                         "table) as a keyword argument, which is never sliced"
                     )
+        # The cell protocol: submodules with per-forward state (a dropout mask, a spectral-norm estimate) start
+        # a new forward pass; those with one row per sample follow the solver's rows (docs/cell_contract.md).
+        hooked = [m for m in self.cell.modules() if hasattr(m, "deq_reset")] if isinstance(self.cell, nn.Module) \
+            else []
+        for m in hooked:
+            m.deq_reset(batch)
         cell, args, arg_names = self.cell, inputs, names
         if any(isinstance(x, (tuple, list)) for x in inputs):
             # Tuple inputs travel as separate batched tensors (each sliced with the samples) and are regrouped.
@@ -162,6 +225,12 @@ class DEQ(nn.Module):
             arg_names = tuple(f"{n}[{i}]" if s is not None else n for n, s in zip(names, sizes)
                               for i in range(s or 1))
             cell = _Regrouped(self.cell, sizes)
+        rowed = [m for m in hooked if hasattr(m, "deq_rows")]
+        if rowed:
+            # The indices of the samples travel as one more batched input, sliced by the solver with them.
+            cell = _Rows(cell, rowed)
+            args = (*args, torch.arange(batch, device=_device_of(z0)))
+            arg_names = (*arg_names, "rows")
         if default_z0 and torch.is_autocast_enabled(_device_type(z0)):
             # Under autocast the cell's output dtype is not the input's: start in the dtype it returns.
             with torch.no_grad():
@@ -172,19 +241,62 @@ class DEQ(nn.Module):
         stats: dict = {}
         # The dict is shared with the backward hook, which fills stats["backward"] later.
         self.stats = stats
-        return deq_solve(cell, z0, args=args, kwargs=shared, options=options, stats=stats, arg_names=arg_names)
+        z = deq_solve(cell, z0, args=args, kwargs=shared, options=options, stats=stats, arg_names=arg_names)
+        stats["spectral_radius"] = None
+        self.penalty = None
+        if self.training:
+            self._aids(cell, z, args, shared, stats)
+        return z
+
+    def _aids(self, cell, z, args, shared, stats) -> None:
+        """The Jacobian penalty and the spectral-radius monitor of a training-mode forward pass, at ``z*``."""
+        k = self.train_forwards
+        self.train_forwards += 1
+        jp, sm = self.jacobian_penalty, self.spectral_monitor
+        penalise = jp is not None and k % jp.every == 0 and torch.is_grad_enabled()
+        monitor = sm is not None and k % sm.every == 0
+        if not (penalise or monitor) or _batch_of(z, "z") == 0:
+            return
+        spec = StateSpec.of(z)
+        traits = CellTraits.of(cell)
+
+        def f_flat(zf, _x=None):
+            return spec.flatten(cell(spec.unflatten(zf), *args, **shared))
+
+        # These evaluations are measurements, not training steps: running statistics (batch norm) are given
+        # back their values (fresh copies: the penalty's graph may have saved the old buffers).
+        saved = _snapshot(traits.stat_modules)
+        try:
+            with traits.eager():
+                if penalise:
+                    zf = spec.flatten(z).detach().requires_grad_()
+                    self.penalty = jacobian_frobenius_penalty(f_flat(zf), zf, samples=jp.samples,
+                                                              distribution=jp.distribution)
+                if monitor:
+                    stats["spectral_radius"] = spectral_radius(f_flat, spec.flatten(z).detach(), None,
+                                                               method="power", tol=sm.tol, max_iter=sm.max_iter,
+                                                               seed=k)
+        finally:
+            _rebind(saved)
 
     def extra_repr(self) -> str:
         o = self.options
         solver = o.solver if isinstance(o.solver, str) else type(o.solver).__name__
+        aids = "".join(f", {name}={value}" for name, value in (("jacobian_penalty", self.jacobian_penalty),
+                                                               ("spectral_monitor", self.spectral_monitor))
+                       if value is not None)
         return (
             f"solver={solver!r}, backward={o.backward!r}, stopping={o.stopping!r}, atol={o.atol:g}, "
-            f"rtol={o.rtol:g}, max_iter={o.max_iter}, on_failure={o.on_failure!r}"
+            f"rtol={o.rtol:g}, max_iter={o.max_iter}, on_failure={o.on_failure!r}{aids}"
         )
 
 
+def _device_of(z) -> torch.device:
+    return (z[0] if isinstance(z, (tuple, list)) else z).device
+
+
 def _device_type(z) -> str:
-    return (z[0] if isinstance(z, (tuple, list)) else z).device.type
+    return _device_of(z).type
 
 
 def _batch_of(z0, what: str) -> int:
@@ -210,6 +322,27 @@ class _Regrouped(nn.Module):
         for s in self.sizes:
             grouped.append(next(it) if s is None else tuple(next(it) for _ in range(s)))
         return self.cell(z, *grouped, **shared)
+
+
+class _Rows(nn.Module):
+    """``cell(z, *inputs)`` called as ``(z, *inputs, rows)``: before each evaluation the modules with one row per
+    sample (``deq_rows``, e.g. a variational-dropout mask) are told which samples ``rows`` it holds (the solver
+    slices ``rows`` with the inputs), afterwards that it holds the whole batch again."""
+
+    def __init__(self, cell, modules):
+        super().__init__()
+        self.cell = cell
+        self.__dict__["_rowed"] = modules  # submodules of cell, not registered twice
+
+    def forward(self, z, *inputs, **shared):
+        *inputs, rows = inputs
+        for m in self._rowed:
+            m.deq_rows(rows)
+        try:
+            return self.cell(z, *inputs, **shared)
+        finally:
+            for m in self._rowed:
+                m.deq_rows(None)
 
 
 class Unrolled(nn.Module):
