@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import iterlayers as il
+from iterlayers.implicit import VERDICTS
 from iterlayers.hoist import split_cell
 
 
@@ -44,6 +45,8 @@ def solve_both(cell, x, z0=None, **kw):
     opts = dict(solver="anderson", atol=1e-10, rtol=0, max_iter=200, on_failure="raise") | kw
     out = {}
     for hoist in (True, False):
+        # Each solve verifies its stopping rule in full (a cached verdict would skip the second one's check).
+        VERDICTS.clear()
         deq = il.DEQ(cell, hoist=hoist, **opts)
         with torch.no_grad():
             z = deq(x, z0)

@@ -25,7 +25,7 @@ What a trace bakes in, and how the cache stays valid. The generated code looks p
 attributes and leaf submodules up on the live cell at every call (``self.W``), so an optimiser step, a
 replaced ``nn.Parameter`` or ``load_state_dict`` is followed without re-tracing. Every other Python value the
 forward reads (a temperature ``self.temp``, a flag, ``training``, a submodule's ``eps``, which submodules and
-parameters exist and of what type) is frozen into the graph. :func:`_fingerprint` records all of them at
+parameters exist and of what type) is frozen into the graph. :func:`cell_fingerprint` records all of them at
 trace time, for the cell and every submodule, and each solve compares the record with the cell as it is
 (a walk over the modules' attribute dicts: no extra evaluation of the cell); any difference rebuilds and
 re-verifies the split. A cell whose record keeps changing (an attribute annealed at every step) is not
@@ -63,7 +63,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-__all__ = ["SplitCell", "split_cell"]
+__all__ = ["SplitCell", "split_cell", "cell_fingerprint", "input_signature"]
 
 _RANDOM_WORDS = ("dropout", "rand", "bernoulli", "normal", "multinomial", "poisson", "uniform", "exponential",
                  "cauchy", "geometric")
@@ -310,7 +310,7 @@ def _global_hooks() -> bool:
     return bool(g._global_forward_hooks or g._global_forward_pre_hooks)
 
 
-def _fingerprint(cell: nn.Module) -> tuple:
+def cell_fingerprint(cell: nn.Module) -> tuple:
     """Everything a trace of ``cell`` may have frozen besides the input signature: per module (by path) its
     type, its non-tensor attributes (values), which parameters, buffers and children it has (and which are
     None), and whether it carries forward hooks; plus whether global forward hooks exist. Two equal
@@ -340,15 +340,19 @@ def _hooks_refuse(cell: nn.Module) -> bool:
                for path, m in cell.named_modules())
 
 
-def _key(cell: nn.Module, z, args) -> tuple:
-    def sig(a):
-        if isinstance(a, torch.Tensor):
-            return ("t", a.dtype, a.device.type, a.dim())
-        if isinstance(a, (tuple, list)):
-            return (type(a).__name__,) + tuple(sig(x) for x in a)
-        return (type(a).__name__,)
+def _sig(a):
+    if isinstance(a, torch.Tensor):
+        return ("t", a.dtype, a.device.type, a.dim())
+    if isinstance(a, (tuple, list)):
+        return (type(a).__name__,) + tuple(_sig(x) for x in a)
+    return (type(a).__name__,)
 
-    return (tuple(m.training for m in cell.modules()), sig(z), tuple(sig(a) for a in args))
+
+def input_signature(cell: nn.Module, z, args, kwargs=None) -> tuple:
+    """What a trace (and a verified stopping rule) depends on besides the fingerprint: every module's training
+    flag and the structure, dtype, device type and rank of the state, of each input and of each keyword."""
+    kw = () if not kwargs else tuple((k, _sig(v)) for k, v in kwargs.items())
+    return (tuple(m.training for m in cell.modules()), _sig(z), tuple(_sig(a) for a in args), kw)
 
 
 def _close(a, b) -> bool:
@@ -362,14 +366,15 @@ def _close(a, b) -> bool:
     return False
 
 
-def split_cell(cell, z0, args: tuple, batch: int):
+def split_cell(cell, z0, args: tuple, batch: int, fingerprint: tuple | None = None):
     """The loop-invariant split of ``cell`` for a solve from ``z0`` with inputs ``args``, or ``None``.
 
     Returns ``(step_fn, batched_args, n_hoisted)`` where ``step_fn(z, *batched_args)`` evaluates the cell
     with its ``z``-independent part already computed; ``None`` when the cell cannot (or need not) be split.
     The split is built and verified once per cell, training mode and input signature, then cached with the
-    cell's :func:`_fingerprint`; a solve that finds a different fingerprint rebuilds it (see the module
-    docstring), and after ``_MAX_REBUILDS`` rebuilds the cell is no longer split.
+    cell's :func:`cell_fingerprint`; a solve that finds a different fingerprint rebuilds it (see the module
+    docstring), and after ``_MAX_REBUILDS`` rebuilds the cell is no longer split. ``fingerprint``: the
+    cell's :func:`cell_fingerprint` if the caller has just computed it (it is computed once per solve).
     """
     if not isinstance(cell, nn.Module) or len(args) == 0:
         return None
@@ -380,8 +385,9 @@ def split_cell(cell, z0, args: tuple, batch: int):
     per_cell = _CACHE.setdefault(cell, {})
     if per_cell.get(_REBUILDS, 0) > _MAX_REBUILDS:
         return None
-    key = _key(cell, z0, args)
-    fingerprint = _fingerprint(cell)
+    key = input_signature(cell, z0, args)
+    if fingerprint is None:
+        fingerprint = cell_fingerprint(cell)
     entry = per_cell.get(key)
     if entry is not None and entry[1] == fingerprint:
         split = entry[0]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -45,7 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from . import _validate as V
 from .errors import OptionTypeError, ShapeMismatchError, UnsupportedError, ValidationError
-from .hoist import split_cell
+from .hoist import cell_fingerprint, input_signature, split_cell
 from .solvers import SolverStats, make_solver
 from .solvers._loop import ON_FAILURE, report_failure, run_loop
 from .solvers._state import StateSpec
@@ -270,6 +271,62 @@ class CellTraits:
         """A context in which compiled code runs eagerly: the differentiable evaluations (whose graph is
         backpropagated several times by the adjoint solve) use the eager module, which is exact."""
         return torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext()
+
+
+#: A cached "independent" verdict is re-verified in full (one extra whole-batch evaluation) every this many solves.
+REVERIFY_EVERY = 16
+
+
+class _Verdicts:
+    """What verified stopping found out about a module cell, per input signature and fingerprint.
+
+    ``stopping="verify"`` (the default via ``"auto"``) spends one extra whole-batch evaluation of the cell per
+    solve on its final check (:mod:`iterlayers.solvers._loop`). Whether a cell couples its rows is a property of
+    its code and modules, not of one batch, so the verdict is kept per cell, keyed by the cell's training flags,
+    the input signature (:func:`~iterlayers.hoist.input_signature`) and its fingerprint (the same one hoisting
+    uses: module types, their Python attributes, which parameters/buffers/children exist, hooks). A change of
+    any of them discards it. With an "independent" verdict the next solves keep the loop's probe (rows of
+    frozen samples re-evaluated inside the first sub-batch call: it still catches batch statistics and batch
+    means, and falls back to joint stopping) and skip the final check, except every ``REVERIFY_EVERY``-th
+    solve, which verifies in full again. A "coupled" verdict (coupling detected, or the cell failed on a
+    sub-batch) makes the next solves joint from the first iteration, without the wasted per-sample steps.
+    A solve in which no row stopped early teaches nothing and leaves the entry as it was.
+    """
+
+    def __init__(self):
+        self._table: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+    def lookup(self, cell, key, fingerprint):
+        """``"coupled"``, ``"independent"`` (skip the final check this time) or ``None`` (verify in full)."""
+        entry = self._table.get(cell, {}).get(key)
+        if entry is None or entry[1] != fingerprint:
+            return None
+        verdict, _, solves = entry
+        if verdict == "independent":
+            if solves + 1 >= REVERIFY_EVERY:
+                return None
+            self._table[cell][key] = (verdict, fingerprint, solves + 1)
+        return verdict
+
+    def record(self, cell, key, fingerprint, stopping: str) -> None:
+        """Learn from the loop's ``stats.info["stopping"]`` of a verified solve."""
+        if stopping == "per_sample (verified)":
+            verdict = "independent"
+        elif stopping.startswith("joint (coupling") or stopping.startswith("joint (the map failed"):
+            verdict = "coupled"
+        else:
+            return
+        try:
+            self._table.setdefault(cell, {})[key] = (verdict, fingerprint, 0)
+        except TypeError:  # a module that cannot be weakly referenced: nothing is cached
+            pass
+
+    def clear(self) -> None:
+        self._table.clear()
+
+
+#: The process-wide verdicts of verified stopping (``iterlayers.implicit.VERDICTS.clear()`` forgets them).
+VERDICTS = _Verdicts()
 
 
 def _snapshot(modules) -> list:
@@ -570,11 +627,19 @@ def deq_solve(
         return spec.unflatten(z)
 
     z0d = tuple(p.detach() for p in z0) if spec.is_tuple else z0.detach()
+    fingerprint = key = verdict = None
+    if isinstance(f, nn.Module) and (o.hoist or stopping == "verify"):
+        fingerprint = cell_fingerprint(f)  # once per solve, for the hoisting cache and the verdicts
+    if stopping == "verify" and isinstance(f, nn.Module) and not traits.compiled:
+        key = input_signature(f, z0d, args, kwargs)
+        verdict = VERDICTS.lookup(f, key, fingerprint)
+        if verdict == "coupled":
+            stopping = "joint"
     with torch.no_grad(), (_primal_only() if dual else contextlib.nullcontext()), \
             _frozen_statistics(traits.stat_modules):
         loop_f, loop_args, names, n_hoisted = f, args, arg_names, 0
         if o.hoist and not kwargs and not traits.compiled:
-            split = split_cell(f, z0d, args, spec.batch_size)
+            split = split_cell(f, z0d, args, spec.batch_size, fingerprint=fingerprint)
             if split is not None:
                 loop_f, loop_args, n_hoisted = split
                 given = "/".join(arg_names) if arg_names else "args"
@@ -590,8 +655,13 @@ def deq_solve(
         z_star, st = run_loop(
             loop_f, z0d, solver=o.forward_solver, args=loop_args, kwargs=kwargs, stopping=stopping,
             atol=o.atol, rtol=o.rtol, max_iter=o.max_iter, on_failure=o.on_failure, return_trace=o.return_trace,
-            divergence_ratio=1e6, arg_names=names, phase="forward",
+            divergence_ratio=1e6, arg_names=names, phase="forward", verified=verdict == "independent",
         )
+    if key is not None:
+        if verdict == "coupled":
+            st.info["stopping"] = "joint (coupling found by an earlier verified solve of this cell)"
+        else:
+            VERDICTS.record(f, key, fingerprint, str(st.info.get("stopping", "")))
     st.info["hoisted_ops"] = n_hoisted
     # The loop records what happened ("per_sample (verified)", "joint (coupling detected ...)"); keep that.
     st.info["stopping_requested"] = o.stopping

@@ -40,6 +40,8 @@ Stopping (``stopping=``). The *system* is the batch minus the excluded samples.
     cells and weighted batch means).
   * Without batched ``args`` (a closure) every call already evaluates the whole batch with the frozen rows
     in place: the frozen rows are re-checked at every iteration at no extra call.
+  * ``verified=True`` (a caller that caches verdicts: :func:`iterlayers.deq_solve` per cell and input
+    signature) skips (b): the solve then costs the probe's rows only.
   * If ``f`` raises on a sub-batch (a map that cannot be evaluated on fewer rows couples them), or a check
     disagrees, the loop switches to joint stopping for the rest of the solve (the iterations left): every
     sample is re-activated at the current iterate and the solver's state restarts.
@@ -163,7 +165,7 @@ class _Loop:
     """The state of one solve (a class rather than closures: the joint fallback resets most of it)."""
 
     def __init__(self, f, z0, solver, args, kwargs, atol, rtol, max_iter, return_trace, divergence_ratio,
-                 stopping, excluded, phase):
+                 stopping, excluded, phase, verified=False):
         self.f, self.solver, self.args, self.kwargs = f, solver, args, kwargs
         self.atol, self.rtol, self.max_iter = atol, rtol, max_iter
         self.spec = spec = StateSpec.of(z0)
@@ -189,6 +191,7 @@ class _Loop:
         self.probe, self.probe_out = None, None  # sliced path: frozen rows evaluated with the first sub-batch
         self.sub_batched = False  # some step ran on a strict subset of the system
         self.final_checked = False
+        self.verified = verified  # independence established by an earlier solve: no final whole-batch check
         self.carried_info: dict = {}  # solver counters of a state discarded by the joint fallback
         self.z = spec.flatten(z0)
         self.N = self.z.shape[1]
@@ -267,13 +270,10 @@ class _Loop:
         self.state = self.solver.init(z, fz)
         # ~(r <= limit) is true for NaN, Inf and blow-up alike: one comparison per iteration.
         self.div_limit = self.divergence_ratio * torch.clamp(self.best_res, min=self.atol)
-        # Joint: one limit for the system, from its largest initial residual or tolerance (a row that starts
-        # at its fixed point is moved by the others, which is not divergence).
-        fn0 = fn if fn is not None else fz.norm(dim=1)
-        tol0 = self.atol + self.rtol * fn0
-        start = torch.where(torch.isfinite(r), torch.maximum(r, tol0), torch.zeros_like(r))
-        self.div_limit_joint = self.divergence_ratio * start.amax()
-        self.check_tolerance(fn0)
+        self._start = (r, fn, fz)  # for the joint divergence limit, built only if the solve is (or turns) joint
+        self.div_limit_joint = None
+        if self.rtol < self.eps:
+            self.check_tolerance(fn if fn is not None else fz.norm(dim=1))
         if self.mode == "joint":
             self.best_worst = torch.tensor(float("inf"), dtype=r.dtype, device=r.device)
             self.finished = self.joint_update()
@@ -282,10 +282,21 @@ class _Loop:
             self.n_active = B - int(self.done.sum())
             self.finished = self.n_active == 0
 
+    def joint_limit(self) -> torch.Tensor:
+        """Joint stopping's divergence limit: one for the system, from its largest initial residual or
+        tolerance (a row that starts at its fixed point is moved by the others, which is not divergence)."""
+        if self.div_limit_joint is None:
+            r, fn, fz = self._start
+            fn0 = fn if fn is not None else fz.norm(dim=1)
+            tol0 = self.atol + self.rtol * fn0
+            start = torch.where(torch.isfinite(r), torch.maximum(r, tol0), torch.zeros_like(r))
+            self.div_limit_joint = self.divergence_ratio * start.amax()
+            self._start = None
+        return self.div_limit_joint
+
     def check_tolerance(self, fn0: torch.Tensor) -> None:
-        """Warn (once per dtype and tolerance) when ``atol + rtol m < eps m``: a tolerance below round-off."""
-        if self.rtol >= self.eps:
-            return  # rtol alone resolves: no host sync spent
+        """Warn (once per dtype and tolerance) when ``atol + rtol m < eps m``: a tolerance below round-off.
+        Called only when ``rtol < eps`` (otherwise rtol alone resolves and no host sync is spent)."""
         ok = torch.isfinite(fn0) if self.system is None else torch.isfinite(fn0) & self.system
         m = float(torch.where(ok, fn0, torch.zeros_like(fn0)).sum() / ok.sum().clamp_min(1))
         floor = self.eps * m
@@ -378,15 +389,20 @@ class _Loop:
         return cand[: max(1, self.n_sys // 8)] if cand.numel() else None
 
     def per_sample_update(self, idx, r_new, fn_new, partial: bool, first: bool) -> None:
-        active = ~self.done
-        improved = active & (self.last_res < self.best_res)
-        self.best_res = torch.where(improved, self.last_res, self.best_res)
-        self.best_is_last = improved | (self.best_is_last & self.done)
         conv_new = is_converged(r_new, fn_new, self.atol, self.rtol)
-        bad_new = ~(r_new <= rows(self.div_limit, idx)) & ~conv_new
         if idx is None:
-            self.converged, self.diverged = conv_new, bad_new
+            # Every sample took this step (the usual early iterations): no masks, no scatter.
+            improved = r_new < self.best_res
+            self.best_res = torch.where(improved, r_new, self.best_res)
+            self.best_is_last = improved
+            self.converged = conv_new
+            self.diverged = ~(r_new <= self.div_limit) & ~conv_new
         else:
+            active = ~self.done
+            improved = active & (self.last_res < self.best_res)
+            self.best_res = torch.where(improved, self.last_res, self.best_res)
+            self.best_is_last = improved | (self.best_is_last & self.done)
+            bad_new = ~(r_new <= self.div_limit.index_select(0, idx)) & ~conv_new
             self.converged = self.converged.index_copy(0, idx, conv_new)
             self.diverged = self.diverged.index_copy(0, idx, bad_new)
         frozen = self.done  # the rows this step left alone (excluded rows included)
@@ -406,11 +422,12 @@ class _Loop:
                 coupled = _disagree(self.probe_out, fp, zp, live, conv, self)
                 self.probe_out = self._probe_ref = None
             self.pending = False
-        vals = [self.best_is_last.all(), improved.any(), self.done.sum()]
+        # The one host sync of the iteration: counts (int64 sums), so "all"/"any" need no extra reductions.
+        vals = [self.best_is_last.sum(), improved.sum(), self.done.sum()]
         if coupled is not None:
-            vals.append(coupled)
-        flags = torch.stack([v.long() for v in vals]).tolist()  # the one host sync of the iteration
-        if flags[0]:
+            vals.append(coupled.long())
+        flags = torch.stack(vals).tolist()
+        if flags[0] == self.B:
             self.best_z, self.best_fz = self.z, self.fz
         elif flags[1]:
             keep = improved.unsqueeze(1)
@@ -439,6 +456,9 @@ class _Loop:
         if self.final_checked or not (self.verify and self.sliceable and self.sub_batched) or self.mode == "joint":
             return False
         self.final_checked = True
+        if self.verified:
+            self.info["stopping"] = "per_sample (verified by an earlier solve; probe passed)"
+            return False
         self.z, self.fz = self.best_z, self.best_fz
         f_sys = self.evaluate(rows(self.z, self.sys_idx), self.sys_idx, self.z)
         if not bool(self.disagree(f_sys, self.sys_idx)):
@@ -482,7 +502,7 @@ class _Loop:
         """Bookkeeping after a joint step; True when the solve is finished (all pass, or one diverged)."""
         r, fn, excluded = self.last_res, self.last_fn, self.excluded
         conv = is_converged(r, fn, self.atol, self.rtol)
-        bad = ~(r <= self.div_limit_joint) & ~conv
+        bad = ~(r <= self.joint_limit()) & ~conv
         if excluded is not None:
             conv, bad = conv & ~excluded, bad & ~excluded
         worst = _worst(r, fn, self.atol, self.rtol, excluded)
@@ -559,6 +579,7 @@ def run_loop(
     stopping: str = "verify",
     arg_names: Sequence[str] | None = None,
     phase: str = "forward",
+    verified: bool = False,
 ):
     """Solve ``z = f(z, *args, **kwargs)`` from ``z0``; return ``(z, stats)`` with ``z`` shaped like ``z0``.
 
@@ -566,6 +587,9 @@ def run_loop(
     ``stopping`` in :data:`STOPPING`, ``arg_names`` (one name per arg, default ``"args[i]"``) naming inputs in
     messages, ``phase`` (``"forward"``/``"backward"``) naming the solve in messages. ``check_inputs=False``
     skips the NaN/Inf screening of ``z0`` and the inputs (for callers whose inputs are known finite).
+    ``verified=True`` (with ``stopping="verify"``) says an earlier solve of the same map and input signature
+    passed the full verification: the probe still runs (and falls back to joint on coupling), the final
+    whole-batch check is skipped (see :mod:`iterlayers.implicit` for the cache that decides this).
     """
     _validate.choice(stopping, "stopping", STOPPING, where="run_loop")
     _validate.choice(phase, "phase", PHASES, where="run_loop")
@@ -592,7 +616,7 @@ def run_loop(
     if check_inputs and B > 0:
         excluded, note = _screen_inputs(z0, args, kwargs, names, B, on_failure)
     loop = _Loop(f, z0, solver, args, kwargs, float(atol), float(rtol), max_iter, return_trace,
-                 float(divergence_ratio), stopping, excluded, phase)
+                 float(divergence_ratio), stopping, excluded, phase, verified=bool(verified))
     if note is not None:
         loop.info["nonfinite_input"] = note
     if B == 0 or loop.n_sys == 0:
