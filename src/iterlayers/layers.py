@@ -225,10 +225,14 @@ class DEQ(nn.Module):
             arg_names = tuple(f"{n}[{i}]" if s is not None else n for n, s in zip(names, sizes)
                               for i in range(s or 1))
             cell = _Regrouped(self.cell, sizes)
-        rowed = [m for m in hooked if hasattr(m, "deq_rows")]
+        rowed = tuple(m for m in hooked if hasattr(m, "deq_rows"))
         if rowed:
-            # The indices of the samples travel as one more batched input, sliced by the solver with them.
-            cell = _Rows(cell, rowed)
+            # The indices of the samples travel as one more batched input, sliced by the solver with them. The
+            # wrapper is kept while the cell is the same, so what the solver caches per cell stays valid.
+            cached = self.__dict__.get("_rows_cell")
+            if cached is None or cached.cell is not cell or cached.rowed != rowed:
+                cached = self.__dict__["_rows_cell"] = _Rows(cell, rowed)
+            cell = cached
             args = (*args, torch.arange(batch, device=_device_of(z0)))
             arg_names = (*arg_names, "rows")
         if default_z0 and torch.is_autocast_enabled(_device_type(z0)):
@@ -329,19 +333,19 @@ class _Rows(nn.Module):
     sample (``deq_rows``, e.g. a variational-dropout mask) are told which samples ``rows`` it holds (the solver
     slices ``rows`` with the inputs), afterwards that it holds the whole batch again."""
 
-    def __init__(self, cell, modules):
+    def __init__(self, cell, modules: tuple):
         super().__init__()
         self.cell = cell
-        self.__dict__["_rowed"] = modules  # submodules of cell, not registered twice
+        self.__dict__["rowed"] = modules  # submodules of cell, not registered twice
 
     def forward(self, z, *inputs, **shared):
         *inputs, rows = inputs
-        for m in self._rowed:
+        for m in self.rowed:
             m.deq_rows(rows)
         try:
             return self.cell(z, *inputs, **shared)
         finally:
-            for m in self._rowed:
+            for m in self.rowed:
                 m.deq_rows(None)
 
 
