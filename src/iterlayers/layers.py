@@ -93,6 +93,19 @@ class DEQ(nn.Module):
 
     The options are one frozen value, ``layer.options``. Each field also reads and writes as an attribute
     (``layer.max_iter = 100`` is ``layer.options = layer.options.replace(max_iter=100)``, validated).
+
+    Training aids (``docs/aids/``):
+
+    - ``jacobian_penalty``: a :class:`JacobianPenalty`; in training mode ``layer.penalty`` is then the
+      differentiable Hutchinson estimate of ``||J*||_F^2 / d`` every ``every``-th forward pass (else ``None``).
+    - ``spectral_monitor``: a :class:`SpectralMonitor`; ``layer.stats["spectral_radius"]`` is then the
+      per-sample estimate of ``rho(J*)`` every ``every``-th training forward pass (else ``None``).
+    - The cell protocol: before each solve the layer calls ``deq_reset(batch)`` on every submodule of the cell
+      that defines it (a new forward pass starts: :class:`~iterlayers.dropout.VariationalDropout` redraws its
+      mask, :func:`~iterlayers.parametrizations.spectral_norm` updates its estimate once); a submodule that also
+      defines ``deq_rows(rows)`` is told before each evaluation which samples (indices into the batch, ``None``
+      for all) it holds, as the solver drops converged samples.
+    - Warm starts: ``z0=`` starts the solve from a previous answer (e.g. the last frame's ``z*``, detached).
     """
 
     def __init__(self, cell, options: DEQOptions | None = None, *, eval_max_iter: int | None = None,
