@@ -181,3 +181,34 @@ def test_every_solver_and_hoist_setting_solves_the_masked_map(solver):
         out[hoist] = layer(x)
         torch.testing.assert_close(out[hoist], masked_reference(cell, x, cell.drop.mask), atol=1e-9, rtol=0)
     torch.testing.assert_close(out[True], out[False], atol=1e-9, rtol=0)  # same seed: same mask, same point
+
+
+class ShapedCell(nn.Module):
+    """``tanh(a * conv-free mixing of drop(z) + x)`` on images ``[B, C, H, W]`` or sequences ``[B, T, C]``."""
+
+    def __init__(self, kind, channels=3):
+        super().__init__()
+        self.M = nn.Parameter(random_matrix(channels, 0.8, seed=5))
+        self.drop = VariationalDropout(0.4, kind=kind)
+        self.channel_dim = 1 if kind == "channels" else -1
+
+    def forward(self, z, x, mask=None):
+        h = self.drop(z) if mask is None else z * mask
+        mixed = torch.movedim(torch.movedim(h, self.channel_dim, -1) @ self.M.T, -1, self.channel_dim)
+        return torch.tanh(mixed + x)
+
+
+@pytest.mark.parametrize("kind,shape", [("channels", (6, 3, 4, 4)), ("tokens", (6, 5, 3))])
+def test_channel_and_token_masks_under_per_sample_stopping(kind, shape):
+    torch.manual_seed(6)
+    cell = ShapedCell(kind)
+    scale = torch.logspace(-4, 0.5, shape[0], dtype=torch.float64).reshape(-1, *[1] * (len(shape) - 1))
+    x = scale * torch.randn(shape, dtype=torch.float64)
+    layer = il.DEQ(cell, atol=1e-12, rtol=0, max_iter=300, stopping="per_sample")
+    z = layer(x)
+    assert int(layer.stats["forward"].nstep.max()) > int(layer.stats["forward"].nstep.min())
+    mask = cell.drop.mask
+    assert mask.shape == ((6, 3, 1, 1) if kind == "channels" else (6, 1, 3))
+    ref = il.solve(lambda z, x: cell(z, x, mask), torch.zeros_like(x), args=(x,), stopping="joint", atol=1e-13,
+                   rtol=0, max_iter=500)
+    torch.testing.assert_close(z.detach(), ref.z.detach(), atol=1e-11, rtol=0)
