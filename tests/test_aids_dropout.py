@@ -170,17 +170,37 @@ def test_backward_uses_the_forward_mask(backward):
     assert cell.drop.mask is mask  # the backward pass drew nothing
 
 
+class InjectionDropCell(DropCell):
+    """Dropout on the input injection, a part of the cell that hoisting computes once per solve."""
+
+    def forward(self, z, x):
+        return torch.tanh(z @ self.W.T + self.drop(x))
+
+
 @pytest.mark.parametrize("solver", ["anderson", "broyden", "picard"])
-def test_every_solver_and_hoist_setting_solves_the_masked_map(solver):
+@pytest.mark.parametrize("where", ["state", "injection"])
+def test_every_solver_and_hoist_setting_solves_the_masked_map(solver, where):
     x = spread_inputs(seed=2)
     out = {}
     for hoist in (True, False):
         torch.manual_seed(5)
-        cell = DropCell()
-        layer = il.DEQ(cell, solver=solver, atol=1e-11, rtol=0, max_iter=400, hoist=hoist)
-        out[hoist] = layer(x)
-        torch.testing.assert_close(out[hoist], masked_reference(cell, x, cell.drop.mask), atol=1e-9, rtol=0)
-    torch.testing.assert_close(out[True], out[False], atol=1e-9, rtol=0)  # same seed: same mask, same point
+        cell = DropCell() if where == "state" else InjectionDropCell()
+        layer = il.DEQ(cell, solver=solver, atol=1e-11, rtol=0, max_iter=400, hoist=hoist, stopping="per_sample")
+        for _ in range(2):  # a second forward pass: a new mask, read by the same split
+            z = layer(x)
+            st = layer.stats["forward"]
+            assert int(st.nstep.max()) > int(st.nstep.min())  # sub-batches were evaluated
+            assert (st.info["hoisted_ops"] > 0) == hoist
+            mask = cell.drop.mask
+            W = cell.W.detach()
+            if where == "state":
+                ref = masked_reference(cell, x, mask)
+            else:
+                ref = il.solve(lambda z, x: torch.tanh(z @ W.T + x * mask), torch.zeros_like(x), args=(x,),
+                               stopping="joint", atol=1e-13, rtol=0, max_iter=500).z
+            torch.testing.assert_close(z, ref, atol=1e-9, rtol=0)
+        out[hoist] = z
+    torch.testing.assert_close(out[True], out[False], atol=1e-9, rtol=0)  # same seed: same masks, same points
 
 
 class ShapedCell(nn.Module):

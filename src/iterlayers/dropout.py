@@ -13,8 +13,8 @@ scaling by ``1 / (1 - p)`` keeps ``E[h * m / (1 - p)] = h``; in eval mode the mo
 How the mask follows the solve. :class:`iterlayers.DEQ` calls two methods of the cell's submodules (the cell
 protocol, ``docs/cell_contract.md``):
 
-- ``deq_reset(batch)`` before each solve: the mask is dropped and redrawn, for ``batch`` samples, at the next
-  call (its shape is that of the input the module then sees, so it need not be known in advance);
+- ``deq_reset(batch)`` before each solve: the mask is dropped and redrawn at the next call, which sees the
+  whole batch (its shape is that of the input the module then sees, so it need not be known in advance);
 - ``deq_rows(rows)`` before each evaluation of the cell: the indices of the samples in that evaluation
   (``None``: the whole batch). With per-sample stopping the solver evaluates only the samples that have not
   converged yet; the module applies the rows ``mask[rows]`` of the full mask, so a sample keeps its own mask
@@ -22,6 +22,11 @@ protocol, ``docs/cell_contract.md``):
   first rows of the mask with whatever samples remain.)
 
 Outside a DEQ (``deq_reset`` never called) the module is ordinary variational dropout: a new mask per call.
+
+Hoisting (``hoist=True``, :mod:`iterlayers.hoist`). The mask is applied by :func:`apply_mask`, which
+``torch.fx`` records as one call (``torch.fx.wrap``) with the mask read live from the module and the rows as
+an input of the cell: the loop-invariant part of the cell is still computed once per solve, the rows of the
+mask are sliced with the samples, and a new forward pass's mask is read by the same split.
 
 Mask shapes (``kind``), for an input ``[B, ...]``:
 
@@ -35,14 +40,32 @@ Mask shapes (``kind``), for an input ``[B, ...]``:
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from . import _validate
 from .errors import ShapeMismatchError
 
-__all__ = ["VariationalDropout", "KINDS"]
+__all__ = ["VariationalDropout", "KINDS", "apply_mask"]
 
 KINDS = ("features", "channels", "tokens")
+
+
+def apply_mask(x: Tensor, mask: Tensor, rows: Tensor | None) -> Tensor:
+    """``x * mask[rows]`` (``rows=None``: ``x * mask``), refusing a mask that does not fit ``x``."""
+    m = mask if rows is None else mask.index_select(0, rows)
+    if m.shape[0] != x.shape[0] or m.dim() != x.dim() or any(a not in (1, b) for a, b in zip(m.shape[1:],
+                                                                                              x.shape[1:])):
+        raise ShapeMismatchError(
+            f"VariationalDropout: the mask of this forward pass has shape {tuple(m.shape)} for these rows, the "
+            f"input {tuple(x.shape)}; a module driven by a DEQ keeps one mask until the next deq_reset (called by "
+            "DEQ.forward), so it must see inputs of one shape within a forward pass"
+        )
+    return x * m
+
+
+# One call in traced graphs: the checks above are Python branches on shapes, not operations to trace.
+torch.fx.wrap("apply_mask")
 
 
 class VariationalDropout(nn.Module):
@@ -63,13 +86,18 @@ class VariationalDropout(nn.Module):
         self.kind = _validate.choice(kind, "kind", KINDS, where=where)
         self.mask: Tensor | None = None
         self.rows: Tensor | None = None
-        self._batch: int | None = None  # set by deq_reset: the mask is then held until the next reset
+        self.driven = False  # set by deq_reset: the mask is then held until the next reset
 
     # -- the cell protocol -------------------------------------------------------------------------------
     def deq_reset(self, batch: int) -> None:
-        """A new forward pass of ``batch`` samples starts: the next call draws a new mask."""
-        self._batch = int(batch)
+        """A new forward pass starts: the next call (on the whole batch) draws a new mask."""
+        self.driven = True
         self.mask = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether the next call draws the mask (a DEQ then draws it before the solve, for hoisting)."""
+        return self.driven and self.mask is None and self.training and self.p > 0.0
 
     def deq_rows(self, rows: Tensor | None) -> None:
         """The samples (indices into the batch) of the next evaluation; ``None``: all of them."""
@@ -96,18 +124,14 @@ class VariationalDropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if self._batch is None:  # not driven by a DEQ: ordinary variational dropout, one mask per call
+        if not self.driven:  # not driven by a DEQ: ordinary variational dropout, one mask per call
             return x * self._draw(x, x.shape[0])
         if self.mask is None:
-            self.mask = self._draw(x, self._batch)
-        mask = self.mask if self.rows is None else self.mask.index_select(0, self.rows)
-        if mask.shape[0] != x.shape[0] or mask.shape[1:] != self._shape(x, 1)[1:]:
-            raise ShapeMismatchError(
-                f"VariationalDropout: the mask of this forward pass has shape {tuple(mask.shape)} for these rows, "
-                f"the input {tuple(x.shape)}; a module driven by a DEQ keeps one mask until the next deq_reset "
-                "(called by DEQ.forward), so it must see inputs of one shape within a forward pass"
-            )
-        return x * mask
+            if self.rows is not None and self.rows.numel() != int(self.rows.max()) + 1:
+                # DEQ.forward draws the mask on the whole batch before the solve; a sub-batch cannot size it
+                raise ShapeMismatchError("VariationalDropout: the mask must be drawn on the whole batch")
+            self.mask = self._draw(x, x.shape[0])
+        return apply_mask(x, self.mask, self.rows)
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}, kind={self.kind!r}"

@@ -13,7 +13,7 @@ from . import _validate
 from .analysis.regularization import jacobian_frobenius_penalty
 from .analysis.spectral import spectral_radius
 from .errors import OptionTypeError, ShapeMismatchError
-from .implicit import CellTraits, DEQOptions, _rebind, _snapshot, deq_solve
+from .implicit import CellTraits, DEQOptions, _frozen_statistics, _rebind, _snapshot, deq_solve
 from .solvers._state import StateSpec
 
 __all__ = ["DEQ", "Unrolled", "JacobianPenalty", "SpectralMonitor"]
@@ -243,11 +243,17 @@ class DEQ(nn.Module):
             # The indices of the samples travel as one more batched input, sliced by the solver with them. The
             # wrapper is kept while the cell is the same, so what the solver caches per cell stays valid.
             cached = self.__dict__.get("_rows_cell")
-            if cached is None or cached.cell is not cell or cached.rowed != rowed:
-                cached = self.__dict__["_rows_cell"] = _Rows(cell, rowed)
+            arity = -1 if shared else len(args)
+            if cached is None or cached.cell is not cell or cached.rowed != rowed or cached.arity != arity:
+                cached = self.__dict__["_rows_cell"] = _rows_cell(cell, rowed, arity)
             cell = cached
             args = (*args, torch.arange(batch, device=_device_of(z0)))
             arg_names = (*arg_names, "rows")
+            if self.options.hoist and not shared and any(getattr(m, "pending", False) for m in rowed):
+                # A split of the cell (hoisting) reads the mask as a tensor of the module: draw it now, by one
+                # evaluation on the whole batch (a measurement: batch-norm statistics are given back).
+                with torch.no_grad(), _frozen_statistics(CellTraits.of(cell).stat_modules):
+                    cell(z0, *args)
         if default_z0 and torch.is_autocast_enabled(_device_type(z0)):
             # Under autocast the cell's output dtype is not the input's: start in the dtype it returns.
             with torch.no_grad():
@@ -344,15 +350,17 @@ class _Regrouped(nn.Module):
 class _Rows(nn.Module):
     """``cell(z, *inputs)`` called as ``(z, *inputs, rows)``: before each evaluation the modules with one row per
     sample (``deq_rows``, e.g. a variational-dropout mask) are told which samples ``rows`` it holds (the solver
-    slices ``rows`` with the inputs), afterwards that it holds the whole batch again."""
+    slices ``rows`` with the inputs), afterwards that it holds the whole batch again. Subclasses made by
+    :func:`_rows_cell` give ``forward`` a fixed number of inputs, which ``iterlayers.hoist`` can trace."""
+
+    arity: int = -1
 
     def __init__(self, cell, modules: tuple):
         super().__init__()
         self.cell = cell
         self.__dict__["rowed"] = modules  # submodules of cell, not registered twice
 
-    def forward(self, z, *inputs, **shared):
-        *inputs, rows = inputs
+    def evaluate(self, z, inputs, rows, shared):
         for m in self.rowed:
             m.deq_rows(rows)
         try:
@@ -360,6 +368,31 @@ class _Rows(nn.Module):
         finally:
             for m in self.rowed:
                 m.deq_rows(None)
+
+    def forward(self, z, *inputs, **shared):
+        *inputs, rows = inputs
+        return self.evaluate(z, inputs, rows, shared)
+
+
+_ROWS_CLASSES: dict = {}
+
+
+def _rows_cell(cell, modules: tuple, arity: int) -> _Rows:
+    """A :class:`_Rows` whose ``forward(z, x0, ..., rows)`` takes exactly ``arity`` inputs and no keywords (a
+    signature that torch.fx traces, so the cell can still be hoisted; one class per arity, its two-line
+    ``forward`` generated once); ``arity=-1``: the variadic :class:`_Rows`, which passes keywords on (a cell
+    with keyword arguments is not hoisted anyway)."""
+    if arity < 0:
+        return _Rows(cell, modules)
+    cls = _ROWS_CLASSES.get(arity)
+    if cls is None:
+        xs = "".join(f"x{i}, " for i in range(arity))
+        namespace: dict = {}
+        exec(f"def forward(self, z, {xs}rows):\n"  # noqa: S102 - a fixed template
+             f"    return self.evaluate(z, ({xs}), rows, {{}})\n", namespace)
+        cls = _ROWS_CLASSES[arity] = type(f"_Rows{arity}", (_Rows,), {"forward": namespace["forward"],
+                                                                       "arity": arity, "__module__": __name__})
+    return cls(cell, modules)
 
 
 class Unrolled(nn.Module):
