@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -12,11 +13,12 @@ from torch import nn
 from . import _validate
 from .analysis.regularization import jacobian_frobenius_penalty
 from .analysis.spectral import spectral_radius
-from .errors import OptionTypeError, ShapeMismatchError
+from .errors import OptionTypeError, ShapeMismatchError, UnsupportedError, ValidationError
 from .implicit import CellTraits, DEQOptions, _frozen_statistics, _rebind, _snapshot, deq_solve
+from .solvers._base import FixedPointSolver
 from .solvers._state import StateSpec
 
-__all__ = ["DEQ", "Unrolled", "JacobianPenalty", "SpectralMonitor"]
+__all__ = ["DEQ", "Unrolled", "JacobianPenalty", "SpectralMonitor", "Trajectory"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,92 @@ _OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(DEQOptions))
 _SIGNATURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+WEIGHTS = ("constant", "linear", "exponential")
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    r"""Trajectory supervision (fixed-point correction, Bai et al. 2022, "Deep Equilibrium Optical Flow
+    Estimation"): a loss on intermediate states of the forward solve, not only on ``z*``.
+
+    In training mode (with grad enabled) the layer keeps the solver's iterates ``z_k`` after iterations
+    ``k in at`` (or, with ``count=n``, at ``n`` iterations evenly spaced over the iterations the solve took:
+    ``k_i = ceil(i N / n)``, ``i = 1..n``, ``N`` = iterations taken) and ``layer.states`` is the list of
+    ``(k, state, weight)``, ``state`` attached to the graph. A sample frozen by per-sample stopping before
+    iteration ``k`` keeps its converged value there. Weights, for the ``i``-th of ``n`` states: ``"constant"``
+    1, ``"linear"`` ``i / n``, ``"exponential"`` ``gamma^(n - i)`` (the later, the heavier).
+    ``layer.trajectory_loss(fn)`` is ``sum_i w_i fn(state_i)``; add it to the loss of ``z*``.
+
+    Gradient of a state (this layer-level form): ``z_k`` re-entered by one differentiable damped cell step,
+    ``(1 - lam) z_k + lam cell(z_k, x)`` with ``z_k`` held constant, ``lam = phantom_damping`` for
+    ``backward="phantom"`` and ``1`` otherwise (the JFB form): the gradient of each state is that of one step,
+    as the phantom gradient of Geng et al. 2021 with one step; ``backward="unrolled"`` is refused (use
+    :class:`Unrolled` with ``return_all=True``, which backpropagates through every iterate). With ``count``
+    every iterate is kept (without a graph) until the solve ends: memory ``max_iter`` states.
+    """
+
+    at: tuple | None = None
+    count: int | None = None
+    weights: str = "constant"
+    gamma: float = 0.8
+
+    def __post_init__(self):
+        where = "Trajectory"
+        if (self.at is None) == (self.count is None):
+            raise ValidationError(f"{where}: give exactly one of at (iterations) and count")
+        if self.at is not None:
+            if not isinstance(self.at, (tuple, list)) or not self.at:
+                raise OptionTypeError(f"{where}: at must be a non-empty tuple of iteration numbers, got {self.at!r}")
+            at = tuple(sorted({_validate.positive_int(k, "at", where=where) for k in self.at}))
+            object.__setattr__(self, "at", at)
+        else:
+            _validate.positive_int(self.count, "count", where=where)
+        _validate.choice(self.weights, "weights", WEIGHTS, where=where)
+        _validate.in_range(self.gamma, "gamma", where=where, low=0.0, high=1.0, low_open=True)
+
+    def weight(self, i: int, n: int) -> float:
+        """The weight of the ``i``-th (1-based) of ``n`` states."""
+        if self.weights == "constant":
+            return 1.0
+        if self.weights == "linear":
+            return i / n
+        return self.gamma ** (n - i)
+
+
+@dataclass
+class _Keeping(FixedPointSolver):
+    """The forward solver, keeping copies of the whole batch's iterate after the requested iterations (all
+    of them when ``at`` is None). The loop hands a step the active rows only: the full iterate is assembled
+    here, so a frozen sample keeps its converged value. A fresh value per forward pass."""
+
+    inner: FixedPointSolver = None
+    at: frozenset | None = None
+
+    def __post_init__(self):
+        self.name = self.inner.name
+        self.verify_final = self.inner.verify_final
+        self.k, self.z, self.kept = 0, None, {}
+
+    def validate(self) -> None:
+        self.inner.validate()
+
+    def init(self, z, fz):
+        # Called again by the loop's fall-back to joint stopping, at the current iterate: the count goes on.
+        self.z = z.clone()
+        return self.inner.init(z, fz)
+
+    def step(self, state, z, fz, idx, fn):
+        z_new, fz_new = self.inner.step(state, z, fz, idx, fn)
+        self.k += 1
+        self.z = z_new.clone() if idx is None else self.z.index_copy(0, idx, z_new)
+        if self.at is None or self.k in self.at:
+            self.kept[self.k] = self.z
+        return z_new, fz_new
+
+    def extra_info(self, state) -> dict:
+        return self.inner.extra_info(state)
+
+
 class DEQ(nn.Module):
     r"""Deep equilibrium layer: the output is the fixed point ``z*`` of ``z = cell(z, *inputs, **shared)``.
 
@@ -105,12 +193,14 @@ class DEQ(nn.Module):
       mask, :func:`~iterlayers.parametrizations.spectral_norm` updates its estimate once); a submodule that also
       defines ``deq_rows(rows)`` is told before each evaluation which samples (indices into the batch, ``None``
       for all) it holds, as the solver drops converged samples.
+    - ``trajectory``: a :class:`Trajectory`; in training mode ``layer.states`` then holds intermediate solver
+      states ``(k, state, weight)`` attached to the graph, and ``layer.trajectory_loss(fn)`` their weighted loss.
     - Warm starts: ``z0=`` starts the solve from a previous answer (e.g. the last frame's ``z*``, detached).
     """
 
     def __init__(self, cell, options: DEQOptions | None = None, *, eval_max_iter: int | None = None,
                  jacobian_penalty: JacobianPenalty | None = None, spectral_monitor: SpectralMonitor | None = None,
-                 **overrides):
+                 trajectory: Trajectory | None = None, **overrides):
         super().__init__()
         if not callable(cell):
             raise OptionTypeError(f"cell must be a module or callable cell(z, x), got {type(cell).__name__}")
@@ -119,6 +209,9 @@ class DEQ(nn.Module):
         self.eval_max_iter = eval_max_iter
         self.jacobian_penalty = jacobian_penalty
         self.spectral_monitor = spectral_monitor
+        self.trajectory = trajectory
+        #: the kept states of the last training forward pass: [(iteration, state with graph, weight)]
+        self.states: list = []
         #: training-mode forward passes so far (the schedule of the penalty and the monitor)
         self.train_forwards = 0
         #: the Jacobian penalty of the last training-mode forward pass (None when it was not computed)
@@ -136,7 +229,8 @@ class DEQ(nn.Module):
             return
         if name == "eval_max_iter" and value is not None:
             self.options.replace(max_iter=value)  # validated now, not at the first eval forward
-        for attr, kind in (("jacobian_penalty", JacobianPenalty), ("spectral_monitor", SpectralMonitor)):
+        for attr, kind in (("jacobian_penalty", JacobianPenalty), ("spectral_monitor", SpectralMonitor),
+                           ("trajectory", Trajectory)):
             if name == attr and value is not None and not isinstance(value, kind):
                 raise OptionTypeError(f"DEQ: {attr} must be a {kind.__name__} or None, got {type(value).__name__}")
         super().__setattr__(name, value)
@@ -264,12 +358,56 @@ class DEQ(nn.Module):
         stats: dict = {}
         # The dict is shared with the backward hook, which fills stats["backward"] later.
         self.stats = stats
+        ts = self.trajectory
+        keeping = None
+        self.states = []
+        if ts is not None and self.training and torch.is_grad_enabled():
+            if options.backward == "unrolled":
+                raise UnsupportedError(
+                    "DEQ: trajectory supervision with backward='unrolled': the unrolled iteration is plain autograd; "
+                    "use iterlayers.Unrolled(cell, steps=..., return_all=True) for a loss on every iterate")
+            keeping = _Keeping(inner=options.forward_solver, at=None if ts.at is None else frozenset(ts.at))
+            options = options.replace(solver=keeping, solver_options=None)
         z = deq_solve(cell, z0, args=args, kwargs=shared, options=options, stats=stats, arg_names=arg_names)
         stats["spectral_radius"] = None
         self.penalty = None
         if self.training:
             self._aids(cell, z, args, shared, stats)
+            if keeping is not None:
+                self.states = self._attach_states(cell, z, args, shared, keeping, options)
         return z
+
+    def _attach_states(self, cell, z, args, shared, keeping: _Keeping, options: DEQOptions) -> list:
+        """The kept iterates, each re-entered by one differentiable damped cell step (see :class:`Trajectory`)."""
+        ts = self.trajectory
+        if ts.at is not None:
+            ks = [k for k in ts.at if k in keeping.kept]
+        else:
+            n_it = keeping.k
+            ks = sorted({math.ceil(i * n_it / ts.count) for i in range(1, ts.count + 1)} - {0})
+        spec = StateSpec.of(z)
+        lam = options.phantom_damping if options.backward == "phantom" else 1.0
+        traits = CellTraits.of(cell)
+        saved = _snapshot(traits.stat_modules)  # not training steps: running statistics are given back
+        out = []
+        try:
+            with traits.eager():
+                for i, k in enumerate(ks, start=1):
+                    zk = keeping.kept[k]
+                    fk = spec.flatten(cell(spec.unflatten(zk), *args, **shared))
+                    state = fk if lam == 1.0 else (1 - lam) * zk + lam * fk
+                    out.append((k, spec.unflatten(state), ts.weight(i, len(ks))))
+        finally:
+            _rebind(saved)
+        return out
+
+    def trajectory_loss(self, fn) -> torch.Tensor:
+        """``sum_i w_i fn(state_i)`` over the kept states ``self.states`` of the last training forward pass (see
+        :class:`Trajectory`); raises when none was kept."""
+        if not self.states:
+            raise ValidationError("DEQ.trajectory_loss: no states were kept (give trajectory=Trajectory(...) and "
+                                  "run a training-mode forward pass with grad enabled)")
+        return sum(w * fn(state) for _, state, w in self.states)
 
     def _aids(self, cell, z, args, shared, stats) -> None:
         """The Jacobian penalty and the spectral-radius monitor of a training-mode forward pass, at ``z*``."""
@@ -306,7 +444,8 @@ class DEQ(nn.Module):
         o = self.options
         solver = o.solver if isinstance(o.solver, str) else type(o.solver).__name__
         aids = "".join(f", {name}={value}" for name, value in (("jacobian_penalty", self.jacobian_penalty),
-                                                               ("spectral_monitor", self.spectral_monitor))
+                                                               ("spectral_monitor", self.spectral_monitor),
+                                                               ("trajectory", self.trajectory))
                        if value is not None)
         return (
             f"solver={solver!r}, backward={o.backward!r}, stopping={o.stopping!r}, atol={o.atol:g}, "
