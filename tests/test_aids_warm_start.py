@@ -50,7 +50,7 @@ def test_batch_norm_updated_once_per_solve_from_a_warm_start(backward):
 
     torch.manual_seed(0)
     cell = BNCell()
-    layer = il.DEQ(cell, backward=backward)
+    layer = il.DEQ(cell, backward=backward, on_failure="ignore")  # statistics matter here, not the tolerance
     x = torch.randn(8, 4)
     z = layer(x)
     z.sum().backward()
