@@ -109,7 +109,7 @@ def test_tuple_states_and_eval_mode_and_refusals():
     torch.testing.assert_close(v1, torch.tanh(0.5 * torch.tanh(x)))
     layer.eval()
     layer(x, z0=z0)
-    assert layer.states == []
+    assert layer.states is None
     with pytest.raises(il.ValidationError, match="no states"):
         layer.trajectory_loss(lambda s: s[0].sum())
     layer.train()
@@ -140,3 +140,12 @@ def test_batch_norm_statistics_untouched_by_the_states():
     z = layer(torch.randn(8, 4))
     assert int(cell.bn.num_batches_tracked) == 1
     (z.sum() + layer.trajectory_loss(lambda s: s.sum())).backward()
+
+
+def test_a_solve_without_iterations_gives_a_zero_loss():
+    cell = TanhCell(4)
+    layer = il.DEQ(cell, solver="picard", trajectory=Trajectory(count=3))
+    x = torch.randn(2, 4, dtype=torch.float64)
+    z_star = il.DEQ(cell, atol=1e-12, rtol=0)(x).detach()
+    layer(x, z0=z_star)  # already converged: no iteration
+    assert layer.states == [] and float(layer.trajectory_loss(lambda s: s.sum())) == 0.0

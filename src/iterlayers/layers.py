@@ -210,8 +210,9 @@ class DEQ(nn.Module):
         self.jacobian_penalty = jacobian_penalty
         self.spectral_monitor = spectral_monitor
         self.trajectory = trajectory
-        #: the kept states of the last training forward pass: [(iteration, state with graph, weight)]
-        self.states: list = []
+        #: the kept states of the last training forward pass: [(iteration, state with graph, weight)]; None when
+        #: that pass kept none (no trajectory, eval mode, no grad)
+        self.states: list | None = None
         #: training-mode forward passes so far (the schedule of the penalty and the monitor)
         self.train_forwards = 0
         #: the Jacobian penalty of the last training-mode forward pass (None when it was not computed)
@@ -360,7 +361,7 @@ class DEQ(nn.Module):
         self.stats = stats
         ts = self.trajectory
         keeping = None
-        self.states = []
+        self.states = None
         if ts is not None and self.training and torch.is_grad_enabled():
             if options.backward == "unrolled":
                 raise UnsupportedError(
@@ -403,11 +404,11 @@ class DEQ(nn.Module):
 
     def trajectory_loss(self, fn) -> torch.Tensor:
         """``sum_i w_i fn(state_i)`` over the kept states ``self.states`` of the last training forward pass (see
-        :class:`Trajectory`); raises when none was kept."""
-        if not self.states:
+        :class:`Trajectory`; 0 when the solve took no iteration); raises when that pass kept no trajectory."""
+        if self.states is None:
             raise ValidationError("DEQ.trajectory_loss: no states were kept (give trajectory=Trajectory(...) and "
                                   "run a training-mode forward pass with grad enabled)")
-        return sum(w * fn(state) for _, state, w in self.states)
+        return sum((w * fn(state) for _, state, w in self.states), torch.zeros(()))
 
     def _aids(self, cell, z, args, shared, stats) -> None:
         """The Jacobian penalty and the spectral-radius monitor of a training-mode forward pass, at ``z*``."""
