@@ -9,7 +9,8 @@ Core API (see README.md):
 
 Every error raised is an :class:`IterlayersError` (:mod:`iterlayers.errors`).
 """
-from .implicit import BACKWARD_MODES, DEQOptions, deq_solve, implicit_backward
+from .implicit import (BACKWARD_MODES, DEQOptions, GradientMode, ImplicitGradient, JFBGradient, PhantomGradient,
+                       UnrolledGradient, deq_solve, implicit_backward)
 from . import analysis
 from .analysis.audit import GradientAudit, audit_gradients
 from .errors import (
@@ -47,6 +48,11 @@ __all__ = [
     "Solution",
     "deq_solve",
     "DEQOptions",
+    "GradientMode",
+    "ImplicitGradient",
+    "PhantomGradient",
+    "JFBGradient",
+    "UnrolledGradient",
     "implicit_backward",
     "DEQ",
     "analysis",

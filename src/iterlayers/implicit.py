@@ -52,9 +52,10 @@ from .solvers._loop import ON_FAILURE, report_failure, run_loop
 from .solvers._state import StateSpec
 from .solvers.stats import CONVERGED, is_converged
 
-__all__ = ["deq_solve", "DEQOptions", "BACKWARD_MODES", "STOPPING", "implicit_backward"]
+__all__ = ["deq_solve", "DEQOptions", "BACKWARD_MODES", "STOPPING", "implicit_backward", "GradientMode",
+           "ImplicitGradient", "PhantomGradient", "JFBGradient", "UnrolledGradient", "GRADIENT_MODES"]
 
-BACKWARD_MODES = ("implicit", "phantom", "jfb", "unrolled")
+BACKWARD_MODES = ("implicit", "phantom", "jfb", "unrolled")  # the names of GRADIENT_MODES
 STOPPING = ("auto", "per_sample", "joint")
 
 #: Defaults of the adjoint (and JVP) solve when ``backward_*`` is not given: the forward tolerance, but never
@@ -69,6 +70,213 @@ def _tolerance(value, name, *, high=None):
     return V.in_range(value, name, where=_WHERE, low=0.0, high=high, high_open=high is not None)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Gradient modes as values: each attaches a state found without a graph to the graph of inputs and parameters.
+
+
+class _Solve:
+    """What a gradient mode needs from the solve it attaches: the flat map, the forward options, the cell's
+    traits (running statistics, compiled parts), the statistics dict, and which AD modes are active."""
+
+    __slots__ = ("f_flat", "options", "traits", "stats", "grad_needed", "dual", "stopping")
+
+    def __init__(self, f_flat, options, traits, stats, grad_needed, dual, stopping):
+        self.f_flat, self.options, self.traits, self.stats = f_flat, options, traits, stats
+        self.grad_needed, self.dual, self.stopping = grad_needed, dual, stopping
+
+
+class GradientMode:
+    """How :func:`deq_solve` attaches the fixed point ``z*`` (found without a graph) to the graph.
+
+    One method, :meth:`attach` ``(solve, z) -> output``: ``z`` is a flat ``[B, N]`` state without a graph and
+    the output is a flat state with one (``f(z)`` for the implicit mode, whose hook turns the incoming gradient
+    into the implicit one). A mode is a frozen value: build it once (``ImplicitGradient(solver="gmres")``,
+    ``PhantomGradient(steps=3)``) and pass it as ``backward=``; the keyword shortcuts (``backward="phantom",
+    phantom_steps=3``) build the same values. ``solves_forward`` is False for :class:`Unrolled`, whose forward
+    pass *is* the differentiable iteration (it attaches ``z0``, not ``z*``).
+    """
+
+    name: str = ""
+    solves_forward: bool = True
+
+    def attach(self, solve: _Solve, z: torch.Tensor, record=None) -> torch.Tensor:
+        """``z`` (flat, no graph) attached to the graph; ``record(stats)`` receives the statistics of a solve
+        the attachment runs later (the implicit adjoint; default: ``solve.stats["backward"] = stats``)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ImplicitGradient(GradientMode):
+    r"""The implicit-function theorem: ``dL/d(theta, x) = u^T df/d(theta, x)`` with ``u = J^T u + g``.
+
+    The adjoint fixed point is solved matrix-free (vector-Jacobian products) by ``solver`` in per-sample
+    units (:func:`implicit_backward`); forward-mode tangents by the tangent solve ``t = J t + b``. ``None``
+    tolerances / limit follow the forward solve: ``min(forward, 1e-5)`` (raised to the dtype's resolution,
+    :meth:`tolerances`) and ``max(forward max_iter, 50)`` (:meth:`limit`). Tolerances are relative to each
+    sample's incoming gradient, so they must be below 1. Statistics: ``stats["backward"]`` / ``stats["jvp"]``.
+    """
+
+    solver: object = "anderson"
+    atol: float | None = None
+    rtol: float | None = None
+    max_iter: int | None = None
+    solver_options: dict | None = None
+    name = "implicit"
+
+    def __post_init__(self):
+        where = "Implicit"
+        if self.solver_options is not None:
+            if not isinstance(self.solver_options, Mapping):
+                raise OptionTypeError(f"{where}: solver_options must be a dict or None, got "
+                                      f"{type(self.solver_options).__name__}")
+            object.__setattr__(self, "solver_options", dict(self.solver_options))
+        for name in ("atol", "rtol"):
+            if getattr(self, name) is not None:
+                # Relative to the incoming gradient: a value >= 1 accepts the right-hand side (JFB) at once.
+                V.in_range(getattr(self, name), name, where=where, low=0.0, high=1.0, high_open=True)
+        if self.atol == 0 and self.rtol == 0:
+            raise ValidationError(f"{where}: atol and rtol are both 0: the adjoint solve could never be declared "
+                                  "converged")
+        if self.max_iter is not None and V.non_negative_int(self.max_iter, "max_iter", where=where) == 0:
+            raise ValidationError(
+                f"{where}: max_iter=0 would return the right-hand side as the adjoint, i.e. the JFB gradient "
+                "reported as implicit; use backward='jfb' (JFBGradient()) for that, or a positive limit"
+            )
+        object.__setattr__(self, "_solver", make_solver(self.solver, self.solver_options))
+
+    @property
+    def solver_value(self):
+        """The adjoint (and tangent) solver, built once."""
+        return self._solver
+
+    def tolerances(self, forward_atol: float, forward_rtol: float, dtype: torch.dtype) -> tuple[float, float]:
+        """``(atol, rtol)`` of the adjoint / tangent solve in ``dtype``: the given values, or the defaults
+        ``min(forward, ADJOINT_MAX_TOL)`` raised to the resolution ``eps`` of ``dtype`` (reachable in bfloat16
+        and float16, where ``1e-5`` is not; no change in float32 and float64)."""
+        eps = torch.finfo(dtype).eps
+        atol = self.atol if self.atol is not None else max(min(forward_atol, ADJOINT_MAX_TOL), eps)
+        if self.rtol is not None:
+            rtol = self.rtol
+        else:
+            rtol = min(forward_rtol, ADJOINT_MAX_TOL)
+            rtol = max(rtol, eps) if rtol > 0 else 0.0
+        return atol, rtol
+
+    def limit(self, forward_max_iter: int) -> int:
+        return max(forward_max_iter, ADJOINT_MIN_ITER) if self.max_iter is None else self.max_iter
+
+    def attach(self, solve: _Solve, zf: torch.Tensor, record=None) -> torch.Tensor:
+        o, f_flat, stats = solve.options, solve.f_flat, solve.stats
+        t = None
+        if solve.dual:
+            with torch.no_grad(), _frozen_statistics(solve.traits.stat_modules):
+                b = fwAD.unpack_dual(f_flat(zf)).tangent
+                if b is not None:
+                    t, stats["jvp"] = _tangent_solve(f_flat, zf, b, self, o)
+        z_leaf = zf.detach().requires_grad_(solve.grad_needed)
+        fz = f_flat(z_leaf if t is None else fwAD.make_dual(z_leaf, t))
+        if not (solve.grad_needed and fz.requires_grad):
+            return fz
+        inside = [False]
+        mode = self
+
+        def hook(grad):
+            # The adjoint solve backpropagates through fz itself (vector-Jacobian products), which calls this
+            # hook again: those inner calls must pass the gradient through unchanged.
+            if inside[0] or grad is None:
+                return grad
+            if torch.is_grad_enabled():
+                raise UnsupportedError(
+                    "double backward (create_graph=True: Hessian-vector products, gradient penalties) through "
+                    "backward='implicit' is not supported: the adjoint solve is not itself differentiated. Use "
+                    "backward='unrolled' (plain autograd through the iterations, exact for the truncated "
+                    "iteration), or compute second derivatives of an explicit reference"
+                )
+            inside[0] = True
+            atol, rtol = mode.tolerances(o.atol, o.rtol, fz.dtype)
+            try:
+                u, bst = implicit_backward(
+                    fz, z_leaf, grad, solver=mode.solver_value, atol=atol, rtol=rtol,
+                    max_iter=mode.limit(o.max_iter), on_failure=o.on_failure,
+                )
+            finally:
+                inside[0] = False
+            if record is None:
+                stats["backward"] = bst
+            else:
+                record(bst)
+            return u
+
+        fz.register_hook(hook)
+        return fz
+
+
+@dataclass(frozen=True)
+class PhantomGradient(GradientMode):
+    """``steps`` damped steps ``z <- (1 - damping) z + damping f(z)`` from ``z*`` with autograd through them
+    (Geng et al. 2021, "On training implicit models"): an approximation of the implicit gradient. Running
+    statistics are those of the first step."""
+
+    steps: int = 5
+    damping: float = 0.5
+    name = "phantom"
+
+    def __post_init__(self):
+        V.positive_int(self.steps, "steps", where="Phantom")
+        V.in_range(self.damping, "damping", where="Phantom", low=0.0, high=1.0, low_open=True)
+
+    def attach(self, solve: _Solve, zf: torch.Tensor, record=None) -> torch.Tensor:
+        z = zf
+        for k in range(self.steps):
+            z = (1 - self.damping) * z + self.damping * solve.f_flat(z)
+            if k == 0:
+                after_first = _snapshot(solve.traits.stat_modules)
+        _rebind(after_first)
+        return z
+
+
+@dataclass(frozen=True)
+class JFBGradient(GradientMode):
+    """Jacobian-free backprop: one differentiable step ``f(z*)`` (``u = g``; Fung et al. 2022)."""
+
+    name = "jfb"
+
+    def attach(self, solve: _Solve, zf: torch.Tensor, record=None) -> torch.Tensor:
+        return solve.f_flat(zf)
+
+
+@dataclass(frozen=True)
+class UnrolledGradient(GradientMode):
+    """Ordinary autograd through every forward iteration of the damped Picard loop from ``z0`` (the reference;
+    memory grows with the number of iterations). Its forward statistics are those of that loop."""
+
+    damping: float = 1.0
+    name = "unrolled"
+    solves_forward = False
+
+    def __post_init__(self):
+        V.in_range(self.damping, "damping", where="Unrolled", low=0.0, high=1.0, low_open=True)
+
+    def attach(self, solve: _Solve, z0f: torch.Tensor, record=None) -> torch.Tensor:
+        o = solve.options
+        z, st = _unrolled(
+            solve.f_flat, z0f, stopping=solve.stopping, damping=self.damping, atol=o.atol, rtol=o.rtol,
+            max_iter=o.max_iter, return_trace=o.return_trace, stat_modules=solve.traits.stat_modules,
+            keep=o.trajectory,
+        )
+        if o.trajectory:  # the iterates of the differentiable loop are already in the graph
+            solve.stats["trajectory"] = {k: st.iterates[k] for k in o.trajectory}
+        st.info["stopping"] = solve.stopping
+        solve.stats["forward"] = st
+        if st.status != CONVERGED:
+            report_failure(st, o.on_failure)
+        return z
+
+
+#: The gradient mode values, by the names ``backward=`` accepts.
+GRADIENT_MODES = {"implicit": ImplicitGradient, "phantom": PhantomGradient, "jfb": JFBGradient, "unrolled": UnrolledGradient}
+
+
 @dataclass(frozen=True)
 class DEQOptions:
     """Every option of a differentiable fixed-point solve, with its default; validated when created.
@@ -79,7 +287,10 @@ class DEQOptions:
 
     Attributes:
         solver: forward solver name (``"anderson"``, ``"broyden"``, ``"picard"``, ``"gmres"``) or instance.
-        backward: gradient mode, one of :data:`BACKWARD_MODES`.
+        backward: the gradient mode: a :class:`GradientMode` value (:class:`Implicit`, :class:`Phantom`,
+            :class:`JFB`, :class:`Unrolled`) or its name (one of :data:`BACKWARD_MODES`), which builds the value
+            from the keyword fields below (``backward_*``, ``phantom_*``, ``unrolled_damping``); with a value,
+            those fields must stay at their defaults. The value used is :attr:`gradient`.
         stopping: ``"per_sample"`` (a converged sample is frozen and the cell then runs on the active rows:
             only valid when samples are independent), ``"joint"`` (every row iterates until all have
             converged, the cell always sees the full batch: for cells that couple samples) or ``"auto"``
@@ -105,10 +316,14 @@ class DEQOptions:
         unrolled_damping: damping of the Picard loop of ``backward="unrolled"``.
         hoist: compute the part of ``f`` that does not depend on ``z`` once per forward solve instead of once
             per iteration (:mod:`iterlayers.hoist`); results are unchanged.
+        trajectory: forward iterations ``k`` whose state is kept and attached to the graph by the same gradient
+            mode as ``z*`` (fixed-point correction / trajectory supervision): ``stats["trajectory"]`` maps each
+            ``k`` to that state (an iteration the solve did not reach gives ``z*``'s state); the implicit mode's
+            adjoint statistics of state ``k`` go to ``stats["trajectory_backward"][k]``.
     """
 
     solver: object = "anderson"
-    backward: str = "implicit"
+    backward: object = "implicit"
     stopping: str = "auto"
     atol: float = 1e-5
     rtol: float = 1e-5
@@ -125,6 +340,7 @@ class DEQOptions:
     phantom_damping: float = 0.5
     unrolled_damping: float = 1.0
     hoist: bool = True
+    trajectory: tuple = ()
 
     def __post_init__(self):
         for name in ("solver_options", "backward_solver_options"):
@@ -134,7 +350,8 @@ class DEQOptions:
                     raise OptionTypeError(f"{_WHERE}: {name} must be a dict or None, got {type(value).__name__}")
                 # Own copies: a caller's dict changed later must not change a frozen value.
                 object.__setattr__(self, name, dict(value))
-        V.choice(self.backward, "backward", BACKWARD_MODES, where=_WHERE)
+        if not isinstance(self.backward, GradientMode):
+            V.choice(self.backward, "backward", BACKWARD_MODES, where=_WHERE)
         V.choice(self.stopping, "stopping", STOPPING, where=_WHERE)
         V.choice(self.on_failure, "on_failure", ON_FAILURE, where=_WHERE)
         _tolerance(self.atol, "atol")
@@ -160,9 +377,37 @@ class DEQOptions:
         V.positive_int(self.phantom_steps, "phantom_steps", where=_WHERE)
         V.in_range(self.phantom_damping, "phantom_damping", where=_WHERE, low=0.0, high=1.0, low_open=True)
         V.in_range(self.unrolled_damping, "unrolled_damping", where=_WHERE, low=0.0, high=1.0, low_open=True)
+        if isinstance(self.trajectory, (str, bytes)) or not isinstance(self.trajectory, (tuple, list)):
+            raise OptionTypeError(f"{_WHERE}: trajectory must be a tuple of iteration numbers, got "
+                                  f"{type(self.trajectory).__name__}")
+        kept = {V.positive_int(k, f"trajectory[{i}]", where=_WHERE) for i, k in enumerate(self.trajectory)}
+        object.__setattr__(self, "trajectory", tuple(sorted(kept)))
         # Built and validated once per value (the value is frozen, so the cache cannot go stale).
         object.__setattr__(self, "_forward_solver", make_solver(self.solver, self.solver_options))
-        object.__setattr__(self, "_adjoint_solver", make_solver(self.backward_solver, self.backward_solver_options))
+        keyword = {
+            "implicit": lambda: ImplicitGradient(self.backward_solver, self.backward_atol, self.backward_rtol,
+                                         self.backward_max_iter, self.backward_solver_options),
+            "phantom": lambda: PhantomGradient(self.phantom_steps, self.phantom_damping),
+            "jfb": JFBGradient,
+            "unrolled": lambda: UnrolledGradient(self.unrolled_damping),
+        }
+        if isinstance(self.backward, GradientMode):
+            defaults = {f.name: f.default for f in dataclasses.fields(DEQOptions)}
+            owned = {"implicit": ("backward_solver", "backward_atol", "backward_rtol", "backward_max_iter",
+                                  "backward_solver_options"),
+                     "phantom": ("phantom_steps", "phantom_damping"), "unrolled": ("unrolled_damping",)}
+            both = [n for n in owned.get(self.backward.name, ()) if getattr(self, n) != defaults[n]]
+            if both:
+                raise ValidationError(
+                    f"{_WHERE}: backward={self.backward!r} is a gradient mode value, and {both} set its options "
+                    "again as keywords; give them in the value only"
+                )
+            gradient = self.backward
+        else:
+            gradient = keyword[self.backward]()
+        object.__setattr__(self, "_gradient", gradient)
+        # The adjoint of the JVP / backward solve: the implicit mode's own, or the one the keywords describe.
+        object.__setattr__(self, "_adjoint", gradient if isinstance(gradient, ImplicitGradient) else keyword["implicit"]())
 
     @classmethod
     def build(cls, options: "DEQOptions | None" = None, **overrides) -> "DEQOptions":
@@ -187,31 +432,32 @@ class DEQOptions:
         return self._forward_solver
 
     @property
+    def gradient(self) -> GradientMode:
+        """The gradient mode value (built once from ``backward`` and its keyword fields)."""
+        return self._gradient
+
+    @property
     def adjoint_solver(self):
         """The solver of the adjoint (and JVP) solve (built once)."""
-        return self._adjoint_solver
+        return self._adjoint.solver_value
 
     @property
     def adjoint_atol(self) -> float:
-        return min(self.atol, ADJOINT_MAX_TOL) if self.backward_atol is None else self.backward_atol
+        a = self._adjoint
+        return min(self.atol, ADJOINT_MAX_TOL) if a.atol is None else a.atol
 
     @property
     def adjoint_rtol(self) -> float:
-        return min(self.rtol, ADJOINT_MAX_TOL) if self.backward_rtol is None else self.backward_rtol
+        a = self._adjoint
+        return min(self.rtol, ADJOINT_MAX_TOL) if a.rtol is None else a.rtol
 
     def adjoint_tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
-        """``(atol, rtol)`` of the adjoint / tangent solve in ``dtype``: the given ``backward_*`` values, or
-        the defaults raised to the resolution ``eps`` of ``dtype`` (reachable in bfloat16 and float16, where
-        ``1e-5`` is not; no change in float32 and float64)."""
-        eps = torch.finfo(dtype).eps
-        atol = self.adjoint_atol if self.backward_atol is not None else max(self.adjoint_atol, eps)
-        rtol = self.adjoint_rtol if self.backward_rtol is not None else (
-            max(self.adjoint_rtol, eps) if self.adjoint_rtol > 0 else 0.0)
-        return atol, rtol
+        """``(atol, rtol)`` of the adjoint / tangent solve in ``dtype`` (:meth:`ImplicitGradient.tolerances`)."""
+        return self._adjoint.tolerances(self.atol, self.rtol, dtype)
 
     @property
     def adjoint_max_iter(self) -> int:
-        return max(self.max_iter, ADJOINT_MIN_ITER) if self.backward_max_iter is None else self.backward_max_iter
+        return self._adjoint.limit(self.max_iter)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -479,7 +725,7 @@ def implicit_backward(
     return u * scale, stats
 
 
-def _tangent_solve(f_flat, z_star, b, o: DEQOptions):
+def _tangent_solve(f_flat, z_star, b, mode: "Implicit", o: DEQOptions):
     """``t = J t + b`` for ``J = df/dz`` at ``z_star`` (flat ``[B, N]``). ``f`` at the dual ``z_star + eps t``
     has tangent ``J t + b``; in per-sample units ``t = D s`` (``D = diag(||b_i||)``, relative tolerances and
     exact for coupled rows, as for the adjoint) the map is ``s -> D^{-1} (tangent(f(z_star + eps D s)) - b)
@@ -492,17 +738,17 @@ def _tangent_solve(f_flat, z_star, b, o: DEQOptions):
         out = fwAD.unpack_dual(f_flat(fwAD.make_dual(z_star, s * scale))).tangent
         return rhs if out is None else (out - b) / scale + rhs
 
-    atol, rtol = o.adjoint_tolerances(b.dtype)
+    atol, rtol = mode.tolerances(o.atol, o.rtol, b.dtype)
     with torch.no_grad():
         t, stats = run_loop(
-            tangent, rhs, solver=o.adjoint_solver, atol=atol, rtol=rtol,
-            max_iter=o.adjoint_max_iter, on_failure=o.on_failure, return_trace=False, divergence_ratio=1e6,
+            tangent, rhs, solver=mode.solver_value, atol=atol, rtol=rtol,
+            max_iter=mode.limit(o.max_iter), on_failure=o.on_failure, return_trace=False, divergence_ratio=1e6,
             check_inputs=False, stopping="joint", phase="jvp",
         )
     return t * scale, stats
 
 
-def _unrolled(f_flat, z, *, stopping, damping, atol, rtol, max_iter, return_trace, stat_modules):
+def _unrolled(f_flat, z, *, stopping, damping, atol, rtol, max_iter, return_trace, stat_modules, keep=()):
     """Damped Picard iteration with autograd through every step.
 
     The cell is evaluated on the full batch at every step and every residual is recomputed from that
@@ -519,11 +765,14 @@ def _unrolled(f_flat, z, *, stopping, damping, atol, rtol, max_iter, return_trac
     nstep = torch.zeros(B, dtype=torch.long, device=z.device)
     trace = [r.detach().clone()] if return_trace else None
     nfe = 1
-    for _ in range(max_iter):
+    kept = {}
+    for k in range(1, max_iter + 1):
         if bool(done.all()):
             break
         step = torch.ones_like(done) if stopping == "joint" else ~done
         z = torch.where(step.unsqueeze(1), z + damping * (fz - z), z)
+        if k in keep:
+            kept[k] = z
         _rebind(saved)
         fz = f_flat(z)
         nfe += 1
@@ -536,6 +785,7 @@ def _unrolled(f_flat, z, *, stopping, damping, atol, rtol, max_iter, return_trac
     stats = SolverStats.of_final_iterate(
         "picard(unrolled)", r, fz.norm(dim=1).detach(), nstep=nstep, diverged=~torch.isfinite(r),
         best=torch.zeros_like(done), nfe=nfe, atol=atol, rtol=rtol, max_iter=max_iter, trace=trace,
+        iterates={k: kept.get(k, z) for k in keep} if keep else None,
     )
     return z, stats
 
@@ -606,7 +856,9 @@ def deq_solve(
     def f_flat(zf):
         return spec.flatten(f(spec.unflatten(zf), *args, **kwargs))
 
-    if o.backward == "unrolled" and (grad_needed or dual):
+    mode = o.gradient
+    solve = _Solve(f_flat, o, traits, stats, grad_needed, dual, stopping)
+    if not mode.solves_forward and (grad_needed or dual):
         def f_checked(zf):
             out = f(spec.unflatten(zf), *args, **kwargs)
             if f_checked.first:  # the solver loop's check of f's output, before anything is flattened
@@ -615,16 +867,9 @@ def deq_solve(
             return spec.flatten(out)
 
         f_checked.first = True
+        solve.f_flat = f_checked
         with traits.eager():
-            z, st = _unrolled(
-                f_checked, spec.flatten(z0), stopping=stopping, damping=o.unrolled_damping, atol=o.atol, rtol=o.rtol,
-                max_iter=o.max_iter, return_trace=o.return_trace, stat_modules=traits.stat_modules,
-            )
-        st.info["stopping"] = stopping
-        stats["forward"] = st
-        if st.status != CONVERGED:
-            report_failure(st, o.on_failure)
-        return spec.unflatten(z)
+            return spec.unflatten(mode.attach(solve, spec.flatten(z0)))
 
     z0d = tuple(p.detach() for p in z0) if spec.is_tuple else z0.detach()
     fingerprint = key = verdict = None
@@ -656,6 +901,7 @@ def deq_solve(
             loop_f, z0d, solver=o.forward_solver, args=loop_args, kwargs=kwargs, stopping=stopping,
             atol=o.atol, rtol=o.rtol, max_iter=o.max_iter, on_failure=o.on_failure, return_trace=o.return_trace,
             divergence_ratio=1e6, arg_names=names, phase="forward", verified=verdict == "independent",
+            keep=o.trajectory,
         )
     if key is not None:
         if verdict == "coupled":
@@ -669,56 +915,11 @@ def deq_solve(
     if not grad_needed and not dual:
         return z_star
 
-    zf = spec.flatten(z_star)
     with traits.eager():
-        if o.backward == "jfb":
-            return spec.unflatten(f_flat(zf))
-        if o.backward == "phantom":
-            z = zf
-            for k in range(o.phantom_steps):
-                z = (1 - o.phantom_damping) * z + o.phantom_damping * f_flat(z)
-                if k == 0:
-                    after_first = _snapshot(traits.stat_modules)
-            _rebind(after_first)
-            return spec.unflatten(z)
-
-        # implicit
-        t = None
-        if dual:
-            with torch.no_grad(), _frozen_statistics(traits.stat_modules):
-                b = fwAD.unpack_dual(f_flat(zf)).tangent
-                if b is not None:
-                    t, stats["jvp"] = _tangent_solve(f_flat, zf, b, o)
-        z_leaf = zf.detach().requires_grad_(grad_needed)
-        fz = f_flat(z_leaf if t is None else fwAD.make_dual(z_leaf, t))
-    if not (grad_needed and fz.requires_grad):
-        return spec.unflatten(fz)
-
-    inside = [False]
-
-    def hook(grad):
-        # The adjoint solve backpropagates through fz itself (vector-Jacobian products), which calls this
-        # hook again: those inner calls must pass the gradient through unchanged.
-        if inside[0] or grad is None:
-            return grad
-        if torch.is_grad_enabled():
-            raise UnsupportedError(
-                "double backward (create_graph=True: Hessian-vector products, gradient penalties) through "
-                "backward='implicit' is not supported: the adjoint solve is not itself differentiated. Use "
-                "backward='unrolled' (plain autograd through the iterations, exact for the truncated iteration), "
-                "or compute second derivatives of an explicit reference"
-            )
-        inside[0] = True
-        atol, rtol = o.adjoint_tolerances(fz.dtype)
-        try:
-            u, bst = implicit_backward(
-                fz, z_leaf, grad, solver=o.adjoint_solver, atol=atol, rtol=rtol,
-                max_iter=o.adjoint_max_iter, on_failure=o.on_failure,
-            )
-        finally:
-            inside[0] = False
-        stats["backward"] = bst
-        return u
-
-    fz.register_hook(hook)
-    return spec.unflatten(fz)
+        if o.trajectory:
+            # Fixed-point correction: each kept state enters the graph by the same mode as z*.
+            stats["trajectory"], stats["trajectory_backward"] = {}, {}
+            for k, zk in st.iterates.items():
+                stats["trajectory"][k] = spec.unflatten(mode.attach(
+                    solve, spec.flatten(zk), record=lambda b, k=k: stats["trajectory_backward"].__setitem__(k, b)))
+        return spec.unflatten(mode.attach(solve, spec.flatten(z_star)))

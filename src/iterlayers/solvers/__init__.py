@@ -138,6 +138,7 @@ def solve(
     on_failure: str = "warn",
     return_trace: bool = False,
     divergence_ratio: float = 1e6,
+    keep: Sequence[int] = (),
     **solver_options,
 ) -> Solution:
     """Solve the fixed-point problem ``z = f(z, *args, **kwargs)`` for a batch of samples (without gradients).
@@ -165,6 +166,8 @@ def solve(
         return_trace: record the per-sample residual after every iteration.
         divergence_ratio: a sample whose residual exceeds this multiple of its initial residual (or gets
             NaN/Inf) is declared diverged and frozen (joint stopping: the solve stops, reported diverged).
+        keep: iterations whose state is returned in ``stats.iterates`` (``0`` is ``z0``; an iteration the solve
+            did not reach gives the returned iterate).
         **solver_options: options of the chosen solver (e.g. ``m``, ``lam``, ``damping`` for Anderson).
 
     Returns:
@@ -190,5 +193,6 @@ def solve(
             on_failure=on_failure,
             return_trace=return_trace,
             divergence_ratio=float(divergence_ratio),
+            keep=keep,
         )
     return Solution(z, stats)

@@ -165,7 +165,7 @@ class _Loop:
     """The state of one solve (a class rather than closures: the joint fallback resets most of it)."""
 
     def __init__(self, f, z0, solver, args, kwargs, atol, rtol, max_iter, return_trace, divergence_ratio,
-                 stopping, excluded, phase, verified=False):
+                 stopping, excluded, phase, verified=False, keep=()):
         self.f, self.solver, self.args, self.kwargs = f, solver, args, kwargs
         self.atol, self.rtol, self.max_iter = atol, rtol, max_iter
         self.spec = spec = StateSpec.of(z0)
@@ -192,8 +192,10 @@ class _Loop:
         self.sub_batched = False  # some step ran on a strict subset of the system
         self.final_checked = False
         self.verified = verified  # independence established by an earlier solve: no final whole-batch check
+        self.keep = frozenset(keep)  # iterations whose state is kept (stats.iterates)
+        self.kept: dict = {}
         self.carried_info: dict = {}  # solver counters of a state discarded by the joint fallback
-        self.z = spec.flatten(z0)
+        self.z = self.z0 = spec.flatten(z0)
         self.N = self.z.shape[1]
         self.return_trace = return_trace
         self.divergence_ratio = divergence_ratio
@@ -376,6 +378,8 @@ class _Loop:
             else:
                 self.sub_batched |= partial
                 self.per_sample_update(idx, r_new, fn_new, partial, first)
+            if self.it in self.keep:
+                self.kept[self.it] = self.z  # never modified in place: the loop replaces, it does not write
             if self.return_trace:
                 self.trace.append(self.last_res.clone())
 
@@ -531,10 +535,13 @@ class _Loop:
         for k, v in self.carried_info.items():
             info[k] = info.get(k, 0) + v
         info.update(self.info)
+        iterates = None
+        if self.keep:
+            iterates = {k: self.spec.unflatten(self.kept.get(k, out_z) if k else self.z0) for k in sorted(self.keep)}
         stats = SolverStats.of_final_iterate(
             self.solver.name, out_res, best_fz.norm(dim=1), nstep=self.nstep, diverged=self.diverged,
             best=~self.best_is_last, nfe=self.nfe, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter,
-            trace=self.trace, info=info,
+            trace=self.trace, info=info, iterates=iterates,
         )
         return out_z, stats
 
@@ -562,6 +569,13 @@ def _screen_inputs(z0, args, kwargs, names, batch: int, on_failure: str):
     return mask, note
 
 
+def _validate_keep(keep, name: str, where: str) -> tuple:
+    """A tuple of distinct non-negative iteration numbers (sorted)."""
+    if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence):
+        raise OptionTypeError(f"{where}: {name} must be a tuple of iteration numbers, got {_describe(keep)}")
+    return tuple(sorted({_validate.non_negative_int(k, f"{name}[{i}]", where=where) for i, k in enumerate(keep)}))
+
+
 def run_loop(
     f: Callable,
     z0,
@@ -580,6 +594,7 @@ def run_loop(
     arg_names: Sequence[str] | None = None,
     phase: str = "forward",
     verified: bool = False,
+    keep: Sequence[int] = (),
 ):
     """Solve ``z = f(z, *args, **kwargs)`` from ``z0``; return ``(z, stats)`` with ``z`` shaped like ``z0``.
 
@@ -590,6 +605,7 @@ def run_loop(
     ``verified=True`` (with ``stopping="verify"``) says an earlier solve of the same map and input signature
     passed the full verification: the probe still runs (and falls back to joint on coupling), the final
     whole-batch check is skipped (see :mod:`iterlayers.implicit` for the cache that decides this).
+    ``keep``: iterations whose state is returned in ``stats.iterates`` (``0`` is ``z0``).
     """
     _validate.choice(stopping, "stopping", STOPPING, where="run_loop")
     _validate.choice(phase, "phase", PHASES, where="run_loop")
@@ -603,6 +619,7 @@ def run_loop(
     if isinstance(args, (torch.Tensor, str)) or not isinstance(args, Sequence):
         raise OptionTypeError(f"args must be a tuple of inputs of f, got {_describe(args)}; wrap one as (x,)")
     args = tuple(args)
+    keep = _validate_keep(keep, "keep", "run_loop")
     if arg_names is None:
         names = [f"args[{i}]" for i in range(len(args))]
     else:
@@ -616,7 +633,7 @@ def run_loop(
     if check_inputs and B > 0:
         excluded, note = _screen_inputs(z0, args, kwargs, names, B, on_failure)
     loop = _Loop(f, z0, solver, args, kwargs, float(atol), float(rtol), max_iter, return_trace,
-                 float(divergence_ratio), stopping, excluded, phase, verified=bool(verified))
+                 float(divergence_ratio), stopping, excluded, phase, verified=bool(verified), keep=keep)
     if note is not None:
         loop.info["nonfinite_input"] = note
     if B == 0 or loop.n_sys == 0:
@@ -628,6 +645,7 @@ def run_loop(
             solver.name, res, torch.zeros_like(res), nstep=torch.zeros(B, dtype=torch.long, device=z.device),
             diverged=~none, best=none, nfe=0, atol=atol, rtol=rtol, max_iter=max_iter,
             trace=[res.clone()] if return_trace else None, info=loop.info,
+            iterates={k: spec.unflatten(z) for k in keep} if keep else None,
         )
     else:
         loop.start()

@@ -41,7 +41,10 @@ class SolverStats:
     ``nfe`` counts batched evaluations of ``f``; ``status`` is ``"converged"`` when every sample converged,
     ``"diverged"`` when some sample diverged, ``"max_iter"`` otherwise (an empty batch is ``"converged"``).
     ``trace`` (with ``return_trace=True``) lists the per-sample absolute residual after each iteration, ``trace[0]`` being the
-    initial one. ``info`` holds solver-specific counters (e.g. Anderson safeguard fallbacks).
+    initial one. ``info`` holds solver-specific counters (e.g. Anderson safeguard fallbacks). ``iterates``
+    (with ``keep=`` iterations requested) maps each requested iteration ``k`` to the state after iteration ``k``
+    (shaped like ``z0``, no graph; a sample frozen earlier holds its iterate from when it stopped, and an
+    iteration the solve did not reach holds the returned iterate).
     """
 
     solver: str
@@ -58,6 +61,7 @@ class SolverStats:
     max_iter: int
     trace: list[torch.Tensor] | None = None
     info: dict = field(default_factory=dict)
+    iterates: dict | None = None
 
     @classmethod
     def of_final_iterate(
@@ -75,6 +79,7 @@ class SolverStats:
         max_iter: int,
         trace: list[torch.Tensor] | None = None,
         info: dict | None = None,
+        iterates: dict | None = None,
     ) -> "SolverStats":
         """Statistics of a finished solve from its returned iterate's ``||f(z) - z||`` and ``||f(z)||``.
 
@@ -100,6 +105,7 @@ class SolverStats:
             max_iter=int(max_iter),
             trace=trace,
             info=dict(info or {}),
+            iterates=iterates,
         )
 
     @property
