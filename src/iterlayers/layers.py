@@ -14,11 +14,11 @@ from . import _validate
 from .analysis.regularization import jacobian_frobenius_penalty
 from .analysis.spectral import spectral_radius
 from .errors import OptionTypeError, ShapeMismatchError, UnsupportedError, ValidationError
-from .implicit import CellTraits, DEQOptions, _frozen_statistics, _rebind, _snapshot, deq_solve
+from .implicit import CellTraits, DEQOptions, _frozen_statistics, _rebind, _snapshot, _Solve, deq_solve
 from .solvers._base import FixedPointSolver
 from .solvers._state import StateSpec
 
-__all__ = ["DEQ", "Unrolled", "JacobianPenalty", "SpectralMonitor", "Trajectory"]
+__all__ = ["DEQ", "Unrolled", "JacobianPenalty", "SpectralMonitor", "FixedPointCorrection"]
 
 
 @dataclass(frozen=True)
@@ -71,24 +71,23 @@ WEIGHTS = ("constant", "linear", "exponential")
 
 
 @dataclass(frozen=True)
-class Trajectory:
+class FixedPointCorrection:
     r"""Trajectory supervision (fixed-point correction, Bai et al. 2022, "Deep Equilibrium Optical Flow
     Estimation"): a loss on intermediate states of the forward solve, not only on ``z*``.
 
-    In training mode (with grad enabled) the layer keeps the solver's iterates ``z_k`` after iterations
-    ``k in at`` (or, with ``count=n``, at ``n`` iterations evenly spaced over the iterations the solve took:
-    ``k_i = ceil(i N / n)``, ``i = 1..n``, ``N`` = iterations taken) and ``layer.states`` is the list of
-    ``(k, state, weight)``, ``state`` attached to the graph. A sample frozen by per-sample stopping before
-    iteration ``k`` keeps its converged value there. Weights, for the ``i``-th of ``n`` states: ``"constant"``
-    1, ``"linear"`` ``i / n``, ``"exponential"`` ``gamma^(n - i)`` (the later, the heavier).
-    ``layer.trajectory_loss(fn)`` is ``sum_i w_i fn(state_i)``; add it to the loss of ``z*``.
-
-    Gradient of a state (this layer-level form): ``z_k`` re-entered by one differentiable damped cell step,
-    ``(1 - lam) z_k + lam cell(z_k, x)`` with ``z_k`` held constant, ``lam = phantom_damping`` for
-    ``backward="phantom"`` and ``1`` otherwise (the JFB form): the gradient of each state is that of one step,
-    as the phantom gradient of Geng et al. 2021 with one step; ``backward="unrolled"`` is refused (use
-    :class:`Unrolled` with ``return_all=True``, which backpropagates through every iterate). With ``count``
-    every iterate is kept (without a graph) until the solve ends: memory ``max_iter`` states.
+    In training mode (with grad enabled) the layer keeps the solver's states after iterations ``k in at``, or,
+    with ``count=n``, after ``n`` iterations evenly spaced over the iterations the solve took
+    (``k_i = ceil(i N / n)``, ``i = 1..n``, ``N`` = iterations taken); ``layer.states`` is the list of
+    ``(k, state, weight)``. Each state is attached to the graph by the layer's gradient mode, exactly as ``z*``
+    is (:attr:`iterlayers.DEQOptions.gradient`: the implicit mode's gradient of a state is the
+    implicit-function-theorem formula at that state, phantom and JFB take their steps from it, unrolled states
+    are the differentiable iterates, from the core's ``DEQOptions.trajectory``). An iteration the solve did not
+    reach gives ``z*``'s state. The iterates are kept without a graph by the layer's forward solver (wrapped for
+    one pass) and attached after the solve, with batch-norm statistics given back; ``count`` needs ``N``, known
+    only at the end, so every iterate is kept until then (memory: up to ``max_iter`` states).
+    A sample frozen by per-sample stopping keeps its converged value. Weights of the ``i``-th of ``n`` states:
+    ``"constant"`` 1, ``"linear"`` ``i / n``, ``"exponential"`` ``gamma^(n - i)`` (the later, the heavier).
+    ``layer.correction_loss(fn)`` is ``sum_i w_i fn(state_i)``; add it to the loss of ``z*``.
     """
 
     at: tuple | None = None
@@ -97,7 +96,7 @@ class Trajectory:
     gamma: float = 0.8
 
     def __post_init__(self):
-        where = "Trajectory"
+        where = "FixedPointCorrection"
         if (self.at is None) == (self.count is None):
             raise ValidationError(f"{where}: give exactly one of at (iterations) and count")
         if self.at is not None:
@@ -121,9 +120,10 @@ class Trajectory:
 
 @dataclass
 class _Keeping(FixedPointSolver):
-    """The forward solver, keeping copies of the whole batch's iterate after the requested iterations (all
-    of them when ``at`` is None). The loop hands a step the active rows only: the full iterate is assembled
-    here, so a frozen sample keeps its converged value. A fresh value per forward pass."""
+    """The forward solver, keeping a copy of the whole batch's iterate after the iterations ``at`` (every
+    iteration when ``None``: ``FixedPointCorrection(count=n)`` chooses them once the solve has ended). The loop
+    hands a step the active rows only: the full iterate is assembled here, so a frozen sample keeps its
+    converged value. A fresh value per forward pass."""
 
     inner: FixedPointSolver = None
     at: frozenset | None = None
@@ -193,14 +193,15 @@ class DEQ(nn.Module):
       mask, :func:`~iterlayers.parametrizations.spectral_norm` updates its estimate once); a submodule that also
       defines ``deq_rows(rows)`` is told before each evaluation which samples (indices into the batch, ``None``
       for all) it holds, as the solver drops converged samples.
-    - ``trajectory``: a :class:`Trajectory`; in training mode ``layer.states`` then holds intermediate solver
-      states ``(k, state, weight)`` attached to the graph, and ``layer.trajectory_loss(fn)`` their weighted loss.
+    - ``correction``: a :class:`FixedPointCorrection`; in training mode ``layer.states`` then holds intermediate
+      solver states ``(k, state, weight)`` attached by the gradient mode, ``layer.correction_loss(fn)`` their
+      weighted loss (the core's ``trajectory=`` option keeps given iterations in ``stats["trajectory"]``).
     - Warm starts: ``z0=`` starts the solve from a previous answer (e.g. the last frame's ``z*``, detached).
     """
 
     def __init__(self, cell, options: DEQOptions | None = None, *, eval_max_iter: int | None = None,
                  jacobian_penalty: JacobianPenalty | None = None, spectral_monitor: SpectralMonitor | None = None,
-                 trajectory: Trajectory | None = None, **overrides):
+                 correction: FixedPointCorrection | None = None, **overrides):
         super().__init__()
         if not callable(cell):
             raise OptionTypeError(f"cell must be a module or callable cell(z, x), got {type(cell).__name__}")
@@ -209,7 +210,7 @@ class DEQ(nn.Module):
         self.eval_max_iter = eval_max_iter
         self.jacobian_penalty = jacobian_penalty
         self.spectral_monitor = spectral_monitor
-        self.trajectory = trajectory
+        self.correction = correction
         #: the kept states of the last training forward pass: [(iteration, state with graph, weight)]; None when
         #: that pass kept none (no trajectory, eval mode, no grad)
         self.states: list | None = None
@@ -231,7 +232,7 @@ class DEQ(nn.Module):
         if name == "eval_max_iter" and value is not None:
             self.options.replace(max_iter=value)  # validated now, not at the first eval forward
         for attr, kind in (("jacobian_penalty", JacobianPenalty), ("spectral_monitor", SpectralMonitor),
-                           ("trajectory", Trajectory)):
+                           ("correction", FixedPointCorrection)):
             if name == attr and value is not None and not isinstance(value, kind):
                 raise OptionTypeError(f"DEQ: {attr} must be a {kind.__name__} or None, got {type(value).__name__}")
         super().__setattr__(name, value)
@@ -359,55 +360,63 @@ class DEQ(nn.Module):
         stats: dict = {}
         # The dict is shared with the backward hook, which fills stats["backward"] later.
         self.stats = stats
-        ts = self.trajectory
+        fc = self.correction
         keeping = None
         self.states = None
-        if ts is not None and self.training and torch.is_grad_enabled():
-            if options.backward == "unrolled":
-                raise UnsupportedError(
-                    "DEQ: trajectory supervision with backward='unrolled': the unrolled iteration is plain autograd; "
-                    "use iterlayers.Unrolled(cell, steps=..., return_all=True) for a loss on every iterate")
-            keeping = _Keeping(inner=options.forward_solver, at=None if ts.at is None else frozenset(ts.at))
-            options = options.replace(solver=keeping, solver_options=None)
+        if fc is not None and self.training and torch.is_grad_enabled():
+            if not options.gradient.solves_forward:  # unrolled: the core keeps the differentiable iterates
+                options = options.replace(trajectory=fc.at or tuple(range(1, options.max_iter + 1)))
+            else:
+                keeping = _Keeping(inner=options.forward_solver, at=None if fc.at is None else frozenset(fc.at))
+                options = options.replace(solver=keeping, solver_options=None)
         z = deq_solve(cell, z0, args=args, kwargs=shared, options=options, stats=stats, arg_names=arg_names)
         stats["spectral_radius"] = None
         self.penalty = None
         if self.training:
             self._aids(cell, z, args, shared, stats)
-            if keeping is not None:
-                self.states = self._attach_states(cell, z, args, shared, keeping, options)
+            if fc is not None and torch.is_grad_enabled():
+                self.states = self._corrected_states(cell, z, args, shared, stats, keeping, options)
         return z
 
-    def _attach_states(self, cell, z, args, shared, keeping: _Keeping, options: DEQOptions) -> list:
-        """The kept iterates, each re-entered by one differentiable damped cell step (see :class:`Trajectory`)."""
-        ts = self.trajectory
-        if ts.at is not None:
-            ks = [k for k in ts.at if k in keeping.kept]
+    def _corrected_states(self, cell, z, args, shared, stats, keeping: "_Keeping | None", options) -> list:
+        """``[(k, state, weight)]`` of :class:`FixedPointCorrection`: the kept iterates attached here by the
+        layer's gradient mode (batch-norm statistics given back: one update per solve), or for the unrolled mode
+        the core's differentiable iterates (``stats["trajectory"]``)."""
+        fc = self.correction
+        if fc.at is not None:
+            ks = fc.at
         else:
-            n_it = keeping.k
-            ks = sorted({math.ceil(i * n_it / ts.count) for i in range(1, ts.count + 1)} - {0})
-        spec = StateSpec.of(z)
-        lam = options.phantom_damping if options.backward == "phantom" else 1.0
-        traits = CellTraits.of(cell)
-        saved = _snapshot(traits.stat_modules)  # not training steps: running statistics are given back
-        out = []
-        try:
-            with traits.eager():
-                for i, k in enumerate(ks, start=1):
-                    zk = keeping.kept[k]
-                    fk = spec.flatten(cell(spec.unflatten(zk), *args, **shared))
-                    state = fk if lam == 1.0 else (1 - lam) * zk + lam * fk
-                    out.append((k, spec.unflatten(state), ts.weight(i, len(ks))))
-        finally:
-            _rebind(saved)
-        return out
+            n_it = keeping.k if keeping is not None else int(stats["forward"].nstep.max())
+            ks = sorted({math.ceil(i * n_it / fc.count) for i in range(1, fc.count + 1)} - {0})
+        if keeping is not None:
+            stats["trajectory"], stats["trajectory_backward"] = {}, {}
+            spec = StateSpec.of(z)
+            traits = CellTraits.of(cell)
 
-    def trajectory_loss(self, fn) -> torch.Tensor:
+            def f_flat(zf):
+                return spec.flatten(cell(spec.unflatten(zf), *args, **shared))
+
+            solve = _Solve(f_flat, options, traits, stats, True, False, None)
+            saved = _snapshot(traits.stat_modules)  # not training steps: running statistics are given back
+            try:
+                with traits.eager():
+                    for k in ks:
+                        if k not in keeping.kept:
+                            # not reached: z*'s state is the layer's output itself (attached by the same mode)
+                            stats["trajectory"][k] = z
+                            continue
+                        stats["trajectory"][k] = spec.unflatten(options.gradient.attach(
+                            solve, keeping.kept[k], record=lambda b, k=k: stats["trajectory_backward"].__setitem__(k, b)))
+            finally:
+                _rebind(saved)
+        return [(k, stats["trajectory"][k], fc.weight(i, len(ks))) for i, k in enumerate(ks, start=1)]
+
+    def correction_loss(self, fn) -> torch.Tensor:
         """``sum_i w_i fn(state_i)`` over the kept states ``self.states`` of the last training forward pass (see
-        :class:`Trajectory`; 0 when the solve took no iteration); raises when that pass kept no trajectory."""
+        :class:`FixedPointCorrection`; 0 when the solve took no iteration); raises when that pass kept none."""
         if self.states is None:
-            raise ValidationError("DEQ.trajectory_loss: no states were kept (give trajectory=Trajectory(...) and "
-                                  "run a training-mode forward pass with grad enabled)")
+            raise ValidationError("DEQ.correction_loss: no states were kept (give correction=FixedPointCorrection("
+                                  "...) and run a training-mode forward pass with grad enabled)")
         return sum((w * fn(state) for _, state, w in self.states), torch.zeros(()))
 
     def _aids(self, cell, z, args, shared, stats) -> None:
@@ -446,7 +455,7 @@ class DEQ(nn.Module):
         solver = o.solver if isinstance(o.solver, str) else type(o.solver).__name__
         aids = "".join(f", {name}={value}" for name, value in (("jacobian_penalty", self.jacobian_penalty),
                                                                ("spectral_monitor", self.spectral_monitor),
-                                                               ("trajectory", self.trajectory))
+                                                               ("correction", self.correction))
                        if value is not None)
         return (
             f"solver={solver!r}, backward={o.backward!r}, stopping={o.stopping!r}, atol={o.atol:g}, "
