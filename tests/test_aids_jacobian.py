@@ -125,7 +125,8 @@ def test_measurements_leave_batch_norm_statistics_alone():
             return torch.tanh(0.5 * self.bn(self.lin(z)) + x)
 
     cell = BNCell()
-    layer = il.DEQ(cell, jacobian_penalty=JacobianPenalty(samples=3), spectral_monitor=SpectralMonitor())
+    layer = il.DEQ(cell, jacobian_penalty=JacobianPenalty(samples=3), spectral_monitor=SpectralMonitor(),
+                   on_failure="ignore")  # running statistics matter here, not the tolerance
     x = torch.randn(8, 4, dtype=torch.float64)
     z = layer(x)
     assert int(cell.bn.num_batches_tracked) == 1  # the solve's one update; the penalty and monitor add none
