@@ -174,7 +174,7 @@ def test_an_iteration_beyond_the_solve_is_the_returned_state():
 
 
 @pytest.mark.parametrize("bad,err", [((0,), ValidationError), ("3", OptionTypeError), ((1.5,), OptionTypeError),
-                                     (3, OptionTypeError)])
+                                     (-1, ValidationError), (True, OptionTypeError), (2.0, OptionTypeError)])
 def test_bad_trajectory_is_a_typed_error(bad, err):
     with pytest.raises(err):
         il.DEQOptions(trajectory=bad)
@@ -209,3 +209,14 @@ def test_trajectory_updates_running_statistics_once_per_call(mode):
     z = layer(x)
     assert int(bn.num_batches_tracked) == 1
     (z.sum() + sum(s.sum() for s in layer.stats["trajectory"].values())).backward()
+
+
+def test_a_trajectory_count_spreads_the_states_over_the_iterations_taken():
+    f, _, x = problem()
+    _, _, st = grad_of(f, x, solver="picard", stopping="joint", backward="jfb", trajectory=3)
+    n_it = int(st["forward"].nstep.max())
+    ks = sorted({-(-i * n_it // 3) for i in range(1, 4)})  # ceil(i N / 3)
+    assert sorted(st["trajectory"]) == ks and n_it > 3
+    ref = picard_states(f, x, tuple(ks))
+    for k in ks:
+        torch.testing.assert_close(st["trajectory"][k].detach(), f(ref[k], x), rtol=1e-12, atol=1e-12)

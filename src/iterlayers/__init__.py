@@ -21,7 +21,8 @@ from .errors import (
     UnsupportedError,
     ValidationError,
 )
-from .layers import DEQ, Unrolled
+from .dropout import VariationalDropout
+from .layers import DEQ, FixedPointCorrection, JacobianPenalty, SpectralMonitor, Unrolled
 from .parametrizations import MonotoneLinear, SpectralNormLinear, spectral_norm, weight_norm
 from .solvers import (
     SOLVERS,
@@ -64,6 +65,10 @@ __all__ = [
     "spectral_norm",
     "weight_norm",
     "Unrolled",
+    "FixedPointCorrection",
+    "JacobianPenalty",
+    "SpectralMonitor",
+    "VariationalDropout",
     "BACKWARD_MODES",
     "SOLVERS",
     "make_solver",

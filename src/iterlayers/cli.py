@@ -119,7 +119,8 @@ def _parse_options(pairs: list[str] | None) -> dict:
 _D = TRAIN_DEFAULTS
 #: CLI parameters that are TrainConfig fields (``option`` is ``model_options``, parsed from KEY=VALUE pairs)
 _CONFIG_PARAMS = ("model", "data", "epochs", "batch_size", "lr", "optimizer", "seed", "device", "compile",
-                  "checkpoint_every", "option", "n_train", "n_test", "weight_decay", "compile_backend")
+                  "checkpoint_every", "option", "n_train", "n_test", "weight_decay", "compile_backend",
+                  "jacobian_weight", "jacobian_every", "jacobian_samples", "spectral_every")
 
 
 @app.command()
@@ -143,6 +144,12 @@ def train(
     n_test: Annotated[Optional[int], typer.Option(help="Use only the first N test samples.")] = _D.n_test,
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = _D.weight_decay,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar or per-epoch lines.")] = False,
+    jacobian_weight: Annotated[float, typer.Option(
+        help="Add W * (Hutchinson ||J||_F^2/d at z*) of every DEQ to the loss (0: off).")] = _D.jacobian_weight,
+    jacobian_every: Annotated[int, typer.Option(help="Compute the Jacobian penalty every N steps.")] = _D.jacobian_every,
+    jacobian_samples: Annotated[int, typer.Option(help="Probes of the Hutchinson estimate.")] = _D.jacobian_samples,
+    spectral_every: Annotated[int, typer.Option(
+        help="Measure the spectral radius at z* every N steps (0: never).")] = _D.spectral_every,
     compile_backend: Annotated[str, typer.Option(hidden=True)] = _D.compile_backend,
 ) -> None:
     """Train a model; per-epoch metrics (with DEQ solver statistics) go to OUT/metrics.csv.

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -260,10 +261,10 @@ class UnrolledGradient(GradientMode):
         z, st = _unrolled(
             solve.f_flat, z0f, stopping=solve.stopping, damping=self.damping, atol=o.atol, rtol=o.rtol,
             max_iter=o.max_iter, return_trace=o.return_trace, stat_modules=solve.traits.stat_modules,
-            keep=o.trajectory,
+            keep=o.kept_iterations,
         )
         if o.trajectory:  # the iterates of the differentiable loop are already in the graph
-            solve.stats["trajectory"] = {k: st.iterates[k] for k in o.trajectory}
+            solve.stats["trajectory"] = {k: st.iterates[k] for k in o.trajectory_iterations(int(st.nstep.max()))}
         st.info["stopping"] = solve.stopping
         solve.stats["forward"] = st
         if st.status != CONVERGED:
@@ -314,7 +315,9 @@ class DEQOptions:
         unrolled_damping: damping of the Picard loop of ``backward="unrolled"``.
         hoist: compute the part of ``f`` that does not depend on ``z`` once per forward solve instead of once
             per iteration (:mod:`iterlayers.hoist`); results are unchanged.
-        trajectory: forward iterations ``k`` whose state is kept and attached to the graph by the same gradient
+        trajectory: forward iterations ``k`` (a tuple), or a count ``n`` (an int: ``k_i = ceil(i N / n)``,
+            ``i = 1..n``, evenly spaced over the ``N`` iterations the solve took; every iterate is kept until
+            ``N`` is known), whose state is kept and attached to the graph by the same gradient
             mode as ``z*`` (fixed-point correction / trajectory supervision): ``stats["trajectory"]`` maps each
             ``k`` to that state (an iteration the solve did not reach gives ``z*``'s state); the implicit mode's
             adjoint statistics of state ``k`` go to ``stats["trajectory_backward"][k]``.
@@ -338,7 +341,7 @@ class DEQOptions:
     phantom_damping: float = 0.5
     unrolled_damping: float = 1.0
     hoist: bool = True
-    trajectory: tuple = ()
+    trajectory: object = ()
 
     def __post_init__(self):
         for name in ("solver_options", "backward_solver_options"):
@@ -375,11 +378,14 @@ class DEQOptions:
         V.positive_int(self.phantom_steps, "phantom_steps", where=_WHERE)
         V.in_range(self.phantom_damping, "phantom_damping", where=_WHERE, low=0.0, high=1.0, low_open=True)
         V.in_range(self.unrolled_damping, "unrolled_damping", where=_WHERE, low=0.0, high=1.0, low_open=True)
-        if isinstance(self.trajectory, (str, bytes)) or not isinstance(self.trajectory, (tuple, list)):
-            raise OptionTypeError(f"{_WHERE}: trajectory must be a tuple of iteration numbers, got "
-                                  f"{type(self.trajectory).__name__}")
-        kept = {V.positive_int(k, f"trajectory[{i}]", where=_WHERE) for i, k in enumerate(self.trajectory)}
-        object.__setattr__(self, "trajectory", tuple(sorted(kept)))
+        if isinstance(self.trajectory, int) and not isinstance(self.trajectory, bool):
+            V.non_negative_int(self.trajectory, "trajectory", where=_WHERE)  # a count (0: none)
+        elif isinstance(self.trajectory, (str, bytes)) or not isinstance(self.trajectory, (tuple, list)):
+            raise OptionTypeError(f"{_WHERE}: trajectory must be a tuple of iteration numbers or a count (int), "
+                                  f"got {type(self.trajectory).__name__}")
+        else:
+            kept = {V.positive_int(k, f"trajectory[{i}]", where=_WHERE) for i, k in enumerate(self.trajectory)}
+            object.__setattr__(self, "trajectory", tuple(sorted(kept)))
         # Built and validated once per value (the value is frozen, so the cache cannot go stale).
         object.__setattr__(self, "_forward_solver", make_solver(self.solver, self.solver_options))
         keyword = {
@@ -428,6 +434,20 @@ class DEQOptions:
     def forward_solver(self):
         """The forward solver value (built once)."""
         return self._forward_solver
+
+    @property
+    def kept_iterations(self) -> tuple:
+        """The iterations whose state the forward loop keeps: the given ones, or all (for a count)."""
+        if isinstance(self.trajectory, tuple):
+            return self.trajectory
+        return tuple(range(1, self.max_iter + 1)) if self.trajectory else ()
+
+    def trajectory_iterations(self, taken: int) -> tuple:
+        """The kept states returned in ``stats["trajectory"]`` after a solve of ``taken`` iterations."""
+        if isinstance(self.trajectory, tuple):
+            return self.trajectory
+        n = self.trajectory
+        return tuple(sorted({math.ceil(i * taken / n) for i in range(1, n + 1)} - {0}))
 
     @property
     def gradient(self) -> GradientMode:
@@ -883,7 +903,7 @@ def deq_solve(
             loop_f, z0d, solver=o.forward_solver, args=loop_args, kwargs=kwargs, stopping=stopping,
             atol=o.atol, rtol=o.rtol, max_iter=o.max_iter, on_failure=o.on_failure, return_trace=o.return_trace,
             divergence_ratio=1e6, arg_names=names, phase="forward", verified=verdict == "independent",
-            keep=o.trajectory,
+            keep=o.kept_iterations,
         )
     if key is not None:
         if verdict == "coupled":
@@ -904,7 +924,8 @@ def deq_solve(
             # attachment updates them, once per call.
             before = _snapshot(traits.stat_modules)
             stats["trajectory"], stats["trajectory_backward"] = {}, {}
-            for k, zk in st.iterates.items():
+            for k in o.trajectory_iterations(int(st.nstep.max())):
+                zk = st.iterates[k]
                 stats["trajectory"][k] = spec.unflatten(mode.attach(
                     solve, spec.flatten(zk), record=lambda b, k=k: stats["trajectory_backward"].__setitem__(k, b)))
             _rebind(before)

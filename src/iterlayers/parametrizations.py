@@ -223,17 +223,86 @@ class _Scale(nn.Module):
         return f"factor={self.factor:g}"
 
 
+class _SpectralNorm(_tp._SpectralNorm):
+    """Torch's spectral-norm parametrisation ``W / sigma``, ``sigma = u^T W v``, whose power iteration (the
+    update of the estimate ``u, v``) runs once per :class:`iterlayers.DEQ` forward pass instead of at every call.
+
+    Torch updates ``u, v`` at every training-mode evaluation of the weight. A DEQ evaluates its cell tens of
+    times per forward pass, so the normalised map changed at every solver iteration: the solver chased a moving
+    target (the README tour's cell: up to 29 Anderson steps in train mode against 11-12 in eval mode) and the
+    point returned was a fixed point of none of the maps. Here ``deq_reset`` (the cell protocol: the DEQ calls
+    it before each solve) runs the ``n_power_iterations`` steps once; every evaluation of that forward pass,
+    the backward pass included, then sees the same ``W / sigma``, differentiated with ``u, v`` held constant
+    (as torch does). Until a DEQ first calls ``deq_reset`` (the module used outside an equilibrium layer) the
+    update runs at every training-mode call, as in torch. ``updates`` counts the power-iteration updates.
+    """
+
+    def __init__(self, weight: Tensor, n_power_iterations: int):
+        super().__init__(weight, n_power_iterations)
+        self.per_solve = False
+        self.updates = torch.zeros((), dtype=torch.long)  # a tensor: hoisting's fingerprint ignores its value
+        # The parametrization list holding this module (not registered as a child: it is this module's parent),
+        # to read the weight when deq_reset runs; deepcopy and pickling follow it with the parent. Set by
+        # spectral_norm once registered.
+        self.__dict__["_owner"] = None
+
+    def _input(self) -> Tensor:
+        """The weight this parametrisation receives: the original, through the parametrisations before it."""
+        w = self._owner.original
+        for p in self._owner:
+            if p is self:
+                return w
+            w = p(w)
+        raise RuntimeError("spectral_norm: the parametrisation is not in its owner's list")  # pragma: no cover
+
+    def _update(self, weight: Tensor) -> None:
+        self._power_method(self._reshape_weight_to_matrix(weight.detach()), self.n_power_iterations)
+        self.updates += 1
+
+    def deq_reset(self, batch: int) -> None:
+        """A DEQ forward pass starts: update ``u, v`` once (training mode) and hold them for the solve."""
+        self.per_solve = True
+        if self.training:
+            with torch.no_grad():
+                w = self._input()
+            if w.ndim > 1:
+                self._update(w)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if weight.ndim == 1:
+            return super().forward(weight)
+        if self.training and not self.per_solve:
+            self._update(weight)
+        w = self._reshape_weight_to_matrix(weight)
+        # clones: u, v are updated in place by the next update, after this graph may have saved them
+        sigma = torch.vdot(self._u.clone(), torch.mv(w, self._v.clone()))
+        return weight / sigma
+
+    def extra_repr(self) -> str:
+        return f"n_power_iterations={self.n_power_iterations}, per_solve={self.per_solve}"
+
+
 def spectral_norm(module: nn.Module, *, bound: float = 1.0, name: str = "weight",
                   n_power_iterations: int = 1) -> nn.Module:
-    """Reparametrise ``module.<name>`` as ``bound * W / sigma_max(W)`` (torch's spectral-norm parametrisation,
-    Miyato et al. 2018, followed by a scale). Torch estimates sigma by ``n_power_iterations`` power steps per
-    training-mode forward, so ``||W||_2 ~= bound`` (an estimate; use ``SpectralNormLinear`` for an exact bound)."""
+    """Reparametrise ``module.<name>`` as ``bound * W / sigma_max(W)`` (spectral normalisation, Miyato et al.
+    2018, by torch's parametrisation, followed by a scale). ``sigma`` is estimated by ``n_power_iterations``
+    power steps, so ``||W||_2 ~= bound`` (an estimate; use ``SpectralNormLinear`` for an exact bound).
+
+    Inside an :class:`iterlayers.DEQ` the power steps run once per forward pass (before the solve), so every
+    solver iteration and the backward pass see one map; elsewhere once per training-mode call, as in torch
+    (see :class:`_SpectralNorm`). ``module.parametrizations.<name>[0].updates`` counts the updates."""
     if not isinstance(module, nn.Module):
         raise OptionTypeError(f"spectral_norm: module must be an nn.Module, got {type(module).__name__}")
     bound = _positive(bound, "bound", "spectral_norm")
     n_power_iterations = _validate.positive_int(n_power_iterations, "n_power_iterations", where="spectral_norm")
     _check_parameter(module, name, "spectral_norm")
-    _tp.spectral_norm(module, name=name, n_power_iterations=n_power_iterations)
+    weight = getattr(module, name)
+    if weight.ndim < 2:
+        raise ValidationError(f"spectral_norm: {type(module).__name__}.{name} has shape {tuple(weight.shape)}; "
+                              "spectral normalisation needs a matrix (or a convolution kernel)")
+    sn = _SpectralNorm(weight.detach(), n_power_iterations)
+    _parametrize.register_parametrization(module, name, sn)
+    sn.__dict__["_owner"] = module.parametrizations[name]  # the list exists once the first one is registered
     if bound != 1.0:
         _parametrize.register_parametrization(module, name, _Scale(bound))
     return module

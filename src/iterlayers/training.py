@@ -71,10 +71,13 @@ METRIC_COLUMNS = (
     "bwd_iters",
     "bwd_residual",
     "test_fwd_iters",
+    "jac_penalty",
+    "spectral_radius",
 )
 
 # Running sums of one epoch, in this order (float64, all-reduced across ranks at every step).
-_ACC = ("loss", "correct", "n", "fwd_iters", "fwd_res", "fwd_conv", "fwd_n", "bwd_iters", "bwd_res", "bwd_n")
+_ACC = ("loss", "correct", "n", "fwd_iters", "fwd_res", "fwd_conv", "fwd_n", "bwd_iters", "bwd_res", "bwd_n",
+        "jac", "jac_n", "rho", "rho_n")
 
 
 def _count(value, name: str, *, minimum: int = 1, what: str = "a positive integer") -> int:
@@ -111,6 +114,14 @@ class TrainConfig:
     n_train: int | None = None
     n_test: int | None = None
     eval_batch_size: int = 512
+    #: Jacobian regularisation of every DEQ in the model: the loss adds ``jacobian_weight * layer.penalty``
+    #: (the Hutchinson estimate of ||J||_F^2 / d at z*, ``jacobian_samples`` probes) every ``jacobian_every``
+    #: steps; 0 turns it off. ``spectral_every``: the spectral radius rho(J*) is measured every that many steps
+    #: (0: never). Both are logged per epoch (``jac_penalty``, ``spectral_radius``; NaN when not measured).
+    jacobian_weight: float = 0.0
+    jacobian_every: int = 1
+    jacobian_samples: int = 1
+    spectral_every: int = 0
 
     #: What may differ when a run is resumed: how, where and how long it runs -- never what it computes
     #: (model, data, optimizer, seed, batch size ... come from the checkpoint).
@@ -137,6 +148,10 @@ class TrainConfig:
             raise ValidationError(f"lr must be a positive finite number, got {self.lr!r}")
         _validate.choice(self.optimizer, "optimizer", OPTIMIZERS)
         _validate.in_range(self.weight_decay, "weight_decay", low=0.0)
+        _validate.in_range(self.jacobian_weight, "jacobian_weight", low=0.0)
+        _count(self.jacobian_every, "jacobian_every")
+        _count(self.jacobian_samples, "jacobian_samples")
+        _count(self.spectral_every, "spectral_every", minimum=0, what="an integer >= 0 (0: never)")
         _count(self.seed, "seed", minimum=0, what="a non-negative integer")
         _validate.boolean(self.compile, "compile")
         if not isinstance(self.compile_backend, str):
@@ -418,9 +433,26 @@ def _build(config: TrainConfig, rank: int, world: int, local_rank: int) -> _Run:
     torch.manual_seed(config.seed)
     x_train = data.x_train.reshape(len(data.x_train), -1)
     model = build_model(config.model, x_train.shape[1], data.num_classes, **config.model_options).to(device)
+    _configure_aids(config, model)
     return _Run(config=config, out=Path(config.out), rank=rank, world=world, device=device, model=model, net=model,
                 optimizer=_make_optimizer(config, model), x_train=x_train, y_train=data.y_train,
                 x_test=data.x_test.reshape(len(data.x_test), -1), y_test=data.y_test, sources=stat_sources(model))
+
+
+def _configure_aids(config: TrainConfig, model: nn.Module) -> None:
+    """The Jacobian penalty and spectral-radius monitor of every DEQ in ``model``, from the config."""
+    from iterlayers.layers import JacobianPenalty, SpectralMonitor
+
+    if config.jacobian_weight == 0 and config.spectral_every == 0:
+        return
+    layers = deq_layers(model)
+    if not layers:
+        raise ValidationError(f"jacobian_weight / spectral_every: model {config.model!r} has no DEQ layer")
+    for layer in layers:
+        if config.jacobian_weight > 0:
+            layer.jacobian_penalty = JacobianPenalty(every=config.jacobian_every, samples=config.jacobian_samples)
+        if config.spectral_every > 0:
+            layer.spectral_monitor = SpectralMonitor(every=config.spectral_every)
 
 
 def _restore(run: _Run, ckpt) -> None:
@@ -434,9 +466,13 @@ def _restore(run: _Run, ckpt) -> None:
         run.global_step, run.samples_seen = int(prog["global_step"]), int(prog.get("samples_seen", 0))
         run.rows = list(ckpt.record.get("rows", []))
         run.acc = torch.tensor(ckpt.record["accum"], dtype=torch.float64)
+        if run.acc.shape == (10,):  # saved before the jac/rho sums existed: they start at zero
+            run.acc = torch.cat([run.acc, torch.zeros(len(_ACC) - 10, dtype=torch.float64)])
         if run.acc.shape != (len(_ACC),):
             raise ValueError(f"accum has shape {tuple(run.acc.shape)}, expected ({len(_ACC)},)")
         run.gen_state = ckpt.record.get("data_order", {}).get("generator")
+        for layer in deq_layers(run.model):  # the penalty's / monitor's every-k schedule continues
+            layer.train_forwards = run.global_step
         set_rng_state(ckpt.record.get("rng", {}))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{ckpt.json_path}: cannot resume from it ({type(err).__name__}: {err})") from None
@@ -505,7 +541,12 @@ def _step(run: _Run, idx: torch.Tensor) -> torch.Tensor:
     losses = F.cross_entropy(logits, yb, reduction="none")
     fwd = [_stats_sums(_stats(m, "forward")) for m in run.sources]
     before = [_stats(m, "backward") for m in run.sources]
-    (losses.sum() * (run.world / len(idx))).backward()
+    penalty, aids = _aid_sums(run.model)
+    loss = losses.sum() * (run.world / len(idx))
+    if run.config.jacobian_weight > 0 and isinstance(penalty, torch.Tensor):
+        # Each rank's penalty is the mean over its share; DDP's gradient average makes it the global mean's.
+        loss = loss + run.config.jacobian_weight * penalty
+    loss.backward()
     run.optimizer.step()
     # a backward solve ran for this step only where the module's backward statistics were replaced
     bwd = []
@@ -522,12 +563,29 @@ def _step(run: _Run, idx: torch.Tensor) -> torch.Tensor:
     for st in bwd:
         if st is not None:
             step[7] += st[0]; step[8] += st[1]; step[9] += st[3]  # noqa: E702
+    step[10:14] = torch.tensor(aids, dtype=torch.float64)
     if run.world > 1:
         step_dev = step.to(run.device)
         dist.all_reduce(step_dev)
         step = step_dev.cpu()
     run.samples_seen += int(step[2])  # summed over ranks: each sample of a global batch counted once
     return step
+
+
+def _aid_sums(model: nn.Module):
+    """The Jacobian penalty to add to the loss (the sum over the model's DEQs; 0 when none was computed) and
+    the step's sums (penalty, penalised steps, spectral radii, samples measured) for the metrics."""
+    penalty, sums = 0.0, [0.0, 0.0, 0.0, 0.0]
+    penalties = [layer.penalty for layer in deq_layers(model) if layer.penalty is not None]
+    if penalties:
+        penalty = sum(penalties)
+        sums[0], sums[1] = float(penalty.detach()), 1.0
+    for layer in deq_layers(model):
+        est = layer.stats.get("spectral_radius")
+        if est is not None:
+            sums[2] += float(est.value.double().sum())
+            sums[3] += float(est.value.numel())
+    return penalty, sums
 
 
 def _epoch_row(epoch: int, global_step: int, a: list[float], test: dict[str, float]) -> dict[str, Any]:
@@ -545,6 +603,8 @@ def _epoch_row(epoch: int, global_step: int, a: list[float], test: dict[str, flo
         "bwd_iters": _mean(a[7], a[9]),
         "bwd_residual": _mean(a[8], a[9]),
         "test_fwd_iters": test["fwd_iters"],
+        "jac_penalty": _mean(a[10], a[11]),
+        "spectral_radius": _mean(a[12], a[13]),
     }
 
 
