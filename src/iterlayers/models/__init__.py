@@ -42,6 +42,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "deq_conv": _lazy("deq_conv", "DEQConv"),
     "mlp": _lazy("deq_mlp", "MLPClassifier"),
     "implicit_linear": _implicit_linear,
+    "mdeq": _lazy("mdeq", "MDEQ"),
 }
 
 
