@@ -5,6 +5,14 @@ Every loader returns a :class:`Dataset` of float32 features and int64 (classific
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 samples, 64 features, 10 classes).
 - ``mnist1d``: the MNIST-1D benchmark, *generated* with ``mnist1d.data.make_dataset`` (never downloaded).
+- ``graph:NAME``: node classification on one of the offline graphs of
+  :data:`iterlayers.operators.graph_data.GRAPHS` (``graph:csbm``, ``graph:karate``, ...), built with seed 0
+  whatever the run's seed: a sample is a node, ``x = [node id, graph fingerprint]`` (int64), train / test are
+  the graph's train / test masks. The graph itself (features, adjacency) is held by the model
+  (:class:`~iterlayers.models.ignn.IGNN`), which checks the fingerprint, so nodes of one graph are never
+  read against another.
+- ``stdlib_chars``: character-level language modelling on this interpreter's standard-library sources
+  (see :func:`load_stdlib_chars`); ``x`` and ``y`` are ``[N, T]`` int64 token windows, ``y`` shifted by one.
 - ``npz`` / ``pt`` files of a user: arrays ``x``, ``y`` (and optionally ``x_test``, ``y_test``).
 """
 from __future__ import annotations
@@ -21,7 +29,8 @@ import torch
 from ._validate import in_range, integer
 from .errors import IterlayersError, ValidationError
 
-__all__ = ["Dataset", "DatasetNotFoundError", "load_digits", "load_mnist1d", "load_file", "load_dataset", "DATASETS"]
+__all__ = ["Dataset", "DatasetNotFoundError", "load_digits", "load_mnist1d", "load_file", "load_dataset", "DATASETS",
+           "load_graph_nodes", "graph_fingerprint", "GRAPH_PREFIX"]
 
 
 class DatasetNotFoundError(IterlayersError, FileNotFoundError):
@@ -162,6 +171,36 @@ def _f32(a) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
+#: ``load_dataset("graph:NAME")`` is node classification on the offline graph NAME
+GRAPH_PREFIX = "graph:"
+
+
+def graph_fingerprint(graph) -> int:
+    """A 48-bit SHA-256 digest of a graph's features, edges and labels (an int64 exact in float64 too)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (graph.x, graph.edge_index, graph.y):
+        h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
+    return int.from_bytes(h.digest()[:6], "big")
+
+
+def load_graph_nodes(name: str, *, seed: int = 0) -> Dataset:
+    """The nodes of the offline graph ``name`` as a dataset: ``x = [node id, graph_fingerprint]``, the labels,
+    split by the graph's train / test masks. The graph is built with seed 0 (``seed`` is ignored): it is the
+    data, and the model that holds it must see the same one."""
+    from iterlayers.operators.graph_data import GRAPHS, load_graph
+
+    if name not in GRAPHS:
+        raise ValidationError(f"unknown graph {name!r}; valid: {sorted(GRAPHS)}")
+    g = load_graph(name, seed=0)
+    fp = graph_fingerprint(g)
+    ids = torch.arange(g.num_nodes)
+    x = torch.stack([ids, torch.full_like(ids, fp)], 1)
+    tr, te = g.train_mask, g.test_mask
+    return Dataset(GRAPH_PREFIX + name, x[tr], g.y[tr], x[te], g.y[te], g.num_classes)
+
+
 DATASETS = {"digits": load_digits, "mnist1d": load_mnist1d}
 
 
@@ -172,6 +211,9 @@ def load_dataset(name: str, *, seed: int = 0) -> Dataset:
     name = str(name)
     if name in DATASETS:
         return DATASETS[name](seed=seed)
+    if name.startswith(GRAPH_PREFIX):
+        return load_graph_nodes(name[len(GRAPH_PREFIX):], seed=seed)
     if name.endswith((".npz", ".pt")):
         return load_file(name, seed=seed)
-    raise ValidationError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)} or a path to a .npz/.pt file")
+    raise ValidationError(f"unknown dataset {name!r}; valid: {sorted(DATASETS)}, graph:NAME or a path to a "
+                          ".npz/.pt file")

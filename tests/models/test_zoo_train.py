@@ -15,6 +15,7 @@ from iterlayers.training import TrainConfig, read_metrics, train
 #: (model, data, model options, n_train, n_test): sizes that train in about a second on one core
 ZOO = {
     "mdeq": ("mdeq", "digits", {"channels": [4, 8]}, 96, 64),
+    "ignn": ("ignn", "graph:csbm", {"graph": "csbm", "width": 16}, 140, 360),
 }
 
 

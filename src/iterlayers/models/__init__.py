@@ -43,6 +43,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": _lazy("deq_mlp", "MLPClassifier"),
     "implicit_linear": _implicit_linear,
     "mdeq": _lazy("mdeq", "MDEQ"),
+    "ignn": _lazy("ignn", "IGNN"),
 }
 
 
