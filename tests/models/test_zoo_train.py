@@ -16,6 +16,7 @@ from iterlayers.training import TrainConfig, read_metrics, train
 ZOO = {
     "mdeq": ("mdeq", "digits", {"channels": [4, 8]}, 96, 64),
     "ignn": ("ignn", "graph:csbm", {"graph": "csbm", "width": 16}, 140, 360),
+    "deq_transformer": ("deq_transformer", "stdlib_chars", {"width": 16}, 64, 32),
 }
 
 

@@ -44,6 +44,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "implicit_linear": _implicit_linear,
     "mdeq": _lazy("mdeq", "MDEQ"),
     "ignn": _lazy("ignn", "IGNN"),
+    "deq_transformer": _lazy("deq_transformer", "DEQTransformer"),
 }
 
 
