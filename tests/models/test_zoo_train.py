@@ -17,6 +17,8 @@ ZOO = {
     "mdeq": ("mdeq", "digits", {"channels": [4, 8]}, 96, 64),
     "ignn": ("ignn", "graph:csbm", {"graph": "csbm", "width": 16}, 140, 360),
     "deq_transformer": ("deq_transformer", "stdlib_chars", {"width": 16}, 64, 32),
+    "mondeq": ("mondeq", "digits", {"width": 32}, 96, 64),
+    "mondeq_conv": ("mondeq_conv", "digits", {"channels": 4}, 96, 64),
 }
 
 

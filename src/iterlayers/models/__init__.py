@@ -45,6 +45,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mdeq": _lazy("mdeq", "MDEQ"),
     "ignn": _lazy("ignn", "IGNN"),
     "deq_transformer": _lazy("deq_transformer", "DEQTransformer"),
+    "mondeq": _lazy("mondeq", "MonDEQ"),
+    "mondeq_conv": _lazy("mondeq", "MonDEQConv"),
 }
 
 
