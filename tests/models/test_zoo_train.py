@@ -4,7 +4,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -43,3 +42,48 @@ def test_trains_and_resumes_exactly(name, tmp_path):
     assert row["global_step"] == 2 * math.ceil(ZOO[name][3] / 32)
     assert math.isfinite(row["train_loss"]) and math.isfinite(row["test_loss"])
     assert row["fwd_iters"] > 1 and row["fwd_converged"] > 0.5 and row["bwd_iters"] > 0
+
+
+_WORKER = """
+import json, os, sys
+
+import torch.distributed as dist
+
+from iterlayers.training import TrainConfig, train
+
+dist.init_process_group("gloo")
+for cfg in json.load(open(sys.argv[1])):
+    train(TrainConfig(**cfg), progress=False)
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # as iterlayers/__main__.py: skip finalisation, where Gloo's threads can abort a finished worker
+"""
+
+
+def test_every_zoo_model_trains_under_two_process_ddp_as_in_one_process(tmp_path):
+    import json
+
+    # one torchrun launch trains every model; SGD (linear in the gradient) and tight forward tolerances, so
+    # that a sample's fixed point does not depend on which samples share its (8- or 16-sample) batch
+    configs = {name: _config(name, tmp_path / f"ddp_{name}", epochs=1, batch_size=16, n_train=32, n_test=32,
+                             optimizer="sgd", lr=0.05) for name in ZOO}
+    for cfg in configs.values():
+        # (ignn too: each process solves the whole graph, but its adjoint stops relative to its own share)
+        cfg.model_options.update(atol=1e-6, max_iter=300)
+    (tmp_path / "configs.json").write_text(json.dumps([vars(c) for c in configs.values()]))
+    (tmp_path / "worker.py").write_text(_WORKER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "worker.py"), str(tmp_path / "configs.json")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, cfg in configs.items():
+        ddp = read_metrics(tmp_path / f"ddp_{name}" / "metrics.csv")
+        assert load_checkpoint(tmp_path / f"ddp_{name}").record["world_size"] == 2
+        cfg.out = str(tmp_path / f"one_{name}")
+        single = train(cfg, progress=False)
+        for k in ("train_loss", "test_loss", "train_acc", "test_acc"):
+            assert float(ddp[0][k]) == pytest.approx(single.rows[0][k], rel=1e-4, abs=1e-6), (name, k)
+        state = load_checkpoint(tmp_path / f"ddp_{name}").model_state
+        for k, p in single.model.state_dict().items():
+            torch.testing.assert_close(state[k], p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} {k}: {m}")

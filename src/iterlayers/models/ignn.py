@@ -130,13 +130,23 @@ class IGNN(DEQClassifier):
         adj = normalized_adjacency(g.adj)
         self.graph, self.num_classes, self.fingerprint = graph, g.num_classes, graph_fingerprint(g)
         # The graph is data rebuilt from its name, not weights: non-persistent buffers (they move with .to()).
+        # The adjacency is kept as its COO indices and values (DistributedDataParallel broadcasts buffers and
+        # refuses sparse ones) and assembled by the ``adj`` property.
         self.register_buffer("features", g.x, persistent=False)
-        self.register_buffer("adj", adj, persistent=False)
+        self.register_buffer("adj_indices", adj.indices(), persistent=False)
+        self.register_buffer("adj_values", adj.values(), persistent=False)
         width = positive_int(width, "width")
         self.encoder = nn.Linear(g.num_features, width)
         self.deq = DEQ(IGNNCell(width, kappa=kappa, lambda_pf=perron_frobenius(adj)), IGNN_DEQ_OPTIONS,
                        **deq_options)
         self.head = nn.Linear(width, self.num_classes)
+
+    @property
+    def adj(self) -> torch.Tensor:
+        """The normalised adjacency ``A_hat`` (sparse COO, ``[N, N]``)."""
+        n = self.features.shape[0]
+        return torch.sparse_coo_tensor(self.adj_indices, self.adj_values, (n, n), is_coalesced=True,
+                                       check_invariants=False)  # built from a coalesced COO
 
     def nodes(self, x: torch.Tensor) -> torch.Tensor:
         """The node ids of a batch ``[B, 2]``, after checking that it comes from this model's graph."""
@@ -153,8 +163,8 @@ class IGNN(DEQClassifier):
 
     def embed(self) -> torch.Tensor:
         """The equilibrium node states ``Z*`` of the whole graph ``[N, width]``."""
-        u = self.adj @ self.encoder(self.features)
-        return self.deq(u, adj=self.adj)
+        adj = self.adj
+        return self.deq(adj @ self.encoder(self.features), adj=adj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.nodes(x)
