@@ -12,6 +12,14 @@ from iterlayers.operators.graph_data import load_graph
 f64 = torch.float64
 
 
+def test_every_offline_graph_is_a_dataset():
+    from iterlayers.data import DATASETS, GRAPH_NAMES
+    from iterlayers.operators.graph_data import GRAPHS
+
+    assert sorted(GRAPH_NAMES) == sorted(GRAPHS)
+    assert all(f"graph:{name}" in DATASETS for name in GRAPHS)
+
+
 def test_perron_frobenius_matches_the_dense_eigenvalues():
     g = load_graph("csbm", seed=0)
     adj = normalized_adjacency(g.adj)
