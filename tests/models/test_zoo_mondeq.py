@@ -190,3 +190,24 @@ def test_splitting_solvers_refuse_a_map_without_structure():
             make_solver(name, {"alpha": -1.0})
     with pytest.raises(ValueError, match="solver must be one of"):
         build_model("mondeq", 4, 2, solver="anderson")
+
+
+@pytest.mark.parametrize("name", SPLITTINGS)
+def test_splittings_solve_a_linear_monotone_system_exactly(name):
+    # prox = identity (f = 0): z = W z + b with W = 0.5 * flip, I - W has eigenvalues 0.5 and 1.5 (m = 0.5,
+    # L = 1.5); the exact answer is (I - W)^{-1} b
+    from iterlayers.solvers.splitting import MonotoneStructure
+
+    n = 3
+    P = torch.eye(n, dtype=f64).flip(1)
+    G = torch.eye(n, dtype=f64) - 0.5 * P
+    b = torch.randn(4, n, dtype=f64)
+    structure = MonotoneStructure(
+        linear=lambda z: 0.5 * z.flip(1), bias=b, prox=lambda t, idx: t, m=0.5, lipschitz=1.5,
+        resolvent=lambda r, a: r @ torch.linalg.inv(torch.eye(n, dtype=f64) + a * G).T)
+    solver = make_solver(name, {"alpha": 1 if name == "peaceman_rachford" else 0.4, "structure": structure})
+    assert type(solver.alpha) is float
+    sol = il.solve(lambda z, bb: 0.5 * z.flip(1) + bb, torch.zeros_like(b), args=(b,), solver=solver, atol=1e-12,
+                   rtol=0, max_iter=500, on_failure="raise")
+    torch.testing.assert_close(sol.z, torch.linalg.solve(G, b.T).T, rtol=0, atol=1e-11)
+    assert sol.stats.solver == name
