@@ -54,7 +54,7 @@ SOLVERS: dict[str, type[FixedPointSolver]] = {
     "broyden": BroydenSolver,
     "gmres": GMRESSolver,
 }
-from .splitting import ForwardBackwardSolver, PeacemanRachfordSolver  # noqa: E402  (monDEQ splittings: need a structure)
+from .splitting import ForwardBackwardSolver, PeacemanRachfordSolver  # noqa: E402  (monDEQ splittings)
 SOLVERS.update({cls.name: cls for cls in (ForwardBackwardSolver, PeacemanRachfordSolver)})
 
 
