@@ -5,10 +5,19 @@ Every loader returns a :class:`Dataset` of float32 features and int64 (classific
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 samples, 64 features, 10 classes).
 - ``mnist1d``: the MNIST-1D benchmark, *generated* with ``mnist1d.data.make_dataset`` (never downloaded).
+- ``graph:NAME``: node classification on one of the offline graphs of
+  :data:`iterlayers.operators.graph_data.GRAPHS` (``graph:csbm``, ``graph:karate``, ...), built with seed 0
+  whatever the run's seed: a sample is a node, ``x = [node id, graph fingerprint]`` (int64), train / test are
+  the graph's train / test masks. The graph itself (features, adjacency) is held by the model
+  (:class:`~iterlayers.models.ignn.IGNN`), which checks the fingerprint, so nodes of one graph are never
+  read against another.
+- ``stdlib_chars``: character-level language modelling on this interpreter's standard-library sources
+  (see :func:`load_stdlib_chars`); ``x`` and ``y`` are ``[N, T]`` int64 token windows, ``y`` shifted by one.
 - ``npz`` / ``pt`` files of a user: arrays ``x``, ``y`` (and optionally ``x_test``, ``y_test``).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +30,9 @@ import torch
 from ._validate import in_range, integer
 from .errors import IterlayersError, ValidationError
 
-__all__ = ["Dataset", "DatasetNotFoundError", "load_digits", "load_mnist1d", "load_file", "load_dataset", "DATASETS"]
+__all__ = ["Dataset", "DatasetNotFoundError", "load_digits", "load_mnist1d", "load_file", "load_dataset", "DATASETS",
+           "load_graph_nodes", "graph_fingerprint", "GRAPH_PREFIX", "GRAPH_NAMES", "load_stdlib_chars", "stdlib_files",
+           "encode_chars", "decode_chars", "CHAR_VOCAB"]
 
 
 class DatasetNotFoundError(IterlayersError, FileNotFoundError):
@@ -162,7 +173,106 @@ def _f32(a) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
-DATASETS = {"digits": load_digits, "mnist1d": load_mnist1d}
+#: The fixed character vocabulary of ``stdlib_chars``: token 0 is any other character, then newline, tab and
+#: the 95 printable ASCII characters (independent of the corpus, so token ids mean the same on every machine).
+CHAR_VOCAB = "\x00\n\t" + "".join(chr(c) for c in range(32, 127))
+
+
+def encode_chars(text: str) -> torch.Tensor:
+    """Token ids of ``text`` in :data:`CHAR_VOCAB` (int64; characters outside it map to 0)."""
+    table = np.zeros(0x110000 if any(ord(c) > 255 for c in text) else 256, dtype=np.int64)
+    for i, c in enumerate(CHAR_VOCAB[1:], start=1):
+        table[ord(c)] = i
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    return torch.from_numpy(table[np.minimum(codes, len(table) - 1)] * (codes < len(table)))
+
+
+def decode_chars(tokens) -> str:
+    """The text of token ids (token 0 prints as U+FFFD)."""
+    return "".join("\ufffd" if int(t) == 0 else CHAR_VOCAB[int(t)] for t in tokens)
+
+
+def stdlib_files() -> list[Path]:
+    """The corpus of ``stdlib_chars``: the top-level ``*.py`` files of this interpreter's standard library
+    (``sysconfig.get_paths()["stdlib"]``), sorted by name."""
+    import sysconfig
+
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+def load_stdlib_chars(*, seed: int = 0, seq_len: int = 64, max_train_chars: int = 1_000_000,
+                      max_test_chars: int = 100_000, test_every: int = 10) -> Dataset:
+    """Character-level language modelling on the standard library's own sources (offline, deterministic).
+
+    Files are taken in sorted order; every ``test_every``-th file (indices 0, 10, 20, ...) is held out, so
+    train and test never share a file. Each split is the concatenation of its files (up to its character
+    budget) cut into non-overlapping windows of ``seq_len + 1`` tokens: ``x`` is a window's first ``seq_len``
+    tokens, ``y`` its last ``seq_len`` (the next character at every position), both ``[N, seq_len]`` int64;
+    ``num_classes`` is ``len(CHAR_VOCAB)``. ``seed`` is not used: the split is fixed by the file list. The
+    corpus is the running interpreter's standard library, so it differs between Python versions.
+    """
+    seq_len = integer(seq_len, "seq_len", minimum=1)
+    test_every = integer(test_every, "test_every", minimum=2)
+    budgets = (integer(max_train_chars, "max_train_chars", minimum=seq_len + 1),
+               integer(max_test_chars, "max_test_chars", minimum=seq_len + 1))
+    files = stdlib_files()
+    if len(files) < test_every:
+        raise DatasetNotFoundError(f"stdlib_chars: only {len(files)} source files in the standard library")
+    parts: tuple[list[str], list[str]] = ([], [])
+    sizes = [0, 0]
+    for i, path in enumerate(files):
+        split = int(i % test_every == 0)
+        if sizes[split] >= budgets[split]:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts[split].append(text)
+        sizes[split] += len(text)
+    windows = []
+    for split in (0, 1):
+        tokens = encode_chars("\n".join(parts[split])[: budgets[split]])
+        n = (len(tokens) - 1) // (seq_len + 1)
+        w = tokens[: n * (seq_len + 1)].reshape(n, seq_len + 1)
+        windows.append((w[:, :-1].contiguous(), w[:, 1:].contiguous()))
+    (xtr, ytr), (xte, yte) = windows
+    return Dataset("stdlib_chars", xtr, ytr, xte, yte, len(CHAR_VOCAB))
+
+
+#: ``load_dataset("graph:NAME")`` is node classification on the offline graph NAME
+GRAPH_PREFIX = "graph:"
+
+
+def graph_fingerprint(graph) -> int:
+    """A 48-bit SHA-256 digest of a graph's features, edges and labels (an int64 exact in float64 too)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (graph.x, graph.edge_index, graph.y):
+        h.update(np.ascontiguousarray(t.detach().cpu().numpy()).tobytes())
+    return int.from_bytes(h.digest()[:6], "big")
+
+
+def load_graph_nodes(name: str, *, seed: int = 0) -> Dataset:
+    """The nodes of the offline graph ``name`` as a dataset: ``x = [node id, graph_fingerprint]``, the labels,
+    split by the graph's train / test masks. The graph is built with seed 0 (``seed`` is ignored): it is the
+    data, and the model that holds it must see the same one."""
+    from iterlayers.operators.graph_data import GRAPHS, load_graph
+
+    if name not in GRAPHS:
+        raise ValidationError(f"unknown graph {name!r}; valid: {sorted(GRAPHS)}")
+    g = load_graph(name, seed=0)
+    fp = graph_fingerprint(g)
+    ids = torch.arange(g.num_nodes)
+    x = torch.stack([ids, torch.full_like(ids, fp)], 1)
+    tr, te = g.train_mask, g.test_mask
+    return Dataset(GRAPH_PREFIX + name, x[tr], g.y[tr], x[te], g.y[te], g.num_classes)
+
+
+#: the names of :data:`iterlayers.operators.graph_data.GRAPHS`, listed here so that the registry (and the CLI's
+#: --data check) does not import the graph package; a test keeps the two lists equal
+GRAPH_NAMES = ("csbm", "cora_csbm", "citeseer_csbm", "sbm", "digits_knn", "karate", "davis", "lesmis")
+
+DATASETS = {"digits": load_digits, "mnist1d": load_mnist1d, "stdlib_chars": load_stdlib_chars}
+DATASETS.update({GRAPH_PREFIX + name: functools.partial(load_graph_nodes, name) for name in GRAPH_NAMES})
 
 
 def load_dataset(name: str, *, seed: int = 0) -> Dataset:

@@ -248,6 +248,20 @@ def stat_sources(model: nn.Module) -> list[nn.Module]:
     return [m for m in sources if not any(s is not m and s in sources for s in m.modules())]
 
 
+def sample_loss(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample loss and accuracy ``([B], [B])`` the training loop sums: the one loss of the loop.
+
+    Logits ``[B, C]`` with labels ``[B]``: cross-entropy and 0/1 correctness. Sequence logits ``[B, T, C]`` with
+    targets ``[B, T]``: the mean over the T positions of the per-token cross-entropy and of the token
+    accuracy, so the epoch's mean loss is the mean token cross-entropy (nats) and ``exp`` of it the perplexity
+    (every sample has the same T).
+    """
+    if logits.dim() == 3 and y.dim() == 2:
+        tokens = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # [B, T]
+        return tokens.mean(1), (logits.detach().argmax(-1) == y).double().mean(1)
+    return F.cross_entropy(logits, y, reduction="none"), (logits.detach().argmax(1) == y).double()
+
+
 def _make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     # Adam (the default) divides by sqrt(v): on a near-zero gradient component it turns rounding-level
     # differences (e.g. the order of DDP's all-reduce) into lr-sized ones. SGD with momentum is linear in the
@@ -538,7 +552,7 @@ def _step(run: _Run, idx: torch.Tensor) -> torch.Tensor:
     xb, yb = run.x_train[local].to(run.device), run.y_train[local].to(run.device)
     run.optimizer.zero_grad(set_to_none=True)
     logits = run.net(xb)
-    losses = F.cross_entropy(logits, yb, reduction="none")
+    losses, correct = sample_loss(logits, yb)
     fwd = [_stats_sums(_stats(m, "forward")) for m in run.sources]
     before = [_stats(m, "backward") for m in run.sources]
     penalty, aids = _aid_sums(run.model)
@@ -555,7 +569,7 @@ def _step(run: _Run, idx: torch.Tensor) -> torch.Tensor:
         bwd.append(_stats_sums(new) if new is not None and new is not old else None)
     step = torch.zeros(len(_ACC), dtype=torch.float64)
     step[0] = float(losses.detach().double().sum())
-    step[1] = float((logits.detach().argmax(1) == yb).sum())
+    step[1] = float(correct.sum())
     step[2] = float(len(local))
     for st in fwd:
         if st is not None:
@@ -656,9 +670,9 @@ def _evaluate(model, sources, x, y, device, rank: int, world: int, batch_size: i
     sums = torch.zeros(5, dtype=torch.float64)  # loss, correct, n, fwd_iters, fwd_n
     for chunk in torch.split(shard, batch_size):
         xb, yb = x[chunk].to(device), y[chunk].to(device)
-        logits = model(xb)
-        sums[0] += float(F.cross_entropy(logits, yb, reduction="sum").double())
-        sums[1] += float((logits.argmax(1) == yb).sum())
+        loss, correct = sample_loss(model(xb), yb)
+        sums[0] += float(loss.double().sum())
+        sums[1] += float(correct.sum())
         sums[2] += len(chunk)
         for m in sources:
             st = _stats_sums(_stats(m, "forward"))

@@ -42,6 +42,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "deq_conv": _lazy("deq_conv", "DEQConv"),
     "mlp": _lazy("deq_mlp", "MLPClassifier"),
     "implicit_linear": _implicit_linear,
+    "mdeq": _lazy("mdeq", "MDEQ"),
+    "ignn": _lazy("ignn", "IGNN"),
+    "deq_transformer": _lazy("deq_transformer", "DEQTransformer"),
+    "mondeq": _lazy("mondeq", "MonDEQ"),
+    "mondeq_conv": _lazy("mondeq", "MonDEQConv"),
 }
 
 

@@ -58,6 +58,8 @@ SOLVERS: dict[str, type[FixedPointSolver]] = {
     "broyden": BroydenSolver,
     "gmres": GMRESSolver,
 }
+from .splitting import ForwardBackwardSolver, PeacemanRachfordSolver  # noqa: E402  (monDEQ splittings)
+SOLVERS.update({cls.name: cls for cls in (ForwardBackwardSolver, PeacemanRachfordSolver)})
 
 
 def register_solver(cls: type[FixedPointSolver]) -> type[FixedPointSolver]:
