@@ -26,8 +26,11 @@ def npz(tmp_path):
     "argv, message",
     [
         (["train", "--model", "foo"],
-         "--model 'foo' is not valid; choose one of: deq_conv, deq_mlp, implicit_linear, mlp"),
-        (["train", "--data", "cifar"], "--data 'cifar' is not valid; choose one of: digits, mnist1d or a .npz/.pt file"),
+         "--model 'foo' is not valid; choose one of: deq_conv, deq_mlp, deq_transformer, ignn, implicit_linear, mdeq, "
+         "mlp, mondeq, mondeq_conv"),
+        (["train", "--data", "cifar"], "--data 'cifar' is not valid; choose one of: digits, graph:citeseer_csbm, graph:cora_csbm, "
+         "graph:csbm, graph:davis, graph:digits_knn, graph:karate, graph:lesmis, graph:sbm, mnist1d, stdlib_chars "
+         "or a .npz/.pt file"),
         (["train", "--optimizer", "lbfgs"], "--optimizer 'lbfgs' is not valid; choose one of: adam, sgd"),
         (["train", "--epochs", "many"], "Invalid value for '--epochs'"),
         (["train", "--epochs", "0", "--model", "mlp"], "epochs must be a positive integer, got 0"),
@@ -57,7 +60,8 @@ def test_console_script_and_module_entry_points_exit_nonzero_with_one_line():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr == ("iterlayers: error: --model 'resnet' is not valid; choose one of: "
-                           "deq_conv, deq_mlp, implicit_linear, mlp\n")
+                           "deq_conv, deq_mlp, deq_transformer, ignn, implicit_linear, mdeq, mlp, mondeq, "
+                           "mondeq_conv\n")
     assert proc.stdout == ""
 
 

@@ -106,7 +106,8 @@ def test_deq_conv_on_8x8_images_reaches_its_fixed_point():
 
 def test_registry_and_option_errors():
     assert {"deq_mlp", "deq_conv", "mlp"} <= set(MODELS)
-    with pytest.raises(ValueError, match="unknown model 'vit'; valid: deq_conv, deq_mlp, implicit_linear, mlp"):
+    with pytest.raises(ValueError, match="unknown model 'vit'; valid: deq_conv, deq_mlp, deq_transformer, ignn, "
+                                              "implicit_linear, mdeq, mlp, mondeq, mondeq_conv"):
         build_model("vit", 4, 2)
     with pytest.raises(ValueError, match="activation='gelu' is not valid; choose one of tanh, relu"):
         build_model("deq_mlp", 4, 2, activation="gelu")

@@ -43,7 +43,7 @@ from .. import _validate as v
 from ..errors import ValidationError
 from ..parametrizations import MonotoneLinear
 from ..solvers import check_common, make_solver
-from ..solvers._base import rows
+from ..solvers._loop import rows
 from ..solvers._loop import run_loop
 from ..solvers.splitting import MonotoneStructure
 

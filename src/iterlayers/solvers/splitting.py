@@ -42,7 +42,7 @@ import torch
 
 from .. import _validate as v
 from ..errors import OptionTypeError, ValidationError
-from ._base import FixedPointSolver, rows, set_rows
+from ._loop import FixedPointSolver, rows, set_rows
 
 __all__ = ["MonotoneStructure", "ForwardBackwardSolver", "PeacemanRachfordSolver"]
 
