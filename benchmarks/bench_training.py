@@ -1,10 +1,13 @@
-"""End-to-end training: the DEQ tutorial's ResNet conv cell on digits, iterlayers (with and without the
-fixed-point cache) vs torchdeq, same process, epochs interleaved.
+"""End-to-end training on digits, iterlayers (with and without the fixed-point cache) vs torchdeq, same process,
+epochs interleaved: the DEQ tutorial's ResNet conv cell, and the core classifier's MLP cell.
 
 Run: ``make bench`` (or ``python benchmarks/bench_training.py --out results/bench [--quick]``).
 
-Model: ``conv 1->16 (3x3)`` injection, a DEQ over :class:`ResNetCell` (imported from ``bench_torchdeq.py``;
-16 channels, 32 inner, GroupNorm, on the 8x8 digits images as they are), ``2x2 average pool -> linear`` head.
+Models (cells imported from ``bench_torchdeq.py``): (1) ``conv 1->16 (3x3)`` injection, a DEQ over
+:class:`ResNetCell` (16 channels, 32 inner, GroupNorm, on the 8x8 digits images as they are), ``2x2 average
+pool -> linear`` head; relative tolerance 1e-2, ``max_iter`` 30. (2) ``linear 64->64`` injection, a DEQ over
+:class:`MLPCell` ``tanh(W z + U u)`` with ``||W||_2 = 0.9`` at initialisation, linear head; relative tolerance
+1e-4, ``max_iter`` 50 (the cell of the core DEQ classifier, without its spectral parametrisation).
 Data: sklearn's bundled ``load_digits`` (1797 images, pixels / 16), one fixed 80/20 split (seed 0).
 All three runs start from the same weights, see the same batches in the same order (one permutation per
 epoch) and use Adam (lr 1e-3), batch 64, float32, on CPU.
@@ -13,7 +16,7 @@ Threads: one by default (``--threads``). A cell evaluation here is ~2 ms of work
 OpenMP threads on a machine shared with other jobs it measured 60x slower in CPU time (threads spinning on
 each other), so multi-threaded timings there measure contention, not the libraries.
 
-Tolerance: relative ``1e-2`` by default, the value of the tutorial's Anderson solver. At initialisation this
+ResNet tolerance: relative ``1e-2``, the value of the tutorial's Anderson solver. At initialisation this
 cell (ReLU + GroupNorm on 8x8 maps) reaches a relative residual of 1e-2 on 62 of 64 samples of a batch only
 after 30 iterations on average (measured), and stalls near 2e-2 on the others, so tighter tolerances make
 every batch run to ``max_iter`` in both libraries.
@@ -50,20 +53,37 @@ import iterlayers as il
 from iterlayers.cache import FixedPointCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_torchdeq import ResNetCell, pin_allocator  # noqa: E402  (the same cell as the solver benchmark)
+from bench_torchdeq import MLPCell, ResNetCell, pin_allocator  # noqa: E402  (the solver benchmark's cells)
 
 from torchdeq import get_deq  # noqa: E402  (bench extra; bench_torchdeq.py has already checked it is there)
 
 
-class Net(nn.Module):
-    """injection conv -> equilibrium over ResNetCell -> pooled linear head; ``solve(u, z0)`` is set per library."""
+#: the two cases: (cell, relative tolerance, max_iter); see the module docstring
+CASES = {
+    "ResNet conv cell (DEQ tutorial)": ("resnet", 1e-2, 30),
+    "MLP cell tanh(Wz + Ux), ||W|| = 0.9": ("mlp", 1e-4, 50),
+}
 
-    def __init__(self, c: int = 16, seed: int = 0):
+
+class Net(nn.Module):
+    """injection -> equilibrium over the cell -> head. ``counted`` is the submodule the cell calls exactly once
+    per evaluation (its calls are the forward NFE, for both libraries); ``state`` the per-sample state shape."""
+
+    def __init__(self, kind: str, seed: int = 0):
         super().__init__()
         torch.manual_seed(seed)
-        self.inject = nn.Conv2d(1, c, 3, padding=1)
-        self.cell = ResNetCell(c, 32, 8, seed=seed)
-        self.head = nn.Sequential(nn.AvgPool2d(2), nn.Flatten(), nn.Linear(c * 16, 10))
+        if kind == "resnet":
+            c = 16
+            self.inject = nn.Conv2d(1, c, 3, padding=1)
+            self.cell = ResNetCell(c, 32, 8, seed=seed)
+            self.head = nn.Sequential(nn.AvgPool2d(2), nn.Flatten(), nn.Linear(c * 16, 10))
+            self.counted, self.state = self.cell.conv1, (c, 8, 8)
+        else:
+            d = 64
+            self.inject = nn.Sequential(nn.Flatten(), nn.Linear(64, d))
+            self.cell = MLPCell(d, 0.9, seed=seed)
+            self.head = nn.Linear(d, 10)
+            self.counted, self.state = self.cell.W, (d,)
 
 
 class Counter:
@@ -95,7 +115,7 @@ class Run:
         self.name, self.lib, self.cache = name, lib, cache
         self.net = copy.deepcopy(base)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
-        self.calls = Counter(self.net.cell.conv1)
+        self.calls = Counter(self.net.counted)
         self.epochs: list[dict] = []
         if lib == "iterlayers":
             self.deq = il.DEQ(self.net.cell, solver="anderson", solver_options={"m": 5}, atol=0.0, rtol=tol,
@@ -133,7 +153,7 @@ class Run:
             xb, yb = x[ids], y[ids]
             z0 = hit = None
             if self.cache is not None:
-                z0, hit = self.cache.lookup(ids, like=torch.zeros(len(ids), 16, 8, 8), step=step0 + k)
+                z0, hit = self.cache.lookup(ids, like=torch.zeros(len(ids), *self.net.state), step=step0 + k)
             out, z = self.logits(xb, z0)
             loss = nn.functional.cross_entropy(out, yb)
             self.opt.zero_grad(set_to_none=True)
@@ -169,8 +189,6 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("results/bench"))
     p.add_argument("--quick", action="store_true", help="fewer epochs (under 3 minutes on 2 cores)")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--tol", type=float, default=1e-2, help="relative tolerance (the tutorial's 1e-2)")
-    p.add_argument("--max-iter", type=int, default=30)
     p.add_argument("--threads", type=int, default=1, help="CPU threads of torch (see the module docstring)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -178,56 +196,62 @@ def main(argv=None):
     epochs = a.epochs or (3 if a.quick else 10)
     batch = 64
     xtr, ytr, xte, yte = digits()
-    base = Net()
     steps_per_epoch = -(-len(ytr) // batch)
-    # Under shuffling two visits of a sample are 1 to 2 * steps_per_epoch - 1 steps apart.
-    cache = FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch)
-    runs = [Run("torchdeq", base, "torchdeq", a.tol, a.max_iter, None),
-            Run("iterlayers", base, "iterlayers", a.tol, a.max_iter, None),
-            Run("iterlayers + cache", base, "iterlayers", a.tol, a.max_iter, cache)]
-    gen = torch.Generator().manual_seed(0)
-    for e in range(epochs):
-        order = torch.randperm(len(ytr), generator=gen)
-        # Round-robin by epoch, the starting configuration rotating, so no configuration always runs first.
-        for r in runs[e % 3:] + runs[:e % 3]:
-            r.epoch(xtr, ytr, order, batch, e * steps_per_epoch)
-    rows = []
-    for r in runs:
-        later = r.epochs[1:] if len(r.epochs) > 1 else r.epochs
-        rows.append({
-            "config": r.name,
-            "epoch_wall_s": statistics.median(ep["wall_s"] for ep in later),
-            "epoch_cpu_s": statistics.median(ep["cpu_s"] for ep in later),
-            "fwd_nfe_per_epoch": statistics.median(ep["fwd_nfe"] for ep in later),
-            "bwd_nfe_per_epoch": statistics.median(ep["bwd_nfe"] for ep in later),
-            "first_loss": r.epochs[0]["train_loss"], "final_loss": r.epochs[-1]["train_loss"],
-            "test_acc": r.accuracy(xte, yte), "epochs": r.epochs,
-        })
-    ref = rows[0]
-    for row in rows:
-        row["wall_ratio"] = row["epoch_wall_s"] / ref["epoch_wall_s"]
-        row["cpu_ratio"] = row["epoch_cpu_s"] / ref["epoch_cpu_s"]
-        row["fwd_nfe_ratio"] = row["fwd_nfe_per_epoch"] / ref["fwd_nfe_per_epoch"]
-    cs = cache.stats()
-    summary = {"rows": rows, "cache": cs, "threads": torch.get_num_threads(),
-               "settings": {"epochs": epochs, "batch": batch, "tol": a.tol, "max_iter": a.max_iter,
-                            "n_train": len(ytr), "n_test": len(yte), "allocator": allocator, "quick": a.quick}}
+    rows, caches = [], {}
+    for case, (kind, tol, max_iter) in CASES.items():
+        base = Net(kind)
+        # Under shuffling two visits of a sample are 1 to 2 * steps_per_epoch - 1 steps apart.
+        cache = caches[case] = FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch)
+        runs = [Run("torchdeq", base, "torchdeq", tol, max_iter, None),
+                Run("iterlayers", base, "iterlayers", tol, max_iter, None),
+                Run("iterlayers + cache", base, "iterlayers", tol, max_iter, cache)]
+        gen = torch.Generator().manual_seed(0)
+        for e in range(epochs):
+            order = torch.randperm(len(ytr), generator=gen)
+            # Round-robin by epoch, the starting configuration rotating, so none always runs first.
+            for r in runs[e % 3:] + runs[:e % 3]:
+                r.epoch(xtr, ytr, order, batch, e * steps_per_epoch)
+        case_rows = []
+        for r in runs:
+            later = r.epochs[1:] if len(r.epochs) > 1 else r.epochs
+            case_rows.append({
+                "case": case, "config": r.name, "tol": tol, "max_iter": max_iter,
+                "epoch_wall_s": statistics.median(ep["wall_s"] for ep in later),
+                "epoch_cpu_s": statistics.median(ep["cpu_s"] for ep in later),
+                "fwd_nfe_per_epoch": statistics.median(ep["fwd_nfe"] for ep in later),
+                "bwd_nfe_per_epoch": statistics.median(ep["bwd_nfe"] for ep in later),
+                "first_loss": r.epochs[0]["train_loss"], "final_loss": r.epochs[-1]["train_loss"],
+                "test_acc": r.accuracy(xte, yte), "epochs": r.epochs,
+            })
+        ref = case_rows[0]
+        for row in case_rows:
+            row["wall_ratio"] = row["epoch_wall_s"] / ref["epoch_wall_s"]
+            row["cpu_ratio"] = row["epoch_cpu_s"] / ref["epoch_cpu_s"]
+            row["fwd_nfe_ratio"] = row["fwd_nfe_per_epoch"] / ref["fwd_nfe_per_epoch"]
+        rows += case_rows
+    stats = {case: c.stats() for case, c in caches.items()}
+    summary = {"rows": rows, "cache": stats, "threads": torch.get_num_threads(),
+               "settings": {"epochs": epochs, "batch": batch, "cases": CASES, "n_train": len(ytr),
+                            "n_test": len(yte), "allocator": allocator, "quick": a.quick}}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "training.json").write_text(json.dumps(summary, indent=2))
-    md = ["| config | epoch time (s, wall) | epoch CPU (s) | ratio to torchdeq (wall / CPU) | fwd cell calls / epoch | "
-          "bwd adjoint iterations / epoch | train loss (first -> last epoch) | test accuracy |",
-          "|---|---:|---:|---:|---:|---:|---|---:|"]
+    md = ["| case (rel. tol, max_iter) | config | epoch time (s, wall) | epoch CPU (s) | ratio to torchdeq "
+          "(wall / CPU) | fwd cell calls / epoch | bwd adjoint iterations / epoch | train loss (first -> last "
+          "epoch) | test accuracy |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for row in rows:
-        md.append(f"| {row['config']} | {row['epoch_wall_s']:.2f} | {row['epoch_cpu_s']:.2f} | "
+        md.append(f"| {row['case']} ({row['tol']:g}, {row['max_iter']}) | {row['config']} | "
+                  f"{row['epoch_wall_s']:.2f} | {row['epoch_cpu_s']:.2f} | "
                   f"{row['wall_ratio']:.2f} / {row['cpu_ratio']:.2f} | {row['fwd_nfe_per_epoch']:.0f} | "
                   f"{row['bwd_nfe_per_epoch']:.0f} | {row['first_loss']:.3f} -> {row['final_loss']:.3f} | "
                   f"{row['test_acc']:.4f} |")
-    md += ["", f"Cache: hit rate {cs['hit_rate']:.2f} over all lookups (epoch 1 is all misses), "
-           f"{cs['nbytes'] / 2**20:.1f} MB for {cs['capacity']} samples, mean forward iterations warm "
-           f"{cs['mean_steps_warm']:.1f} vs cold {cs['mean_steps_cold']:.1f}.",
-           f"Digits 8x8, {len(ytr)} train / {len(yte)} test, {epochs} epochs (medians over epochs 2-{epochs}), batch "
-           f"{batch}, Adam 1e-3; Anderson forward and backward, relative tol {a.tol}, max_iter {a.max_iter}; "
-           f"CPU threads {torch.get_num_threads()}; {allocator}."]
+    md.append("")
+    for case, cs in stats.items():
+        md.append(f"Cache, {case}: hit rate {cs['hit_rate']:.2f} over all lookups (epoch 1 is all misses), "
+                  f"{cs['nbytes'] / 2**20:.2f} MB for {cs['capacity']} samples, mean forward iterations per "
+                  f"sample warm {cs['mean_steps_warm']:.1f} vs cold {cs['mean_steps_cold']:.1f}.")
+    md += ["", f"Digits 8x8, {len(ytr)} train / {len(yte)} test, {epochs} epochs (medians over epochs "
+           f"2-{epochs}), batch {batch}, Adam 1e-3; Anderson forward and backward at the case's relative "
+           f"tolerance; CPU threads {torch.get_num_threads()}; {allocator}."]
     (a.out / "training.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return summary
