@@ -28,7 +28,8 @@ iterlayers: ``atol=0, rtol=tol``, each sample), implicit (IFT) backward with And
 gradient; at the solution these differ by at most the factor ``||(I - J^T)^{-1}||``).
 
 iterlayers + cache: :class:`iterlayers.cache.FixedPointCache` keyed by dataset index (capacity = the training
-set, ``max_age`` = two epochs of steps (under shuffling, the previous visit), every finite row stored, converged or not), the training loop passing ``DEQ(u, z0=cached)``.
+set, ``max_age`` = two epochs of steps (under shuffling, the previous visit), every finite row stored,
+converged or not), the training loop passing ``DEQ(u, z0=cached)``.
 
 Reported per configuration: epoch time (median of the epochs after the first; wall and process CPU time),
 forward evaluations of the cell per epoch (counted by a hook on the cell's first convolution, the same count
