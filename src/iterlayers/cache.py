@@ -42,7 +42,7 @@ import torch
 
 from . import _validate as v
 from .errors import OptionTypeError, ShapeMismatchError
-from .solvers._state import StateSpec, _describe
+from .solvers._loop import StateSpec, _describe
 
 __all__ = ["FixedPointCache"]
 
