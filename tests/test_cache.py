@@ -174,3 +174,12 @@ def test_bad_calls_are_typed_errors():
         cache.lookup([0], torch.zeros(1, 3, dtype=torch.float64))
     with pytest.raises(OptionTypeError, match="record"):
         cache.record(torch.ones(2), torch.ones(2))
+
+
+def test_docs_example_runs_as_written(capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cache.md").read_text()
+    exec(compile(text.split("```python\n")[1].split("```")[0], "docs/cache.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.startswith("hit rate 0.67, iterations warm ")

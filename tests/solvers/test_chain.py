@@ -255,3 +255,13 @@ def test_bad_options_are_typed_errors(options, error, match):
 def test_f_not_callable():
     with pytest.raises(OptionTypeError, match="f must be callable"):
         solve_chain(3, torch.zeros(2, 3), solvers=["picard"])
+
+
+def test_docs_example_runs_as_written(capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "chain.md").read_text()
+    exec(compile(text.split("```python\n")[1].split("```")[0], "docs/chain.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "['picard', 'anderson', 'picard', 'picard', 'anderson', 'picard']"
+    assert lines[1] == "[6, 2]" and float(lines[2]) <= 1e-10
