@@ -219,23 +219,37 @@ def analyze(
     batch_size: Annotated[int, typer.Option(help="How many test samples to analyse.")] = 64,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     plot: Annotated[Optional[Path], typer.Option(help="Also save the report's figure (PNG) here.")] = None,
+    audit: Annotated[bool, typer.Option("--audit", help="Also audit the gradient modes against finite "
+                                                         "differences (iterlayers.audit_gradients).")] = False,
+    audit_batch: Annotated[int, typer.Option(help="How many of the samples the audit uses (it solves in "
+                                                  "float64, 4 x directions times).")] = 8,
+    directions: Annotated[int, typer.Option(help="Random parameter directions of the audit's reference.")] = 6,
+    out: Annotated[Optional[Path], typer.Option(help="Where --audit writes audit.json (default: the run "
+                                                     "directory).")] = None,
 ) -> None:
-    """Print the analysis report (spectra, contraction, rates, sensitivity) of a checkpoint's DEQ layer."""
+    """Print the analysis report (spectra, contraction, rates, sensitivity) of a checkpoint's DEQ layer;
+    with --audit, also the gradient audit table, written to audit.json."""
+    import dataclasses
+
     import torch
 
-    from iterlayers.analysis import report
+    from iterlayers.analysis import audit_gradients, report
     from iterlayers.checkpoint import load_checkpoint
     from iterlayers.data import load_dataset
     from iterlayers.models import build_model
     from iterlayers.training import deq_layers, resolve_device
 
-    if batch_size < 1:
-        raise CLIError(f"--batch-size must be a positive integer, got {batch_size}")
+    for option, value in (("--batch-size", batch_size), ("--audit-batch", audit_batch), ("--directions", directions)):
+        if value < 1:
+            raise CLIError(f"{option} must be a positive integer, got {value}")
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_checkpoint(ckpt)
     if plot is not None:
         _writable_dir(plot.parent, "--plot")
+    audit_dir = Path(ckpt.directory) if out is None else out
+    if audit:
+        _writable_dir(audit_dir, "--out")
     data = load_dataset(cfg.data, seed=cfg.seed)
     x = data.x_test[:batch_size].reshape(min(batch_size, len(data.x_test)), -1).to(dev)
     model = build_model(cfg.model, x.shape[1], data.num_classes, **cfg.model_options)
@@ -255,6 +269,32 @@ def analyze(
     typer.echo(result if isinstance(result, str) else _format_report(result))
     if plot is not None and hasattr(result, "plot"):
         typer.echo(f"figure: {result.plot(plot)}")
+    if audit:
+        # The audit's loss is its default, 0.5 ||z*||^2 of the DEQ layer's output: it compares the gradient
+        # modes of the layer's own parameters on the layer's real inputs (what the encoder feeds it).
+        u = captured["x"][:audit_batch]
+        result = audit_gradients(layers[0], u, n_directions=directions)
+        typer.echo(f"gradient audit on {len(u)} test samples (loss 0.5 ||z*||^2 of the DEQ layer's output):")
+        typer.echo(str(result))
+        path = audit_dir / "audit.json"
+        record = {"checkpoint": str(ckpt.directory), "model": cfg.model, "data": cfg.data,
+                  "step": ckpt.progress.get("global_step"), "samples": len(u), "loss": "0.5 ||z*||^2",
+                  **dataclasses.asdict(result)}
+        path.write_text(json.dumps(_finite_or_none(record), indent=2, allow_nan=False) + "\n")
+        typer.echo(f"audit: {path}")
+
+
+def _finite_or_none(value):
+    """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN or Inf)."""
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def _format_report(result) -> str:

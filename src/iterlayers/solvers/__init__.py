@@ -10,6 +10,7 @@ from .. import _validate as v
 from ._loop import ON_FAILURE, FixedPointSolver, StateSpec, report_failure, run_loop
 from .anderson import AndersonSolver
 from .broyden import BroydenSolver
+from .chain import make_chain, solve_chain
 from .errors import (
     ConvergenceError,
     ConvergenceWarning,
@@ -30,6 +31,8 @@ __all__ = [
     "StateSpec",
     "is_converged",
     "ON_FAILURE",
+    "solve_chain",
+    "make_chain",
     "Solution",
     "make_solver",
     "register_solver",

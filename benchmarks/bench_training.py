@@ -1,0 +1,262 @@
+"""End-to-end training on digits, iterlayers (with and without the fixed-point cache) vs torchdeq, same process,
+epochs interleaved: the DEQ tutorial's ResNet conv cell, and the core classifier's MLP cell.
+
+Run: ``make bench`` (or ``python benchmarks/bench_training.py --out results/bench [--quick]``).
+
+Models (cells imported from ``bench_torchdeq.py``): (1) ``conv 1->16 (3x3)`` injection, a DEQ over
+:class:`ResNetCell` (16 channels, 32 inner, GroupNorm, on the 8x8 digits images as they are), ``2x2 average
+pool -> linear`` head; relative tolerance 1e-2, ``max_iter`` 30. (2) ``linear 64->64`` injection, a DEQ over
+:class:`MLPCell` ``tanh(W z + U u)`` with ``||W||_2 = 0.9`` at initialisation, linear head; relative tolerance
+1e-4, ``max_iter`` 50 (the cell of the core DEQ classifier, without its spectral parametrisation).
+Data: sklearn's bundled ``load_digits`` (1797 images, pixels / 16), one fixed 80/20 split (seed 0).
+All three runs start from the same weights, see the same batches in the same order (one permutation per
+epoch) and use Adam (lr 1e-3), batch 64, float32, on CPU.
+
+Threads: one by default (``--threads``). A cell evaluation here is ~2 ms of work on one core; split over two
+OpenMP threads on a machine shared with other jobs it measured 60x slower in CPU time (threads spinning on
+each other), so multi-threaded timings there measure contention, not the libraries.
+
+ResNet tolerance: relative ``1e-2``, the value of the tutorial's Anderson solver. At initialisation this
+cell (ReLU + GroupNorm on 8x8 maps) reaches a relative residual of 1e-2 on 62 of 64 samples of a batch only
+after 30 iterations on average (measured), and stalls near 2e-2 on the others, so tighter tolerances make
+every batch run to ``max_iter`` in both libraries.
+
+Solvers, the same tolerances for both libraries: Anderson forward (m=5) to the *relative* residual
+``||f(z) - z|| <= tol ||f(z)||`` (torchdeq: ``f_stop_mode="rel"``, stopping when the batch maximum passes;
+iterlayers: ``atol=0, rtol=tol``, each sample), implicit (IFT) backward with Anderson to ``tol`` relative
+(torchdeq: ``b_stop_mode="rel"`` relative to ``||f(u)||``; iterlayers: relative to each sample's incoming
+gradient; at the solution these differ by at most the factor ``||(I - J^T)^{-1}||``).
+
+iterlayers + cache: :class:`iterlayers.cache.FixedPointCache` keyed by dataset index (capacity = the training
+set, ``max_age`` = two epochs of steps (under shuffling, the previous visit), every finite row stored,
+converged or not), the training loop passing ``DEQ(u, z0=cached)``.
+
+Reported per configuration: epoch time (median of the epochs after the first; wall and process CPU time),
+forward evaluations of the cell per epoch (counted by a hook on the cell's first convolution, the same count
+for both libraries, so it includes the one differentiable evaluation after the solve), backward adjoint
+iterations per epoch (each library's own count), final test accuracy, the cache's hit rate and memory, and
+the ratios to torchdeq.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import iterlayers as il
+from iterlayers.cache import FixedPointCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_torchdeq import MLPCell, ResNetCell, pin_allocator  # noqa: E402  (the solver benchmark's cells)
+
+from torchdeq import get_deq  # noqa: E402  (bench extra; bench_torchdeq.py has already checked it is there)
+
+
+#: the two cases: (cell, relative tolerance, max_iter); see the module docstring
+CASES = {
+    "ResNet conv cell (DEQ tutorial)": ("resnet", 1e-2, 30),
+    "MLP cell tanh(Wz + Ux), ||W|| = 0.9": ("mlp", 1e-4, 50),
+}
+
+
+class Net(nn.Module):
+    """injection -> equilibrium over the cell -> head. ``counted`` is the submodule the cell calls exactly once
+    per evaluation (its calls are the forward NFE, for both libraries); ``state`` the per-sample state shape."""
+
+    def __init__(self, kind: str, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        if kind == "resnet":
+            c = 16
+            self.inject = nn.Conv2d(1, c, 3, padding=1)
+            self.cell = ResNetCell(c, 32, 8, seed=seed)
+            self.head = nn.Sequential(nn.AvgPool2d(2), nn.Flatten(), nn.Linear(c * 16, 10))
+            self.counted, self.state = self.cell.conv1, (c, 8, 8)
+        else:
+            d = 64
+            self.inject = nn.Sequential(nn.Flatten(), nn.Linear(64, d))
+            self.cell = MLPCell(d, 0.9, seed=seed)
+            self.head = nn.Linear(d, 10)
+            self.counted, self.state = self.cell.W, (d,)
+
+
+class Counter:
+    """Counts calls of a module (one per evaluation of the cell, whichever library calls it)."""
+
+    def __init__(self, module: nn.Module):
+        self.n = 0
+        module.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.n += 1
+
+
+def digits(seed: int = 0):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    tr, te = train_test_split(torch.arange(len(y)).numpy(), test_size=0.2, random_state=seed, stratify=y.numpy())
+    return x[tr], y[tr], x[te], y[te]
+
+
+class Run:
+    """One configuration being trained: its model copy, optimiser, counters and per-epoch records."""
+
+    def __init__(self, name: str, base: Net, lib: str, tol: float, max_iter: int, cache: FixedPointCache | None):
+        self.name, self.lib, self.cache = name, lib, cache
+        self.net = copy.deepcopy(base)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
+        self.calls = Counter(self.net.counted)
+        self.epochs: list[dict] = []
+        if lib == "iterlayers":
+            self.deq = il.DEQ(self.net.cell, solver="anderson", solver_options={"m": 5}, atol=0.0, rtol=tol,
+                              max_iter=max_iter, backward_solver="anderson", backward_atol=0.0, backward_rtol=tol,
+                              backward_max_iter=max_iter, on_failure="ignore")
+        else:
+            self.deq = get_deq(ift=True, f_solver="anderson", f_max_iter=max_iter, f_tol=tol, f_stop_mode="rel",
+                               b_solver="anderson", b_max_iter=max_iter, b_tol=tol, b_stop_mode="rel")
+        self.bwd_info: dict = {}
+
+    def logits(self, x, z0=None):
+        u = self.net.inject(x)
+        if self.lib == "iterlayers":
+            z = self.deq(u, z0=z0)
+        else:
+            zs, _ = self.deq(lambda z: self.net.cell(z, u), torch.zeros_like(u), backward_writer=self.bwd_info.update)
+            z = zs[-1]
+        return self.net.head(z), z
+
+    def backward_steps(self) -> int:
+        if self.lib == "iterlayers":
+            st = self.deq.stats.get("backward")
+            return 0 if st is None else int(st.nfe)
+        steps = self.bwd_info.get("nstep")
+        self.bwd_info.clear()
+        return 0 if steps is None else int(torch.as_tensor(steps).max())
+
+    def epoch(self, x, y, order, batch: int, step0: int) -> None:
+        self.net.train()
+        self.deq.train()
+        calls0, bwd, loss_sum, hits, looked = self.calls.n, 0, 0.0, 0, 0
+        w0, c0 = time.perf_counter(), time.process_time()
+        for k, s in enumerate(range(0, len(order), batch)):
+            ids = order[s:s + batch]
+            xb, yb = x[ids], y[ids]
+            z0 = hit = None
+            if self.cache is not None:
+                z0, hit = self.cache.lookup(ids, like=torch.zeros(len(ids), *self.net.state), step=step0 + k)
+            out, z = self.logits(xb, z0)
+            loss = nn.functional.cross_entropy(out, yb)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            bwd += self.backward_steps()
+            loss_sum += float(loss.detach()) * len(ids)
+            if self.cache is not None:
+                st = self.deq.stats["forward"]
+                # Every finite row, converged or not: an iterate that ran out of iterations is still a far
+                # better start than zeros for the next visit (the solve still iterates to the tolerance).
+                self.cache.store(ids, z.detach(), step=step0 + k, mask=torch.isfinite(st.abs_residual))
+                self.cache.record(st.nstep, hit)
+                hits += int(hit.sum())
+                looked += len(ids)
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        self.epochs.append({"wall_s": wall, "cpu_s": cpu, "fwd_nfe": self.calls.n - calls0, "bwd_nfe": bwd,
+                            "train_loss": loss_sum / len(order), "hit_rate": hits / looked if looked else None})
+
+    @torch.no_grad()
+    def accuracy(self, x, y, batch: int = 256) -> float:
+        self.net.eval()
+        self.deq.eval()
+        right = 0
+        for s in range(0, len(y), batch):
+            out, _ = self.logits(x[s:s + batch])
+            right += int((out.argmax(1) == y[s:s + batch]).sum())
+        return right / len(y)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("results/bench"))
+    p.add_argument("--quick", action="store_true", help="fewer epochs (under 3 minutes on 2 cores)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of torch (see the module docstring)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    allocator = pin_allocator()
+    epochs = a.epochs or (3 if a.quick else 10)
+    batch = 64
+    xtr, ytr, xte, yte = digits()
+    steps_per_epoch = -(-len(ytr) // batch)
+    rows, caches = [], {}
+    for case, (kind, tol, max_iter) in CASES.items():
+        base = Net(kind)
+        # Under shuffling two visits of a sample are 1 to 2 * steps_per_epoch - 1 steps apart.
+        cache = caches[case] = FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch)
+        runs = [Run("torchdeq", base, "torchdeq", tol, max_iter, None),
+                Run("iterlayers", base, "iterlayers", tol, max_iter, None),
+                Run("iterlayers + cache", base, "iterlayers", tol, max_iter, cache)]
+        gen = torch.Generator().manual_seed(0)
+        for e in range(epochs):
+            order = torch.randperm(len(ytr), generator=gen)
+            # Round-robin by epoch, the starting configuration rotating, so none always runs first.
+            for r in runs[e % 3:] + runs[:e % 3]:
+                r.epoch(xtr, ytr, order, batch, e * steps_per_epoch)
+        case_rows = []
+        for r in runs:
+            later = r.epochs[1:] if len(r.epochs) > 1 else r.epochs
+            case_rows.append({
+                "case": case, "config": r.name, "tol": tol, "max_iter": max_iter,
+                "epoch_wall_s": statistics.median(ep["wall_s"] for ep in later),
+                "epoch_cpu_s": statistics.median(ep["cpu_s"] for ep in later),
+                "fwd_nfe_per_epoch": statistics.median(ep["fwd_nfe"] for ep in later),
+                "bwd_nfe_per_epoch": statistics.median(ep["bwd_nfe"] for ep in later),
+                "first_loss": r.epochs[0]["train_loss"], "final_loss": r.epochs[-1]["train_loss"],
+                "test_acc": r.accuracy(xte, yte), "epochs": r.epochs,
+            })
+        ref = case_rows[0]
+        for row in case_rows:
+            row["wall_ratio"] = row["epoch_wall_s"] / ref["epoch_wall_s"]
+            row["cpu_ratio"] = row["epoch_cpu_s"] / ref["epoch_cpu_s"]
+            row["fwd_nfe_ratio"] = row["fwd_nfe_per_epoch"] / ref["fwd_nfe_per_epoch"]
+        rows += case_rows
+    stats = {case: c.stats() for case, c in caches.items()}
+    summary = {"rows": rows, "cache": stats, "threads": torch.get_num_threads(),
+               "settings": {"epochs": epochs, "batch": batch, "cases": CASES, "n_train": len(ytr),
+                            "n_test": len(yte), "allocator": allocator, "quick": a.quick}}
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "training.json").write_text(json.dumps(summary, indent=2))
+    md = ["| case (rel. tol, max_iter) | config | epoch time (s, wall) | epoch CPU (s) | ratio to torchdeq "
+          "(wall / CPU) | fwd cell calls / epoch | bwd adjoint iterations / epoch | train loss (first -> last "
+          "epoch) | test accuracy |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    for row in rows:
+        md.append(f"| {row['case']} ({row['tol']:g}, {row['max_iter']}) | {row['config']} | "
+                  f"{row['epoch_wall_s']:.2f} | {row['epoch_cpu_s']:.2f} | "
+                  f"{row['wall_ratio']:.2f} / {row['cpu_ratio']:.2f} | {row['fwd_nfe_per_epoch']:.0f} | "
+                  f"{row['bwd_nfe_per_epoch']:.0f} | {row['first_loss']:.3f} -> {row['final_loss']:.3f} | "
+                  f"{row['test_acc']:.4f} |")
+    md.append("")
+    for case, cs in stats.items():
+        md.append(f"Cache, {case}: hit rate {cs['hit_rate']:.2f} over all lookups (epoch 1 is all misses), "
+                  f"{cs['nbytes'] / 2**20:.2f} MB for {cs['capacity']} samples, mean forward iterations per "
+                  f"sample warm {cs['mean_steps_warm']:.1f} vs cold {cs['mean_steps_cold']:.1f}.")
+    md += ["", f"Digits 8x8, {len(ytr)} train / {len(yte)} test, {epochs} epochs (medians over epochs "
+           f"2-{epochs}), batch {batch}, Adam 1e-3; Anderson forward and backward at the case's relative "
+           f"tolerance; CPU threads {torch.get_num_threads()}; {allocator}."]
+    (a.out / "training.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
