@@ -21,6 +21,7 @@ from .errors import (
     UnsupportedError,
     ValidationError,
 )
+from .cache import FixedPointCache
 from .dropout import VariationalDropout
 from .layers import DEQ, FixedPointCorrection, JacobianPenalty, SpectralMonitor, Unrolled
 from .parametrizations import MonotoneLinear, SpectralNormLinear, spectral_norm, weight_norm
@@ -69,6 +70,7 @@ __all__ = [
     "JacobianPenalty",
     "SpectralMonitor",
     "VariationalDropout",
+    "FixedPointCache",
     "BACKWARD_MODES",
     "SOLVERS",
     "make_solver",

@@ -127,7 +127,8 @@ _CONFIG_PARAMS = ("model", "data", "epochs", "batch_size", "lr", "optimizer", "s
 def train(
     ctx: typer.Context,
     model: Annotated[str, typer.Option(help="Model name (deq_mlp, deq_conv, mlp, ...).")] = _D.model,
-    data: Annotated[str, typer.Option(help="digits, mnist1d, stdlib_chars, graph:NAME (an offline graph), or a path to a .npz/.pt file.")] = _D.data,
+    data: Annotated[str, typer.Option(
+        help="digits, mnist1d, stdlib_chars, graph:NAME (an offline graph), or a path to a .npz/.pt file.")] = _D.data,
     epochs: Annotated[int, typer.Option(help="Number of epochs.")] = _D.epochs,
     batch_size: Annotated[int, typer.Option(help="Global batch size, split over processes.")] = _D.batch_size,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = _D.lr,

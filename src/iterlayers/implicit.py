@@ -48,7 +48,8 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from . import _validate as V
 from .errors import OptionTypeError, ShapeMismatchError, UnsupportedError, ValidationError
 from .hoist import cell_fingerprint, input_signature, split_cell
-from .solvers import CONVERGED, ON_FAILURE, SolverStats, StateSpec, make_solver, report_failure, run_loop
+from .solvers import (CONVERGED, ON_FAILURE, SolverStats, StateSpec, make_chain, make_solver, report_failure,
+                      run_loop, solve_chain)
 from .unrolling import unroll
 
 __all__ = ["deq_solve", "DEQOptions", "BACKWARD_MODES", "STOPPING", "implicit_backward", "GradientMode",
@@ -285,7 +286,10 @@ class DEQOptions:
     validated once, here (``forward_solver``, ``adjoint_solver``), not on every forward pass.
 
     Attributes:
-        solver: forward solver name (``"anderson"``, ``"broyden"``, ``"picard"``, ``"gmres"``) or instance.
+        solver: forward solver name (``"anderson"``, ``"broyden"``, ``"picard"``, ``"gmres"``) or instance, or
+            a list of them: a fallback chain (:func:`iterlayers.solvers.solve_chain`; the samples a solver fails
+            on continue with the next from their best iterate, ``stats["forward"].info["finished_by"]`` says which
+            solver finished each sample; each solver has its own ``max_iter``).
         backward: the gradient mode: a :class:`GradientMode` value (:class:`Implicit`, :class:`Phantom`,
             :class:`JFB`, :class:`Unrolled`) or its name (one of :data:`BACKWARD_MODES`), which builds the value
             from the keyword fields below (``backward_*``, ``phantom_*``, ``unrolled_damping``); with a value,
@@ -387,7 +391,18 @@ class DEQOptions:
             kept = {V.positive_int(k, f"trajectory[{i}]", where=_WHERE) for i, k in enumerate(self.trajectory)}
             object.__setattr__(self, "trajectory", tuple(sorted(kept)))
         # Built and validated once per value (the value is frozen, so the cache cannot go stale).
-        object.__setattr__(self, "_forward_solver", make_solver(self.solver, self.solver_options))
+        if isinstance(self.solver, (list, tuple)):
+            if self.solver_options is not None:
+                raise ValidationError(f"{_WHERE}: solver_options with a chain of solvers {list(self.solver)} is "
+                                      "ambiguous; give configured solver instances in the list instead")
+            if self.trajectory:
+                raise UnsupportedError(f"{_WHERE}: trajectory with a chain of solvers is not supported (whose "
+                                       "iteration k?); use one solver")
+            # Stored as a tuple: the value is frozen and hashable like the others.
+            object.__setattr__(self, "solver", tuple(self.solver))
+            object.__setattr__(self, "_forward_solver", make_chain(self.solver))
+        else:
+            object.__setattr__(self, "_forward_solver", make_solver(self.solver, self.solver_options))
         keyword = {
             "implicit": lambda: ImplicitGradient(self.backward_solver, self.backward_atol, self.backward_rtol,
                                          self.backward_max_iter, self.backward_solver_options),
@@ -432,7 +447,7 @@ class DEQOptions:
 
     @property
     def forward_solver(self):
-        """The forward solver value (built once)."""
+        """The forward solver value (built once); a tuple of them for a fallback chain."""
         return self._forward_solver
 
     @property
@@ -899,12 +914,15 @@ def deq_solve(
                 return f(z, *args, **kw)
 
             loop_args, names = (), None
-        z_star, st = run_loop(
-            loop_f, z0d, solver=o.forward_solver, args=loop_args, kwargs=kwargs, stopping=stopping,
-            atol=o.atol, rtol=o.rtol, max_iter=o.max_iter, on_failure=o.on_failure, return_trace=o.return_trace,
-            divergence_ratio=1e6, arg_names=names, phase="forward", verified=verdict == "independent",
-            keep=o.kept_iterations,
+        loop_options = dict(
+            args=loop_args, kwargs=kwargs, stopping=stopping, atol=o.atol, rtol=o.rtol, max_iter=o.max_iter,
+            on_failure=o.on_failure, return_trace=o.return_trace, divergence_ratio=1e6, arg_names=names,
+            phase="forward", verified=verdict == "independent",
         )
+        if isinstance(o.forward_solver, tuple):
+            z_star, st = solve_chain(loop_f, z0d, solvers=o.forward_solver, **loop_options)
+        else:
+            z_star, st = run_loop(loop_f, z0d, solver=o.forward_solver, keep=o.kept_iterations, **loop_options)
     if key is not None:
         if verdict == "coupled":
             st.info["stopping"] = "joint (coupling found by an earlier verified solve of this cell)"

@@ -369,7 +369,10 @@ class DEQ(nn.Module):
 
     def extra_repr(self) -> str:
         o = self.options
-        solver = o.solver if isinstance(o.solver, str) else type(o.solver).__name__
+        if isinstance(o.solver, tuple):
+            solver = [s if isinstance(s, str) else type(s).__name__ for s in o.solver]
+        else:
+            solver = o.solver if isinstance(o.solver, str) else type(o.solver).__name__
         aids = "".join(f", {name}={value}" for name, value in (("jacobian_penalty", self.jacobian_penalty),
                                                                ("spectral_monitor", self.spectral_monitor),
                                                                ("correction", self.correction))
