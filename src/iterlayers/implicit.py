@@ -197,7 +197,7 @@ class ImplicitGradient(GradientMode):
             try:
                 u, bst = implicit_backward(
                     fz, z_leaf, grad, solver=mode.solver_value, atol=atol, rtol=rtol,
-                    max_iter=mode.limit(o.max_iter), on_failure=o.on_failure,
+                    max_iter=mode.limit(o.max_iter), on_failure=o.on_failure, divergence_ratio=o.divergence_ratio,
                 )
             finally:
                 inside[0] = False
@@ -317,6 +317,8 @@ class DEQOptions:
             ``backward_max_iter=0`` is refused (it is ``backward="jfb"``).
         phantom_steps, phantom_damping: ``k`` and ``lambda`` of ``backward="phantom"``.
         unrolled_damping: damping of the Picard loop of ``backward="unrolled"``.
+        divergence_ratio: a sample whose residual exceeds this multiple of its initial residual (or gets NaN/Inf)
+            is declared diverged (forward, adjoint and tangent solves; see :mod:`iterlayers.solvers._loop`).
         hoist: compute the part of ``f`` that does not depend on ``z`` once per forward solve instead of once
             per iteration (:mod:`iterlayers.hoist`); results are unchanged.
         trajectory: forward iterations ``k`` (a tuple), or a count ``n`` (an int: ``k_i = ceil(i N / n)``,
@@ -346,6 +348,7 @@ class DEQOptions:
     unrolled_damping: float = 1.0
     hoist: bool = True
     trajectory: object = ()
+    divergence_ratio: float = 1e6
 
     def __post_init__(self):
         for name in ("solver_options", "backward_solver_options"):
@@ -366,6 +369,7 @@ class DEQOptions:
         V.non_negative_int(self.max_iter, "max_iter", where=_WHERE)
         V.boolean(self.return_trace, "return_trace", where=_WHERE)
         V.boolean(self.hoist, "hoist", where=_WHERE)
+        V.in_range(self.divergence_ratio, "divergence_ratio", where=_WHERE, low=1.0, low_open=True)
         for name in ("backward_atol", "backward_rtol"):
             if getattr(self, name) is not None:
                 # Relative to the incoming gradient: a value >= 1 accepts the right-hand side (JFB) at once.
@@ -725,6 +729,7 @@ def implicit_backward(
     rtol: float,
     max_iter: int,
     on_failure: str,
+    divergence_ratio: float = 1e6,
 ) -> tuple[torch.Tensor, SolverStats]:
     """Solve the adjoint fixed point ``u = J^T u + grad`` with ``J = d fz / d z_star`` (both ``[B, N]``).
 
@@ -753,7 +758,7 @@ def implicit_backward(
 
     u, stats = run_loop(
         adjoint, rhs, solver=solver, atol=atol, rtol=rtol, max_iter=max_iter, on_failure=on_failure,
-        return_trace=False, divergence_ratio=1e6, check_inputs=False, stopping="joint", phase="backward",
+        return_trace=False, divergence_ratio=divergence_ratio, check_inputs=False, stopping="joint", phase="backward",
     )
     return u * scale, stats
 
@@ -775,7 +780,8 @@ def _tangent_solve(f_flat, z_star, b, mode: "Implicit", o: DEQOptions):
     with torch.no_grad():
         t, stats = run_loop(
             tangent, rhs, solver=mode.solver_value, atol=atol, rtol=rtol,
-            max_iter=mode.limit(o.max_iter), on_failure=o.on_failure, return_trace=False, divergence_ratio=1e6,
+            max_iter=mode.limit(o.max_iter), on_failure=o.on_failure, return_trace=False,
+            divergence_ratio=o.divergence_ratio,
             check_inputs=False, stopping="joint", phase="jvp",
         )
     return t * scale, stats
@@ -916,7 +922,8 @@ def deq_solve(
             loop_args, names = (), None
         loop_options = dict(
             args=loop_args, kwargs=kwargs, stopping=stopping, atol=o.atol, rtol=o.rtol, max_iter=o.max_iter,
-            on_failure=o.on_failure, return_trace=o.return_trace, divergence_ratio=1e6, arg_names=names,
+            on_failure=o.on_failure, return_trace=o.return_trace, divergence_ratio=o.divergence_ratio,
+            arg_names=names,
             phase="forward", verified=verdict == "independent",
         )
         if isinstance(o.forward_solver, tuple):
