@@ -39,7 +39,7 @@ def npz(tmp_path):
         (["train", "--option", "widht=3"], "unknown option(s) ['widht']"),
         (["train", "--device", "abacus"], "device='abacus' is not valid; use cpu, cuda or cuda:N"),
         (["reproduce", "everything"],
-         "experiment 'everything' is not valid; choose one of: core, reasoning, frames, implicit, operators, all"),
+         "experiment 'everything' is not valid; choose one of: core, reasoning, frames, implicit, operators, zoo, all"),
         (["analyze", "/nonexistent/run"], "no checkpoint at '/nonexistent/run'"),
         (["frobnicate"], "No such command"),
     ],
@@ -106,9 +106,10 @@ def test_reproduce_all_runs_every_available_experiment_and_records_failures(tmp_
         raise RuntimeError("numerical trouble")
 
     mods = {"fake_core": _fake_experiment("claim A"), "fake_reasoning": types.SimpleNamespace(run=broken),
-            "fake_frames": _fake_experiment("claim C")}
+            "fake_frames": _fake_experiment("claim C"), "fake_zoo": _fake_experiment("claim Z")}
     registry = {"core": "fake_core", "reasoning": "fake_reasoning", "frames": "fake_frames",
-                "implicit": "iterlayers.experiments.does_not_exist", "operators": "fake_operators_missing"}
+                "implicit": "iterlayers.experiments.does_not_exist", "operators": "fake_operators_missing",
+                "zoo": "fake_zoo"}
     monkeypatch.setattr(experiments, "EXPERIMENTS", registry)
     real_import = experiments.importlib.import_module
     monkeypatch.setattr(experiments.importlib, "import_module", lambda n: mods[n] if n in mods else real_import(n))

@@ -23,8 +23,9 @@ EXPERIMENTS: dict[str, str] = {
     "frames": "iterlayers.experiments.frames",
     "implicit": "iterlayers.experiments.implicit",
     "operators": "iterlayers.experiments.operators",
+    "zoo": "iterlayers.experiments.zoo",
 }
-ORDER: tuple[str, ...] = ("core", "reasoning", "frames", "implicit", "operators")
+ORDER: tuple[str, ...] = ("core", "reasoning", "frames", "implicit", "operators", "zoo")
 
 TITLES: dict[str, str] = {
     "core": "Core: a DEQ classifier on digits (solvers and implicit gradients)",
@@ -32,6 +33,7 @@ TITLES: dict[str, str] = {
     "frames": "Deep frame approximation and the deep frame potential (Murdock et al.)",
     "implicit": "Implicit deep learning: global convergence of gradient dynamics (Kawaguchi, ICLR 2021)",
     "operators": "Iterative operators and PIGN (Zappala et al., 2023)",
+    "zoo": "The model zoo trained end to end (MDEQ, monDEQ, IGNN, DEQ transformer): sanity checks",
 }
 
 
