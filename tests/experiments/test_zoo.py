@@ -24,4 +24,5 @@ def test_zoo_tiny(tmp_path):
     # the character model's chance level is a perplexity above 1 and below the vocabulary size
     lm = metrics["models"]["deq_transformer"]
     assert 1 < lm["chance"] < 98
-    assert (tmp_path / "table.md").read_text().count("\n") == 2 + len(zoo.RUNS)
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"| {name} |" in table for name in zoo.RUNS) and "zoo_mdeq_trained" in table

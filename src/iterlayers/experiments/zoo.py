@@ -46,7 +46,7 @@ def _chance(data_name: str, n_train, n_test, seed: int) -> tuple[str, float]:
 
 def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> dict:
     """Train each zoo model once; write ``metrics.json`` (sanity checks) and ``table.md`` into ``out``."""
-    from iterlayers.experiments.claims import mode_of, sanity_check, write_metrics
+    from iterlayers.experiments.claims import mode_of, read_metrics, sanity_check, sanity_markdown, write_metrics
     from iterlayers.training import TrainConfig, train
 
     out = Path(out)
@@ -92,5 +92,6 @@ def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> 
         lines.append(f"| {name} | {r['data']} | {r['epochs']} | {r['metric']} | {r['value']:.3f} | "
                      f"{r['chance']:.3f} ({r['chance_kind']}) | {r['fwd_iters']:.1f} | {r['fwd_converged']:.2f} | "
                      f"{r['bwd_iters']:.1f} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # rendered from metrics.json alone, like every experiment's table
+    (out / "table.md").write_text("\n".join(lines) + "\n\n" + sanity_markdown(read_metrics(out)), encoding="utf-8")
     return {"models": rows, "sanity_checks": checks}
