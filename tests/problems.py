@@ -75,3 +75,27 @@ def expanding_cell(n: int = 5, factor: float = 1.5, seed: int = 0):
     """A linear cell with spectral radius ``factor > 1``: Picard iteration diverges."""
     A = torch.eye(n, dtype=torch.float64) * factor
     return LinearCell(A)
+
+
+class BatchNormCell(nn.Module):
+    """``tanh(0.5 bn(W z) + x)`` with a batch norm: couples rows in train mode and updates running statistics."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.bn = nn.BatchNorm1d(d)
+
+    def forward(self, z, x):
+        return torch.tanh(0.5 * self.bn(self.lin(z)) + x)
+
+
+class PairCell(nn.Module):
+    """A tuple state ``(u, v) -> (tanh(a v + x), tanh(a u))`` with one float64 parameter ``a = 0.5``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
+    def forward(self, z, x):
+        u, v = z
+        return torch.tanh(self.a * v + x), torch.tanh(self.a * u)

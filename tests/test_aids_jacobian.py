@@ -7,7 +7,7 @@ from torch import nn
 import iterlayers as il
 from iterlayers.analysis.spectral import spectral_radius
 from iterlayers.layers import JacobianPenalty, SpectralMonitor
-from problems import TanhCell
+from problems import BatchNormCell, PairCell, TanhCell
 
 
 def dense_jacobians(cell, z, x):
@@ -115,16 +115,7 @@ def test_spectral_monitor_matches_dense_eigenvalues():
 
 
 def test_measurements_leave_batch_norm_statistics_alone():
-    class BNCell(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 4, dtype=torch.float64)
-            self.bn = nn.BatchNorm1d(4, dtype=torch.float64)
-
-        def forward(self, z, x):
-            return torch.tanh(0.5 * self.bn(self.lin(z)) + x)
-
-    cell = BNCell()
+    cell = BatchNormCell().double()
     layer = il.DEQ(cell, jacobian_penalty=JacobianPenalty(samples=3), spectral_monitor=SpectralMonitor(),
                    on_failure="ignore")  # running statistics matter here, not the tolerance
     x = torch.randn(8, 4, dtype=torch.float64)
@@ -136,16 +127,7 @@ def test_measurements_leave_batch_norm_statistics_alone():
 
 
 def test_tuple_states():
-    class Two(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
-
-        def forward(self, z, x):
-            u, v = z
-            return torch.tanh(self.a * v + x), torch.tanh(self.a * u)
-
-    cell = Two()
+    cell = PairCell()
     layer = il.DEQ(cell, atol=1e-12, rtol=0, jacobian_penalty=JacobianPenalty(distribution="rademacher"))
     x = torch.randn(3, 2, dtype=torch.float64)
     u, v = layer(x, z0=(torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64)))

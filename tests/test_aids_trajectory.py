@@ -5,11 +5,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import iterlayers as il
 from iterlayers.layers import FixedPointCorrection
-from problems import TanhCell
+from problems import BatchNormCell, PairCell, TanhCell
 
 
 def spread_inputs(batch=6, n=4, seed=0):
@@ -115,19 +114,10 @@ def test_every_solver_and_gradient_mode(solver, backward, how):
 
 
 def test_tuple_states_eval_mode_and_refusals():
-    class Two(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
-
-        def forward(self, z, x):
-            u, v = z
-            return torch.tanh(self.a * v + x), torch.tanh(self.a * u)
-
     x = torch.randn(3, 2, dtype=torch.float64)
     z0 = (torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.float64))
     for correction in (FixedPointCorrection(at=(1, 2)), FixedPointCorrection(count=40)):
-        layer = il.DEQ(Two(), solver="picard", backward="jfb", atol=1e-12, rtol=0, correction=correction)
+        layer = il.DEQ(PairCell(), solver="picard", backward="jfb", atol=1e-12, rtol=0, correction=correction)
         layer(x, z0=z0)
         k1, (u1, v1), _ = layer.states[0]
         assert k1 == 1
@@ -146,22 +136,13 @@ def test_tuple_states_eval_mode_and_refusals():
     with pytest.raises(il.ValidationError, match="at"):
         FixedPointCorrection(at=(0, 2))
     with pytest.raises(il.OptionTypeError, match="correction"):
-        il.DEQ(Two(), correction=(1, 2))
+        il.DEQ(PairCell(), correction=(1, 2))
 
 
 @pytest.mark.parametrize("correction", [FixedPointCorrection(count=3), FixedPointCorrection(at=(1, 2, 3, 500))])
 def test_batch_norm_statistics_updated_once_per_solve(correction):
-    class BNCell(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 4)
-            self.bn = nn.BatchNorm1d(4)
-
-        def forward(self, z, x):
-            return torch.tanh(0.5 * self.bn(self.lin(z)) + x)
-
     torch.manual_seed(0)
-    cell = BNCell()
+    cell = BatchNormCell()
     layer = il.DEQ(cell, correction=correction, on_failure="ignore")
     z = layer(torch.randn(8, 4))
     assert int(cell.bn.num_batches_tracked) == 1

@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import iterlayers as il
-from problems import TanhCell
+from problems import BatchNormCell, TanhCell
 
 DOCS = sorted((Path(__file__).resolve().parents[1] / "docs" / "aids").glob("*.md"))
 
@@ -39,17 +38,8 @@ def test_warm_start_cuts_evaluations_and_keeps_the_fixed_point():
 
 @pytest.mark.parametrize("backward", ["implicit", "phantom", "unrolled"])
 def test_batch_norm_updated_once_per_solve_from_a_warm_start(backward):
-    class BNCell(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 4)
-            self.bn = nn.BatchNorm1d(4)
-
-        def forward(self, z, x):
-            return torch.tanh(0.5 * self.bn(self.lin(z)) + x)
-
     torch.manual_seed(0)
-    cell = BNCell()
+    cell = BatchNormCell()
     layer = il.DEQ(cell, backward=backward, on_failure="ignore")  # statistics matter here, not the tolerance
     x = torch.randn(8, 4)
     z = layer(x)
