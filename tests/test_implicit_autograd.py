@@ -172,10 +172,22 @@ def test_adjoint_has_its_own_non_degenerate_defaults():
     # The backward solve runs with them: rtol is the forward rtol (not its atol), the limit is not 0.
     cell = TanhCell(6, norm=0.9, seed=38)
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    deq = il.DEQ(cell, atol=1e-9, rtol=1e-7, max_iter=300)
+    deq = il.DEQ(cell, atol=1e-9, rtol=1e-7, max_iter=300, backward_adaptive=False)
     deq(x).sum().backward()
     bst = deq.stats["backward"]
     assert (bst.atol, bst.rtol, bst.max_iter) == (1e-9, 1e-7, 300) and int(bst.nstep.min()) > 0
+    # Adaptive (the default): each default is lowered to the forward's reached relative residual where smaller.
+    deq = il.DEQ(cell, atol=1e-9, rtol=1e-7, max_iter=300, stopping="joint")
+    deq(x).sum().backward()
+    fst, bst = deq.stats["forward"], deq.stats["backward"]
+    with torch.no_grad():  # the same solve without a graph returns z* itself; its true relative residual:
+        z = deq(x)
+        fz = cell(z, x)
+        rho = float(((fz - z).norm(dim=1) / fz.norm(dim=1)).max())
+    balanced = max(rho, 16 * torch.finfo(torch.float64).eps)
+    assert bst.rtol == pytest.approx(min(1e-7, balanced), rel=1e-6) and bst.rtol < 1e-7
+    assert bst.atol == pytest.approx(min(1e-9, balanced), rel=1e-6)
+    assert bst.info["adjoint_tolerance"] == (bst.atol, bst.rtol) and fst.status == "converged"
     # A forward max_iter=0 returns z0 (reported as max_iter) but the gradient is still the implicit one.
     deq0 = il.DEQ(cell, atol=1e-9, rtol=0, max_iter=0, on_failure="ignore")
     deq0(x).sum().backward()

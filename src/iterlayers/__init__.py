@@ -10,7 +10,7 @@ Core API (see README.md):
 Every error raised is an :class:`IterlayersError` (:mod:`iterlayers.errors`).
 """
 from .implicit import (BACKWARD_MODES, DEQOptions, GradientMode, ImplicitGradient, JFBGradient, PhantomGradient,
-                       UnrolledGradient, deq_solve, implicit_backward)
+                       ShineGradient, UnrolledGradient, deq_solve, implicit_backward)
 from .unrolling import Unrolling, unroll
 from . import analysis
 from .analysis.audit import GradientAudit, audit_gradients
@@ -58,6 +58,7 @@ __all__ = [
     "PhantomGradient",
     "JFBGradient",
     "UnrolledGradient",
+    "ShineGradient",
     "implicit_backward",
     "DEQ",
     "analysis",

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,16 +47,16 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from . import _validate as V
-from .errors import OptionTypeError, ShapeMismatchError, UnsupportedError, ValidationError
+from .errors import ConvergenceWarning, OptionTypeError, ShapeMismatchError, UnsupportedError, ValidationError
 from .hoist import cell_fingerprint, input_signature, split_cell
 from .solvers import (CONVERGED, ON_FAILURE, SolverStats, StateSpec, make_chain, make_solver, report_failure,
                       run_loop, solve_chain)
 from .unrolling import unroll
 
 __all__ = ["deq_solve", "DEQOptions", "BACKWARD_MODES", "STOPPING", "implicit_backward", "GradientMode",
-           "ImplicitGradient", "PhantomGradient", "JFBGradient", "UnrolledGradient", "GRADIENT_MODES"]
+           "ImplicitGradient", "PhantomGradient", "JFBGradient", "UnrolledGradient", "ShineGradient", "GRADIENT_MODES"]
 
-BACKWARD_MODES = ("implicit", "phantom", "jfb", "unrolled")  # the names of GRADIENT_MODES
+BACKWARD_MODES = ("implicit", "phantom", "jfb", "unrolled", "shine")  # the names of GRADIENT_MODES
 STOPPING = ("auto", "per_sample", "joint")
 
 #: Defaults of the adjoint (and JVP) solve when ``backward_*`` is not given: the forward tolerance, but never
@@ -113,7 +114,27 @@ class ImplicitGradient(GradientMode):
     units (:func:`implicit_backward`); forward-mode tangents by the tangent solve ``t = J t + b``. ``None``
     tolerances / limit follow the forward solve: ``min(forward, 1e-5)`` (raised to the dtype's resolution,
     :meth:`tolerances`) and ``max(forward max_iter, 50)`` (:meth:`limit`). Tolerances are relative to each
-    sample's incoming gradient, so they must be below 1. Statistics: ``stats["backward"]`` / ``stats["jvp"]``.
+    sample's incoming gradient, so they must be below 1, and do not depend on the scale of the loss (a
+    mean-reduced loss divides every ``g`` by the batch size; an absolute tolerance would then accept ``u = 0``).
+    Statistics: ``stats["backward"]`` / ``stats["jvp"]``.
+
+    ``adaptive`` (default True): a ``None`` tolerance is also tied to the forward residual actually reached,
+    ``rho = max_i ||f(z_i) - z_i|| / ||f(z_i)||``: it becomes ``min(default, max(rho, 16 eps))``, never looser
+    than the default. Why (derived, first order): ``z`` off the fixed point by ``e = (I - J)^{-1} r`` changes
+    the gradient by a relative amount of the order of ``rho`` (times the conditioning of ``I - J`` and the
+    curvature of ``f``), and an adjoint residual ``tau`` (relative to ``g``) changes it by the order of
+    ``tau`` (times the conditioning of ``I - J^T``); ``tau = rho`` balances the two, so a forward pass solved
+    to 1e-10 (a gradient check) gets a 1e-10 adjoint instead of the fixed 1e-5. The tolerance used is
+    ``stats["backward"].info["adjoint_tolerance"]``.
+
+    ``fallback`` (default None): a gradient mode value used for the samples whose adjoint solve fails
+    (:class:`PhantomGradient` or :class:`JFBGradient`, or their names), instead of ``on_failure``. Opt-in and
+    never silent: ``stats["backward"].info["fallback"]`` names the mode and the samples (``info
+    ["fallback_samples"]`` counts them) and a ``ConvergenceWarning`` says so (unless ``on_failure="ignore"``).
+    Its adjoint at the fixed point (derived): JFB ``u = g``; phantom with ``k`` steps and damping ``lam``
+    ``u = lam sum_{j<k} ((1 - lam) I + lam J^T)^j g``, i.e. ``k`` damped adjoint steps from 0, which equals the
+    gradient of :class:`PhantomGradient` when ``z*`` is an exact fixed point (every phantom step is then
+    evaluated at ``z*``). When the forward solve coupled the rows (joint stopping) the whole batch falls back.
     """
 
     solver: object = "anderson"
@@ -121,10 +142,19 @@ class ImplicitGradient(GradientMode):
     rtol: float | None = None
     max_iter: int | None = None
     solver_options: dict | None = None
+    adaptive: bool = True
+    fallback: object = None
     name = "implicit"
 
     def __post_init__(self):
         where = "Implicit"
+        V.boolean(self.adaptive, "adaptive", where=where)
+        if isinstance(self.fallback, str):
+            V.choice(self.fallback, "fallback", ("phantom", "jfb"), where=where)
+            object.__setattr__(self, "fallback", GRADIENT_MODES[self.fallback]())
+        elif self.fallback is not None and not isinstance(self.fallback, (PhantomGradient, JFBGradient)):
+            raise OptionTypeError(f"{where}: fallback must be None, 'phantom', 'jfb', a PhantomGradient or a "
+                                  f"JFBGradient, got {self.fallback!r}")
         if self.solver_options is not None:
             if not isinstance(self.solver_options, Mapping):
                 raise OptionTypeError(f"{where}: solver_options must be a dict or None, got "
@@ -149,10 +179,13 @@ class ImplicitGradient(GradientMode):
         """The adjoint (and tangent) solver, built once."""
         return self._solver
 
-    def tolerances(self, forward_atol: float, forward_rtol: float, dtype: torch.dtype) -> tuple[float, float]:
+    def tolerances(self, forward_atol: float, forward_rtol: float, dtype: torch.dtype,
+                   forward_residual: float | None = None) -> tuple[float, float]:
         """``(atol, rtol)`` of the adjoint / tangent solve in ``dtype``: the given values, or the defaults
         ``min(forward, ADJOINT_MAX_TOL)`` raised to the resolution ``eps`` of ``dtype`` (reachable in bfloat16
-        and float16, where ``1e-5`` is not; no change in float32 and float64)."""
+        and float16, where ``1e-5`` is not; no change in float32 and float64). With ``adaptive`` and the
+        forward's relative residual ``forward_residual`` (``rho``), a default is lowered to ``max(rho, 16 eps)``
+        where that is smaller (see the class docstring)."""
         eps = torch.finfo(dtype).eps
         atol = self.atol if self.atol is not None else max(min(forward_atol, ADJOINT_MAX_TOL), eps)
         if self.rtol is not None:
@@ -160,6 +193,12 @@ class ImplicitGradient(GradientMode):
         else:
             rtol = min(forward_rtol, ADJOINT_MAX_TOL)
             rtol = max(rtol, eps) if rtol > 0 else 0.0
+        if self.adaptive and forward_residual is not None and math.isfinite(forward_residual):
+            balanced = max(forward_residual, 16 * eps)
+            if self.atol is None:
+                atol = min(atol, balanced)
+            if self.rtol is None and rtol > 0:
+                rtol = min(rtol, balanced)
         return atol, rtol
 
     def limit(self, forward_max_iter: int) -> int:
@@ -172,7 +211,7 @@ class ImplicitGradient(GradientMode):
             with torch.no_grad(), _frozen_statistics(solve.traits.stat_modules):
                 b = fwAD.unpack_dual(f_flat(zf)).tangent
                 if b is not None:
-                    t, stats["jvp"] = _tangent_solve(f_flat, zf, b, self, o)
+                    t, stats["jvp"] = _tangent_solve(f_flat, zf, b, self, o, _forward_residual(stats))
         z_leaf = zf.detach().requires_grad_(solve.grad_needed)
         fz = f_flat(z_leaf if t is None else fwAD.make_dual(z_leaf, t))
         if not (solve.grad_needed and fz.requires_grad):
@@ -193,12 +232,16 @@ class ImplicitGradient(GradientMode):
                     "iteration), or compute second derivatives of an explicit reference"
                 )
             inside[0] = True
-            atol, rtol = mode.tolerances(o.atol, o.rtol, fz.dtype)
+            atol, rtol = mode.tolerances(o.atol, o.rtol, fz.dtype, _forward_residual(stats))
             try:
                 u, bst = implicit_backward(
                     fz, z_leaf, grad, solver=mode.solver_value, atol=atol, rtol=rtol,
-                    max_iter=mode.limit(o.max_iter), on_failure=o.on_failure, divergence_ratio=o.divergence_ratio,
+                    max_iter=mode.limit(o.max_iter), divergence_ratio=o.divergence_ratio,
+                    on_failure="ignore" if mode.fallback is not None else o.on_failure, check_every=o.check_every,
                 )
+                bst.info["adjoint_tolerance"] = (atol, rtol)
+                if mode.fallback is not None and bst.status != CONVERGED:
+                    u = mode._fall_back(fz, z_leaf, grad, u, bst, solve)
             finally:
                 inside[0] = False
             if record is None:
@@ -209,6 +252,45 @@ class ImplicitGradient(GradientMode):
 
         fz.register_hook(hook)
         return fz
+
+    def _fall_back(self, fz, z_leaf, grad, u, bst, solve):
+        """``u`` with the rows whose adjoint failed replaced by the fallback mode's adjoint (all rows when the
+        forward solve was joint, i.e. the rows are coupled); recorded in ``bst.info`` and warned about."""
+        failed = ~bst.converged
+        forward = solve.stats.get("forward")
+        if forward is None or str(forward.info.get("stopping", "")).startswith("joint"):
+            failed = torch.ones_like(failed)  # coupled rows: one row's failure spoils the others
+        fb = self.fallback
+        if isinstance(fb, JFBGradient):
+            v = grad
+        else:  # k damped adjoint steps from 0: the phantom gradient's adjoint at the fixed point
+            v = torch.zeros_like(grad)
+            for _ in range(fb.steps):
+                (vjp,) = torch.autograd.grad(fz, z_leaf, v, retain_graph=True)
+                v = (1 - fb.damping) * v + fb.damping * (vjp + grad)
+        u = torch.where(failed.unsqueeze(1), v, u)
+        samples = failed.nonzero().flatten().tolist()
+        bst.info["fallback"] = {"mode": fb.name, "samples": samples}
+        bst.info["fallback_samples"] = len(samples)
+        if solve.options.on_failure != "ignore":
+            warnings.warn(
+                f"backward solve ({bst.solver}) did not converge on {len(samples)} of {bst.batch_size} samples "
+                f"(status {bst.status}); the {fb.name} gradient was used for samples {samples[:8]}"
+                f"{'...' if len(samples) > 8 else ''} (ImplicitGradient(fallback=...); recorded in "
+                f"stats['backward'].info['fallback'])",
+                ConvergenceWarning, stacklevel=2,
+            )
+        return u
+
+
+def _forward_residual(stats) -> float | None:
+    """The largest relative residual of the forward solve's finite samples (``None`` without one)."""
+    st = stats.get("forward") if stats is not None else None
+    if st is None or st.batch_size == 0:
+        return None
+    rel = st.rel_residual
+    rel = rel[torch.isfinite(rel)]
+    return float(rel.max()) if rel.numel() else None
 
 
 @dataclass(frozen=True)
@@ -246,6 +328,82 @@ class JFBGradient(GradientMode):
 
 
 @dataclass(frozen=True)
+class ShineGradient(GradientMode):
+    r"""SHINE: the adjoint from the forward Broyden solve's inverse-Jacobian estimate (Ramzi et al., "SHINE:
+    SHaring the INverse Estimate from the forward pass for bi-level optimization and implicit models", ICLR
+    2022). Broyden keeps ``H ~ (J - I)^{-1}`` (the inverse Jacobian of ``g(z) = f(z) - z``); the adjoint
+    ``u = (I - J^T)^{-1} g`` is then estimated as ``u = -H^T g``, with no vector-Jacobian product at all.
+
+    ``H`` is only accurate in the directions the forward iterations explored, so this is an approximation, and
+    it is reported as one: ``stats["backward"]`` holds the *measured* adjoint residual of ``u`` (one
+    vector-Jacobian product, ``||J^T u + g - u|| / ||g||`` per sample, in ``abs_residual``) against the
+    implicit mode's default tolerances; its ``status`` says whether the estimate happens to meet them.
+    ``refine`` > 0 runs that many adjoint iterations (Anderson) from the estimate, towards the exact implicit
+    gradient. Requires ``solver="broyden"`` (one solver, not a chain). A sample frozen by per-sample stopping
+    before Broyden's last restart holds the estimate it had when it stopped.
+    """
+
+    refine: int = 0
+    name = "shine"
+
+    def __post_init__(self):
+        V.non_negative_int(self.refine, "refine", where="Shine")
+        object.__setattr__(self, "_refiner", make_solver("anderson", None))
+
+    def attach(self, solve: _Solve, zf: torch.Tensor, record=None) -> torch.Tensor:
+        if solve.dual:
+            raise UnsupportedError("forward-mode AD (jvp) through backward=ShineGradient is not supported; use "
+                                   "ImplicitGradient (its tangent solve is exact)")
+        o, stats = solve.options, solve.stats
+        state = stats["forward"].state
+        z_leaf = zf.detach().requires_grad_(solve.grad_needed)
+        fz = solve.f_flat(z_leaf)
+        if not (solve.grad_needed and fz.requires_grad):
+            return fz
+        inside = [False]
+        refine = self.refine
+        refiner = self._refiner
+
+        def hook(grad):
+            if inside[0] or grad is None:
+                return grad
+            if torch.is_grad_enabled():
+                raise UnsupportedError("double backward through backward=ShineGradient is not supported")
+            inside[0] = True
+            try:
+                k = int(state["k"])
+                u = -o.forward_solver.apply_inverse_t(state, grad)
+                atol, rtol = o.adjoint_tolerances(fz.dtype)
+                if refine:
+                    u, bst = implicit_backward(fz, z_leaf, grad, solver=refiner, atol=atol, rtol=rtol,
+                                               max_iter=refine, on_failure="ignore",
+                                               divergence_ratio=o.divergence_ratio, u0=u)
+                    bst.info["gradient"] = f"shine (refined by {refine} anderson iterations)"
+                else:
+                    (vjp,) = torch.autograd.grad(fz, z_leaf, u, retain_graph=True)
+                    scale = grad.norm(dim=1).clamp_min(torch.finfo(grad.dtype).tiny)
+                    res = (vjp + grad - u).norm(dim=1) / scale
+                    w = (u.norm(dim=1) / scale)
+                    n = grad.shape[0]
+                    bst = SolverStats.of_final_iterate(
+                        "shine", res, w, nstep=torch.zeros(n, dtype=torch.long, device=grad.device),
+                        diverged=~torch.isfinite(res), best=torch.zeros(n, dtype=torch.bool, device=grad.device),
+                        nfe=1, atol=atol, rtol=rtol, max_iter=0, info={"gradient": "shine (estimate)"},
+                    )
+                bst.info["broyden_pairs"] = k
+            finally:
+                inside[0] = False
+            if record is None:
+                stats["backward"] = bst
+            else:
+                record(bst)
+            return u
+
+        fz.register_hook(hook)
+        return fz
+
+
+@dataclass(frozen=True)
 class UnrolledGradient(GradientMode):
     """Ordinary autograd through every forward iteration of the damped Picard loop from ``z0`` (the reference;
     memory grows with the number of iterations). Its forward statistics are those of that loop."""
@@ -274,7 +432,8 @@ class UnrolledGradient(GradientMode):
 
 
 #: The gradient mode values, by the names ``backward=`` accepts.
-GRADIENT_MODES = {"implicit": ImplicitGradient, "phantom": PhantomGradient, "jfb": JFBGradient, "unrolled": UnrolledGradient}
+GRADIENT_MODES = {"implicit": ImplicitGradient, "phantom": PhantomGradient, "jfb": JFBGradient,
+                  "unrolled": UnrolledGradient, "shine": ShineGradient}
 
 
 @dataclass(frozen=True)
@@ -315,6 +474,10 @@ class DEQOptions:
             dtype, e.g. 7.8e-3 in bfloat16: :meth:`adjoint_tolerances`) and ``max(max_iter, 50)`` for the
             limit: a loose or zero forward setting never degenerates the implicit gradient;
             ``backward_max_iter=0`` is refused (it is ``backward="jfb"``).
+        backward_adaptive: default tolerances also follow the forward residual reached (never looser; see
+            :class:`ImplicitGradient`); False: the fixed defaults above.
+        backward_fallback: ``None`` (default), ``"phantom"`` (with ``phantom_steps`` / ``phantom_damping``) or
+            ``"jfb"``: the gradient used, recorded and warned about, for samples whose adjoint solve fails.
         phantom_steps, phantom_damping: ``k`` and ``lambda`` of ``backward="phantom"``.
         unrolled_damping: damping of the Picard loop of ``backward="unrolled"``.
         divergence_ratio: a sample whose residual exceeds this multiple of its initial residual (or gets NaN/Inf)
@@ -327,6 +490,12 @@ class DEQOptions:
             mode as ``z*`` (fixed-point correction / trajectory supervision): ``stats["trajectory"]`` maps each
             ``k`` to that state (an iteration the solve did not reach gives ``z*``'s state); the implicit mode's
             adjoint statistics of state ``k`` go to ``stats["trajectory_backward"][k]``.
+        check_every: the host reads convergence once every ``check_every`` iterations (forward, adjoint and
+            tangent solves) instead of every iteration: no host synchronisation inside those iterations, for
+            GPUs (a sync stalls the launch queue). The whole batch is evaluated each iteration with converged
+            rows held in place, so per-sample statistics and results are those of per-sample stopping, and rows
+            a coupled cell moves again iterate again (no verification needed); the cost is up to
+            ``check_every - 1`` iterations in which no row moves. Default 1 (the CPU-friendly sliced loop).
     """
 
     solver: object = "anderson"
@@ -343,12 +512,15 @@ class DEQOptions:
     backward_rtol: float | None = None
     backward_max_iter: int | None = None
     backward_solver_options: dict | None = None
+    backward_adaptive: bool = True
+    backward_fallback: str | None = None
     phantom_steps: int = 5
     phantom_damping: float = 0.5
     unrolled_damping: float = 1.0
     hoist: bool = True
     trajectory: object = ()
     divergence_ratio: float = 1e6
+    check_every: int = 1
 
     def __post_init__(self):
         for name in ("solver_options", "backward_solver_options"):
@@ -370,6 +542,7 @@ class DEQOptions:
         V.boolean(self.return_trace, "return_trace", where=_WHERE)
         V.boolean(self.hoist, "hoist", where=_WHERE)
         V.in_range(self.divergence_ratio, "divergence_ratio", where=_WHERE, low=1.0, low_open=True)
+        V.positive_int(self.check_every, "check_every", where=_WHERE)
         for name in ("backward_atol", "backward_rtol"):
             if getattr(self, name) is not None:
                 # Relative to the incoming gradient: a value >= 1 accepts the right-hand side (JFB) at once.
@@ -407,17 +580,24 @@ class DEQOptions:
             object.__setattr__(self, "_forward_solver", make_chain(self.solver))
         else:
             object.__setattr__(self, "_forward_solver", make_solver(self.solver, self.solver_options))
+        if self.backward_fallback is not None:
+            V.choice(self.backward_fallback, "backward_fallback", ("phantom", "jfb"), where=_WHERE)
+        fallbacks = {None: None, "jfb": JFBGradient,
+                     "phantom": lambda: PhantomGradient(self.phantom_steps, self.phantom_damping)}
         keyword = {
-            "implicit": lambda: ImplicitGradient(self.backward_solver, self.backward_atol, self.backward_rtol,
-                                         self.backward_max_iter, self.backward_solver_options),
+            "implicit": lambda: ImplicitGradient(
+                self.backward_solver, self.backward_atol, self.backward_rtol, self.backward_max_iter,
+                self.backward_solver_options, adaptive=self.backward_adaptive,
+                fallback=fallbacks[self.backward_fallback] and fallbacks[self.backward_fallback]()),
             "phantom": lambda: PhantomGradient(self.phantom_steps, self.phantom_damping),
             "jfb": JFBGradient,
             "unrolled": lambda: UnrolledGradient(self.unrolled_damping),
+            "shine": ShineGradient,
         }
         if isinstance(self.backward, GradientMode):
             defaults = {f.name: f.default for f in dataclasses.fields(DEQOptions)}
             owned = {"implicit": ("backward_solver", "backward_atol", "backward_rtol", "backward_max_iter",
-                                  "backward_solver_options"),
+                                  "backward_solver_options", "backward_adaptive", "backward_fallback"),
                      "phantom": ("phantom_steps", "phantom_damping"), "unrolled": ("unrolled_damping",)}
             both = [n for n in owned.get(self.backward.name, ()) if getattr(self, n) != defaults[n]]
             if both:
@@ -428,6 +608,14 @@ class DEQOptions:
             gradient = self.backward
         else:
             gradient = keyword[self.backward]()
+        if isinstance(gradient, ShineGradient):
+            name = getattr(self._forward_solver, "name", None)
+            if name != "broyden":
+                raise ValidationError(f"{_WHERE}: backward=shine reuses the forward Broyden estimate of the inverse "
+                                      f"Jacobian, so it needs solver='broyden' (one solver), got {self.solver!r}")
+            if self.trajectory:
+                raise UnsupportedError(f"{_WHERE}: trajectory with backward=shine is not supported (Broyden's "
+                                       "estimate belongs to the last iterate); use backward='implicit'")
         object.__setattr__(self, "_gradient", gradient)
         # The adjoint of the JVP / backward solve: the implicit mode's own, or the one the keywords describe.
         object.__setattr__(self, "_adjoint", gradient if isinstance(gradient, ImplicitGradient) else keyword["implicit"]())
@@ -730,6 +918,8 @@ def implicit_backward(
     max_iter: int,
     on_failure: str,
     divergence_ratio: float = 1e6,
+    u0: torch.Tensor | None = None,
+    check_every: int = 1,
 ) -> tuple[torch.Tensor, SolverStats]:
     """Solve the adjoint fixed point ``u = J^T u + grad`` with ``J = d fz / d z_star`` (both ``[B, N]``).
 
@@ -745,7 +935,8 @@ def implicit_backward(
     model) converged at ``u = 0`` and return a silently zero gradient. The scaling is exact whether or not
     rows are coupled (for independent rows ``D^{-1} J^T D = J^T``; rescaling the rows of a coupled system by
     different factors without the ``D`` inside would change its solution). The iteration starts from the
-    right-hand side itself (the first Neumann term, i.e. the JFB gradient). All rows iterate jointly: every
+    right-hand side itself (the first Neumann term, i.e. the JFB gradient), or from ``u0`` if given (an
+    estimate of the adjoint, e.g. SHINE's). All rows iterate jointly: every
     vector-Jacobian product covers the whole batch anyway, and ``J^T`` couples rows when the cell does.
     """
     scale = grad.norm(dim=1, keepdim=True)
@@ -757,13 +948,14 @@ def implicit_backward(
         return vjp / scale + rhs
 
     u, stats = run_loop(
-        adjoint, rhs, solver=solver, atol=atol, rtol=rtol, max_iter=max_iter, on_failure=on_failure,
+        adjoint, rhs if u0 is None else u0 / scale, solver=solver, atol=atol, rtol=rtol, max_iter=max_iter, on_failure=on_failure,
         return_trace=False, divergence_ratio=divergence_ratio, check_inputs=False, stopping="joint", phase="backward",
+        check_every=check_every,
     )
     return u * scale, stats
 
 
-def _tangent_solve(f_flat, z_star, b, mode: "Implicit", o: DEQOptions):
+def _tangent_solve(f_flat, z_star, b, mode: "ImplicitGradient", o: DEQOptions, forward_residual=None):
     """``t = J t + b`` for ``J = df/dz`` at ``z_star`` (flat ``[B, N]``). ``f`` at the dual ``z_star + eps t``
     has tangent ``J t + b``; in per-sample units ``t = D s`` (``D = diag(||b_i||)``, relative tolerances and
     exact for coupled rows, as for the adjoint) the map is ``s -> D^{-1} (tangent(f(z_star + eps D s)) - b)
@@ -776,12 +968,12 @@ def _tangent_solve(f_flat, z_star, b, mode: "Implicit", o: DEQOptions):
         out = fwAD.unpack_dual(f_flat(fwAD.make_dual(z_star, s * scale))).tangent
         return rhs if out is None else (out - b) / scale + rhs
 
-    atol, rtol = mode.tolerances(o.atol, o.rtol, b.dtype)
+    atol, rtol = mode.tolerances(o.atol, o.rtol, b.dtype, forward_residual)
     with torch.no_grad():
         t, stats = run_loop(
             tangent, rhs, solver=mode.solver_value, atol=atol, rtol=rtol,
             max_iter=mode.limit(o.max_iter), on_failure=o.on_failure, return_trace=False,
-            divergence_ratio=o.divergence_ratio,
+            divergence_ratio=o.divergence_ratio, check_every=o.check_every,
             check_inputs=False, stopping="joint", phase="jvp",
         )
     return t * scale, stats
@@ -923,13 +1115,14 @@ def deq_solve(
         loop_options = dict(
             args=loop_args, kwargs=kwargs, stopping=stopping, atol=o.atol, rtol=o.rtol, max_iter=o.max_iter,
             on_failure=o.on_failure, return_trace=o.return_trace, divergence_ratio=o.divergence_ratio,
-            arg_names=names,
+            arg_names=names, check_every=o.check_every,
             phase="forward", verified=verdict == "independent",
         )
         if isinstance(o.forward_solver, tuple):
             z_star, st = solve_chain(loop_f, z0d, solvers=o.forward_solver, **loop_options)
         else:
-            z_star, st = run_loop(loop_f, z0d, solver=o.forward_solver, keep=o.kept_iterations, **loop_options)
+            z_star, st = run_loop(loop_f, z0d, solver=o.forward_solver, keep=o.kept_iterations,
+                                  keep_state=isinstance(mode, ShineGradient), **loop_options)
     if key is not None:
         if verdict == "coupled":
             st.info["stopping"] = "joint (coupling found by an earlier verified solve of this cell)"

@@ -400,7 +400,7 @@ class _Loop:
     """The state of one solve (a class rather than closures: the joint fallback resets most of it)."""
 
     def __init__(self, f, z0, solver, args, kwargs, atol, rtol, max_iter, return_trace, divergence_ratio,
-                 stopping, excluded, phase, verified=False, keep=()):
+                 stopping, excluded, phase, verified=False, keep=(), check_every=1):
         self.f, self.solver, self.args, self.kwargs = f, solver, args, kwargs
         self.atol, self.rtol, self.max_iter = atol, rtol, max_iter
         self.spec = spec = StateSpec.of(z0)
@@ -434,6 +434,15 @@ class _Loop:
         self.N = self.z.shape[1]
         self.return_trace = return_trace
         self.divergence_ratio = divergence_ratio
+        self.check_every = check_every
+        if check_every > 1:
+            # The device mode: every row evaluated each iteration, converged rows held in place by a mask,
+            # convergence re-read from fresh residuals; it needs no verification (nothing is sliced).
+            self.verify = self.pending = False
+            if self.mode != "joint":
+                self.info["stopping"] = f"per_sample (whole batch, masked; host check every {check_every})"
+            else:
+                self.info["stopping"] = f"joint (host check every {check_every})"
 
     # -- evaluations ---------------------------------------------------------------------------------------
     def evaluate(self, zr: torch.Tensor, idx: torch.Tensor | None, zfull: torch.Tensor, check: bool = False):
@@ -514,6 +523,8 @@ class _Loop:
         if self.mode == "joint":
             self.best_worst = torch.tensor(float("inf"), dtype=r.dtype, device=r.device)
             self.finished = self.joint_update()
+            if self.check_every > 1:
+                self.best_worst = _worst(r, fn, self.atol, self.rtol, excluded)
         else:
             self.done = self.converged | self.diverged
             self.n_active = B - int(self.done.sum())
@@ -557,6 +568,9 @@ class _Loop:
 
     # -- iterations ----------------------------------------------------------------------------------------
     def run(self) -> None:
+        if self.check_every > 1:
+            self.iterate_device()
+            return
         self.iterate()
         # The verification of a sliced solve ends with one evaluation of the whole system at the returned
         # iterate; if it finds coupling the solve goes on jointly from there, with the iterations left.
@@ -617,6 +631,93 @@ class _Loop:
                 self.kept[self.it] = self.z  # never modified in place: the loop replaces, it does not write
             if self.return_trace:
                 self.trace.append(self.last_res.clone())
+
+    def iterate_device(self) -> None:
+        """Iterations without a host synchronisation: the host reads whether the solve is finished once every
+        ``check_every`` iterations (and at ``max_iter``); everything else stays on the device.
+
+        Every row of the system is evaluated at every iteration; a row that meets the tolerance is held in
+        place (``torch.where``, before the evaluation, so ``f`` sees it where it is) and stops counting
+        iterations, so ``nstep``, the residuals and the returned iterates are those of per-sample stopping.
+        Its residual is re-read from each fresh evaluation: a row moved by others (a cell coupling rows) fails
+        the test again and iterates again, so the solve ends only when every row passes in one evaluation of
+        the whole batch (no verification is needed). Divergence is sticky. The cost: up to ``check_every - 1``
+        iterations past the last convergence, in which no row moves. A held row's solver state (e.g. Anderson's
+        history) receives that row's discarded proposal; it is never used unless the row is moved again by a
+        coupled cell, in which case the iteration stays correct (the residual is always the true one) but may
+        be slower."""
+        idx, joint = self.sys_idx, self.mode == "joint"
+        sys_rows = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
+        while not self.finished and self.it < self.max_iter:
+            for _ in range(min(self.check_every, self.max_iter - self.it)):
+                z, fz = self.z, self.fz
+                zs, fs = sys_rows(z), sys_rows(fz)
+                hold = None if joint else sys_rows(self.done).unsqueeze(1)
+
+                def evaluate(zz, _z=z, _zs=zs, _hold=hold):
+                    return self.evaluate(zz if _hold is None else torch.where(_hold, _zs, zz), idx, _z)
+
+                z_new, fz_new = self.solver.step(self.state, zs, fs, idx, evaluate)
+                if hold is not None:
+                    z_new = torch.where(hold, zs, z_new)  # what f was evaluated at
+                self.it += 1
+                r_new, fn_new = self.residual(z_new, fz_new)
+                if idx is None:
+                    self.z, self.fz, self.last_res, self.last_fn = z_new, fz_new, r_new, fn_new
+                else:
+                    self.z = z.index_copy(0, idx, z_new)
+                    self.fz = fz.index_copy(0, idx, fz_new)
+                    self.last_res = self.last_res.index_copy(0, idx, r_new)
+                    if fn_new is not None:
+                        self.last_fn = self.last_fn.index_copy(0, idx, fn_new)
+                if joint:
+                    self.nstep.add_(1 if self.excluded is None else self.system.long())
+                    self.device_joint_update()
+                else:
+                    self.nstep.add_((~self.done).long())
+                    self.device_update()
+                if self.it in self.keep:
+                    self.kept[self.it] = self.z
+                if self.return_trace:
+                    self.trace.append(self.last_res.clone())
+            # The host check: one synchronisation per check_every iterations.
+            self.finished = bool(self.finished_flag)
+
+    def device_update(self) -> None:
+        r, fn = self.last_res, self.last_fn
+        conv = is_converged(r, fn, self.atol, self.rtol)
+        if self.excluded is not None:
+            conv = conv & self.system
+        improved = r < self.best_res
+        self.best_res = torch.where(improved, r, self.best_res)
+        keep = improved.unsqueeze(1)
+        self.best_z = torch.where(keep, self.z, self.best_z)
+        self.best_fz = torch.where(keep, self.fz, self.best_fz)
+        self.best_is_last = r <= self.best_res  # the current iterate is the sample's best (NaN: not)
+        self.diverged = self.diverged | (~(r <= self.div_limit) & ~conv)
+        self.converged = conv
+        self.done = conv | self.diverged
+        self.finished_flag = self.done.all()
+
+    def device_joint_update(self) -> None:
+        r, fn, excluded = self.last_res, self.last_fn, self.excluded
+        conv = is_converged(r, fn, self.atol, self.rtol)
+        bad = ~(r <= self.joint_limit()) & ~conv
+        if excluded is not None:
+            conv, bad = conv & ~excluded, bad & ~excluded
+        worst = _worst(r, fn, self.atol, self.rtol, excluded)
+        better = worst < self.best_worst
+        self.best_worst = torch.where(better, worst, self.best_worst)
+        self.best_z = torch.where(better, self.z, self.best_z)
+        self.best_fz = torch.where(better, self.fz, self.best_fz)
+        self.best_res = torch.where(better, r, self.best_res)
+        self.best_is_last = better.expand_as(self.best_is_last).clone()
+        if excluded is not None:
+            self.best_is_last |= excluded
+        passed = conv if excluded is None else conv | excluded
+        self.converged = conv
+        self.diverged = bad if excluded is None else bad | excluded
+        self.finished_flag = passed.all() | bad.any()
 
     def probe_rows(self) -> torch.Tensor | None:
         """Up to ``max(1, n_sys // 8)`` finite samples whose stored ``f`` is re-evaluated, at their stored
@@ -830,6 +931,8 @@ def run_loop(
     phase: str = "forward",
     verified: bool = False,
     keep: Sequence[int] = (),
+    keep_state: bool = False,
+    check_every: int = 1,
 ):
     """Solve ``z = f(z, *args, **kwargs)`` from ``z0``; return ``(z, stats)`` with ``z`` shaped like ``z0``.
 
@@ -840,7 +943,11 @@ def run_loop(
     ``verified=True`` (with ``stopping="verify"``) says an earlier solve of the same map and input signature
     passed the full verification: the probe still runs (and falls back to joint on coupling), the final
     whole-batch check is skipped (see :mod:`iterlayers.implicit` for the cache that decides this).
-    ``keep``: iterations whose state is returned in ``stats.iterates`` (``0`` is ``z0``).
+    ``keep``: iterations whose state is returned in ``stats.iterates`` (``0`` is ``z0``). ``keep_state``: the
+    solver's final state is returned in ``stats.state`` (rows of samples frozen early hold their state then).
+    ``check_every`` > 1: the host reads convergence once every that many iterations, not every iteration (the
+    device mode of :meth:`_Loop.iterate_device`: the whole batch each iteration, converged rows held by a mask,
+    per-sample statistics unchanged; ``stopping="verify"`` needs no verification there).
     """
     # The checks name the mistake through the one vocabulary, entered only when a value is not valid (a solve
     # with valid options runs no validation code outside this module).
@@ -871,8 +978,11 @@ def run_loop(
     excluded, note = None, None
     if check_inputs and B > 0:
         excluded, note = _screen_inputs(z0, args, kwargs, names, B, on_failure)
+    if check_every != 1:
+        check_every = _validate.positive_int(check_every, "check_every", where="run_loop")
     loop = _Loop(f, z0, solver, args, kwargs, float(atol), float(rtol), max_iter, return_trace,
-                 float(divergence_ratio), stopping, excluded, phase, verified=bool(verified), keep=keep)
+                 float(divergence_ratio), stopping, excluded, phase, verified=bool(verified), keep=keep,
+                 check_every=check_every)
     if note is not None:
         loop.info["nonfinite_input"] = note
     if B == 0 or loop.n_sys == 0:
@@ -890,6 +1000,8 @@ def run_loop(
         loop.start()
         loop.run()
         z, stats = loop.result()
+        if keep_state:
+            stats.state = loop.state
     if z.numel() and isinstance(z0, torch.Tensor) and z.data_ptr() == z0.data_ptr():
         z = z.clone()  # never hand the caller's own z0 back as the solution
     if stats.status != CONVERGED:

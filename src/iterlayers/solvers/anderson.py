@@ -59,7 +59,8 @@ class AndersonSolver(FixedPointSolver):
             "Y": z.new_zeros(b, self.m, n),
             "H": z.new_zeros(b, self.m, self.m, dtype=torch.float64),
             "k": 0,
-            "fallbacks": 0,
+            # a device counter: reading it every step would cost a host synchronisation
+            "fallbacks": torch.zeros((), dtype=torch.long, device=z.device),
         }
 
     def step(self, state, z, fz, idx, fn):
@@ -104,9 +105,9 @@ class AndersonSolver(FixedPointSolver):
         alpha = torch.where(ok.unsqueeze(-1), alpha, torch.zeros_like(alpha)).to(z.dtype)
         # sum_i alpha_i (z_i + beta g_i) = sum_i alpha_i y_i: one pass over the history
         mixed = torch.bmm(alpha.unsqueeze(1), Yh).squeeze(1)
-        if not bool(ok.all()):
-            mixed = torch.where(ok.unsqueeze(-1), mixed, y)
-            state["fallbacks"] += int((~ok).sum())
+        # Without a host test of ok.all(): the select costs one pass over [b, n], a synchronisation far more.
+        mixed = torch.where(ok.unsqueeze(-1), mixed, y)
+        state["fallbacks"] = state["fallbacks"] + (~ok).sum()
         return mixed, fn(mixed)
 
     def extra_info(self, state):

@@ -60,12 +60,20 @@ class BroydenSolver(FixedPointSolver):
 
     def init(self, z, fz):
         b, n = z.shape
-        return {"U": z.new_zeros(b, self.memory, n), "V": z.new_zeros(b, self.memory, n), "k": 0, "skipped": 0, "restarts": 0}
+        # "skipped" is a device counter: reading it every step would cost a host synchronisation.
+        return {"U": z.new_zeros(b, self.memory, n), "V": z.new_zeros(b, self.memory, n), "k": 0,
+                "skipped": torch.zeros((), dtype=torch.long, device=z.device), "restarts": 0}
 
     def step(self, state, z, fz, idx, fn):
         if state["k"] == self.memory:
-            state["U"].zero_()
-            state["V"].zero_()
+            # Only the rows that step restart: a frozen sample keeps its own (consistent) estimate, whose
+            # first k pairs are its H after k updates (read by ShineGradient).
+            if idx is None:
+                state["U"].zero_()
+                state["V"].zero_()
+            else:
+                state["U"].index_fill_(0, idx, 0.0)
+                state["V"].index_fill_(0, idx, 0.0)
             state["k"] = 0
             state["restarts"] += 1
         # Only the k updates made since the last restart are non-zero: use just those.
@@ -98,7 +106,7 @@ class BroydenSolver(FixedPointSolver):
         ok = denom.abs() > tiny
         u = torch.where(ok, (dz - Hdg) / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(dz))
         vT = torch.where(ok, vT, torch.zeros_like(vT))
-        state["skipped"] += int((~ok).sum())
+        state["skipped"] = state["skipped"] + (~ok).sum()
         slot = state["k"]
         if idx is None:
             state["U"][:, slot] = u
@@ -108,6 +116,12 @@ class BroydenSolver(FixedPointSolver):
             state["V"][idx, slot] = vT
         state["k"] += 1
         return z_new, fz_new
+
+    def apply_inverse_t(self, state, x):
+        """``H^T x`` per row (``H ~ (J - I)^{-1}``, the current inverse-Jacobian estimate of ``f(z) - z``), for
+        a final ``state`` of a solve (``stats.state`` with ``keep_state=True``); ``x`` is ``[B, N]``."""
+        k = int(state["k"])
+        return _apply_t(state["U"][:, :k].to(x.dtype), state["V"][:, :k].to(x.dtype), x)
 
     def extra_info(self, state):
         return {"broyden_skipped_updates": int(state.get("skipped", 0)), "broyden_restarts": int(state.get("restarts", 0))}

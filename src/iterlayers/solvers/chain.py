@@ -88,6 +88,7 @@ def solve_chain(
     arg_names: Sequence[str] | None = None,
     phase: str = "forward",
     verified: bool = False,
+    check_every: int = 1,
 ):
     """Solve ``z = f(z, *args, **kwargs)`` with a fallback chain of solvers; return ``(z, stats)``.
 
@@ -116,7 +117,7 @@ def solve_chain(
     sliceable = any(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == B for a in args)
     loop = dict(kwargs=kwargs, atol=atol, rtol=rtol, max_iter=max_iter, on_failure="ignore",
                 return_trace=return_trace, divergence_ratio=divergence_ratio, check_inputs=check_inputs,
-                arg_names=arg_names, phase=phase)
+                arg_names=arg_names, phase=phase, check_every=check_every)
 
     z = None  # the merged flat iterate
     merged: dict = {}

@@ -44,7 +44,8 @@ class SolverStats:
     initial one. ``info`` holds solver-specific counters (e.g. Anderson safeguard fallbacks). ``iterates``
     (with ``keep=`` iterations requested) maps each requested iteration ``k`` to the state after iteration ``k``
     (shaped like ``z0``, no graph; a sample frozen earlier holds its iterate from when it stopped, and an
-    iteration the solve did not reach holds the returned iterate).
+    iteration the solve did not reach holds the returned iterate). ``state`` (with ``keep_state=True``) is the
+    solver's final state (e.g. Broyden's inverse-Jacobian factors, for :class:`iterlayers.ShineGradient`).
     """
 
     solver: str
@@ -62,6 +63,7 @@ class SolverStats:
     trace: list[torch.Tensor] | None = None
     info: dict = field(default_factory=dict)
     iterates: dict | None = None
+    state: dict | None = None
 
     @classmethod
     def of_final_iterate(
