@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/bench_torchdeq.py --out results/bench
 	$(BIN)/python benchmarks/bench_training.py --out results/bench
+	$(BIN)/python benchmarks/bench_shine.py --out results/bench
 
 clean:
 	rm -rf $(VENV) results build *.egg-info src/*.egg-info
