@@ -211,7 +211,8 @@ class ImplicitGradient(GradientMode):
             with torch.no_grad(), _frozen_statistics(solve.traits.stat_modules):
                 b = fwAD.unpack_dual(f_flat(zf)).tangent
                 if b is not None:
-                    t, stats["jvp"] = _tangent_solve(f_flat, zf, b, self, o, _forward_residual(stats))
+                    t, stats["jvp"] = _tangent_solve(f_flat, zf, b, self, o, _forward_residual(stats),
+                                                     _resolution_dtype(stats, b.dtype))
         z_leaf = zf.detach().requires_grad_(solve.grad_needed)
         fz = f_flat(z_leaf if t is None else fwAD.make_dual(z_leaf, t))
         if not (solve.grad_needed and fz.requires_grad):
@@ -232,7 +233,7 @@ class ImplicitGradient(GradientMode):
                     "iteration), or compute second derivatives of an explicit reference"
                 )
             inside[0] = True
-            atol, rtol = mode.tolerances(o.atol, o.rtol, fz.dtype, _forward_residual(stats))
+            atol, rtol = mode.tolerances(o.atol, o.rtol, _resolution_dtype(stats, fz.dtype), _forward_residual(stats))
             try:
                 u, bst = implicit_backward(
                     fz, z_leaf, grad, solver=mode.solver_value, atol=atol, rtol=rtol,
@@ -281,6 +282,14 @@ class ImplicitGradient(GradientMode):
                 ConvergenceWarning, stacklevel=2,
             )
         return u
+
+
+def _resolution_dtype(stats, dtype: torch.dtype) -> torch.dtype:
+    """The dtype that bounds what the adjoint / tangent residuals resolve: the cell's output dtype under
+    autocast (recorded by the forward loop as ``info["cell_dtype"]``), else the state's."""
+    st = stats.get("forward") if stats is not None else None
+    name = None if st is None else st.info.get("cell_dtype")
+    return dtype if name is None else getattr(torch, name.rsplit(".", 1)[-1])
 
 
 def _forward_residual(stats) -> float | None:
@@ -373,7 +382,7 @@ class ShineGradient(GradientMode):
             try:
                 k = int(state["k"])
                 u = -o.forward_solver.apply_inverse_t(state, grad)
-                atol, rtol = o.adjoint_tolerances(fz.dtype)
+                atol, rtol = o.adjoint_tolerances(_resolution_dtype(stats, fz.dtype))
                 if refine:
                     u, bst = implicit_backward(fz, z_leaf, grad, solver=refiner, atol=atol, rtol=rtol,
                                                max_iter=refine, on_failure="ignore",
@@ -955,7 +964,8 @@ def implicit_backward(
     return u * scale, stats
 
 
-def _tangent_solve(f_flat, z_star, b, mode: "ImplicitGradient", o: DEQOptions, forward_residual=None):
+def _tangent_solve(f_flat, z_star, b, mode: "ImplicitGradient", o: DEQOptions, forward_residual=None,
+                   resolution=None):
     """``t = J t + b`` for ``J = df/dz`` at ``z_star`` (flat ``[B, N]``). ``f`` at the dual ``z_star + eps t``
     has tangent ``J t + b``; in per-sample units ``t = D s`` (``D = diag(||b_i||)``, relative tolerances and
     exact for coupled rows, as for the adjoint) the map is ``s -> D^{-1} (tangent(f(z_star + eps D s)) - b)
@@ -968,7 +978,7 @@ def _tangent_solve(f_flat, z_star, b, mode: "ImplicitGradient", o: DEQOptions, f
         out = fwAD.unpack_dual(f_flat(fwAD.make_dual(z_star, s * scale))).tangent
         return rhs if out is None else (out - b) / scale + rhs
 
-    atol, rtol = mode.tolerances(o.atol, o.rtol, b.dtype, forward_residual)
+    atol, rtol = mode.tolerances(o.atol, o.rtol, b.dtype if resolution is None else resolution, forward_residual)
     with torch.no_grad():
         t, stats = run_loop(
             tangent, rhs, solver=mode.solver_value, atol=atol, rtol=rtol,

@@ -130,8 +130,10 @@ class DEQ(nn.Module):
     ``"unrolled"``; see :mod:`iterlayers.implicit`). The positional ``inputs`` are batched (first dimension =
     batch, a tensor or a tuple of tensors each): the solver slices them with the samples it still iterates.
     Keyword arguments ``shared`` are passed unsliced (an adjacency, a positional table). The initial state is
-    ``z0`` if given, else ``cell.init_state(*inputs)`` if the cell defines it, else ``zeros_like(inputs[0])``
-    (under ``torch.autocast``: in the dtype of the cell's output). What the layer assumes about the cell is
+    ``z0`` if given, else ``cell.init_state(*inputs)`` if the cell defines it, else ``zeros_like(inputs[0])``.
+    Under ``torch.autocast`` the cell runs in the autocast dtype while the state, the solver's histories and
+    the residuals stay in ``z0``'s dtype (the mixed-precision policy, ``StateSpec.autocast_output``); the
+    tolerances are checked against the cell's output dtype. What the layer assumes about the cell is
     in ``docs/cell_contract.md``.
 
     After a forward pass ``layer.stats["forward"]`` holds the solver's :class:`~iterlayers.SolverStats`;
@@ -302,12 +304,6 @@ class DEQ(nn.Module):
                 # evaluation on the whole batch (a measurement: batch-norm statistics are given back).
                 with torch.no_grad(), _frozen_statistics(CellTraits.of(cell).stat_modules):
                     cell(z0, *args)
-        if default_z0 and torch.is_autocast_enabled(_device_type(z0)):
-            # Under autocast the cell's output dtype is not the input's: start in the dtype it returns.
-            with torch.no_grad():
-                out = cell(z0, *args, **shared)
-            if isinstance(out, torch.Tensor) and out.dtype != z0.dtype:
-                z0 = z0.to(out.dtype)
         options = self.options if self.training or self.eval_max_iter is None else self._eval_options
         stats: dict = {}
         # The dict is shared with the backward hook, which fills stats["backward"] later.
@@ -385,10 +381,6 @@ class DEQ(nn.Module):
 
 def _device_of(z) -> torch.device:
     return (z[0] if isinstance(z, (tuple, list)) else z).device
-
-
-def _device_type(z) -> str:
-    return _device_of(z).type
 
 
 def _batch_of(z0, what: str) -> int:

@@ -243,12 +243,23 @@ class StateSpec:
         """Elements per sample: the width ``N`` of the flat state."""
         return sum(self.sizes)
 
+    def autocast_output(self, dtype: torch.dtype) -> bool:
+        """Whether ``f`` may return ``dtype`` for this state: the mixed-precision policy. Under
+        ``torch.autocast`` the cell computes in the autocast dtype (bfloat16 / float16) while the solver's
+        state, histories, Gram matrices and residual norms stay in the state's wider dtype; the output is cast
+        up on flattening. Outside autocast a dtype change is a mistake."""
+        kind = self.device.type
+        return (torch.is_autocast_enabled(kind) and dtype == torch.get_autocast_dtype(kind)
+                and self.dtype.is_floating_point and torch.finfo(dtype).bits < torch.finfo(self.dtype).bits)
+
     def flatten(self, z) -> torch.Tensor:
         parts = tuple(z) if self.is_tuple else (z,)
-        # Explicit sizes, not -1: a batch of size 0 has no inferable trailing dimension.
+        # Explicit sizes, not -1: a batch of size 0 has no inferable trailing dimension. A part in another
+        # dtype (the autocast dtype, see autocast_output) is cast to the state's.
         if len(parts) == 1:
-            return parts[0].reshape(parts[0].shape[0], self.sizes[0])
-        return torch.cat([p.reshape(p.shape[0], n) for p, n in zip(parts, self.sizes)], dim=1)
+            p = parts[0]
+            return p.reshape(p.shape[0], self.sizes[0]).to(self.dtype)
+        return torch.cat([p.reshape(p.shape[0], n).to(self.dtype) for p, n in zip(parts, self.sizes)], dim=1)
 
     def unflatten(self, flat: torch.Tensor):
         b = flat.shape[0]
@@ -290,10 +301,11 @@ class StateSpec:
                     f"{name} has shape {tuple(p.shape)} but z has shape {(batch, *s)}{hint}; a fixed-point map "
                     f"must preserve the shape of its state (expected {expected})"
                 )
-            if p.dtype != self.dtype:
+            if p.dtype != self.dtype and not self.autocast_output(p.dtype):
                 raise ShapeMismatchError(
                     f"{name} has dtype {p.dtype} but z has dtype {self.dtype}; a fixed-point map must preserve "
-                    f"the dtype of its state (under torch.autocast, create z0 in the cell's output dtype)"
+                    f"the dtype of its state (only under torch.autocast may it return the autocast dtype, "
+                    f"the state staying in z0's)"
                 )
             if p.device != self.device:
                 raise ShapeMismatchError(f"{name} is on {p.device} but z is on {self.device}")
@@ -405,7 +417,8 @@ class _Loop:
         self.atol, self.rtol, self.max_iter = atol, rtol, max_iter
         self.spec = spec = StateSpec.of(z0)
         self.B = B = spec.batch_size
-        self.eps = torch.finfo(spec.dtype).eps
+        self.eps = torch.finfo(spec.dtype).eps  # raised to the cell's output dtype's under autocast (_flat)
+        self.cell_dtype = spec.dtype
         self.use_rel = rtol > 0
         self.phase = phase
         self.info: dict = {}
@@ -476,6 +489,12 @@ class _Loop:
         spec = self.spec
         if check:
             spec.check_output(out, n)
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            if first.dtype != spec.dtype:
+                # Mixed precision: the cell's output dtype bounds what a residual can resolve.
+                self.cell_dtype = first.dtype
+                self.eps = max(self.eps, torch.finfo(first.dtype).eps)
+                self.info["cell_dtype"] = str(first.dtype)
         try:
             flat = spec.flatten(out)
         except (RuntimeError, TypeError, AttributeError):
@@ -551,14 +570,16 @@ class _Loop:
         if self.atol + self.rtol * m >= floor:
             return
         self.info["tolerance_floor"] = floor
-        key = (self.spec.dtype, self.atol, self.rtol)
+        key = (self.cell_dtype, self.atol, self.rtol)
         if key in _TOLERANCE_WARNED:
             return
         _TOLERANCE_WARNED.add(key)
+        what = str(self.spec.dtype) if self.cell_dtype == self.spec.dtype else (
+            f"{self.cell_dtype} (the cell's output under autocast; the state is {self.spec.dtype})")
         warnings.warn(
-            f"{self.phase} solve: atol={self.atol:g}, rtol={self.rtol:g} is below what {self.spec.dtype} resolves "
+            f"{self.phase} solve: atol={self.atol:g}, rtol={self.rtol:g} is below what {what} resolves "
             f"for this state: one evaluation of f is exact to about eps * ||f(z)|| = {floor:.2g} (eps={self.eps:.2g}, "
-            f"mean ||f(z0)|| = {m:.3g}), so residuals below that are round-off. A tolerance {self.spec.dtype} can "
+            f"mean ||f(z0)|| = {m:.3g}), so residuals below that are round-off. A tolerance {what} can "
             f"reach: atol >= {floor:.2g} or rtol >= {self.eps:.2g} (or solve in a wider dtype). The tolerance is "
             f"kept as given; stats.info['tolerance_floor'] records {floor:.2g}. (Warned once per dtype and "
             f"tolerance.)",
