@@ -1,4 +1,4 @@
-"""End-to-end training on digits, iterlayers (with and without the fixed-point cache) vs torchdeq, same process,
+"""End-to-end training on digits, iterlayers (with and without the fixed-point caches) vs torchdeq, same process,
 epochs interleaved: the DEQ tutorial's ResNet conv cell, and the core classifier's MLP cell.
 
 Run: ``make bench`` (or ``python benchmarks/bench_training.py --out results/bench [--quick]``).
@@ -9,7 +9,7 @@ pool -> linear`` head; relative tolerance 1e-2, ``max_iter`` 30. (2) ``linear 64
 :class:`MLPCell` ``tanh(W z + U u)`` with ``||W||_2 = 0.9`` at initialisation, linear head; relative tolerance
 1e-4, ``max_iter`` 50 (the cell of the core DEQ classifier, without its spectral parametrisation).
 Data: sklearn's bundled ``load_digits`` (1797 images, pixels / 16), one fixed 80/20 split (seed 0).
-All three runs start from the same weights, see the same batches in the same order (one permutation per
+All runs start from the same weights, see the same batches in the same order (one permutation per
 epoch) and use Adam (lr 1e-3), batch 64, float32, on CPU.
 
 Threads: one by default (``--threads``). A cell evaluation here is ~2 ms of work on one core; split over two
@@ -29,13 +29,16 @@ gradient; at the solution these differ by at most the factor ``||(I - J^T)^{-1}|
 
 iterlayers + cache: :class:`iterlayers.cache.FixedPointCache` keyed by dataset index (capacity = the training
 set, ``max_age`` = two epochs of steps (under shuffling, the previous visit), every finite row stored,
-converged or not), the training loop passing ``DEQ(u, z0=cached)``.
+converged or not), the training loop passing ``DEQ(u, z0=cached)``. iterlayers + cache (forward and
+adjoint): also the adjoint ``u`` of each sample (``layer.stats["adjoint"]``) in a second cache, passed back as
+``DEQ(u, z0=..., adjoint_start=...)`` when every sample of the batch hits.
 
 Reported per configuration: epoch time (median of the epochs after the first; wall and process CPU time),
 forward evaluations of the cell per epoch (counted by a hook on the cell's first convolution, the same count
 for both libraries, so it includes the one differentiable evaluation after the solve), backward adjoint
 iterations per epoch (each library's own count), final test accuracy, the cache's hit rate and memory, and
-the ratios to torchdeq.
+the ratios to torchdeq, and (iterlayers' rows) the mean fraction of samples whose forward / adjoint solve met
+its tolerance: below 1 means the comparison is at ``max_iter`` for some samples, in both libraries alike.
 """
 from __future__ import annotations
 
@@ -112,8 +115,9 @@ def digits(seed: int = 0):
 class Run:
     """One configuration being trained: its model copy, optimiser, counters and per-epoch records."""
 
-    def __init__(self, name: str, base: Net, lib: str, tol: float, max_iter: int, cache: FixedPointCache | None):
-        self.name, self.lib, self.cache = name, lib, cache
+    def __init__(self, name: str, base: Net, lib: str, tol: float, max_iter: int, cache: FixedPointCache | None,
+                 adjoint_cache: FixedPointCache | None = None):
+        self.name, self.lib, self.cache, self.adjoint_cache = name, lib, cache, adjoint_cache
         self.net = copy.deepcopy(base)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
         self.calls = Counter(self.net.counted)
@@ -127,10 +131,10 @@ class Run:
                                b_solver="anderson", b_max_iter=max_iter, b_tol=tol, b_stop_mode="rel")
         self.bwd_info: dict = {}
 
-    def logits(self, x, z0=None):
+    def logits(self, x, z0=None, a0=None):
         u = self.net.inject(x)
         if self.lib == "iterlayers":
-            z = self.deq(u, z0=z0)
+            z = self.deq(u, z0=z0, adjoint_start=a0)
         else:
             zs, _ = self.deq(lambda z: self.net.cell(z, u), torch.zeros_like(u), backward_writer=self.bwd_info.update)
             z = zs[-1]
@@ -148,20 +152,29 @@ class Run:
         self.net.train()
         self.deq.train()
         calls0, bwd, loss_sum, hits, looked = self.calls.n, 0, 0.0, 0, 0
+        conv = {"forward": [], "backward": []}  # iterlayers' per-batch fraction of samples within tolerance
         w0, c0 = time.perf_counter(), time.process_time()
         for k, s in enumerate(range(0, len(order), batch)):
             ids = order[s:s + batch]
             xb, yb = x[ids], y[ids]
-            z0 = hit = None
+            z0 = hit = a0 = None
             if self.cache is not None:
                 z0, hit = self.cache.lookup(ids, like=torch.zeros(len(ids), *self.net.state), step=step0 + k)
-            out, z = self.logits(xb, z0)
+            if self.adjoint_cache is not None:
+                # A miss starts from the incoming gradient as usual: zeros here would be a worse start, so a
+                # batch with any miss is started cold (the cache's rows are all or nothing per batch here).
+                a0, ahit = self.adjoint_cache.lookup(ids, like=torch.zeros(len(ids), *self.net.state), step=step0 + k)
+                a0 = a0 if bool(ahit.all()) else None
+            out, z = self.logits(xb, z0, a0)
             loss = nn.functional.cross_entropy(out, yb)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
             bwd += self.backward_steps()
             loss_sum += float(loss.detach()) * len(ids)
+            if self.lib == "iterlayers":
+                for phase in conv:
+                    conv[phase].append(float(self.deq.stats[phase].converged.float().mean()))
             if self.cache is not None:
                 st = self.deq.stats["forward"]
                 # Every finite row, converged or not: an iterate that ran out of iterations is still a far
@@ -170,9 +183,14 @@ class Run:
                 self.cache.record(st.nstep, hit)
                 hits += int(hit.sum())
                 looked += len(ids)
+            if self.adjoint_cache is not None and self.deq.stats.get("adjoint") is not None:
+                bst = self.deq.stats["backward"]
+                self.adjoint_cache.store(ids, self.deq.stats["adjoint"], step=step0 + k,
+                                         mask=torch.isfinite(bst.abs_residual))
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         self.epochs.append({"wall_s": wall, "cpu_s": cpu, "fwd_nfe": self.calls.n - calls0, "bwd_nfe": bwd,
-                            "train_loss": loss_sum / len(order), "hit_rate": hits / looked if looked else None})
+                            "train_loss": loss_sum / len(order), "hit_rate": hits / looked if looked else None,
+                            **{f"{ph}_converged": (sum(v) / len(v) if v else None) for ph, v in conv.items()}})
 
     @torch.no_grad()
     def accuracy(self, x, y, batch: int = 256) -> float:
@@ -205,12 +223,15 @@ def main(argv=None):
         cache = caches[case] = FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch)
         runs = [Run("torchdeq", base, "torchdeq", tol, max_iter, None),
                 Run("iterlayers", base, "iterlayers", tol, max_iter, None),
-                Run("iterlayers + cache", base, "iterlayers", tol, max_iter, cache)]
+                Run("iterlayers + cache", base, "iterlayers", tol, max_iter, cache),
+                Run("iterlayers + cache (forward and adjoint)", base, "iterlayers", tol, max_iter,
+                    FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch),
+                    FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch))]
         gen = torch.Generator().manual_seed(0)
         for e in range(epochs):
             order = torch.randperm(len(ytr), generator=gen)
             # Round-robin by epoch, the starting configuration rotating, so none always runs first.
-            for r in runs[e % 3:] + runs[:e % 3]:
+            for r in runs[e % len(runs):] + runs[:e % len(runs)]:
                 r.epoch(xtr, ytr, order, batch, e * steps_per_epoch)
         case_rows = []
         for r in runs:
@@ -223,6 +244,9 @@ def main(argv=None):
                 "bwd_nfe_per_epoch": statistics.median(ep["bwd_nfe"] for ep in later),
                 "first_loss": r.epochs[0]["train_loss"], "final_loss": r.epochs[-1]["train_loss"],
                 "test_acc": r.accuracy(xte, yte), "epochs": r.epochs,
+                **{f"{ph}_converged": (None if later[0][f"{ph}_converged"] is None else
+                                       statistics.mean(ep[f"{ph}_converged"] for ep in later))
+                   for ph in ("forward", "backward")},
             })
         ref = case_rows[0]
         for row in case_rows:
@@ -238,13 +262,15 @@ def main(argv=None):
     (a.out / "training.json").write_text(json.dumps(summary, indent=2))
     md = ["| case (rel. tol, max_iter) | config | epoch time (s, wall) | epoch CPU (s) | ratio to torchdeq "
           "(wall / CPU) | fwd cell calls / epoch | bwd adjoint iterations / epoch | train loss (first -> last "
-          "epoch) | test accuracy |", "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+          "epoch) | test accuracy | samples within tolerance, fwd / bwd (iterlayers' measure) |",
+          "|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
     for row in rows:
         md.append(f"| {row['case']} ({row['tol']:g}, {row['max_iter']}) | {row['config']} | "
                   f"{row['epoch_wall_s']:.2f} | {row['epoch_cpu_s']:.2f} | "
                   f"{row['wall_ratio']:.2f} / {row['cpu_ratio']:.2f} | {row['fwd_nfe_per_epoch']:.0f} | "
                   f"{row['bwd_nfe_per_epoch']:.0f} | {row['first_loss']:.3f} -> {row['final_loss']:.3f} | "
-                  f"{row['test_acc']:.4f} |")
+                  f"{row['test_acc']:.4f} | {_fraction(row['forward_converged'])} / "
+                  f"{_fraction(row['backward_converged'])} |")
     md.append("")
     for case, cs in stats.items():
         md.append(f"Cache, {case}: hit rate {cs['hit_rate']:.2f} over all lookups (epoch 1 is all misses), "
@@ -256,6 +282,10 @@ def main(argv=None):
     (a.out / "training.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return summary
+
+
+def _fraction(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 if __name__ == "__main__":

@@ -142,3 +142,34 @@ def test_fallback_options_are_validated():
     assert o.gradient.fallback == il.PhantomGradient(3, 0.5)
     with pytest.raises(ValidationError, match="again as keywords"):
         il.DEQOptions(backward=il.ImplicitGradient(), backward_fallback="jfb")
+
+
+def test_adjoint_warm_start_changes_iterations_not_the_gradient():
+    torch.manual_seed(4)
+    cell = TanhCell(8, norm=0.9, seed=10)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    g = torch.randn(5, 8, dtype=torch.float64)
+    opts = dict(atol=1e-11, rtol=0.0, max_iter=300, backward_atol=1e-10, backward_rtol=0.0)
+    cold, cx, _ = _solve_and_grad(cell, x, g, **opts)
+    u, cold_steps = cold.stats["adjoint"], int(cold.stats["backward"].nstep.max())
+    assert u.shape == x.shape and not u.requires_grad
+    # u is the adjoint: (I - J^T) u = g per sample, against the dense Jacobian at z*.
+    zs = _z_star(cold, x)
+    for i in range(5):
+        J = torch.autograd.functional.jacobian(lambda zz: cell(zz[None], x[i:i + 1])[0], zs[i])
+        torch.testing.assert_close(u[i] - J.T @ u[i], g[i], atol=1e-8, rtol=1e-8)
+    # Started from it, the adjoint solve has nothing left to do; from a poor start it still gets there.
+    xx = x.clone().requires_grad_()
+    warm = il.DEQ(cell, **opts)
+    (warm(xx, adjoint_start=u) * g).sum().backward()
+    bst = warm.stats["backward"]
+    assert bst.info["adjoint_warm_start"] and int(bst.nstep.max()) <= 1 < cold_steps
+    torch.testing.assert_close(xx.grad, cx, atol=1e-8, rtol=1e-7)
+    xx = x.clone().requires_grad_()
+    (warm(xx, adjoint_start=10 * torch.randn_like(x)) * g).sum().backward()
+    assert warm.stats["backward"].status == "converged"
+    torch.testing.assert_close(xx.grad, cx, atol=1e-8, rtol=1e-7)
+    with pytest.raises(il.ShapeMismatchError, match="adjoint_start"):
+        warm(x.clone().requires_grad_(), adjoint_start=u[:2])
+    with pytest.raises(il.NonFiniteInputError, match="adjoint_start"):
+        warm(x.clone().requires_grad_(), adjoint_start=torch.full_like(u, float("nan")))

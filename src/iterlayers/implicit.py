@@ -47,7 +47,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from . import _validate as V
-from .errors import ConvergenceWarning, OptionTypeError, ShapeMismatchError, UnsupportedError, ValidationError
+from .errors import (ConvergenceWarning, NonFiniteInputError, OptionTypeError, ShapeMismatchError, UnsupportedError,
+                     ValidationError)
 from .hoist import cell_fingerprint, input_signature, split_cell
 from .solvers import (CONVERGED, ON_FAILURE, SolverStats, StateSpec, make_chain, make_solver, report_failure,
                       run_loop, solve_chain)
@@ -79,11 +80,15 @@ class _Solve:
     """What a gradient mode needs from the solve it attaches: the flat map, the forward options, the cell's
     traits (running statistics, compiled parts), the statistics dict, and which AD modes are active."""
 
-    __slots__ = ("f_flat", "options", "traits", "stats", "grad_needed", "dual", "stopping")
+    __slots__ = ("f_flat", "options", "traits", "stats", "grad_needed", "dual", "stopping", "adjoint_start",
+                 "unflatten")
 
-    def __init__(self, f_flat, options, traits, stats, grad_needed, dual, stopping):
+    def __init__(self, f_flat, options, traits, stats, grad_needed, dual, stopping, adjoint_start=None,
+                 unflatten=None):
         self.f_flat, self.options, self.traits, self.stats = f_flat, options, traits, stats
         self.grad_needed, self.dual, self.stopping = grad_needed, dual, stopping
+        # A flat initial guess of z*'s adjoint (a warm start), and the map back to the state's structure.
+        self.adjoint_start, self.unflatten = adjoint_start, unflatten
 
 
 class GradientMode:
@@ -235,18 +240,23 @@ class ImplicitGradient(GradientMode):
             inside[0] = True
             atol, rtol = mode.tolerances(o.atol, o.rtol, _resolution_dtype(stats, fz.dtype), _forward_residual(stats))
             try:
+                start = solve.adjoint_start if record is None else None  # the warm start is z*'s
                 u, bst = implicit_backward(
                     fz, z_leaf, grad, solver=mode.solver_value, atol=atol, rtol=rtol,
                     max_iter=mode.limit(o.max_iter), divergence_ratio=o.divergence_ratio,
                     on_failure="ignore" if mode.fallback is not None else o.on_failure, check_every=o.check_every,
+                    u0=start,
                 )
                 bst.info["adjoint_tolerance"] = (atol, rtol)
+                bst.info["adjoint_warm_start"] = start is not None
                 if mode.fallback is not None and bst.status != CONVERGED:
                     u = mode._fall_back(fz, z_leaf, grad, u, bst, solve)
             finally:
                 inside[0] = False
             if record is None:
                 stats["backward"] = bst
+                if solve.unflatten is not None:
+                    stats["adjoint"] = solve.unflatten(u.detach())
             else:
                 record(bst)
             return u
@@ -1027,6 +1037,7 @@ def deq_solve(
     options: DEQOptions | None = None,
     stats: dict | None = None,
     arg_names: Sequence[str] | None = None,
+    adjoint_start=None,
     **overrides,
 ):
     """Differentiable fixed point of ``z = f(z, *args, **kwargs)``; see the module docstring for the modes.
@@ -1040,7 +1051,12 @@ def deq_solve(
     overrides of its fields, e.g. ``deq_solve(f, z0, solver="broyden", atol=1e-6, backward="phantom")``.
     Returns ``z*`` shaped like ``z0``. If ``stats`` (a dict) is given, ``stats["forward"]`` receives the
     forward :class:`SolverStats`, ``stats["backward"]`` the adjoint solve's once the backward pass has run
-    (``backward="implicit"``), and ``stats["jvp"]`` the tangent solve's of a forward-mode pass.
+    (``backward="implicit"``), and ``stats["jvp"]`` the tangent solve's of a forward-mode pass. With
+    ``backward="implicit"``, ``stats["adjoint"]`` then holds the adjoint ``u`` of ``z*`` (shaped like ``z0``,
+    no graph), and ``adjoint_start`` (shaped like ``z0``) is the adjoint solve's initial guess instead of the
+    incoming gradient: a warm start, e.g. the ``u`` of the same samples at their last visit kept in a
+    :class:`iterlayers.FixedPointCache`. Like a forward warm start it changes the iterations, never the
+    stopping rule.
 
     With ``hoist=True`` and ``f`` an ``nn.Module``, the part of ``f`` that does not depend on ``z`` (an input
     injection ``U x``, a normalised weight) is computed once per forward solve instead of once per iteration
@@ -1063,7 +1079,7 @@ def deq_solve(
     _refuse_functorch()
     if stats is None:
         stats = {}
-    stats.update(forward=None, backward=None, jvp=None)
+    stats.update(forward=None, backward=None, jvp=None, adjoint=None)
     traits = CellTraits.of(f)
     if _batch_size(z0) == 0:
         # An empty batch (a DDP shard, a detection head): one evaluation gives the empty output, with a graph.
@@ -1082,7 +1098,17 @@ def deq_solve(
         return spec.flatten(f(spec.unflatten(zf), *args, **kwargs))
 
     mode = o.gradient
-    solve = _Solve(f_flat, o, traits, stats, grad_needed, dual, stopping)
+    start = None
+    if adjoint_start is not None:
+        spec.check_output(adjoint_start, spec.batch_size, "adjoint_start")
+        if isinstance(adjoint_start, (tuple, list)):
+            adjoint_start = tuple(p.detach() for p in adjoint_start)
+        else:
+            adjoint_start = adjoint_start.detach()
+        start = spec.flatten(adjoint_start)
+        if not bool(torch.isfinite(start).all()):
+            raise NonFiniteInputError("adjoint_start contains NaN or Inf; pass a finite initial adjoint or None")
+    solve = _Solve(f_flat, o, traits, stats, grad_needed, dual, stopping, start, spec.unflatten)
     if not mode.solves_forward and (grad_needed or dual):
         def f_checked(zf):
             out = f(spec.unflatten(zf), *args, **kwargs)

@@ -124,7 +124,7 @@ class FixedPointCorrection:
 class DEQ(nn.Module):
     r"""Deep equilibrium layer: the output is the fixed point ``z*`` of ``z = cell(z, *inputs, **shared)``.
 
-    ``forward(*inputs, z0=None, **shared)`` solves ``z* = cell(z*, *inputs, **shared)`` with a batched solver
+    ``forward(*inputs, z0=None, adjoint_start=None, **shared)`` solves ``z* = cell(z*, *inputs, **shared)`` with a batched solver
     (no graph is kept for the iterations) and attaches ``z*`` to the graph of the inputs and of the cell's
     parameters with the gradient mode ``backward`` (``"implicit"``, ``"phantom"``, ``"jfb"`` or
     ``"unrolled"``; see :mod:`iterlayers.implicit`). The positional ``inputs`` are batched (first dimension =
@@ -138,7 +138,9 @@ class DEQ(nn.Module):
 
     After a forward pass ``layer.stats["forward"]`` holds the solver's :class:`~iterlayers.SolverStats`;
     after ``loss.backward()`` with ``backward="implicit"``, ``layer.stats["backward"]`` holds the adjoint
-    solve's (``layer.stats["jvp"]`` the tangent solve's of a forward-mode pass). Under ``torch.no_grad()``
+    solve's and ``layer.stats["adjoint"]`` the adjoint ``u`` of ``z*`` (``adjoint_start=`` warm-starts the next
+    adjoint solve from such a ``u``, see :func:`iterlayers.deq_solve`; ``layer.stats["jvp"]`` is the tangent
+    solve's of a forward-mode pass). Under ``torch.no_grad()``
     only the forward solve runs.
 
     Args:
@@ -248,7 +250,7 @@ class DEQ(nn.Module):
             names += ["x"] if n == 1 else [f"inputs[{i}]" for i in range(len(names), n)]
         return tuple(names)
 
-    def forward(self, *inputs, z0=None, **shared):
+    def forward(self, *inputs, z0=None, adjoint_start=None, **shared):
         if z0 is None and len(inputs) == 2 and (inputs[1] is None or self._arity() == 1):
             # The former signature forward(x, z0): a None is never a batched input, and a cell taking one
             # input cannot mean a second one as an input (calling it would fail): it is the initial state.
@@ -314,7 +316,8 @@ class DEQ(nn.Module):
         if correcting:
             # The core keeps the iterates and attaches each by the layer's gradient mode (DEQOptions.trajectory).
             options = options.replace(trajectory=fc.at if fc.at is not None else fc.count)
-        z = deq_solve(cell, z0, args=args, kwargs=shared, options=options, stats=stats, arg_names=arg_names)
+        z = deq_solve(cell, z0, args=args, kwargs=shared, options=options, stats=stats, arg_names=arg_names,
+                      adjoint_start=adjoint_start)
         stats["spectral_radius"] = None
         self.penalty = None
         if self.training:
