@@ -19,9 +19,11 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["NORMS", "fgsm", "pgd", "robust_accuracy", "project"]
+from .errors import OptionTypeError, ShapeMismatchError, ValidationError
 
-NORMS = ("inf", "2")
+__all__ = ["ATTACK_NORMS", "fgsm", "pgd", "robust_accuracy", "project"]
+
+ATTACK_NORMS = ("inf", "2")  # the norm balls of the attacks
 
 
 def _check_norm(norm) -> str:
@@ -30,20 +32,20 @@ def _check_norm(norm) -> str:
         norm = "inf"
     if norm in ("l2", "L2", "l_2", "2.0"):
         norm = "2"
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS} (or 'linf'/'l2'), got {norm!r}")
+    if norm not in ATTACK_NORMS:
+        raise ValidationError(f"norm must be one of {ATTACK_NORMS} (or 'linf'/'l2'), got {norm!r}")
     return norm
 
 
 def _check_inputs(model, x, y, eps):
     if not isinstance(model, nn.Module) and not callable(model):
-        raise TypeError(f"model must be an nn.Module or callable, got {type(model).__name__}")
+        raise OptionTypeError(f"model must be an nn.Module or callable, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point tensor")
+        raise OptionTypeError("x must be a floating-point tensor")
     if not isinstance(y, torch.Tensor) or y.shape[0] != x.shape[0]:
-        raise ValueError("y must be a tensor with one label per sample of x")
+        raise ShapeMismatchError("y must be a tensor with one label per sample of x")
     if not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        raise ValidationError(f"eps must be a number >= 0, got {eps!r}")
 
 
 def _flat_norm(v: torch.Tensor) -> torch.Tensor:
@@ -116,9 +118,9 @@ def pgd(
     _check_inputs(model, x, y, eps)
     norm = _check_norm(norm)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        raise ValidationError(f"steps must be an int >= 1, got {steps!r}")
     if step_size is not None and step_size <= 0:
-        raise ValueError(f"step_size must be > 0, got {step_size}")
+        raise ValidationError(f"step_size must be > 0, got {step_size}")
     alpha = 2.5 * eps / steps if step_size is None else step_size
     loss_fn = loss_fn or _default_loss
     x0 = x.detach()
@@ -170,7 +172,7 @@ def robust_accuracy(
 ) -> dict[float, float]:
     """Accuracy under ``attack`` in ``("pgd", "fgsm")`` for every ``eps`` in ``eps_list``: ``{eps: acc}``."""
     if attack not in ("pgd", "fgsm"):
-        raise ValueError(f"attack must be one of ('pgd', 'fgsm'), got {attack!r}")
+        raise ValidationError(f"attack must be one of ('pgd', 'fgsm'), got {attack!r}")
     norm = _check_norm(norm)
     out: dict[float, float] = {}
     for eps in eps_list:

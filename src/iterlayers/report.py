@@ -14,6 +14,8 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .errors import ValidationError
+
 __all__ = ["write_report", "build_report", "linked_figures", "collect_claims", "claims_table", "update_readme",
            "README_BEGIN", "README_END"]
 
@@ -189,7 +191,7 @@ def update_readme(readme: str | Path, collected: dict) -> bool:
     readme = Path(readme)
     text = readme.read_text(encoding="utf-8")
     if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"{readme}: no results block ({README_BEGIN!r} ... {README_END!r})")
+        raise ValidationError(f"{readme}: no results block ({README_BEGIN!r} ... {README_END!r})")
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
     new = f"{head}{README_BEGIN}\n{claims_table(collected)}\n{README_END}{tail}"

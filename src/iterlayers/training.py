@@ -483,7 +483,7 @@ def _restore(run: _Run, ckpt) -> None:
         if run.acc.shape == (10,):  # saved before the jac/rho sums existed: they start at zero
             run.acc = torch.cat([run.acc, torch.zeros(len(_ACC) - 10, dtype=torch.float64)])
         if run.acc.shape != (len(_ACC),):
-            raise ValueError(f"accum has shape {tuple(run.acc.shape)}, expected ({len(_ACC)},)")
+            raise CheckpointError(f"checkpoint accum has shape {tuple(run.acc.shape)}, expected ({len(_ACC)},)")
         run.gen_state = ckpt.record.get("data_order", {}).get("generator")
         for layer in deq_layers(run.model):  # the penalty's / monitor's every-k schedule continues
             layer.train_forwards = run.global_step

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 
+from ..errors import ValidationError
+
 __all__ = ["EXPERIMENTS", "ORDER", "ExperimentUnavailable", "ExperimentOutcome", "get_experiment", "run_experiment"]
 
 EXPERIMENTS: dict[str, str] = {
@@ -59,7 +61,7 @@ class ExperimentOutcome:
 def get_experiment(name: str) -> ModuleType:
     """Import and return the experiment module ``name``."""
     if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(ORDER)}")
+        raise ValidationError(f"unknown experiment {name!r}; valid: {', '.join(ORDER)}")
     module_name = EXPERIMENTS[name]
     if importlib.util.find_spec(module_name) is None:
         raise ExperimentUnavailable(f"experiment {name!r} is not available: module {module_name} does not exist")

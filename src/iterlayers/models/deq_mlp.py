@@ -23,7 +23,7 @@ from ..errors import ValidationError
 from ..implicit import DEQOptions
 from ..layers import DEQ
 
-__all__ = ["MLPCell", "DEQClassifier", "DEQMLP", "MLPClassifier", "ACTIVATIONS", "NORMS", "CLASSIFIER_DEQ_OPTIONS"]
+__all__ = ["MLPCell", "DEQClassifier", "DEQMLP", "MLPClassifier", "ACTIVATIONS", "WEIGHT_NORMS", "CLASSIFIER_DEQ_OPTIONS"]
 
 #: The equilibrium layer of the classifiers (:class:`DEQMLP`, :class:`~iterlayers.models.deq_conv.DEQConv`):
 #: a loose absolute tolerance (classification needs no more) and no warning per batch on a slow sample, whose
@@ -31,7 +31,7 @@ __all__ = ["MLPCell", "DEQClassifier", "DEQMLP", "MLPClassifier", "ACTIVATIONS",
 CLASSIFIER_DEQ_OPTIONS = DEQOptions(atol=1e-4, rtol=0.0, max_iter=40, on_failure="ignore")
 
 ACTIVATIONS = ("tanh", "relu")
-NORMS = ("spectral", "weight", "none")
+WEIGHT_NORMS = ("spectral", "weight", "none")  # weight parametrisations of the cell
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -86,7 +86,7 @@ class MLPCell(nn.Module):
         super().__init__()
         self.width = positive_int(width, "width")
         _check_choice("activation", activation, ACTIVATIONS)
-        _check_choice("norm", norm, NORMS)
+        _check_choice("norm", norm, WEIGHT_NORMS)
         self.activation = activation
         self.norm = norm
         self.gamma = _check_gamma(gamma)

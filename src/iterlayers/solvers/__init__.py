@@ -185,7 +185,7 @@ def solve(
     check_common(atol, rtol, max_iter, on_failure, divergence_ratio)
     s = make_solver(solver, solver_options)
     if not callable(f):
-        raise TypeError(f"f must be callable, got {type(f).__name__}")
+        raise OptionTypeError(f"f must be callable, got {type(f).__name__}")
     # solve() never differentiates (use iterlayers.deq_solve / DEQ for gradients): building a graph
     # through every iteration would cost memory proportional to max_iter for nothing.
     with torch.no_grad():

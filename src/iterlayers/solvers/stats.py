@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ValidationError
+
 __all__ = ["SolverStats", "CONVERGED", "MAX_ITER", "DIVERGED", "is_converged"]
 
 CONVERGED = "converged"
@@ -122,7 +124,7 @@ class SolverStats:
     def trace_tensor(self) -> torch.Tensor:
         """The residual trace as a ``[iterations + 1, B]`` tensor (requires ``return_trace=True``)."""
         if self.trace is None:
-            raise ValueError("no residual trace was recorded; pass return_trace=True to the solve")
+            raise ValidationError("no residual trace was recorded; pass return_trace=True to the solve")
         return torch.stack(self.trace)
 
     def summary(self) -> dict:
