@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .architecture import FrameArchitecture
+from .conv import ConvFrameArchitecture
 from .global_frame import STRUCTURES, GlobalFrame, assemble_global_frame, conv_matrix
 from .potential import frame_potential_lower_bound, gram_matrix
 
@@ -133,7 +134,8 @@ def deep_frame_potential(
 
     ``weights`` is one of: a list of layer frames ``B_j`` ``[in_j, n_j]`` (2-D; ``nn.Linear.weight.T``) with
     ``structure`` (default ``"chain"``); a ``(FrameArchitecture, list_of_raw_weights)`` pair; a model with
-    ``layer_frames()`` and ``structure`` (``DeepFrameNet``); or a plain module of ``Linear``/``Conv`` layers,
+    ``layer_frames()`` and ``structure`` (``DeepFrameNet``); a ``(ConvFrameArchitecture, filters)`` pair (the
+    per-frequency form of ``conv``, no dense frame; ``nonzero`` / ``full`` / ``none`` only); or a plain module of ``Linear``/``Conv`` layers,
     read as a chain whose last layer is the classifier (conv layers need ``input_shape``). ``skip``: the
     residual shortcut span for a list of frames (an architecture or a model carries its own).
     """
@@ -144,6 +146,8 @@ def deep_frame_potential(
         if structure is not None and structure != model_structure:
             raise ValueError(f"structure={structure!r} conflicts with the model's structure {model_structure!r}")
         structure = model_structure
+    elif isinstance(weights, tuple) and len(weights) == 2 and isinstance(weights[0], ConvFrameArchitecture):
+        return weights[0].potential(weights[1], normalize=normalize)
     elif isinstance(weights, tuple) and len(weights) == 2 and isinstance(weights[0], FrameArchitecture):
         arch, raw = weights
         frames, structure, skip = arch.layer_frames(raw), arch.structure, arch.skip
@@ -158,9 +162,13 @@ def deep_frame_potential(
     return global_frame_potential(frame, normalize=normalize)
 
 
-def deep_frame_potential_lower_bound(architecture: FrameArchitecture, *, normalize: str = "nonzero") -> float:
-    """Weight-independent lower bound on the DFP of ``architecture`` (the exact minimum for chains); only the
-    potential-based normalisations (``nonzero``, ``full``, ``none``) have one."""
+def deep_frame_potential_lower_bound(architecture, *, normalize: str = "nonzero") -> float:
+    """Weight-independent lower bound on the DFP of ``architecture`` (the exact minimum for fully connected
+    chains); only the potential-based normalisations (``nonzero``, ``full``, ``none``) have one.
+
+    It needs only the block layout, the layer frames' input sizes and ``N``, so it holds for a
+    ``ConvFrameArchitecture`` (circular padding: unit atoms, ``||A_j||_F^2 = n_j``) too, where it is not
+    attained in general: weight sharing keeps a conv layer frame from being tight (``conv``)."""
     _check_normalize(normalize)
     if normalize not in ("nonzero", "full", "none"):
         raise ValueError(f"no closed-form lower bound for normalize={normalize!r}")
@@ -213,7 +221,7 @@ class DFPResult:
 
 
 def minimize_deep_frame_potential(
-    architecture: FrameArchitecture,
+    architecture,
     *,
     steps: int = 300,
     lr: float = 0.05,
@@ -227,8 +235,9 @@ def minimize_deep_frame_potential(
     Returns the best weights seen. Stops after ``steps`` or when the relative decrease over 10 steps falls below ``tol``. The potential is
     invariant to the scale of every atom, so the raw weights are optimised directly.
     """
-    if not isinstance(architecture, FrameArchitecture):
-        raise TypeError(f"architecture must be a FrameArchitecture, got {type(architecture).__name__}")
+    if not isinstance(architecture, (FrameArchitecture, ConvFrameArchitecture)):
+        raise TypeError(f"architecture must be a FrameArchitecture or ConvFrameArchitecture, got "
+                        f"{type(architecture).__name__}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if lr <= 0:
