@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from iterlayers.experiments.frames import SETTINGS, _model_selection, _select_one, _selection_claims, run
+from iterlayers.experiments.frames import (
+    SETTINGS, _conv_claims, _model_selection, _order_fraction, _select_one, _selection_claims, run,
+)
 
 from claims_checks import assert_claims_valid
 
@@ -36,9 +38,15 @@ def test_tiny_frames_experiment_claims_and_files(tiny):
             assert d["dfp_lower_bound"] * (1 - 1e-6) <= d["dfp"] <= d["dfp_initial"]
             assert len(d["runs"]) == SETTINGS["tiny"]["seeds"]
             assert all(0.0 <= run_["test_error"] <= 1.0 and 1 <= run_["epoch"] for run_ in d["runs"])
+    conv = saved["paper_reference"]["conv_efficiency"]
+    assert {r["structure"] for r in conv} == {"chain", "residual", "dense"}
+    for r in conv:
+        assert {"structure", "params", "minimum_dfp"} <= set(r) and r["minimum_dfp"] >= r["lower_bound"] * (1 - 1e-6)
+        assert r["exact"] == (r["structure"] != "dense")
+    assert {"conv_dfp_falls_with_params", "conv_structure_order"} <= ids
     table = (out / "table.md").read_text()
-    assert "## Paper's claims vs ours" in table and "## Sanity checks" in table
-    for f in ("dfp_vs_error.png", "paper_reference.png", "recurrent_robustness.png"):
+    assert "## Paper's claims vs ours" in table and "## Sanity checks" in table and "Conv parameter efficiency" in table
+    for f in ("dfp_vs_error.png", "paper_reference.png", "recurrent_robustness.png", "conv_efficiency.png"):
         assert (out / f).stat().st_size > 1000
 
 
@@ -97,3 +105,23 @@ def test_model_selection_rows_do_not_depend_on_worker_processes(tmp_path):
     with pytest.raises(ValueError, match="workers must be"):
         run(out=tmp_path, tiny=True, workers=0)
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_conv_order_statistic_flips_when_the_order_is_reversed():
+    def row(structure, c, params, dfp):
+        return {"structure": structure, "channels": c, "depth": 3, "params": params, "minimum_dfp": dfp}
+
+    good = [row("chain", c, 100 * c, 1.0 / c) for c in (1, 2, 4)] + \
+        [row("residual", c, 100 * c, 0.9 / c) for c in (1, 2, 4)] + [row("dense", c, 150 * c, 0.5 / c) for c in (1, 2)]
+    bad = [dict(r, minimum_dfp=r["minimum_dfp"] * (3.0 if r["structure"] == "dense" else 1.0)) for r in good]
+    assert _order_fraction(good)[0] == 1.0
+    frac, comps = _order_fraction(bad)
+    assert frac == 3 / 5 and len(comps) == 5  # the dense comparisons fail, chain vs residual still hold
+    cfg = dict(SETTINGS["tiny"], n_perm=20)
+    falling = [dict(r, minimum_dfp=1.0 / r["params"]) for r in good]
+    rising = [dict(r, minimum_dfp=float(r["params"])) for r in good]
+    ok = {c["id"]: c for c in _conv_claims({"conv_efficiency": falling}, cfg, "quick", 0)[0]}
+    assert ok["conv_dfp_falls_with_params"]["value"] == pytest.approx(-1.0)
+    assert ok["conv_dfp_falls_with_params"]["verdict"] == "holds"
+    no = {c["id"]: c for c in _conv_claims({"conv_efficiency": rising}, cfg, "quick", 0)[0]}
+    assert no["conv_dfp_falls_with_params"]["verdict"] == "does not hold"

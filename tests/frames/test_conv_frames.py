@@ -181,3 +181,23 @@ def test_bad_conv_architectures_and_zero_padding_are_refused():
     Bz, Bc = arch.explicit_layer_frames(W)[0], circ.explicit_layer_frames(W)[0]
     assert not torch.equal(Bz, Bc) and torch.equal(Bz[Bz != 0], Bc[Bz != 0])
     assert math.isfinite(float(global_frame_potential(arch.explicit_global_frame(W))))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(input_shape=(3, 8, 8), channels=(6, 6, 12), kernel_size=(2, 3, 3), stride=(2, 1, 1)),
+    dict(input_shape=(2, 8, 8), channels=(8, 16, 16), kernel_size=(3, 3, 1), stride=(2, 1, 1)),
+    dict(input_shape=(3, 8, 8), channels=(13, 7, 7, 20), kernel_size=(2, 3, 3, 1), stride=(2, 1, 1, 1)),
+    dict(input_shape=(3, 8, 8), channels=(4, 4, 4, 4), kernel_size=(2, 3, 3, 3), stride=(2, 1, 1, 1),
+         structure="residual"),
+], ids=["chain-s2", "chain-expand", "chain-harmonic", "residual"])
+def test_tight_weights_attain_the_closed_form_bound(kw):
+    arch = ConvFrameArchitecture(**kw)
+    W = arch.tight_weights(dtype=torch.float64)
+    assert all(torch.allclose(w.flatten(1).norm(dim=1), torch.ones(w.shape[0], dtype=torch.float64)) for w in W)
+    dfp = float(deep_frame_potential((arch, W)))
+    assert dfp == pytest.approx(deep_frame_potential_lower_bound(arch), rel=1e-12)
+    # the explicit support at these sparse weights is smaller than the structural one: compare ||G||_F^2
+    fp = float(global_frame_potential(arch.explicit_global_frame(W), normalize="none"))
+    assert float(deep_frame_potential((arch, W), normalize="none")) == pytest.approx(fp, rel=1e-12)
+    with pytest.raises(UnsupportedError, match="no tight start"):
+        ConvFrameArchitecture((2, 8, 8), (5, 3), kernel_size=(1, 3), stride=(2, 1)).tight_weights()

@@ -191,6 +191,32 @@ class ConvFrameArchitecture:
         """The global frame's block layout (no weights needed)."""
         return frame_layout(math.prod(self.input_shape), self.feature_sizes, structure=self.structure, skip=self.skip)
 
+    def tight_weights(self, *, dtype=torch.float32) -> list[torch.Tensor]:
+        """Filters whose layer frames are unit-norm tight frames: filter ``o`` of layer ``j`` is row ``o`` of a
+        unit-norm tight frame ``H`` ``[c_out, d]`` (``d = c s^2``: the channels of the code the layer reads, a
+        dense layer reading only the previous code, times the taps of the ``s x s`` block ``[0, s)^2``, or of
+        the centre tap when ``s = 1``). Then ``A^(xi) = H D(xi)`` with ``D`` diagonal unitary (the taps fall on
+        distinct polyphase channels), so ``A^ A^H = H H^T = I`` (``c_out <= d``: ``H`` rows of the identity) or
+        ``A^H A = H^T H = (c_out / d) I`` (``c_out > d``: a real harmonic frame, the ``d`` lowest real DFT
+        columns of size ``c_out`` scaled by ``sqrt(c_out / d)``, whose rows have unit norm) at every frequency:
+        every layer attains ``FP = max(n_j, n_j^2 / in_j)``, hence a chain attains
+        ``deep_frame_potential_lower_bound`` (derived; tests and the experiment check it by evaluating the
+        potential). Needs ``f >= s``."""
+        out = []
+        for j, (cout, cin, f, _) in enumerate(self.weight_shapes()):
+            s = self.stride[j]
+            if f < s:
+                raise UnsupportedError(f"{self.name}: layer {j + 1} kernel {f} < stride {s}: some polyphase "
+                                       "channels are never read, no tight start")
+            read = self.channels[j - 1] if (self.structure == "dense" and j > 0) else cin
+            d = read * s * s
+            H = _unit_tight_frame(cout, d, torch.float64)
+            a = (f - 1) // 2 if s == 1 else 0
+            W = torch.zeros(cout, read, f, f, dtype=torch.float64)
+            W[:, :, a : a + s, a : a + s] = H.view(cout, read, s, s)
+            out.append(torch.cat([torch.zeros(cout, cin - read, f, f, dtype=torch.float64), W], 1).to(dtype))
+        return out
+
     def _check_weights(self, weights) -> list[torch.Tensor]:
         weights = list(weights)
         if len(weights) != self.depth:
@@ -373,6 +399,19 @@ class ConvFrameArchitecture:
         if normalize == "full":
             return fp / sum(self.feature_sizes) ** 2
         return fp / self.gram_nonzeros()
+
+
+def _unit_tight_frame(k: int, d: int, dtype) -> torch.Tensor:
+    """``k`` unit-norm rows in ``R^d`` with ``H H^T = I`` (``k <= d``) or ``H^T H = (k / d) I`` (``k > d``:
+    the real harmonic frame: constant column if ``d`` is odd, then cos / sin pairs of frequencies 1, 2, ...)."""
+    if k <= d:
+        return torch.eye(k, d, dtype=dtype)
+    i = torch.arange(k, dtype=dtype).view(-1, 1)
+    cols = [torch.full((k, 1), 1.0 / math.sqrt(k), dtype=dtype)] if d % 2 else []
+    m = torch.arange(1, d // 2 + 1, dtype=dtype).view(1, -1)
+    ang = 2 * math.pi * i * m / k
+    cols += [torch.cos(ang) * math.sqrt(2.0 / k), torch.sin(ang) * math.sqrt(2.0 / k)]
+    return torch.cat(cols, 1) * math.sqrt(k / d)
 
 
 def _abs2(z: torch.Tensor) -> torch.Tensor:

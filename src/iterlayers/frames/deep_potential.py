@@ -229,8 +229,10 @@ def minimize_deep_frame_potential(
     tol: float = 1e-7,
     dtype: torch.dtype = torch.float32,
     normalize: str = "nonzero",
+    init: Sequence[torch.Tensor] | None = None,
 ) -> DFPResult:
-    """Minimal deep frame potential of ``architecture``, by Adam on the weights from a Gaussian start, no data.
+    """Minimal deep frame potential of ``architecture``, by Adam on the weights from a Gaussian start (or from
+    ``init``, e.g. ``ConvFrameArchitecture.tight_weights()``), no data.
 
     Returns the best weights seen. Stops after ``steps`` or when the relative decrease over 10 steps falls below ``tol``. The potential is
     invariant to the scale of every atom, so the raw weights are optimised directly.
@@ -244,7 +246,9 @@ def minimize_deep_frame_potential(
         raise ValueError(f"lr must be > 0, got {lr}")
     _check_normalize(normalize)
     g = torch.Generator().manual_seed(int(seed))
-    params = [w.requires_grad_(True) for w in architecture.init_weights(generator=g, dtype=dtype)]
+    start = architecture.init_weights(generator=g, dtype=dtype) if init is None else \
+        [w.detach().to(dtype).clone() for w in init]
+    params = [w.requires_grad_(True) for w in start]
     opt = torch.optim.Adam(params, lr=lr)
     history: list[float] = []
     best = (math.inf, [p.detach().clone() for p in params])
