@@ -201,3 +201,16 @@ def test_tight_weights_attain_the_closed_form_bound(kw):
     assert float(deep_frame_potential((arch, W), normalize="none")) == pytest.approx(fp, rel=1e-12)
     with pytest.raises(UnsupportedError, match="no tight start"):
         ConvFrameArchitecture((2, 8, 8), (5, 3), kernel_size=(1, 3), stride=(2, 1)).tight_weights()
+
+
+@pytest.mark.parametrize("structure", ["chain", "residual", "dense"])
+def test_fc_potential_through_the_conv_path_equals_the_explicit_one(structure):
+    from iterlayers.frames import FrameArchitecture
+
+    arch = FrameArchitecture((7,), (5, 5, 5, 5), structure=structure)
+    W1 = [w.requires_grad_() for w in arch.init_weights(generator=torch.Generator().manual_seed(3), dtype=torch.float64)]
+    W2 = [w.detach().clone().requires_grad_() for w in W1]
+    a, b = arch.potential(W1), deep_frame_potential((arch, W2))
+    assert torch.allclose(a, b, rtol=1e-12)
+    for g1, g2 in zip(torch.autograd.grad(a, W1), torch.autograd.grad(b, W2)):
+        assert torch.allclose(g1, g2, rtol=1e-9, atol=1e-14)

@@ -33,6 +33,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._validate import in_range
+from ..errors import ValidationError
+
 from ..adversarial import pgd
 from ..data import Dataset, load_digits, load_mnist1d
 from ..frames import (
@@ -62,14 +65,14 @@ SETTINGS = {
         mnist1d_samples=5000, seeds=10, fc_family=100,
         rec_widths=(64, 64), rec_T=10, rec_epochs=40, eps_inf=[0.1, 0.2], pgd_steps=100, pgd_restarts=5,
         n_attack=449, n_perm=500,
-        conv_widths=[4, 8, 16, 32, 64, 128, 256], conv_depths=[3, 5, 9, 17], conv_max_params=1.2e7, conv_steps=200,
+        conv_widths=[4, 8, 16, 32, 64, 128, 256], conv_depths=[3, 5, 9, 17], conv_max_params=1.2e7, conv_steps=300,
     ),
     "quick": dict(
         depths=[1, 2, 3], widths=[16, 32], dfp_steps=80, epochs={"digits": 15, "mnist1d": 15},
         mnist1d_samples=2000, seeds=3, fc_family=100,
         rec_widths=(64, 64), rec_T=5, rec_epochs=12, eps_inf=[0.1], pgd_steps=100, pgd_restarts=5,
         n_attack=100, n_perm=300,
-        conv_widths=[4, 8, 16, 32, 64, 128, 256], conv_depths=[3, 5], conv_max_params=1.6e6, conv_steps=10,
+        conv_widths=[4, 8, 16, 32, 64, 128, 256], conv_depths=[3, 5], conv_max_params=1.6e6, conv_steps=6,
     ),
     "tiny": dict(
         depths=[1, 3], widths=[8, 16], dfp_steps=40, epochs={"digits": 4, "mnist1d": 4},
@@ -177,7 +180,7 @@ def _conv_minimum(arch: ConvFrameArchitecture, steps: int, seed: int) -> dict:
     bound = deep_frame_potential_lower_bound(arch)
     exact = value <= bound * (1 + 1e-5)
     if not exact and steps:
-        value = min(value, minimize_deep_frame_potential(arch, steps=steps, lr=0.01, seed=seed, init=start).dfp)
+        value = min(value, minimize_deep_frame_potential(arch, steps=steps, lr=0.03, seed=seed, init=start).dfp)
     return {"structure": arch.structure, "channels": arch.channels[0], "depth": arch.depth,
             "params": arch.num_parameters(), "minimum_dfp": value, "lower_bound": bound, "exact": bool(exact),
             "steps": 0 if exact else steps}
@@ -309,10 +312,15 @@ def _error(model, x, y) -> float:
 
 
 def select_epoch(model: nn.Module, x_tr, y_tr, x_val, y_val, *, epochs: int, seed: int, lr: float = 3e-3,
-                 batch: int = 128) -> dict:
-    """Adam on cross-entropy; after every epoch the validation error is measured and the best epoch's weights
-    are restored (early-stopping selection). Receives no test data by construction; returns the selected epoch,
-    its validation error and training accuracy."""
+                 batch: int = 128, dfp_weight: float = 0.0) -> dict:
+    """Adam on cross-entropy (plus ``dfp_weight * DFP`` of the network's induced frame, the papers' DFP
+    regularisation; ``DeepFrameNet`` with ``fc`` layers, computed block by block through
+    ``FrameArchitecture.potential``); after every epoch the validation error is measured and the best epoch's
+    weights are restored (early-stopping selection). Receives no test data by construction; returns the
+    selected epoch, its validation error and training accuracy."""
+    dfp_weight = in_range(dfp_weight, "dfp_weight", where="select_epoch", low=0.0)
+    if dfp_weight and not isinstance(model, DeepFrameNet):
+        raise ValidationError(f"select_epoch: dfp_weight needs a DeepFrameNet, got {type(model).__name__}")
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = x_tr.shape[0]
@@ -323,7 +331,10 @@ def select_epoch(model: nn.Module, x_tr, y_tr, x_val, y_val, *, epochs: int, see
         for i in range(0, n, batch):
             idx = perm[i : i + batch]
             opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx]).backward()
+            loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            if dfp_weight:
+                loss = loss + dfp_weight * model.architecture.potential([m.weight for m in model.layers])
+            loss.backward()
             opt.step()
         v = _error(model, x_val, y_val)
         if v < best[0]:
