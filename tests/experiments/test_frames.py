@@ -46,6 +46,13 @@ def test_tiny_frames_experiment_claims_and_files(tiny):
         assert {"structure", "params", "minimum_dfp"} <= set(r) and r["minimum_dfp"] >= r["lower_bound"] * (1 - 1e-6)
         assert r["exact"] == (r["structure"] != "dense")
     assert {"conv_dfp_falls_with_params", "conv_structure_order", "dfp_regularisation"} <= ids
+    conv_ids = {f"dfp_rank_digits_conv", "dfp_partial_digits_conv", "within_depth_digits_conv"}
+    assert conv_ids <= ids
+    assert {r["structure"] for r in saved["conv_architectures"]} == {"chain", "residual", "dense"}
+    for r in saved["conv_architectures"]:
+        d = r["digits_conv"]
+        assert r["kind"] == "conv" and d["dfp_lower_bound"] * (1 - 1e-6) <= d["dfp"] <= d["dfp_initial"]
+        assert isinstance(d["converged"], bool) and len(d["runs"]) == SETTINGS["tiny"]["seeds"]
     reg = saved["dfp_regularisation"]
     assert {r["kind"] for r in reg} == {"plain", "regularised"} and all(r["dfp"] > 0 for r in reg)
     assert all(r["dfp_weight"] == 0.0 for r in reg if r["kind"] == "plain")

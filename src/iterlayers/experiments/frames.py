@@ -39,7 +39,7 @@ from ..errors import ValidationError
 from ..adversarial import pgd
 from ..data import Dataset, load_digits, load_mnist1d
 from ..frames import (
-    ConvFrameArchitecture, DeepFrameNet, FrameArchitecture, deep_frame_potential, deep_frame_potential_lower_bound,
+    ConvFrameArchitecture, ConvFrameNet, DeepFrameNet, FrameArchitecture, deep_frame_potential, deep_frame_potential_lower_bound,
     minimize_deep_frame_potential,
 )
 from ..frames.deep_potential import NORMALIZATIONS
@@ -67,6 +67,7 @@ SETTINGS = {
         n_attack=449, n_perm=500,
         conv_widths=[4, 8, 16, 32, 64, 128, 256], conv_depths=[3, 5, 9, 17], conv_max_params=1.2e7, conv_steps=300,
         reg_widths=(512, 512, 512), reg_weights=[10.0, 100.0, 1000.0], reg_epochs=80,
+        conv_sel_depths=[1, 2, 3, 4], conv_sel_widths=[8, 16, 32], conv_sel_epochs=80,
     ),
     "quick": dict(
         depths=[1, 2, 3], widths=[16, 32], dfp_steps=80, epochs={"digits": 15, "mnist1d": 15},
@@ -75,6 +76,8 @@ SETTINGS = {
         n_attack=100, n_perm=300,
         conv_widths=[4, 8, 16, 32, 64, 128, 256], conv_depths=[3, 5], conv_max_params=1.6e6, conv_steps=6,
         reg_widths=None,  # the DFP-regularisation study runs in full (and tiny, for its test) only: cost
+        conv_sel_depths=None,  # likewise the conv model-selection family (digits as 8x8 images)
+        conv_sel_widths=None, conv_sel_epochs=None,
     ),
     "tiny": dict(
         depths=[1, 3], widths=[8, 16], dfp_steps=40, epochs={"digits": 4, "mnist1d": 4},
@@ -83,8 +86,10 @@ SETTINGS = {
         n_attack=60, n_perm=100,
         conv_widths=[4, 8, 16], conv_depths=[3], conv_max_params=2e4, conv_steps=3,
         reg_widths=(48, 48, 48), reg_weights=[100.0], reg_epochs=3,
+        conv_sel_depths=[1, 3], conv_sel_widths=[4, 8], conv_sel_epochs=3,
     ),
 }
+CONVERGED = 0.95  # training accuracy from which a net counts as trained to convergence (marked in the tables)
 STRUCT_COLORS = {"chain": "tab:blue", "residual": "tab:orange", "dense": "tab:green"}
 
 
@@ -352,18 +357,22 @@ def _select_one(spec, cfg, datasets: dict[str, Dataset], seed: int) -> dict:
 
     Everything random is seeded from ``seed`` and the architecture alone, so rows can be computed in any order
     or process."""
-    widths, structure = spec
+    widths, structure, kind = spec if len(spec) == 3 else (*spec, "fc")
     row: dict = {"widths": list(widths), "structure": structure, "depth": len(widths),
-                 "mean_width": float(np.mean(widths))}
+                 "mean_width": float(np.mean(widths)), "kind": kind}
     for name, data in datasets.items():
-        arch = FrameArchitecture((data.num_features,), widths, structure=structure)
+        if kind == "conv":  # digits as 1 x 8 x 8 images, 3x3 circular convolutions
+            arch = ConvFrameArchitecture((1, 8, 8), widths, kernel_size=3, structure=structure)
+        else:
+            arch = FrameArchitecture((data.num_features,), widths, structure=structure)
         row["name"] = arch.name
         res = minimize_deep_frame_potential(arch, steps=cfg["dfp_steps"], lr=0.05, seed=seed)
         runs = []
         for s in range(cfg["seeds"]):
             ts = seed * 1000 + s
             torch.manual_seed(ts)
-            model = DeepFrameNet(arch, data.num_classes)
+            model = DeepFrameNet(arch, data.num_classes) if kind == "fc" else \
+                nn.Sequential(nn.Unflatten(1, arch.input_shape), ConvFrameNet(arch, data.num_classes))
             x_tr, y_tr, x_val, y_val = _split_validation(data, ts)
             sel = select_epoch(model, x_tr, y_tr, x_val, y_val, epochs=cfg["epochs"][name], seed=ts)
             sel["test_error"] = _error(model, data.x_test, data.y_test)
@@ -373,6 +382,7 @@ def _select_one(spec, cfg, datasets: dict[str, Dataset], seed: int) -> dict:
             "params": sum(p.numel() for p in model.parameters()), "runs": runs,
             "test_error": float(np.mean([r["test_error"] for r in runs])),
             "train_accuracy": float(np.mean([r["train_accuracy"] for r in runs])),
+            "converged": all(r["train_accuracy"] >= CONVERGED for r in runs),
         }
     return row
 
@@ -382,10 +392,21 @@ def _select_in_worker(spec, cfg, datasets, seed, threads):
     return _select_one(spec, cfg, datasets, seed)
 
 
-def _model_selection(cfg, datasets: dict[str, Dataset], seed: int, workers: int = 1) -> list[dict]:
-    """Rows of every architecture of the family, in family order; ``workers > 1`` spreads them over processes
-    (``threads // workers`` torch threads each); the rows equal the sequential ones."""
-    fam = _family(cfg)
+def _conv_selection_family(cfg) -> list[tuple[tuple[int, ...], str, str]]:
+    """The conv model-selection family on digits as 8x8 images: uniform channel profiles, chain for every
+    depth, dense from depth 2, residual from depth 3."""
+    fam = []
+    for d in cfg["conv_sel_depths"] or []:
+        for w in cfg["conv_sel_widths"]:
+            for structure in ("chain",) + (("dense",) if d >= 2 else ()) + (("residual",) if d >= 3 else ()):
+                fam.append(((w,) * d, structure, "conv"))
+    return fam
+
+
+def _model_selection(cfg, datasets: dict[str, Dataset], seed: int, workers: int = 1, family=None) -> list[dict]:
+    """Rows of every architecture of the family (default ``_family(cfg)``), in family order; ``workers > 1``
+    spreads them over processes (``threads // workers`` torch threads each); the rows equal the sequential ones."""
+    fam = _family(cfg) if family is None else family
     bar = tqdm(total=len(fam), desc="frames: architectures", disable=None)
     if workers <= 1:
         rows = []
@@ -692,6 +713,9 @@ def _run(*, out, quick, tiny, seed, workers) -> dict:
     datasets = {"digits": digits, "mnist1d": load_mnist1d(seed=seed, num_samples=cfg["mnist1d_samples"])}
     names = list(datasets)
     rows = _model_selection(cfg, datasets, seed, workers=workers)
+    conv_rows = _model_selection(dict(cfg, epochs={"digits_conv": cfg["conv_sel_epochs"]}), {"digits_conv": digits},
+                                 seed, workers=workers, family=_conv_selection_family(cfg)) \
+        if cfg["conv_sel_depths"] else []
     t_sel = time.perf_counter() - t0 - t_ref
     n_rec = required_seeds(mode, comparison=True)
     rec = _recurrent(cfg, digits, seed, n_rec)
@@ -721,6 +745,9 @@ def _run(*, out, quick, tiny, seed, workers) -> dict:
                               abs(math.log(10 * max(fam) / PAPER_FC_RANGE[1])))}))
     t1 = time.perf_counter()
     sel_claims, sel_stats = _selection_claims(rows, names, cfg, mode, seed)
+    if conv_rows:
+        more_claims, more_stats = _selection_claims(conv_rows, ["digits_conv"], cfg, mode, seed)
+        sel_claims, sel_stats = sel_claims + more_claims, {**sel_stats, **more_stats}
     t_stats = time.perf_counter() - t1
     skip_claims, skip_detail = _skip_claims(cfg, names, datasets, rows, mode, seed)
     t_skip = time.perf_counter() - t1 - t_stats
@@ -737,7 +764,9 @@ def _run(*, out, quick, tiny, seed, workers) -> dict:
         sanity_check(id="dfp_above_bound", statement="every minimised DFP is >= its lower bound and <= its start",
                      value=float(min(r[n]["dfp"] / r[n]["dfp_lower_bound"] for r in rows for n in names)),
                      passed=all(r[n]["dfp_lower_bound"] * (1 - 1e-6) <= r[n]["dfp"] <= r[n]["dfp_initial"]
-                                for r in rows for n in names)),
+                                for r in rows for n in names)
+                     and all(r["digits_conv"]["dfp_lower_bound"] * (1 - 1e-6) <= r["digits_conv"]["dfp"]
+                             <= r["digits_conv"]["dfp_initial"] for r in conv_rows)),
         sanity_check(id="conv_chain_residual_exact",
                      statement="every conv chain / residual net's tight start attains its lower bound (exact minimum)",
                      value=float(max(r["minimum_dfp"] / r["lower_bound"] - 1 for r in conv if r["structure"] != "dense")),
@@ -745,12 +774,16 @@ def _run(*, out, quick, tiny, seed, workers) -> dict:
         sanity_check(id="conv_dense_above_bound", statement="every conv dense net's minimised DFP is >= its lower bound",
                      value=float(min(r["minimum_dfp"] / r["lower_bound"] for r in conv if r["structure"] == "dense")),
                      passed=all(r["minimum_dfp"] >= r["lower_bound"] * (1 - 1e-6) for r in conv if r["structure"] == "dense")),
+        sanity_check(id="nets_converged", statement=f"every FC net of the family reached training accuracy >= "
+                     f"{CONVERGED} on every seed (unconverged nets are marked * in table.md)",
+                     value=float(np.mean([r[n]["converged"] for r in rows for n in names])),
+                     passed=all(r[n]["converged"] for r in rows for n in names)),
         sanity_check(id="nets_trained", statement="every net of the family trained (mean training accuracy > 0.5)",
                      value=float(min(r[n]["train_accuracy"] for r in rows for n in names)),
                      passed=all(r[n]["train_accuracy"] > 0.5 for r in rows for n in names)),
     ]
     metrics = {
-        "seed": seed, "paper_reference": ref, "architectures": rows, "selection_statistics": sel_stats,
+        "seed": seed, "paper_reference": ref, "architectures": rows, "conv_architectures": conv_rows, "selection_statistics": sel_stats,
         "skip_detail": skip_detail, "conv_detail": conv_detail, "recurrent": rec, "dfp_regularisation": reg, "datasets": {n: repr(d) for n, d in datasets.items()},
         "normalizations": list(NORMALIZATIONS),
         "conv_efficiency_cpu_seconds": conv_cpu,
@@ -865,14 +898,19 @@ def _table(m, names) -> str:
           f"{fmt(pe['end']['params'][0])}-{fmt(pe['end']['params'][1])}; order (lowest first): "
           f"{', '.join(pe['order'])}. Conv-family CPU time {m['conv_efficiency_cpu_seconds']:.1f} s.", "",
           "![conv efficiency](conv_efficiency.png)", "", "## 2. Model selection", "",
-          "| architecture | " + " | ".join(f"params ({n}) | min DFP ({n}) | test err ({n}) | train acc ({n})" for n in names)
-          + " |", "|---|" + "---|---|---|---|" * len(names)]
-    for r in sorted(m["architectures"], key=lambda r: r[names[0]]["dfp"]):
-        L.append(f"| {r['name']} | " + " | ".join(
-            f"{r[n]['params']} | {fmt(r[n]['dfp'], '.4f')} | {fmt(r[n]['test_error'])} | {fmt(r[n]['train_accuracy'])}"
-            for n in names) + " |")
+          f"Train acc marked * where a training seed stayed below {CONVERGED} (not converged in this budget).", ""]
+    for rows, ns in ((m["architectures"], names), (m["conv_architectures"], ["digits_conv"])):
+        if not rows:
+            continue
+        L += ["| architecture | " + " | ".join(f"params ({n}) | min DFP ({n}) | test err ({n}) | train acc ({n})"
+                                              for n in ns) + " |", "|---|" + "---|---|---|---|" * len(ns)]
+        for r in sorted(rows, key=lambda r: r[ns[0]]["dfp"]):
+            L.append(f"| {r['name']} | " + " | ".join(
+                f"{r[n]['params']} | {fmt(r[n]['dfp'], '.4f')} | {fmt(r[n]['test_error'])} | "
+                f"{fmt(r[n]['train_accuracy'])}{'' if r[n]['converged'] else '*'}" for n in ns) + " |")
+        L.append("")
     L += ["", "| dataset | predictor | Spearman with test error [interval] |", "|---|---|---|"]
-    for n in names:
+    for n in names + (["digits_conv"] if m["conv_architectures"] else []):
         for k, v in m["selection_statistics"][n]["spearman"].items():
             L.append(f"| {n} | {k} | {fmt(v['value'])} [{fmt(v['interval'][0])}, {fmt(v['interval'][1])}] |")
         p = m["selection_statistics"][n]["partial_given_params"]
