@@ -104,6 +104,9 @@ def test_conv_operator_is_the_layer_frame_transpose_and_the_net_uses_it():
     heads = sum(p.numel() for p in net.head.parameters())
     assert sum(p.numel() for p in net.parameters()) - heads == arch.num_parameters()
     assert net(x).shape == (5, 4) and "residual" in repr(net)
+    ref_dfp = deep_frame_potential((arch, net.weights()))
+    assert torch.equal(deep_frame_potential(net), ref_dfp)
+    assert torch.equal(deep_frame_potential(torch.nn.Sequential(torch.nn.Unflatten(1, (2, 6, 6)), net)), ref_dfp)
     dense = ConvFrameArchitecture((3, 8, 8), (4, 5, 6), structure="dense")
     assert sum(p.numel() for p in ConvFrameNet(dense, 10).layers.parameters()) == dense.num_parameters() \
         == 4 * 3 * 9 + 5 * 4 * 9 + 6 * 9 * 9 + 15

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from .architecture import FrameArchitecture
-from .conv import ConvFrameArchitecture
+from ..errors import UnsupportedError, ValidationError
+from .conv import ConvFrameArchitecture, ConvFrameNet
 from .global_frame import STRUCTURES, GlobalFrame, assemble_global_frame, conv_matrix
 from .potential import frame_potential_lower_bound, gram_matrix
 
@@ -108,6 +109,8 @@ def _frames_from_model(model: nn.Module, input_shape) -> tuple[list[torch.Tensor
         else:
             if shape is None or len(shape) != m.weight.dim() - 1:
                 raise ValueError("input_shape (C, *spatial) is required to read the frames of a convolutional model")
+            if m.padding_mode != "zeros":
+                raise UnsupportedError(f"only zero-padded convolutions are read as frames here, got {m.padding_mode!r}")
             if m.groups != 1 or any(d != 1 for d in m.dilation):
                 raise ValueError("only groups=1, dilation=1 convolutions are supported")
             if isinstance(m.padding, str):
@@ -140,6 +143,11 @@ def deep_frame_potential(
     residual shortcut span for a list of frames (an architecture or a model carries its own).
     """
     _check_normalize(normalize)
+    nets = [m for m in weights.modules() if isinstance(m, ConvFrameNet)] if isinstance(weights, nn.Module) else []
+    if nets:  # its convolutions are circular: the per-frequency form, not the zero-padded conv_matrix
+        if len(nets) > 1 or structure not in (None, nets[0].architecture.structure):
+            raise ValidationError("deep_frame_potential: expected one ConvFrameNet whose structure matches")
+        return nets[0].architecture.potential(nets[0].weights(), normalize=normalize)
     if isinstance(weights, nn.Module):
         frames, model_structure = _frames_from_model(weights, input_shape)
         skip = weights.architecture.skip if hasattr(weights, "architecture") else skip
