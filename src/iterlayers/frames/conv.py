@@ -1,7 +1,7 @@
 """Convolutional (2-D, multi-channel, strided) deep frames without the dense Toeplitz matrix.
 
 A 2-D convolution with circular padding is a block-circulant operator, so the Gram matrix of the induced global
-frame of a conv net (chain / residual / dense, ``global_frame``) is block-circulant too and the DFFT turns it into
+frame of a conv net (chain / residual / dense, ``global_frame``) is block-circulant too and the DFT turns it into
 a small channel matrix per spatial frequency. Everything below is derived here (the papers' texts were not read).
 
 **Layer operator.** Layer ``j`` maps its input (``c_in`` channels on a ``p x p`` grid) to its code (``c_out``
