@@ -5,7 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from iterlayers.experiments.frames import SETTINGS, _model_selection, _select_one, _selection_claims, run
+from iterlayers.errors import ValidationError
+from iterlayers.experiments.frames import (
+    SETTINGS, _conv_claims, _model_selection, _order_fraction, _regularised, _select_one, _selection_claims, run,
+    select_epoch,
+)
 
 from claims_checks import assert_claims_valid
 
@@ -36,9 +40,25 @@ def test_tiny_frames_experiment_claims_and_files(tiny):
             assert d["dfp_lower_bound"] * (1 - 1e-6) <= d["dfp"] <= d["dfp_initial"]
             assert len(d["runs"]) == SETTINGS["tiny"]["seeds"]
             assert all(0.0 <= run_["test_error"] <= 1.0 and 1 <= run_["epoch"] for run_ in d["runs"])
+    conv = saved["paper_reference"]["conv_efficiency"]
+    assert {r["structure"] for r in conv} == {"chain", "residual", "dense"}
+    for r in conv:
+        assert {"structure", "params", "minimum_dfp"} <= set(r) and r["minimum_dfp"] >= r["lower_bound"] * (1 - 1e-6)
+        assert r["exact"] == (r["structure"] != "dense")
+    assert {"conv_dfp_falls_with_params", "conv_structure_order", "dfp_regularisation"} <= ids
+    conv_ids = {f"dfp_rank_digits_conv", "dfp_partial_digits_conv", "within_depth_digits_conv"}
+    assert conv_ids <= ids
+    assert {r["structure"] for r in saved["conv_architectures"]} == {"chain", "residual", "dense"}
+    for r in saved["conv_architectures"]:
+        d = r["digits_conv"]
+        assert r["kind"] == "conv" and d["dfp_lower_bound"] * (1 - 1e-6) <= d["dfp"] <= d["dfp_initial"]
+        assert isinstance(d["converged"], bool) and len(d["runs"]) == SETTINGS["tiny"]["seeds"]
+    reg = saved["dfp_regularisation"]
+    assert {r["kind"] for r in reg} == {"plain", "regularised"} and all(r["dfp"] > 0 for r in reg)
+    assert all(r["dfp_weight"] == 0.0 for r in reg if r["kind"] == "plain")
     table = (out / "table.md").read_text()
-    assert "## Paper's claims vs ours" in table and "## Sanity checks" in table
-    for f in ("dfp_vs_error.png", "paper_reference.png", "recurrent_robustness.png"):
+    assert "## Paper's claims vs ours" in table and "## Sanity checks" in table and "Conv parameter efficiency" in table
+    for f in ("dfp_vs_error.png", "paper_reference.png", "recurrent_robustness.png", "conv_efficiency.png"):
         assert (out / f).stat().st_size > 1000
 
 
@@ -97,3 +117,51 @@ def test_model_selection_rows_do_not_depend_on_worker_processes(tmp_path):
     with pytest.raises(ValueError, match="workers must be"):
         run(out=tmp_path, tiny=True, workers=0)
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_conv_order_statistic_flips_when_the_order_is_reversed():
+    def row(structure, c, params, dfp):
+        return {"structure": structure, "channels": c, "depth": 3, "params": params, "minimum_dfp": dfp}
+
+    good = [row("chain", c, 100 * c, 1.0 / c) for c in (1, 2, 4)] + \
+        [row("residual", c, 100 * c, 0.9 / c) for c in (1, 2, 4)] + [row("dense", c, 150 * c, 0.5 / c) for c in (1, 2)]
+    bad = [dict(r, minimum_dfp=r["minimum_dfp"] * (3.0 if r["structure"] == "dense" else 1.0)) for r in good]
+    assert _order_fraction(good)[0] == 1.0
+    frac, comps = _order_fraction(bad)
+    assert frac == 3 / 5 and len(comps) == 5  # the dense comparisons fail, chain vs residual still hold
+    cfg = dict(SETTINGS["tiny"], n_perm=20)
+    falling = [dict(r, minimum_dfp=1.0 / r["params"]) for r in good]
+    rising = [dict(r, minimum_dfp=float(r["params"])) for r in good]
+    ok = {c["id"]: c for c in _conv_claims({"conv_efficiency": falling}, cfg, "quick", 0)[0]}
+    assert ok["conv_dfp_falls_with_params"]["value"] == pytest.approx(-1.0)
+    assert ok["conv_dfp_falls_with_params"]["verdict"] == "holds"
+    no = {c["id"]: c for c in _conv_claims({"conv_efficiency": rising}, cfg, "quick", 0)[0]}
+    assert no["conv_dfp_falls_with_params"]["verdict"] == "does not hold"
+
+
+def test_dfp_weight_selection_never_sees_the_test_split():
+    from iterlayers.data import load_digits
+
+    cfg = dict(SETTINGS["tiny"], reg_widths=(16, 16), reg_weights=[1.0, 300.0], reg_epochs=2)
+    data = load_digits(seed=0).subset(300, 120)
+    poisoned = type(data)(data.name, data.x_train, data.y_train, data.x_test + 5 * torch.randn_like(data.x_test),
+                          data.y_test.flip(0), data.num_classes)
+    clean, dirty = _regularised(cfg, data, 0, 2), _regularised(cfg, poisoned, 0, 2)
+    keys = ("seed", "kind", "dfp_weight", "epoch", "val_error", "train_accuracy", "dfp")
+    assert [tuple(r[k] for k in keys) for r in clean] == [tuple(r[k] for k in keys) for r in dirty]
+    assert [r["test_error"] for r in clean] != [r["test_error"] for r in dirty]
+    # the penalty acts: the same training with a large weight ends at a lower DFP
+    from iterlayers.frames import DeepFrameNet, FrameArchitecture
+
+    arch = FrameArchitecture((64,), (16, 16))
+    dfps = []
+    for w in (0.0, 300.0):
+        torch.manual_seed(0)
+        net = DeepFrameNet(arch, 10)
+        select_epoch(net, data.x_train, data.y_train, data.x_train, data.y_train, epochs=2, seed=0, dfp_weight=w)
+        with torch.no_grad():
+            dfps.append(float(arch.potential([m.weight for m in net.layers])))
+    assert dfps[1] < 0.99 * dfps[0]
+    with pytest.raises(ValidationError, match="dfp_weight"):
+        select_epoch(torch.nn.Linear(2, 2), data.x_train, data.y_train, data.x_train, data.y_train, epochs=1, seed=0,
+                     dfp_weight=-1.0)

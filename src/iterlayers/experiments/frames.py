@@ -33,20 +33,31 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._validate import in_range
+from ..errors import ValidationError
+
 from ..adversarial import pgd
 from ..data import Dataset, load_digits, load_mnist1d
-from ..frames import DeepFrameNet, FrameArchitecture, deep_frame_potential_lower_bound, minimize_deep_frame_potential
+from ..frames import (
+    ConvFrameArchitecture, ConvFrameNet, DeepFrameNet, FrameArchitecture, deep_frame_potential, deep_frame_potential_lower_bound,
+    minimize_deep_frame_potential,
+)
 from ..frames.deep_potential import NORMALIZATIONS
 from .claims import (
     Threshold, bootstrap_interval, claims_markdown, fmt, make_claim, mode_of, new_figure, read_metrics,
     required_seeds, sanity_check, sanity_markdown, save_figure, seed_interval, write_metrics,
 )
 
-__all__ = ["run", "SETTINGS", "PAPER_FC_CIFAR10", "paper_reference", "select_epoch"]
+__all__ = ["run", "SETTINGS", "PAPER_FC_CIFAR10", "PAPER_CONV_EFFICIENCY", "paper_reference", "conv_efficiency",
+           "select_epoch"]
 
 # Minimum DFP of FC chain nets on CIFAR-10 (3072 inputs), read by eye from the CVPR 2020 figures (project page).
 PAPER_FC_CIFAR10 = [((8, 16, 32, 64), 0.17), ((64, 32, 64), 0.09), ((128, 256), 0.045), ((400, 800, 1600, 3200), 0.01)]
 PAPER_FC_RANGE = (0.005, 0.22)  # the figure's span over ~100 FC nets
+# The CVPR 2020 parameter-efficiency figure (conv chain / residual / dense nets for CIFAR-10), as read in issue #15.
+PAPER_CONV_EFFICIENCY = {"start": {"params": 2e3, "minimum_dfp": 0.032},
+                         "end": {"params": [1e6, 1e7], "minimum_dfp": [0.003, 0.007]},
+                         "order": ["dense", "residual", "chain"]}
 
 SETTINGS = {
     "full": dict(
@@ -54,20 +65,31 @@ SETTINGS = {
         mnist1d_samples=5000, seeds=10, fc_family=100,
         rec_widths=(64, 64), rec_T=10, rec_epochs=40, eps_inf=[0.1, 0.2], pgd_steps=100, pgd_restarts=5,
         n_attack=449, n_perm=500,
+        conv_widths=[4, 8, 16, 32, 64, 128, 256], conv_depths=[3, 5, 9, 17], conv_max_params=1.2e7, conv_steps=300,
+        reg_widths=(512, 512, 512), reg_weights=[10.0, 100.0, 1000.0], reg_epochs=80,
+        conv_sel_depths=[1, 2, 3, 4], conv_sel_widths=[8, 16, 32], conv_sel_epochs=80,
     ),
     "quick": dict(
         depths=[1, 2, 3], widths=[16, 32], dfp_steps=80, epochs={"digits": 15, "mnist1d": 15},
         mnist1d_samples=2000, seeds=3, fc_family=100,
         rec_widths=(64, 64), rec_T=5, rec_epochs=12, eps_inf=[0.1], pgd_steps=100, pgd_restarts=5,
         n_attack=100, n_perm=300,
+        conv_widths=[4, 8, 16, 32, 64, 128, 256], conv_depths=[3, 5], conv_max_params=1.6e6, conv_steps=6,
+        reg_widths=None,  # the DFP-regularisation study runs in full (and tiny, for its test) only: cost
+        conv_sel_depths=None,  # likewise the conv model-selection family (digits as 8x8 images)
+        conv_sel_widths=None, conv_sel_epochs=None,
     ),
     "tiny": dict(
         depths=[1, 3], widths=[8, 16], dfp_steps=40, epochs={"digits": 4, "mnist1d": 4},
         mnist1d_samples=500, seeds=2, fc_family=12,
         rec_widths=(16, 16), rec_T=3, rec_epochs=3, eps_inf=[0.2], pgd_steps=5, pgd_restarts=2,
         n_attack=60, n_perm=100,
+        conv_widths=[4, 8, 16], conv_depths=[3], conv_max_params=2e4, conv_steps=3,
+        reg_widths=(48, 48, 48), reg_weights=[100.0], reg_epochs=3,
+        conv_sel_depths=[1, 3], conv_sel_widths=[4, 8], conv_sel_epochs=3,
     ),
 }
+CONVERGED = 0.95  # training accuracy from which a net counts as trained to convergence (marked in the tables)
 STRUCT_COLORS = {"chain": "tab:blue", "residual": "tab:orange", "dense": "tab:green"}
 
 
@@ -144,8 +166,118 @@ def paper_reference(cfg, seed: int = 0) -> dict:
         cands.append({"widths": list(widths), "paper": paper, **{k: c[k] for k in ("nonzero", "offdiagonal", "rms", "mean_abs")}})
     family = [{"widths": list(w), "minimum_dfp": deep_frame_potential_lower_bound(FrameArchitecture((3072,), w)),
                "params": FrameArchitecture((3072,), w).num_parameters()} for w in _fc_family(cfg["fc_family"], seed)]
-    return {"fc_cifar10": fc, "fc_family": family, "candidates": cands,
-            "conv_efficiency": [], "conv_efficiency_note": "convolutional 2-D frames are not built yet (issue #15 item 3)"}
+    cpu = time.process_time()
+    conv = conv_efficiency(cfg, seed)
+    return {"fc_cifar10": fc, "fc_family": family, "candidates": cands, "conv_efficiency": conv,
+            "conv_efficiency_paper": PAPER_CONV_EFFICIENCY, "conv_cpu_seconds": time.process_time() - cpu}
+
+
+def _conv_arch(structure: str, channels: int, depth: int, *, skip: int = 2) -> ConvFrameArchitecture:
+    """A CIFAR-sized conv net: 8x8 patch stem (stride 8: a 4x4 grid of codes), then ``depth - 1`` 3x3 circular
+    convolutions of ``channels`` channels (one resolution, so every structure's identities join equal codes)."""
+    return ConvFrameArchitecture((3, 32, 32), (channels,) * depth, kernel_size=(8,) + (3,) * (depth - 1),
+                                 stride=(8,) + (1,) * (depth - 1), structure=structure, skip=skip)
+
+
+def _conv_minimum(arch: ConvFrameArchitecture, steps: int, seed: int) -> dict:
+    """Minimum DFP of one conv net: the potential at the tight start (``tight_weights``); when it equals the
+    lower bound the minimum is exact (a chain always; a residual net here), otherwise Adam continues from it
+    for ``steps`` and the value is an upper bound on the minimum (labelled ``exact: false``)."""
+    start = arch.tight_weights()
+    value = float(deep_frame_potential((arch, start)))
+    bound = deep_frame_potential_lower_bound(arch)
+    exact = value <= bound * (1 + 1e-5)
+    if not exact and steps:
+        value = min(value, minimize_deep_frame_potential(arch, steps=steps, lr=0.03, seed=seed, init=start).dfp)
+    return {"structure": arch.structure, "channels": arch.channels[0], "depth": arch.depth,
+            "params": arch.num_parameters(), "minimum_dfp": value, "lower_bound": bound, "exact": bool(exact),
+            "steps": 0 if exact else steps}
+
+
+def conv_efficiency(cfg, seed: int = 0) -> list[dict]:
+    """The conv parameter-efficiency family: every (structure, channels, depth) of the grid with at most
+    ``conv_max_params`` parameters (a residual net needs depth >= 3 for a two-layer shortcut)."""
+    rows = []
+    for structure in ("chain", "residual", "dense"):
+        for depth in cfg["conv_depths"]:
+            for c in cfg["conv_widths"]:
+                arch = _conv_arch(structure, c, depth)
+                if arch.num_parameters() <= cfg["conv_max_params"]:
+                    rows.append(_conv_minimum(arch, cfg["conv_steps"], seed))
+    return rows
+
+
+def _at_params(rows, params: float) -> float:
+    """log-log interpolation of the minimum DFP of ``rows`` (one structure and depth) at ``params`` (NaN outside
+    their range)."""
+    rows = sorted(rows, key=lambda r: r["params"])
+    x = np.log([r["params"] for r in rows])
+    if not len(rows) or not (x[0] <= math.log(params) <= x[-1]):
+        return float("nan")
+    return float(np.exp(np.interp(math.log(params), x, np.log([r["minimum_dfp"] for r in rows]))))
+
+
+def _order_fraction(rows, residual_key: str = "residual") -> tuple[float, list[dict]]:
+    """Fraction of equal-parameter comparisons ordered as the paper says: residual below chain at the same
+    widths (same parameters), dense below residual (interpolated, log-log, at the dense net's parameters,
+    among residual nets of the same depth). ``residual_key`` names the rows playing the residual's part."""
+    comps = []
+    res = [r for r in rows if r["structure"] == residual_key]
+    for r in res:
+        ch = [c for c in rows if c["structure"] == "chain" and (c["channels"], c["depth"]) == (r["channels"], r["depth"])]
+        if ch:
+            comps.append({"lower": residual_key, "higher": "chain", "params": r["params"],
+                          "ok": r["minimum_dfp"] < ch[0]["minimum_dfp"] * (1 - 1e-3)})
+    for d in (r for r in rows if r["structure"] == "dense"):
+        ref = _at_params([r for r in res if r["depth"] == d["depth"]], d["params"])
+        if math.isfinite(ref):
+            comps.append({"lower": "dense", "higher": residual_key, "params": d["params"],
+                          "ok": d["minimum_dfp"] < ref * (1 - 1e-3)})
+    return (float(np.mean([c["ok"] for c in comps])) if comps else float("nan")), comps
+
+
+def _conv_claims(ref, cfg, mode, seed) -> tuple[list[dict], dict]:
+    rows = ref["conv_efficiency"]
+    src = "CVPR 2020 parameter-efficiency figure (read-outs, issue #15)"
+
+    def falls(rs):
+        rhos = [_spearman(np.log([r["params"] for r in rs if r["structure"] == s]),
+                          np.array([r["minimum_dfp"] for r in rs if r["structure"] == s])) for s in STRUCT_COLORS]
+        return float(max(rhos))
+
+    rng = np.random.default_rng(seed)
+    shuffled = []
+    for _ in range(cfg["n_perm"]):
+        perm = [dict(r) for r in rows]
+        for s in STRUCT_COLORS:
+            idx = [i for i, r in enumerate(perm) if r["structure"] == s]
+            vals = rng.permutation([perm[i]["minimum_dfp"] for i in idx])
+            for i, v in zip(idx, vals):
+                perm[i]["minimum_dfp"] = float(v)
+        shuffled.append(falls(perm))
+    claims = [make_claim(
+        id="conv_dfp_falls_with_params", statement="The minimum DFP of conv nets falls with their parameter count",
+        source=src, statistic="largest per-structure Spearman(params, min DFP) over the conv family",
+        threshold=Threshold("<", -0.8, "every structure's rank correlation below -0.8"), value=falls(rows),
+        interval=None, n_seeds=1, mode=mode,
+        control={"description": f"min DFP shuffled across nets within each structure (mean of {cfg['n_perm']})",
+                 "value": float(np.mean(shuffled))},
+        note="data-free, deterministic")]
+    frac, comps = _order_fraction(rows)
+    no_skip = [dict(_conv_minimum(_conv_arch("residual", r["channels"], r["depth"], skip=r["depth"]), 0, seed),
+                    structure="no_shortcut") for r in rows if r["structure"] == "residual"]
+    ctrl, _ = _order_fraction(rows + no_skip, residual_key="no_shortcut")
+    claims.append(make_claim(
+        id="conv_structure_order", statement="At equal parameters the minimum DFP is lowest for dense, highest for "
+                                             "chain conv nets (dense < residual < chain)",
+        source=src, statistic="fraction of equal-parameter comparisons (residual vs chain, dense vs residual) in "
+                              "that order",
+        threshold=Threshold(">=", 0.9, "fraction >= 0.9"), value=frac, interval=None, n_seeds=1, mode=mode,
+        control={"description": "the residual code path with a skip span >= depth (no shortcut) in the "
+                                "residual's place", "value": ctrl},
+        note="partly definitional under normalize='nonzero' (identity blocks enlarge N); dense values are "
+             "upper bounds (Adam), chain / residual exact"))
+    return claims, {"order_comparisons": comps, "no_shortcut": no_skip}
 
 
 def _readout_error(ours, paper) -> float:
@@ -188,10 +320,15 @@ def _error(model, x, y) -> float:
 
 
 def select_epoch(model: nn.Module, x_tr, y_tr, x_val, y_val, *, epochs: int, seed: int, lr: float = 3e-3,
-                 batch: int = 128) -> dict:
-    """Adam on cross-entropy; after every epoch the validation error is measured and the best epoch's weights
-    are restored (early-stopping selection). Receives no test data by construction; returns the selected epoch,
-    its validation error and training accuracy."""
+                 batch: int = 128, dfp_weight: float = 0.0) -> dict:
+    """Adam on cross-entropy (plus ``dfp_weight * DFP`` of the network's induced frame, the papers' DFP
+    regularisation; ``DeepFrameNet`` with ``fc`` layers, computed block by block through
+    ``FrameArchitecture.potential``); after every epoch the validation error is measured and the best epoch's
+    weights are restored (early-stopping selection). Receives no test data by construction; returns the
+    selected epoch, its validation error and training accuracy."""
+    dfp_weight = in_range(dfp_weight, "dfp_weight", where="select_epoch", low=0.0)
+    if dfp_weight and not isinstance(model, DeepFrameNet):
+        raise ValidationError(f"select_epoch: dfp_weight needs a DeepFrameNet, got {type(model).__name__}")
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = x_tr.shape[0]
@@ -202,7 +339,10 @@ def select_epoch(model: nn.Module, x_tr, y_tr, x_val, y_val, *, epochs: int, see
         for i in range(0, n, batch):
             idx = perm[i : i + batch]
             opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx]).backward()
+            loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            if dfp_weight:
+                loss = loss + dfp_weight * model.architecture.potential([m.weight for m in model.layers])
+            loss.backward()
             opt.step()
         v = _error(model, x_val, y_val)
         if v < best[0]:
@@ -217,18 +357,22 @@ def _select_one(spec, cfg, datasets: dict[str, Dataset], seed: int) -> dict:
 
     Everything random is seeded from ``seed`` and the architecture alone, so rows can be computed in any order
     or process."""
-    widths, structure = spec
+    widths, structure, kind = spec if len(spec) == 3 else (*spec, "fc")
     row: dict = {"widths": list(widths), "structure": structure, "depth": len(widths),
-                 "mean_width": float(np.mean(widths))}
+                 "mean_width": float(np.mean(widths)), "kind": kind}
     for name, data in datasets.items():
-        arch = FrameArchitecture((data.num_features,), widths, structure=structure)
+        if kind == "conv":  # digits as 1 x 8 x 8 images, 3x3 circular convolutions
+            arch = ConvFrameArchitecture((1, 8, 8), widths, kernel_size=3, structure=structure)
+        else:
+            arch = FrameArchitecture((data.num_features,), widths, structure=structure)
         row["name"] = arch.name
         res = minimize_deep_frame_potential(arch, steps=cfg["dfp_steps"], lr=0.05, seed=seed)
         runs = []
         for s in range(cfg["seeds"]):
             ts = seed * 1000 + s
             torch.manual_seed(ts)
-            model = DeepFrameNet(arch, data.num_classes)
+            model = DeepFrameNet(arch, data.num_classes) if kind == "fc" else \
+                nn.Sequential(nn.Unflatten(1, arch.input_shape), ConvFrameNet(arch, data.num_classes))
             x_tr, y_tr, x_val, y_val = _split_validation(data, ts)
             sel = select_epoch(model, x_tr, y_tr, x_val, y_val, epochs=cfg["epochs"][name], seed=ts)
             sel["test_error"] = _error(model, data.x_test, data.y_test)
@@ -238,6 +382,7 @@ def _select_one(spec, cfg, datasets: dict[str, Dataset], seed: int) -> dict:
             "params": sum(p.numel() for p in model.parameters()), "runs": runs,
             "test_error": float(np.mean([r["test_error"] for r in runs])),
             "train_accuracy": float(np.mean([r["train_accuracy"] for r in runs])),
+            "converged": all(r["train_accuracy"] >= CONVERGED for r in runs),
         }
     return row
 
@@ -247,10 +392,21 @@ def _select_in_worker(spec, cfg, datasets, seed, threads):
     return _select_one(spec, cfg, datasets, seed)
 
 
-def _model_selection(cfg, datasets: dict[str, Dataset], seed: int, workers: int = 1) -> list[dict]:
-    """Rows of every architecture of the family, in family order; ``workers > 1`` spreads them over processes
-    (``threads // workers`` torch threads each); the rows equal the sequential ones."""
-    fam = _family(cfg)
+def _conv_selection_family(cfg) -> list[tuple[tuple[int, ...], str, str]]:
+    """The conv model-selection family on digits as 8x8 images: uniform channel profiles, chain for every
+    depth, dense from depth 2, residual from depth 3."""
+    fam = []
+    for d in cfg["conv_sel_depths"] or []:
+        for w in cfg["conv_sel_widths"]:
+            for structure in ("chain",) + (("dense",) if d >= 2 else ()) + (("residual",) if d >= 3 else ()):
+                fam.append(((w,) * d, structure, "conv"))
+    return fam
+
+
+def _model_selection(cfg, datasets: dict[str, Dataset], seed: int, workers: int = 1, family=None) -> list[dict]:
+    """Rows of every architecture of the family (default ``_family(cfg)``), in family order; ``workers > 1``
+    spreads them over processes (``threads // workers`` torch threads each); the rows equal the sequential ones."""
+    fam = _family(cfg) if family is None else family
     bar = tqdm(total=len(fam), desc="frames: architectures", disable=None)
     if workers <= 1:
         rows = []
@@ -449,6 +605,48 @@ def _recurrent(cfg, data: Dataset, seed: int, n_seeds: int) -> list[dict]:
     return rows
 
 
+def _regularised(cfg, data: Dataset, seed: int, n_seeds: int) -> list[dict]:
+    """DFP regularisation (CVPR 2020): a very wide FC chain trained with and without ``dfp_weight * DFP`` in the
+    loss; the weight is selected among ``reg_weights`` on the validation split (the test split is evaluated once,
+    for the selected weight and for the unregularised net)."""
+    arch = FrameArchitecture((data.num_features,), cfg["reg_widths"], structure="chain")
+    rows = []
+    for s in tqdm(range(n_seeds), desc="frames: DFP regularisation seeds", disable=None):
+        ts = seed * 1000 + s
+        x_tr, y_tr, x_val, y_val = _split_validation(data, ts)
+        runs = {}
+        for w in [0.0] + list(cfg["reg_weights"]):
+            torch.manual_seed(ts)
+            model = DeepFrameNet(arch, data.num_classes)
+            sel = select_epoch(model, x_tr, y_tr, x_val, y_val, epochs=cfg["reg_epochs"], seed=ts, dfp_weight=w)
+            with torch.no_grad():
+                sel["dfp"] = float(arch.potential([m.weight for m in model.layers]))
+            runs[w] = (sel, model)
+        best = min(cfg["reg_weights"], key=lambda w: (runs[w][0]["val_error"], w))
+        for label, w in (("plain", 0.0), ("regularised", best)):
+            sel, model = runs[w]
+            rows.append({"seed": s, "kind": label, "dfp_weight": w, **sel,
+                         "test_error": _error(model, data.x_test, data.y_test)})
+    return rows
+
+
+def _regularised_claims(reg, mode) -> list[dict]:
+    by = {(r["seed"], r["kind"]): r for r in reg}
+    seeds = sorted({r["seed"] for r in reg})
+    gain = [by[(s, "plain")]["test_error"] - by[(s, "regularised")]["test_error"] for s in seeds]
+    g, giv = seed_interval(gain)
+    zero = [by[(s, "plain")]["test_error"] - by[(s, "plain")]["test_error"] for s in seeds]
+    return [make_claim(
+        id="dfp_regularisation", statement="The DFP as a training penalty lowers the error of very wide FC nets",
+        source="CVPR 2020 (DFP regularisation experiment)",
+        statistic="test error without minus with the penalty (weight selected on validation)",
+        threshold=Threshold(">", 0.01, "error reduction > 0.01 (t-interval over seeds)"), value=g, interval=giv,
+        n_seeds=len(seeds), mode=mode, comparison=True,
+        baseline_trained=all(by[(s, "plain")]["train_accuracy"] > 0.5 for s in seeds),
+        control={"description": "penalty weight 0 in place of the selected weight (the same training path)",
+                 "value": seed_interval(zero)[0], "interval": seed_interval(zero)[1]})]
+
+
 def _recurrent_claims(rec, cfg, mode) -> list[dict]:
     T = cfg["rec_T"]
     by = {(r["seed"], r["T"]): r for r in rec}
@@ -508,16 +706,21 @@ def _run(*, out, quick, tiny, seed, workers) -> dict:
     t0 = time.perf_counter()
     ref = paper_reference(cfg, seed)
     t_ref = time.perf_counter() - t0
+    conv_cpu = ref.pop("conv_cpu_seconds")
     digits = load_digits(seed=seed)
     if tiny:
         digits = digits.subset(400, 200)
     datasets = {"digits": digits, "mnist1d": load_mnist1d(seed=seed, num_samples=cfg["mnist1d_samples"])}
     names = list(datasets)
     rows = _model_selection(cfg, datasets, seed, workers=workers)
+    conv_rows = _model_selection(dict(cfg, epochs={"digits_conv": cfg["conv_sel_epochs"]}), {"digits_conv": digits},
+                                 seed, workers=workers, family=_conv_selection_family(cfg)) \
+        if cfg["conv_sel_depths"] else []
     t_sel = time.perf_counter() - t0 - t_ref
     n_rec = required_seeds(mode, comparison=True)
     rec = _recurrent(cfg, digits, seed, n_rec)
     t_rec = time.perf_counter() - t0 - t_ref - t_sel
+    reg = _regularised(cfg, digits, seed, n_rec) if cfg["reg_widths"] else []
 
     ours = [r["minimum_dfp"] for r in ref["fc_cifar10"]]
     paper = [r["paper"] for r in ref["fc_cifar10"]]
@@ -542,10 +745,16 @@ def _run(*, out, quick, tiny, seed, workers) -> dict:
                               abs(math.log(10 * max(fam) / PAPER_FC_RANGE[1])))}))
     t1 = time.perf_counter()
     sel_claims, sel_stats = _selection_claims(rows, names, cfg, mode, seed)
+    if conv_rows:
+        more_claims, more_stats = _selection_claims(conv_rows, ["digits_conv"], cfg, mode, seed)
+        sel_claims, sel_stats = sel_claims + more_claims, {**sel_stats, **more_stats}
     t_stats = time.perf_counter() - t1
     skip_claims, skip_detail = _skip_claims(cfg, names, datasets, rows, mode, seed)
     t_skip = time.perf_counter() - t1 - t_stats
-    claims += sel_claims + skip_claims + _recurrent_claims(rec, cfg, mode)
+    conv_claims, conv_detail = _conv_claims(ref, cfg, mode, seed)
+    claims += conv_claims + sel_claims + skip_claims + _recurrent_claims(rec, cfg, mode)
+    claims += _regularised_claims(reg, mode) if reg else []
+    conv = ref["conv_efficiency"]
 
     small = FrameArchitecture((6,), (4, 8, 8))
     adam = minimize_deep_frame_potential(small, steps=400, seed=seed, dtype=torch.float64)
@@ -555,15 +764,29 @@ def _run(*, out, quick, tiny, seed, workers) -> dict:
         sanity_check(id="dfp_above_bound", statement="every minimised DFP is >= its lower bound and <= its start",
                      value=float(min(r[n]["dfp"] / r[n]["dfp_lower_bound"] for r in rows for n in names)),
                      passed=all(r[n]["dfp_lower_bound"] * (1 - 1e-6) <= r[n]["dfp"] <= r[n]["dfp_initial"]
-                                for r in rows for n in names)),
+                                for r in rows for n in names)
+                     and all(r["digits_conv"]["dfp_lower_bound"] * (1 - 1e-6) <= r["digits_conv"]["dfp"]
+                             <= r["digits_conv"]["dfp_initial"] for r in conv_rows)),
+        sanity_check(id="conv_chain_residual_exact",
+                     statement="every conv chain / residual net's tight start attains its lower bound (exact minimum)",
+                     value=float(max(r["minimum_dfp"] / r["lower_bound"] - 1 for r in conv if r["structure"] != "dense")),
+                     passed=all(r["exact"] for r in conv if r["structure"] != "dense")),
+        sanity_check(id="conv_dense_above_bound", statement="every conv dense net's minimised DFP is >= its lower bound",
+                     value=float(min(r["minimum_dfp"] / r["lower_bound"] for r in conv if r["structure"] == "dense")),
+                     passed=all(r["minimum_dfp"] >= r["lower_bound"] * (1 - 1e-6) for r in conv if r["structure"] == "dense")),
+        sanity_check(id="nets_converged", statement=f"every FC net of the family reached training accuracy >= "
+                     f"{CONVERGED} on every seed (unconverged nets are marked * in table.md)",
+                     value=float(np.mean([r[n]["converged"] for r in rows for n in names])),
+                     passed=all(r[n]["converged"] for r in rows for n in names)),
         sanity_check(id="nets_trained", statement="every net of the family trained (mean training accuracy > 0.5)",
                      value=float(min(r[n]["train_accuracy"] for r in rows for n in names)),
                      passed=all(r[n]["train_accuracy"] > 0.5 for r in rows for n in names)),
     ]
     metrics = {
-        "seed": seed, "paper_reference": ref, "architectures": rows, "selection_statistics": sel_stats,
-        "skip_detail": skip_detail, "recurrent": rec, "datasets": {n: repr(d) for n, d in datasets.items()},
+        "seed": seed, "paper_reference": ref, "architectures": rows, "conv_architectures": conv_rows, "selection_statistics": sel_stats,
+        "skip_detail": skip_detail, "conv_detail": conv_detail, "recurrent": rec, "dfp_regularisation": reg, "datasets": {n: repr(d) for n, d in datasets.items()},
         "normalizations": list(NORMALIZATIONS),
+        "conv_efficiency_cpu_seconds": conv_cpu,
         "phase_seconds": {"paper_reference": t_ref, "model_selection": t_sel, "recurrent": t_rec,
                           "selection_statistics": t_stats, "skip_claims": t_skip},
     }
@@ -612,6 +835,25 @@ def _plots(out: Path, m, names, cfg) -> list[str]:
     save_figure(fig, out / "paper_reference.png")
     files.append("paper_reference.png")
 
+    fig, (ax,) = new_figure(1, 6.0, 4.0)
+    conv = m["paper_reference"]["conv_efficiency"]
+    for s, col in STRUCT_COLORS.items():
+        for depth, marker in zip(sorted({r["depth"] for r in conv}), "os^vD"):
+            sel = sorted((r for r in conv if r["structure"] == s and r["depth"] == depth), key=lambda r: r["params"])
+            if sel:
+                ax.plot([r["params"] for r in sel], [r["minimum_dfp"] for r in sel], marker=marker, color=col,
+                        label=f"{s}, depth {depth}" + ("" if all(r["exact"] for r in sel) else " (Adam)"))
+    pe = m["paper_reference"]["conv_efficiency_paper"]
+    ax.scatter([pe["start"]["params"]], [pe["start"]["minimum_dfp"]], marker="x", c="tab:red", label="paper read-out")
+    ax.plot(pe["end"]["params"], pe["end"]["minimum_dfp"], "x", c="tab:red")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (conv, 3x32x32 input)")
+    ax.set_ylabel("minimum DFP")
+    ax.legend(fontsize=6)
+    save_figure(fig, out / "conv_efficiency.png")
+    files.append("conv_efficiency.png")
+
     fig, (ax,) = new_figure(1, 5.0, 4.0)
     for T in sorted({r["T"] for r in m["recurrent"]}):
         sel = [r for r in m["recurrent"] if r["T"] == T]
@@ -642,15 +884,33 @@ def _table(m, names) -> str:
     L += ["", f"FC family ({len(fam)} nets, depths 1-4, widths 8-3200): minimum DFP from {fmt(min(fam))} to "
           f"{fmt(max(fam))} (paper: 0.005 to 0.22). Candidate normalisations are defined in "
           "`iterlayers.frames.deep_potential.global_frame_potential`; the kept one is `nonzero`.",
-          "", "![paper reference](paper_reference.png)", "", "## 2. Model selection", "",
-          "| architecture | " + " | ".join(f"params ({n}) | min DFP ({n}) | test err ({n}) | train acc ({n})" for n in names)
-          + " |", "|---|" + "---|---|---|---|" * len(names)]
-    for r in sorted(m["architectures"], key=lambda r: r[names[0]]["dfp"]):
-        L.append(f"| {r['name']} | " + " | ".join(
-            f"{r[n]['params']} | {fmt(r[n]['dfp'], '.4f')} | {fmt(r[n]['test_error'])} | {fmt(r[n]['train_accuracy'])}"
-            for n in names) + " |")
+          "", "![paper reference](paper_reference.png)", "",
+          "### Conv parameter efficiency (3x32x32 input, 8x8 patch stem, 3x3 circular convs on a 4x4 grid)", "",
+          "Chain / residual: the tight start attains the lower bound (exact minimum); dense: Adam from the tight "
+          "start (an upper bound on its minimum; its lower bound beside it).", "",
+          "| structure | channels | depth | params | min DFP | lower bound | exact |", "|---|---|---|---|---|---|---|"]
+    for r in m["paper_reference"]["conv_efficiency"]:
+        L.append(f"| {r['structure']} | {r['channels']} | {r['depth']} | {r['params']} | {fmt(r['minimum_dfp'])} | "
+                 f"{fmt(r['lower_bound'])} | {fmt(r['exact'])} |")
+    pe = m["paper_reference"]["conv_efficiency_paper"]
+    L += ["", f"Paper read-outs: {fmt(pe['start']['minimum_dfp'])} at {fmt(pe['start']['params'])} parameters, "
+          f"{fmt(pe['end']['minimum_dfp'][0])}-{fmt(pe['end']['minimum_dfp'][1])} at "
+          f"{fmt(pe['end']['params'][0])}-{fmt(pe['end']['params'][1])}; order (lowest first): "
+          f"{', '.join(pe['order'])}. Conv-family CPU time {m['conv_efficiency_cpu_seconds']:.1f} s.", "",
+          "![conv efficiency](conv_efficiency.png)", "", "## 2. Model selection", "",
+          f"Train acc marked * where a training seed stayed below {CONVERGED} (not converged in this budget).", ""]
+    for rows, ns in ((m["architectures"], names), (m["conv_architectures"], ["digits_conv"])):
+        if not rows:
+            continue
+        L += ["| architecture | " + " | ".join(f"params ({n}) | min DFP ({n}) | test err ({n}) | train acc ({n})"
+                                              for n in ns) + " |", "|---|" + "---|---|---|---|" * len(ns)]
+        for r in sorted(rows, key=lambda r: r[ns[0]]["dfp"]):
+            L.append(f"| {r['name']} | " + " | ".join(
+                f"{r[n]['params']} | {fmt(r[n]['dfp'], '.4f')} | {fmt(r[n]['test_error'])} | "
+                f"{fmt(r[n]['train_accuracy'])}{'' if r[n]['converged'] else '*'}" for n in ns) + " |")
+        L.append("")
     L += ["", "| dataset | predictor | Spearman with test error [interval] |", "|---|---|---|"]
-    for n in names:
+    for n in names + (["digits_conv"] if m["conv_architectures"] else []):
         for k, v in m["selection_statistics"][n]["spearman"].items():
             L.append(f"| {n} | {k} | {fmt(v['value'])} [{fmt(v['interval'][0])}, {fmt(v['interval'][1])}] |")
         p = m["selection_statistics"][n]["partial_given_params"]
@@ -662,7 +922,15 @@ def _table(m, names) -> str:
     for r in m["recurrent"]:
         L.append(f"| {r['seed']} | {r['T']} | {r['epoch']} | {fmt(r['train_accuracy'])} | {fmt(r['clean_accuracy'])} | "
                  + " | ".join(fmt(r["pgd_linf"][str(float(e))]) for e in st["eps_inf"]) + " |")
-    L += ["", "![robustness](recurrent_robustness.png)", "",
+    L += ["", "![robustness](recurrent_robustness.png)", "", "## 4. DFP regularisation (very wide FC chain, digits)", ""]
+    if m["dfp_regularisation"]:
+        L += ["| seed | kind | DFP weight | selected epoch | train acc | val err | test err | DFP |",
+              "|---|---|---|---|---|---|---|---|"]
+        L += [f"| {r['seed']} | {r['kind']} | {fmt(r['dfp_weight'])} | {r['epoch']} | {fmt(r['train_accuracy'])} | "
+              f"{fmt(r['val_error'])} | {fmt(r['test_error'])} | {fmt(r['dfp'])} |" for r in m["dfp_regularisation"]]
+    else:
+        L.append("Not run in this setting (full and tiny only: every batch adds the DFP of the wide net).")
+    L += ["",
           f"Runtime {m['seconds']:.0f} s (phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in m["phase_seconds"].items())
           + "). See docs/papers/frames.md for what each claim means and what is not reproduced.", ""]
     return "\n".join(L)

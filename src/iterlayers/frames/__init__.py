@@ -4,6 +4,15 @@ Sources: "Reframing Neural Networks: Deep Structure in Overcomplete Representati
 "Dataless Model Selection with the Deep Frame Potential" (CVPR 2020, arXiv 2003.13866).
 """
 from .architecture import KINDS, FrameArchitecture
+from .conv import (
+    PADDINGS,
+    ConvFrameArchitecture,
+    ConvFrameNet,
+    conv_coherence_bound,
+    conv_gram_potential,
+    conv_mutual_coherence,
+    conv_symbol,
+)
 from .deep_potential import (
     NORMALIZATIONS,
     DFPResult,
@@ -36,7 +45,8 @@ from .potential import (
 )
 
 __all__ = [
-    "KINDS", "FrameArchitecture", "NORMALIZATIONS", "DFPResult", "deep_frame_potential",
+    "KINDS", "FrameArchitecture", "PADDINGS", "ConvFrameArchitecture", "ConvFrameNet", "conv_coherence_bound",
+    "conv_gram_potential", "conv_mutual_coherence", "conv_symbol", "NORMALIZATIONS", "DFPResult", "deep_frame_potential",
     "deep_frame_potential_lower_bound", "global_frame_potential", "minimize_deep_frame_potential",
     "STRUCTURES", "GlobalFrame", "assemble_global_frame", "conv_matrix", "frame_potential",
     "frame_potential_lower_bound", "gram_matrix", "mutual_coherence", "normalize_columns", "welch_bound",

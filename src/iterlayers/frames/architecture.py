@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import UnsupportedError
+
 from .global_frame import STRUCTURES, FrameLayout, GlobalFrame, assemble_global_frame, check_skip, conv_matrix, frame_layout
 
 __all__ = ["KINDS", "FrameArchitecture"]
@@ -138,6 +140,21 @@ class FrameArchitecture:
                     diagonal = j != k and all(I[r, j] and I[r, k] for r in shared)
                     total += n[j] if diagonal else n[j] * n[k]
         return total
+
+    def as_conv(self):
+        """The same frame as a ``ConvFrameArchitecture`` of 1x1 convolutions on a 1x1 grid (``fc`` only): its
+        per-frequency potential is the block-by-block one (a single frequency, the smaller side of every
+        diagonal block), no ``K x K`` Gram matrix; weights map by ``W.view(n, in, 1, 1)``."""
+        from .conv import ConvFrameArchitecture
+
+        if self.kind != "fc":
+            raise UnsupportedError(f"{self.name}: as_conv is for fully connected architectures")
+        return ConvFrameArchitecture((self.input_shape[0], 1, 1), self.widths, kernel_size=1, stride=1,
+                                     structure=self.structure, skip=self.skip)
+
+    def potential(self, weights, *, normalize: str = "nonzero") -> torch.Tensor:
+        """The DFP of raw ``nn.Linear`` weights by ``as_conv`` (equal to ``deep_frame_potential((self, W))``)."""
+        return self.as_conv().potential([W.view(*W.shape, 1, 1) for W in weights], normalize=normalize)
 
     def global_frame(self, weights, *, normalize_atoms: bool = True) -> GlobalFrame:
         return assemble_global_frame(

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 
 from .architecture import FrameArchitecture
+from ..errors import UnsupportedError, ValidationError
+from .conv import ConvFrameArchitecture, ConvFrameNet
 from .global_frame import STRUCTURES, GlobalFrame, assemble_global_frame, conv_matrix
 from .potential import frame_potential_lower_bound, gram_matrix
 
@@ -107,6 +109,8 @@ def _frames_from_model(model: nn.Module, input_shape) -> tuple[list[torch.Tensor
         else:
             if shape is None or len(shape) != m.weight.dim() - 1:
                 raise ValueError("input_shape (C, *spatial) is required to read the frames of a convolutional model")
+            if m.padding_mode != "zeros":
+                raise UnsupportedError(f"only zero-padded convolutions are read as frames here, got {m.padding_mode!r}")
             if m.groups != 1 or any(d != 1 for d in m.dilation):
                 raise ValueError("only groups=1, dilation=1 convolutions are supported")
             if isinstance(m.padding, str):
@@ -133,17 +137,25 @@ def deep_frame_potential(
 
     ``weights`` is one of: a list of layer frames ``B_j`` ``[in_j, n_j]`` (2-D; ``nn.Linear.weight.T``) with
     ``structure`` (default ``"chain"``); a ``(FrameArchitecture, list_of_raw_weights)`` pair; a model with
-    ``layer_frames()`` and ``structure`` (``DeepFrameNet``); or a plain module of ``Linear``/``Conv`` layers,
+    ``layer_frames()`` and ``structure`` (``DeepFrameNet``); a ``(ConvFrameArchitecture, filters)`` pair (the
+    per-frequency form of ``conv``, no dense frame; ``nonzero`` / ``full`` / ``none`` only); or a plain module of ``Linear``/``Conv`` layers,
     read as a chain whose last layer is the classifier (conv layers need ``input_shape``). ``skip``: the
     residual shortcut span for a list of frames (an architecture or a model carries its own).
     """
     _check_normalize(normalize)
+    nets = [m for m in weights.modules() if isinstance(m, ConvFrameNet)] if isinstance(weights, nn.Module) else []
+    if nets:  # its convolutions are circular: the per-frequency form, not the zero-padded conv_matrix
+        if len(nets) > 1 or structure not in (None, nets[0].architecture.structure):
+            raise ValidationError("deep_frame_potential: expected one ConvFrameNet whose structure matches")
+        return nets[0].architecture.potential(nets[0].weights(), normalize=normalize)
     if isinstance(weights, nn.Module):
         frames, model_structure = _frames_from_model(weights, input_shape)
         skip = weights.architecture.skip if hasattr(weights, "architecture") else skip
         if structure is not None and structure != model_structure:
             raise ValueError(f"structure={structure!r} conflicts with the model's structure {model_structure!r}")
         structure = model_structure
+    elif isinstance(weights, tuple) and len(weights) == 2 and isinstance(weights[0], ConvFrameArchitecture):
+        return weights[0].potential(weights[1], normalize=normalize)
     elif isinstance(weights, tuple) and len(weights) == 2 and isinstance(weights[0], FrameArchitecture):
         arch, raw = weights
         frames, structure, skip = arch.layer_frames(raw), arch.structure, arch.skip
@@ -158,9 +170,13 @@ def deep_frame_potential(
     return global_frame_potential(frame, normalize=normalize)
 
 
-def deep_frame_potential_lower_bound(architecture: FrameArchitecture, *, normalize: str = "nonzero") -> float:
-    """Weight-independent lower bound on the DFP of ``architecture`` (the exact minimum for chains); only the
-    potential-based normalisations (``nonzero``, ``full``, ``none``) have one."""
+def deep_frame_potential_lower_bound(architecture, *, normalize: str = "nonzero") -> float:
+    """Weight-independent lower bound on the DFP of ``architecture`` (the exact minimum for fully connected
+    chains); only the potential-based normalisations (``nonzero``, ``full``, ``none``) have one.
+
+    It needs only the block layout, the layer frames' input sizes and ``N``, so it holds for a
+    ``ConvFrameArchitecture`` (circular padding: unit atoms, ``||A_j||_F^2 = n_j``) too, where it is not
+    attained in general: weight sharing keeps a conv layer frame from being tight (``conv``)."""
     _check_normalize(normalize)
     if normalize not in ("nonzero", "full", "none"):
         raise ValueError(f"no closed-form lower bound for normalize={normalize!r}")
@@ -213,7 +229,7 @@ class DFPResult:
 
 
 def minimize_deep_frame_potential(
-    architecture: FrameArchitecture,
+    architecture,
     *,
     steps: int = 300,
     lr: float = 0.05,
@@ -221,21 +237,26 @@ def minimize_deep_frame_potential(
     tol: float = 1e-7,
     dtype: torch.dtype = torch.float32,
     normalize: str = "nonzero",
+    init: Sequence[torch.Tensor] | None = None,
 ) -> DFPResult:
-    """Minimal deep frame potential of ``architecture``, by Adam on the weights from a Gaussian start, no data.
+    """Minimal deep frame potential of ``architecture``, by Adam on the weights from a Gaussian start (or from
+    ``init``, e.g. ``ConvFrameArchitecture.tight_weights()``), no data.
 
     Returns the best weights seen. Stops after ``steps`` or when the relative decrease over 10 steps falls below ``tol``. The potential is
     invariant to the scale of every atom, so the raw weights are optimised directly.
     """
-    if not isinstance(architecture, FrameArchitecture):
-        raise TypeError(f"architecture must be a FrameArchitecture, got {type(architecture).__name__}")
+    if not isinstance(architecture, (FrameArchitecture, ConvFrameArchitecture)):
+        raise TypeError(f"architecture must be a FrameArchitecture or ConvFrameArchitecture, got "
+                        f"{type(architecture).__name__}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     _check_normalize(normalize)
     g = torch.Generator().manual_seed(int(seed))
-    params = [w.requires_grad_(True) for w in architecture.init_weights(generator=g, dtype=dtype)]
+    start = architecture.init_weights(generator=g, dtype=dtype) if init is None else \
+        [w.detach().to(dtype).clone() for w in init]
+    params = [w.requires_grad_(True) for w in start]
     opt = torch.optim.Adam(params, lr=lr)
     history: list[float] = []
     best = (math.inf, [p.detach().clone() for p in params])
