@@ -302,6 +302,11 @@ VARIANTS = {"single": ("residual", 1, 0.0, "unrolled"), "picard": ("residual", 4
 EVAL_COUNTS = (1, 2, 4, 8, 16)  # evaluation-time iteration counts read for every model (and ``eval_iters``)
 
 
+def _variant_label(name: str) -> str:
+    """form/N/alpha/gradient of a variant (N of a DEQ-trained one: "fixed point")."""
+    return "/".join("fixed point" if v is None else str(v) for v in VARIANTS[name])
+
+
 def _navier_stokes(cfg: dict, seed: int):
     """w(0) -> w(1) pairs of the forced 2-D flow (32 x 32), scaled by the training inputs' std (one data set
     per seed: the initial fields are drawn with the seed)."""
@@ -311,6 +316,22 @@ def _navier_stokes(cfg: dict, seed: int):
     w0, w1 = navier_stokes_pairs(n_tr + n_te, n=32, t=1.0, dt=0.05, seed=seed)
     sc = w0[:n_tr].std()
     return (w0[:n_tr] / sc, w1[:n_tr] / sc), (w0[n_tr:] / sc, w1[n_tr:] / sc)
+
+
+def _solver_check() -> dict:
+    """The data generator against its closed form: Taylor-Green vorticity cos(2 pi x) cos(2 pi y), unforced,
+    decays as exp(-nu 8 pi^2 t) (derived; the advection term vanishes), and the dealiased, unforced, inviscid
+    flow keeps its energy (the solver's tests check more)."""
+    from iterlayers.operators.navier_stokes import VorticitySolver, energy, gaussian_random_field, grid
+
+    x, y = grid(32)
+    w0 = torch.cos(2 * math.pi * x) * torch.cos(2 * math.pi * y)
+    wt = VorticitySolver(32, nu=1e-2, dt=0.01).run(w0, 1.0)
+    exact = w0 * math.exp(-1e-2 * 8 * math.pi ** 2)
+    f0 = gaussian_random_field(2, 32, seed=0)
+    e0, e1 = energy(f0), energy(VorticitySolver(32, nu=0.0, dt=0.05).run(f0, 1.0))
+    return {"taylor_green_rel_err": float((wt - exact).norm() / exact.norm()),
+            "inviscid_energy_drift": float(((e1 - e0) / e0).abs().max())}
 
 
 def _rel_l2(pred: torch.Tensor, y: torch.Tensor) -> float:
@@ -393,6 +414,8 @@ def _operator_study(task: str, cfg: dict, seed: int, bar) -> dict:
     res: dict = {"task": task, "settings": k, "variants": {n: list(v) for n, v in VARIANTS.items()}}
     names = ("single", "picard", "contractive", "untrained", "untrained_contractive")
     res.update({n: [] for n in names})
+    if task == "transformer":
+        res["solver_check"] = _solver_check()
     for s in range(seed, seed + cfg["tf_seeds"]):
         g = torch.Generator().manual_seed(s)
         if task == "transformer":
@@ -652,6 +675,13 @@ def _sanity(metrics: dict) -> list[dict]:
     out.append(sanity_check(id="banach_rate", statement="observed rate of the capped PIGN <= its Banach factor "
                                                         "a + (1 - a) ||W||_2 (Banach's theorem)",
                             value=obs, passed=obs <= bound + 1e-3, note=f"bound {bound:.3f}"))
+    sc = metrics["transformer"]["solver_check"]
+    out.append(sanity_check(id="navier_stokes_taylor_green", statement="the data generator reproduces the "
+                            "Taylor-Green decay exp(-nu 8 pi^2 t) (closed form; 32x32, dt 0.01, t = 1)",
+                            value=sc["taylor_green_rel_err"], passed=sc["taylor_green_rel_err"] < 1e-4))
+    out.append(sanity_check(id="navier_stokes_energy", statement="the dealiased inviscid unforced flow keeps its "
+                            "energy (relative drift over t = 1, dt 0.05)", value=sc["inviscid_energy_drift"],
+                            passed=sc["inviscid_energy_drift"] < 1e-3))
     return out
 
 
@@ -670,7 +700,7 @@ def _contraction_summary(metrics: dict) -> dict:
                         x["observed_rate"] for x in r["contractive"][kind]]
     for task in TASKS:
         for name in ("single", "picard", "contractive"):
-            out[f"{task} {name} ({'/'.join(str(v) for v in VARIANTS[name])})"] = [
+            out[f"{task} {name} ({_variant_label(name)})"] = [
                 x["observed_rate"] for x in metrics[task][name]]
     return {k: {"observed_rate": v, "mean": _mean(v)} for k, v in out.items()}
 
@@ -723,7 +753,7 @@ def _plots(out: Path, metrics: dict) -> list[str]:
             counts = list(runs[0]["err_by_eval_iterations"])
             e = np.asarray([[x["err_by_eval_iterations"][c] for c in counts] for x in runs])
             ns = [int(c) for c in counts]
-            ax.plot(ns, e.mean(0), "o-", label=f"{name} ({'/'.join(str(v) for v in VARIANTS[name])})")
+            ax.plot(ns, e.mean(0), "o-", label=f"{name} ({_variant_label(name)})")
             ax.fill_between(ns, e.min(0), e.max(0), alpha=0.2)
         ax.set(xscale="log", yscale="log", xlabel="Picard iterations at evaluation", ylabel=metric,
                title=f"{what}\n(band: seed range)")
