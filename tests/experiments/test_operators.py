@@ -24,6 +24,12 @@ def test_tiny_run_writes_valid_claims_and_outputs(tiny):
     ids = {c["id"] for c in on_disk["claims"]}
     assert {"pign_vs_gcn2_p0", "pign_vs_gcn2_p0.7", "pign_no_oversmoothing", "contractive_pign_converges",
             "rising_alpha_stable"} <= ids
+    for task in ("transformer", "denoiser"):
+        assert {f"picard_{task}", f"contractive_{task}_vs_single", f"contractive_{task}_converges",
+                f"contractive_{task}_accuracy", f"contractive_{task}_flat"} <= ids
+        # every trained operator's rate is reported, and the convergence is measured by calling the operator
+        assert all(f"{task} {n}" in " ".join(on_disk["contraction"]) for n in ("single", "picard", "contractive"))
+        assert all(x["fixed_point_residual"] >= 0 for x in on_disk[task]["contractive"])
     # every trained operator has an observed rate, and the baselines report their training accuracy
     assert all(len(v["observed_rate"]) >= 1 for v in on_disk["contraction"].values())
     for r in on_disk["graph"][0]["noise"].values():
@@ -60,6 +66,34 @@ def test_a_synthetic_false_result_flips_the_verdicts(tiny):
     for g in dep["gcn"][dmax]:
         g["mad"] = 0.01
     assert _claim(op._claims(m, "tiny"), "pign_no_oversmoothing")["verdict"] == HOLDS
+
+
+def test_operator_claims_flip_with_synthetic_results(tiny):
+    _, metrics = tiny
+    m = copy.deepcopy(metrics)
+    r = m["transformer"]
+    for x, p, u in zip(r["contractive"], r["picard"], r["untrained_contractive"]):
+        p["err"], u["err"] = 0.2, 0.4
+        x["err"] = 0.2 * (1.01 + 0.001 * x["seed"])  # within 5%
+        x["fixed_point_residual"] = 1e-7 * (1 + x["seed"])
+    for x, i in zip(r["picard"], r["identity_err"]):
+        assert i > 0.2
+    for p in r["picard"]:
+        p["fixed_point_residual"] = 0.05
+    claims = op._operator_claims(m, "tiny")
+    assert _claim(claims, "contractive_transformer_accuracy")["verdict"] == HOLDS
+    assert _claim(claims, "contractive_transformer_converges")["verdict"] == HOLDS
+    for x in r["contractive"]:
+        x["err"] = 0.3 + 0.001 * x["seed"]  # 50% worse
+        x["fixed_point_residual"] = 1e-2 * (1 + x["seed"])
+    claims = op._operator_claims(m, "tiny")
+    assert _claim(claims, "contractive_transformer_accuracy")["verdict"] == DOES_NOT_HOLD
+    assert _claim(claims, "contractive_transformer_converges")["verdict"] == DOES_NOT_HOLD
+    for p in r["picard"]:  # a control that converges too makes the convergence claim untestable
+        p["fixed_point_residual"] = 1e-8
+    for x in r["contractive"]:
+        x["fixed_point_residual"] = 1e-7
+    assert _claim(op._operator_claims(m, "tiny"), "contractive_transformer_converges")["verdict"] == NOT_TESTABLE
 
 
 def test_the_experiment_selection_ignores_a_poisoned_test_split():
