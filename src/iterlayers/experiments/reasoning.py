@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..algorithms import GradientDescent, MLPRNN, Nesterov, QuadraticEnergy, random_rotation, theory
+from ..algorithms import GradientDescent, GradientRNN, MLPRNN, Nesterov, QuadraticEnergy, random_rotation, theory
 from .claims import (Threshold, fmt, make_claim, mode_of, new_figure, sanity_check, sanity_markdown,
                      claims_markdown, save_figure, seed_interval, spearman, write_metrics)
 
@@ -181,52 +181,73 @@ class _Residual(torch.autograd.Function):
     ``d_{t+1} = m_t + a (d_t + beta (d_t - d_{t-1}))`` with ``d_0 = 0, d_1 = 1`` (``d = dr / da``);
     ``q_{t+1} = a (q_t + beta (q_t - q_{t-1}) + r_t - r_{t-1})`` with ``q_0 = q_1 = 0`` (``q = dr / dbeta``).
     Rows are sorted by decreasing ``k`` so that step ``t`` touches only the rows still running (an unrolled
-    autograd graph here costs ~10x more: thousands of tiny ops per training step).
+    autograd graph here costs ~10x more: thousands of tiny ops per training step). ``want_a`` / ``want_beta``
+    (plain bools) skip the derivative recursions nobody will read (evaluation, a fixed momentum).
     """
 
     @staticmethod
-    def forward(ctx, a: Tensor, beta: Tensor, k: Tensor) -> Tensor:
+    def forward(ctx, a: Tensor, beta: Tensor, k: Tensor, want_a: bool, want_beta: bool) -> Tensor:
         order = torch.argsort(k, descending=True, stable=True)
-        kk, A, B = k[order], a[order], beta[order].view(-1, 1, 1)
-        r_out, d_out, q_out = torch.empty_like(A), torch.empty_like(A), torch.empty_like(A)
+        kk, A, B = k[order].tolist(), a[order], beta[order].view(-1, *([1] * (a.dim() - 1)))
+        active = [len(kk) - c for c in np.cumsum(np.bincount(kk)).tolist()]  # rows still running after step t
+        r_out = torch.empty_like(A)
+        d_out = torch.empty_like(A) if want_a else None
+        q_out = torch.empty_like(A) if want_beta else None
         r_prev, r = torch.ones_like(A), A.clone()
-        d_prev, d = torch.zeros_like(A), torch.ones_like(A)
-        q_prev, q = torch.zeros_like(A), torch.zeros_like(A)
+        d_prev, d = (torch.zeros_like(A), torch.ones_like(A)) if want_a else (None, None)
+        q_prev, q = (torch.zeros_like(A), torch.zeros_like(A)) if want_beta else (None, None)
         n, t = A.shape[0], 1
         while n:
-            n_next = int((kk > t).sum())
-            r_out[n_next:n], d_out[n_next:n], q_out[n_next:n] = r[n_next:n], d[n_next:n], q[n_next:n]
+            n_next = active[t]
+            r_out[n_next:n] = r[n_next:n]
+            if want_a:
+                d_out[n_next:n] = d[n_next:n]
+            if want_beta:
+                q_out[n_next:n] = q[n_next:n]
             if n_next == 0:
                 break
-            A_, B_ = A[:n_next], B[:n_next]
-            r_, d_, q_ = r[:n_next], d[:n_next], q[:n_next]
+            A_, B_, r_ = A[:n_next], B[:n_next], r[:n_next]
             dr = r_ - r_prev[:n_next]
-            m = r_ + B_ * dr
-            q_new = A_ * (q_ + B_ * (q_ - q_prev[:n_next]) + dr)
-            d_new = m + A_ * (d_ + B_ * (d_ - d_prev[:n_next]))
-            r_prev, d_prev, q_prev = r_, d_, q_
-            r, d, q = A_ * m, d_new, q_new
+            m = torch.addcmul(r_, B_, dr)
+            if want_beta:
+                q_ = q[:n_next]
+                q_new = A_ * (torch.addcmul(q_, B_, q_ - q_prev[:n_next]) + dr)
+                q_prev, q = q_, q_new
+            if want_a:
+                d_ = d[:n_next]
+                d_new = torch.addcmul(m, A_, torch.addcmul(d_, B_, d_ - d_prev[:n_next]))
+                d_prev, d = d_, d_new
+            r_prev, r = r_, A_ * m
             n, t = n_next, t + 1
         inv = torch.argsort(order)
-        ctx.save_for_backward(d_out[inv], q_out[inv])
+        ctx.save_for_backward(d_out[inv] if want_a else None, q_out[inv] if want_beta else None)
         return r_out[inv]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         d, q = ctx.saved_tensors
-        return grad * d, (grad * q).sum(dim=tuple(range(1, grad.dim()))), None
+        ga = None if d is None else grad * d
+        gb = None if q is None else (grad * q).sum(dim=tuple(range(1, grad.dim())))
+        return ga, gb, None, None, None
 
 
 def residuals(lam: Tensor, s: Tensor, beta: Tensor, k: Tensor) -> Tensor:
-    """Residual polynomial ``r_k(lam)`` of GD (``beta = 0``) / NAG per row: ``lam`` [M, N, n], ``s``, ``beta``,
+    """Residual polynomial ``r_k(lam)`` of GD (``beta = 0``) / NAG per row: ``lam`` [M, ...], ``s``, ``beta``,
     ``k`` [M] (rows may differ in ``k``); differentiable in ``lam``, ``s`` and ``beta``.
 
     The NAG error recursion of :mod:`~iterlayers.algorithms.theory`: ``r_0 = 1``, ``r_1 = a = 1 - s lam`` (the
     first step is a gradient step) and ``r_{t+1} = a (r_t + beta (r_t - r_{t-1}))``; with ``beta = 0`` it is
-    GD's ``a^t``.
+    GD's ``a^t`` (:func:`gd_residuals` computes that case in closed form).
     """
-    a = 1 - s.view(-1, 1, 1) * lam
-    return _Residual.apply(a, beta, k)
+    a = 1 - s.view(-1, *([1] * (lam.dim() - 1))) * lam
+    grad = torch.is_grad_enabled()
+    return _Residual.apply(a, beta, k, grad and a.requires_grad, grad and beta.requires_grad)
+
+
+def gd_residuals(lam: Tensor, s: Tensor, k: Tensor) -> Tensor:
+    """GD's residual ``(1 - s lam)^k`` per row in closed form (equal to :func:`residuals` with ``beta = 0``)."""
+    shape = (-1, *([1] * (lam.dim() - 1)))
+    return torch.pow(1 - s.view(shape) * lam, k.view(shape).to(lam.dtype))
 
 
 def _softmax(z: Tensor) -> Tensor:
@@ -248,6 +269,10 @@ class Hybrid(nn.Module):
         self.algos = list(algos)
         self.register_buffer("k", torch.tensor(list(ks), dtype=torch.long))
         self.register_buffer("nag", torch.tensor([a == "nag" for a in algos]))
+        rows = torch.arange(len(self.algos))
+        self.register_buffer("gd_rows", rows[~self.nag])
+        self.register_buffer("nag_rows", rows[self.nag])
+        self.register_buffer("unsort", torch.argsort(torch.cat([self.gd_rows, self.nag_rows])))
         s = torch.tensor([float(v) for v in steps], dtype=torch.float64)
         if learn_step:
             self.step = nn.Parameter(s)
@@ -259,13 +284,24 @@ class Hybrid(nn.Module):
         r = torch.sqrt(MU * self.step.clamp_min(0))
         return torch.where(self.nag, (1 - r) / (1 + r), torch.zeros_like(r))
 
+    def residual(self, lam: Tensor) -> Tensor:
+        """``r_k(lam)`` [M, ...] per row: GD rows in closed form, NAG rows by the recursion."""
+        g, n = self.gd_rows, self.nag_rows
+        parts = []
+        if len(g):
+            parts.append(gd_residuals(lam[g], self.step[g], self.k[g]))
+        if len(n):
+            parts.append(residuals(lam[n], self.step[n], self.beta()[n], self.k[n]))
+        return torch.cat(parts)[self.unsort]
+
     def predict(self, d: "Batch") -> Tensor:
         e = self.students.eigenvalues(d.u)
-        beta = self.beta()
-        # the pinned eigenvalues L, mu are the same for every sample: their residual is computed once per row
-        pinned = e[:, :1, [0, -1]]
-        r_pin = residuals(pinned, self.step, beta, self.k).expand(-1, e.shape[1], -1)
-        r = torch.cat([r_pin[..., :1], residuals(e[..., 1:-1], self.step, beta, self.k), r_pin[..., 1:]], -1)
+        M, N, n = e.shape
+        # the pinned eigenvalues L, mu are the same for every sample: their residual is computed once per row,
+        # in the same call as the middle ones (one recursion per step)
+        r = self.residual(torch.cat([e[..., 1:-1].reshape(M, -1), e[:, 0, [0, -1]]], dim=1))
+        r_pin = r[:, -2:].unsqueeze(1).expand(-1, N, -1)
+        r = torch.cat([r_pin[..., :1], r[:, :-2].view(M, N, n - 2), r_pin[..., 1:]], -1)
         return (1 - r) / e * d.c
 
     def layer(self, m: int):
@@ -278,42 +314,83 @@ class Hybrid(nn.Module):
 
 
 class Baseline(nn.Module):
-    """``M`` MLP-RNN baselines (:class:`~iterlayers.algorithms.MLPRNN`, hidden (10, 10), ``init="gd"``) on batched
-    students, in the input coordinates (the learned cell is not rotation-equivariant); outputs rotated to the
-    teacher's eigenbasis."""
+    """``M`` learned-algorithm baselines on batched students, in the input coordinates (the learned cells are not
+    rotation-equivariant); outputs rotated to the teacher's eigenbasis. ``kind``:
+
+    * ``"mlp_rnn"``: :class:`~iterlayers.algorithms.MLPRNN` over ``[y, -grad E]``, hidden (10, 10);
+    * ``"gradient_rnn"``: :class:`~iterlayers.algorithms.GradientRNN`, hidden 10;
+
+    both with ``init="gd"`` (their first forward pass equals GD with ``s = 1/L``). Rows are run in order of
+    decreasing ``k``; after step ``t`` the rows with ``k = t`` leave the batch (no work on finished rows).
+    """
 
     fields = ("u", "R", "b", "c", "target")
+    kinds = ("mlp_rnn", "gradient_rnn")
 
-    def __init__(self, width: int, ks, init_seeds):
+    def __init__(self, width: int, ks, init_seeds, kind: str = "mlp_rnn"):
         super().__init__()
+        if kind not in self.kinds:
+            raise ValueError(f"kind must be one of {self.kinds}, got {kind!r}")
+        self.kind = kind
         self.students = Students(width, init_seeds)
         self.register_buffer("k", torch.tensor(list(ks), dtype=torch.long))
-        ref = MLPRNN(DIM, (2 * DIM, 2 * DIM), k=1, init="gd", step_size=1.0 / L_SMOOTH).double()
-        mats = [lin.weight.detach() for lin in ref.layers] + [ref.out.weight.detach()]
+        order = torch.argsort(self.k, descending=True, stable=True)
+        self.register_buffer("order", order)
+        self.register_buffer("unsort", torch.argsort(order))
+        kk = self.k[order].tolist()
+        self.active = [len(kk) - c for c in np.cumsum(np.bincount(kk)).tolist()]  # rows running after step t
+        ref = self._reference(1)
+        mats = [lin.weight.detach() for lin in self._linears(ref)]
         self.cell = nn.ParameterList(nn.Parameter(w.expand(len(ks), *w.shape).clone()) for w in mats)
 
-    def predict(self, d: "Batch") -> Tensor:
-        e = self.students.eigenvalues(d.u)
-        Q = (d.R * e.unsqueeze(-2)) @ d.R.transpose(-1, -2)
-        cell = list(self.cell)
-        k = self.k.view(-1, 1, 1)
-        y = torch.zeros_like(d.b)
-        out = torch.zeros_like(d.b)
-        for t in range(1, int(k.max()) + 1):
-            g = torch.einsum("mnij,mnj->mni", Q, y) - d.b
-            z = torch.cat([y, -g], dim=-1)
-            for w in cell[:-1]:
-                z = torch.relu(z @ w.transpose(1, 2))
-            y = z @ cell[-1].transpose(1, 2)
-            out = torch.where(k == t, y, out)
-        return torch.einsum("mnji,mnj->mni", d.R, out)
+    def _reference(self, k: int) -> nn.Module:
+        if self.kind == "mlp_rnn":
+            return MLPRNN(DIM, (2 * DIM, 2 * DIM), k=k, init="gd", step_size=1.0 / L_SMOOTH).double()
+        return GradientRNN(DIM, 2 * DIM, k=k, init="gd", step_size=1.0 / L_SMOOTH).double()
 
-    def library_model(self, m: int) -> MLPRNN:
-        net = MLPRNN(DIM, (2 * DIM, 2 * DIM), k=int(self.k[m]), init="gd", step_size=1.0 / L_SMOOTH).double()
+    def _linears(self, net: nn.Module) -> list:
+        return list(net.layers) + [net.out] if self.kind == "mlp_rnn" else [net.U, net.W, net.V]
+
+    def predict(self, d: "Batch") -> Tensor:
+        o = self.order
+        e = self.students.eigenvalues(d.u)[o]
+        R = d.R[o]
+        Q = (R * e.unsqueeze(-2)) @ R.transpose(-1, -2)
+        b = d.b[o]
+        wt = [w[o].transpose(1, 2) for w in self.cell]  # z @ w^T: the library's nn.Linear
+        y = torch.zeros_like(b)
+        h = torch.zeros(*b.shape[:-1], 2 * DIM, dtype=b.dtype) if self.kind == "gradient_rnn" else None
+        done, n = [], b.shape[0]
+        for t in range(1, int(self.k.max()) + 1):
+            g = (Q * y.unsqueeze(-2)).sum(-1) - b  # grad E(y) = Q y - b
+            if self.kind == "mlp_rnn":
+                z = torch.cat([y, -g], dim=-1)
+                for w in wt[:-1]:
+                    z = torch.relu(z @ w)
+                y = z @ wt[-1]
+            else:
+                h = torch.relu(h @ wt[0] - g @ wt[1])
+                y = y + h @ wt[2]
+            m = self.active[t]
+            if m < n:  # rows with k = t are finished
+                done.append(y[m:n])
+                y, Q, b, wt = y[:m], Q[:m], b[:m], [w[:m] for w in wt]
+                h = h[:m] if h is not None else None
+                n = m
+            if n == 0:
+                break
+        out = torch.cat(done[::-1])
+        return torch.einsum("mnji,mnj->mni", R, out)[self.unsort]
+
+    def library_model(self, m: int) -> nn.Module:
+        net = self._reference(int(self.k[m]))
         with torch.no_grad():
-            for lin, w in zip(list(net.layers) + [net.out], self.cell):
+            for lin, w in zip(self._linears(net), self.cell):
                 lin.weight.copy_(w[m])
         return net
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, models={len(self.k)}"
 
 
 class Batch:
@@ -510,7 +587,7 @@ def _hybrid(rows, *, width, learn_step=False, step_lr_scale=None):
 
 
 def _baseline(rows, *, width):
-    return Baseline(width, [r[2] for r in rows], [r[6] for r in rows])
+    return Baseline(width, [r[2] for r in rows], [r[6] for r in rows], kind=rows[0][1])
 
 
 def _summarise(rows, chosen, trained, ev, pool, idx) -> dict:
