@@ -202,6 +202,25 @@ def test_batched_baselines_equal_the_library_cells(kind):
         R.Baseline(16, [1], [0], kind="lstm")
 
 
+def test_widths_share_one_padded_model_exactly():
+    """Rows of widths 16 and 32 in one model: each row is its own width's network (library layers on the unpadded
+    energy agree), and training keeps the padding units exactly zero."""
+    teacher = R.make_teacher(0)
+    x, y = R.make_data(teacher, 300, seed=6)
+    pool = R.Split(teacher, x, y)
+    tr = [torch.randperm(300, generator=torch.Generator().manual_seed(r))[:R.N_TRAIN] for r in range(2)]
+    rows = [(("fixed", a, w, 3, r), a, 3, r, 0, 1.0, r) for w in (16, 32) for a in ("gd", "nag") for r in range(2)]
+    model, trained, _, _, idx = R._train_grid(R._hybrid, rows, [("adam", 1e-2)], pool, tr, dict(epochs=5), 0)
+    assert model.students.widths == [16] * 4 + [32] * 4
+    w_in, w_out = model.students.weights
+    b_in = model.students.biases[0]
+    assert torch.all(w_in[:4, 16:] == 0) and torch.all(b_in[:4, 16:] == 0) and torch.all(w_out[:4, :, 16:] == 0)
+    assert torch.any(w_in[:4, :16] != 0) and torch.any(w_in[4:, 16:] != 0)
+    assert R._library_check(model, pool, idx, range(8)) < 1e-12
+    with pytest.raises(ValueError, match="width"):
+        R.Students([0, 16], [0, 1])
+
+
 def test_teacher_has_nonzero_biases_and_data_are_deterministic():
     t = R.make_teacher(0)
     assert float(t.net[0].bias.abs().min()) > 0

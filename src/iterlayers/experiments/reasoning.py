@@ -25,9 +25,15 @@ is its test minus train value. (With ``s = 1/L`` the ``v_L`` part is exactly zer
 
 Implementation: GD and NAG on a quadratic act per eigenvalue (``y_k = R P_k(e) R^T b``, see
 :mod:`iterlayers.algorithms.theory`), so all models of a grid (seeds x depths x optimiser configurations)
-train at once as one batched model through the residual recursion; a sanity check reruns selected models
-through the library's unrolled layers and compares. Every claim goes through
-:mod:`iterlayers.experiments.claims` (threshold fixed here, interval over seeds, a negative control).
+train at once as one batched model: GD rows through ``(1 - s lam)^k``, NAG rows through the residual
+recursion, each with its exact derivative carried along (no autograd graph over the steps); the baselines run
+their cells on all rows at once, finished rows leaving the batch. A sanity check reruns selected models
+through the library's unrolled layers and compares.
+
+Convergence: a configuration is *flat* when every seed's best training loss improved by less than
+``FLAT_TOL`` (relative) over the last ``FLAT_WINDOW`` of the epochs (pre-registered); a claim uses only the
+depths where every configuration it compares is flat, and is "not testable here" when none is. Every claim goes
+through :mod:`iterlayers.experiments.claims` (threshold fixed here, interval over seeds, a negative control).
 """
 from __future__ import annotations
 
@@ -57,10 +63,12 @@ SETTINGS = {
     "tiny": dict(ks=[1, 4], approx_ks=[1, 4], widths=[0, 16], seeds=2, pool=600, epochs=40,
                  configs=[("adam", 1e-2), ("sgd", 1e-2)], rnn_ks=[1, 4], rnn_configs=[("adam", 1e-2)],
                  rnn_kinds=["mlp_rnn", "gradient_rnn"], learned_ks=[1, 4]),
+    # quick: Adam 1e-2 only (the {Adam, SGD} x 1e-2 search chose it for 147 of 150 models at this budget); the
+    # baseline and the learned step up to k = 10 (deeper ones did not flatten at 500 epochs: full runs them)
     "quick": dict(ks=[1, 2, 3, 5, 7, 10, 15, 20, 30], approx_ks=[1, 2, 3, 5, 7, 10], widths=[0, 16, 32], seeds=5,
-                  pool=10_000, epochs=500, configs=[("adam", 1e-2), ("sgd", 1e-2)],
-                  rnn_ks=[1, 5, 10, 30], rnn_configs=[("adam", 1e-2)], rnn_kinds=["mlp_rnn"],
-                  learned_ks=[1, 2, 3, 5, 10, 20, 30]),
+                  pool=10_000, epochs=1000, configs=[("adam", 1e-2)],
+                  rnn_ks=[1, 5, 10], rnn_configs=[("adam", 1e-2)], rnn_kinds=["mlp_rnn"],
+                  learned_ks=[1, 2, 3, 5, 10]),
     "full": dict(ks=[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 18, 20, 25, 30],
                  approx_ks=[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 18, 20, 25, 30], widths=[0, 16, 32], seeds=20,
                  pool=10_000, epochs=4000, configs=ALL_CONFIGS,
@@ -131,25 +139,46 @@ class Split:
 # ---------------------------------------------------------------------------------------- batched models
 
 class Students(nn.Module):
-    """``M`` eigenvalue MLPs (hidden width ``width``; 0 = linear) as batched tensors [M, ...].
+    """``M`` eigenvalue MLPs as batched tensors [M, ...]; ``width`` the hidden width (0 = linear), one int for all
+    rows or one per row.
 
-    Model ``m`` is initialised exactly as ``QuadraticEnergy(hidden=(width,))`` with Glorot weights from the seed
-    ``init_seeds[m]`` (:meth:`energy` rebuilds it as a library module, for the sanity checks).
+    Model ``m`` is initialised exactly as ``QuadraticEnergy(hidden=(width_m,))`` with Glorot weights from the seed
+    ``init_seeds[m]`` (:meth:`energy` rebuilds it as a library module, for the sanity checks). Rows of different
+    positive widths share one model padded to the largest width with zero hidden units: a zero unit has zero
+    input weights and bias, so its output ``relu(0) = 0`` and the gradients of its input and output weights are
+    exactly zero (its output weights are zero too), and SGD / Adam / weight decay keep it at zero: each row is
+    its own width's network, in one batched forward.
     """
 
-    def __init__(self, width: int, init_seeds):
+    def __init__(self, width, init_seeds):
         super().__init__()
-        self.width = width
+        init_seeds = list(init_seeds)
+        widths = [int(width)] * len(init_seeds) if isinstance(width, int) else [int(w) for w in width]
+        if len(widths) != len(init_seeds) or (0 in widths and max(widths) > 0):
+            raise ValueError(f"width: one int or one positive width per row, got {width!r}")
+        self.widths, top = widths, max(widths)
         mods = []
-        for s in init_seeds:
-            q = QuadraticEnergy(DIM_IN, DIM, hidden=(width,), mu=MU, L=L_SMOOTH).double()
+        for w, s in zip(widths, init_seeds):
+            q = QuadraticEnergy(DIM_IN, DIM, hidden=(w,), mu=MU, L=L_SMOOTH).double()
             _glorot_(q, torch.Generator().manual_seed(int(s)))
-            mods.append(q)
-        lins = [[m for m in q.net if isinstance(m, nn.Linear)] for q in mods]
-        self.weights = nn.ParameterList(nn.Parameter(torch.stack([l[i].weight.detach() for l in lins]))
-                                        for i in range(len(lins[0])))
-        self.biases = nn.ParameterList(nn.Parameter(torch.stack([l[i].bias.detach() for l in lins]))
-                                       for i in range(len(lins[0])))
+            mods.append([m for m in q.net if isinstance(m, nn.Linear)])
+        def pad(x: Tensor, dim: int) -> Tensor:
+            if x.shape[dim] == top or top == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = top - x.shape[dim]
+            return torch.cat([x, x.new_zeros(shape)], dim)
+
+        n = len(mods[0])
+
+        def weight(lin: nn.Linear, i: int) -> Tensor:  # hidden outputs (i < n - 1) and hidden inputs (i > 0)
+            x = lin.weight.detach()
+            x = pad(x, 0) if i < n - 1 else x
+            return pad(x, 1) if i > 0 else x
+
+        self.weights = nn.ParameterList(nn.Parameter(torch.stack([weight(l[i], i) for l in mods])) for i in range(n))
+        self.biases = nn.ParameterList(nn.Parameter(torch.stack([
+            pad(l[i].bias.detach(), 0) if i < n - 1 else l[i].bias.detach() for l in mods])) for i in range(n))
 
     def eigenvalues(self, u: Tensor) -> Tensor:
         """``e(u)`` [M, N, 5] for inputs ``u`` [M, N, 10]."""
@@ -164,16 +193,17 @@ class Students(nn.Module):
         return torch.cat([L_SMOOTH * ones, mid, MU * ones], dim=-1)
 
     def energy(self, m: int) -> QuadraticEnergy:
-        q = QuadraticEnergy(DIM_IN, DIM, hidden=(self.width,), mu=MU, L=L_SMOOTH).double()
+        w = self.widths[m]
+        q = QuadraticEnergy(DIM_IN, DIM, hidden=(w,), mu=MU, L=L_SMOOTH).double()
         lins = [x for x in q.net if isinstance(x, nn.Linear)]
         with torch.no_grad():
-            for lin, w, c in zip(lins, self.weights, self.biases):
-                lin.weight.copy_(w[m])
-                lin.bias.copy_(c[m])
+            for lin, wt, c in zip(lins, self.weights, self.biases):
+                lin.weight.copy_(wt[m][:lin.weight.shape[0], :lin.weight.shape[1]])
+                lin.bias.copy_(c[m][:lin.bias.shape[0]])
         return q
 
     def extra_repr(self) -> str:
-        return f"models={self.weights[0].shape[0]}, width={self.width}"
+        return f"models={self.weights[0].shape[0]}, widths={sorted(set(self.widths))}"
 
 
 class _Residual(torch.autograd.Function):
@@ -613,8 +643,9 @@ def _mean_iv(x) -> dict:
 def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> dict:
     """Run the experiment; writes ``metrics.json``, ``table.md`` and PNG figures into ``out``.
 
-    ``tiny``: k in {1, 4}, 2 seeds (test suite); ``quick``: 9 depths, 5 seeds, widths 0/16/32 (``make run``);
-    otherwise (``full``) 17 depths, 20 seeds, the 8-configuration optimiser search and a 4x longer budget.
+    ``tiny``: k in {1, 4}, 2 seeds (test suite); ``quick``: 9 depths, 5 seeds, widths 0/16/32, 1,000 epochs
+    (``make run``); otherwise (``full``) 17 depths, 20 seeds, the 8-configuration optimiser search, the
+    GradientRNN baseline and 4,000 epochs.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
@@ -638,8 +669,10 @@ def _train_grid(model_cls, rows, configs, pool, train_idx_seed, cfg, seed, **mod
     return model, trained, chosen, ev, idx
 
 
-def _hybrid(rows, *, width, learn_step=False, step_lr_scale=None):
-    return Hybrid(width, [r[1] for r in rows], [r[2] for r in rows], [r[6] for r in rows], [r[5] for r in rows],
+def _hybrid(rows, *, width=None, learn_step=False, step_lr_scale=None):
+    """The batched hybrid of ``rows``; each row's width is its key's (``width`` overrides it for every row)."""
+    widths = [r[0][2] for r in rows] if width is None else width
+    return Hybrid(widths, [r[1] for r in rows], [r[2] for r in rows], [r[6] for r in rows], [r[5] for r in rows],
                   learn_step=learn_step)
 
 
@@ -696,18 +729,20 @@ def _run(*, out: Path, mode: str, seed: int) -> dict:
     summary: dict = {}
     diag: dict = {}
 
-    # 1) fixed-step hybrids, every width; step-0 rows (the layer's convergence removed) at the main width
-    for w in widths:
-        rows = [(("fixed", a, w, k, r), a, k, r, c, 1.0 / L_SMOOTH, init[r])
+    # 1) fixed-step hybrids, every width; step-0 rows (the layer's convergence removed) at the main width. The
+    # positive widths share one batched model (padded, see Students); the linear students (width 0) are another.
+    for group in ([w for w in widths if w == 0], [w for w in widths if w > 0]):
+        if not group:
+            continue
+        rows = [(("fixed", a, w, k, r), a, k, r, c, 1.0 / L_SMOOTH, init[r]) for w in group
                 for a in ("gd", "nag") for k in (ks if w == main else cfg["approx_ks"])
                 for r in range(S) for c in range(len(configs))]
-        if w == main:
-            rows += [(("step0", "gd", w, k, r), "gd", k, r, c, 0.0, init[r])
+        if main in group:
+            rows += [(("step0", "gd", main, k, r), "gd", k, r, c, 0.0, init[r])
                      for k in (ks[0], ks[-1]) for r in range(S) for c in range(len(configs))]
-        model, trained, chosen, ev, idx = _train_grid(_hybrid, rows, configs, pool, train_idx_seed, cfg, seed,
-                                                      width=w)
+        model, trained, chosen, ev, idx = _train_grid(_hybrid, rows, configs, pool, train_idx_seed, cfg, seed)
         summary.update(_summarise(rows, chosen, trained, ev, pool, idx))
-        if w == main:
+        if main in group:
             diag["hybrid"] = (model, rows, chosen, trained, idx, ev)
 
     # 2) learned step at the main width, with the configuration chosen most often there (training loss only)
@@ -715,13 +750,14 @@ def _run(*, out: Path, mode: str, seed: int) -> dict:
     conf = max(sorted(set(picks)), key=picks.count)
     # the fixed-step rows of that configuration (not selected): a rerun of the frozen arm up to mini-batch order
     model_, rows_, _, trained_, idx_, ev_ = diag["hybrid"]
-    same = {("rerun",) + r[0][1:]: i for i, r in enumerate(rows_) if r[0][0] == "fixed" and configs[r[4]] == conf}
+    same = {("rerun",) + r[0][1:]: i for i, r in enumerate(rows_)
+            if r[0][0] == "fixed" and r[0][2] == main and configs[r[4]] == conf}
     summary.update(_summarise(rows_, same, trained_, ev_, pool, idx_))
     rows = [((arm, a, main, k, r), a, k, r, 0, 1.0 / L_SMOOTH, init[r])
             for arm in ("learned", "frozen") for a in ("gd", "nag") for k in cfg["learned_ks"] for r in range(S)]
     scale = torch.tensor([1.0 if r[0][0] == "learned" else 0.0 for r in rows], dtype=torch.float64)
     model, trained, chosen, ev, idx = _train_grid(_hybrid, rows, [conf], pool, train_idx_seed, cfg, seed,
-                                                  width=main, learn_step=True, step_lr_scale=scale)
+                                                  learn_step=True, step_lr_scale=scale)
     for i, r in enumerate(rows):  # the learned step sizes
         rows[i] = r[:5] + (float(model.step[i].detach()),) + r[6:]
     summary.update(_summarise(rows, chosen, trained, ev, pool, idx))
