@@ -66,7 +66,7 @@ SETTINGS = {
     # quick: Adam 1e-2 only (the {Adam, SGD} x 1e-2 search chose it for 147 of 150 models at this budget); the
     # baseline and the learned step up to k = 10 (deeper ones did not flatten at 500 epochs: full runs them)
     "quick": dict(ks=[1, 2, 3, 5, 7, 10, 15, 20, 30], approx_ks=[1, 2, 3, 5, 7, 10], widths=[0, 16, 32], seeds=5,
-                  pool=10_000, epochs=1000, configs=[("adam", 1e-2)],
+                  pool=10_000, epochs=800, configs=[("adam", 1e-2)],
                   rnn_ks=[1, 5, 10], rnn_configs=[("adam", 1e-2)], rnn_kinds=["mlp_rnn"],
                   learned_ks=[1, 2, 3, 5, 10]),
     "full": dict(ks=[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 18, 20, 25, 30],
@@ -643,7 +643,7 @@ def _mean_iv(x) -> dict:
 def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> dict:
     """Run the experiment; writes ``metrics.json``, ``table.md`` and PNG figures into ``out``.
 
-    ``tiny``: k in {1, 4}, 2 seeds (test suite); ``quick``: 9 depths, 5 seeds, widths 0/16/32, 1,000 epochs
+    ``tiny``: k in {1, 4}, 2 seeds (test suite); ``quick``: 9 depths, 5 seeds, widths 0/16/32, 800 epochs
     (``make run``); otherwise (``full``) 17 depths, 20 seeds, the 8-configuration optimiser search, the
     GradientRNN baseline and 4,000 epochs.
     """
