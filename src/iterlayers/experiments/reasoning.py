@@ -1105,8 +1105,8 @@ def _sanity(summary, diag, cfg, pool, main, measured, results, teacher) -> list[
                              [diag[name][2][key] for key in list(diag[name][2])[:: max(1, len(diag[name][2]) // 6)]])
               for name in ("hybrid", "learned", *cfg["rnn_kinds"]))
     checks.append(sanity_check(id="S1", statement="batched models equal the library's layers (GradientDescent, "
-                               "Nesterov, MLPRNN) on the full Q, max abs difference over sampled rows", value=lib,
-                               passed=lib < 1e-9))
+                               "Nesterov, MLPRNN, GradientRNN) on the full Q, max abs difference over sampled rows",
+                               value=lib, passed=lib < 1e-9))
     kept = max(abs(a - b) for d in summary.values() for a, b in zip(d["kept_loss"], d["train_raw"]))
     checks.append(sanity_check(id="S2", statement="the kept parameters reproduce the kept (lowest) training loss "
                                "(no off-by-one between the loss and the parameters stored)", value=kept,
@@ -1201,9 +1201,9 @@ def _figures(out: Path, metrics: dict, diag) -> list[str]:
         axes[1].plot(lks, [ml[str(k)]["step"] for k in lks], "o-", color=col[a], label=f"{a} learned step")
         eg = [ml[str(k)]["extra_gap"] for k in lks]
         for field, mark in (("sensitivity_closed", "s"), ("sensitivity", "x")):
-            axes[2].errorbar([ml[str(k)][field] for k in lks], [g["mean"] for g in eg],
-                             yerr=[[g["mean"] - g["interval"][0] for g in eg], [g["interval"][1] - g["mean"] for g in eg]],
-                             fmt=mark, color=col[a], mfc="none", capsize=2,
+            err = [[g["mean"] - g["interval"][0] for g in eg], [g["interval"][1] - g["mean"] for g in eg]]
+            axes[2].errorbar([ml[str(k)][field] for k in lks], [g["mean"] for g in eg], yerr=err, fmt=mark,
+                             color=col[a], mfc="none", capsize=2,
                              label=f"{a}, Sen {'closed form' if field == 'sensitivity_closed' else 'measured'}")
     axes[0].set_xlabel("k"); axes[0].set_title("sensitivity to the step size"); axes[0].legend(fontsize=6)
     axes[1].set_xlabel("k"); axes[1].set_title("learned step size (seed 0)"); axes[1].legend(fontsize=7)
