@@ -612,10 +612,12 @@ def select(best_loss: Tensor, keys) -> dict:
 # ------------------------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, pool: Split, train_idx: Tensor, chunk: int = 1000) -> dict:
-    """Per-row mean raw / floor-corrected error on its training samples and on the rest of the pool."""
+def _evaluate(model: nn.Module, pool: Split, train_idx: Tensor, chunk: int | None = None) -> dict:
+    """Per-row mean raw / floor-corrected error on its training samples and on the rest of the pool, in chunks
+    of test samples sized so that an [M, chunk, 32] float64 tensor stays near 64 MB (full grids have ~10^4 rows)."""
     fields = getattr(model, "fields", ("u", "c", "target"))
     M, P = train_idx.shape[0], pool.u.shape[0]
+    chunk = chunk or int(min(1000, max(10, 250_000 // M)))
     tr = Batch(pool, train_idx, fields)
     raw_tr, cor_tr = (x.mean(-1) for x in errors(model.predict(tr), tr.target))
     is_train = torch.zeros(M, P, dtype=torch.bool)
