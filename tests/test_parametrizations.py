@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import iterlayers as il
-from iterlayers.analysis import jacobian, spectral_norm as jac_spectral_norm
+from iterlayers.analysis import jacobian, jacobian_norm as jac_spectral_norm
 from iterlayers.parametrizations import MonotoneLinear, SpectralNormLinear, spectral_norm, weight_norm
 
 D = torch.float64

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from iterlayers.analysis import Estimate, jacobian, spectral_norm, spectral_radius
+from iterlayers.analysis import Estimate, jacobian, jacobian_norm, spectral_radius
 
 D = torch.float64
 
@@ -107,16 +107,16 @@ def test_spectral_norm_matches_svd(method):
     n = 7
     W = rand(n, n, seed=60, scale=0.6)
     z, x = rand(3, n, seed=61), rand(3, n, seed=62)
-    est = spectral_norm(linear_cell(W), z, x, method=method, tol=1e-12, max_iter=1000)
+    est = jacobian_norm(linear_cell(W), z, x, method=method, tol=1e-12, max_iter=1000)
     assert bool(est.converged.all())
     torch.testing.assert_close(est.value, torch.linalg.matrix_norm(W, 2).expand(3), rtol=1e-8, atol=0)
     if method == "lanczos":
         assert est.iterations <= n  # Lanczos with full re-orthogonalisation is exact after n steps
     cell = tanh_cell(W, rand(n, n, seed=63))
-    est = spectral_norm(cell, z, x, method=method, tol=1e-12, max_iter=1000)
+    est = jacobian_norm(cell, z, x, method=method, tol=1e-12, max_iter=1000)
     exact = torch.linalg.matrix_norm(jacobian(cell, z, x), 2)
     torch.testing.assert_close(est.value, exact, rtol=1e-7, atol=0)
-    torch.testing.assert_close(spectral_norm(cell, z, x, method="dense").value, exact)
+    torch.testing.assert_close(jacobian_norm(cell, z, x, method="dense").value, exact)
 
 
 def test_estimates_work_under_no_grad_with_parameters_and_validate_options():
@@ -124,17 +124,17 @@ def test_estimates_work_under_no_grad_with_parameters_and_validate_options():
     cell = lambda z, x: torch.tanh(lin(z) + x)  # noqa: E731
     z, x = rand(2, 5, seed=70), rand(2, 5, seed=71)
     with torch.no_grad():
-        a = spectral_norm(cell, z, x, method="lanczos").value
+        a = jacobian_norm(cell, z, x, method="lanczos").value
         b = spectral_radius(cell, z, x).value
     assert lin.weight.grad is None  # analysis must not accumulate gradients into the cell
-    torch.testing.assert_close(a, spectral_norm(cell, z, x, method="dense").value, rtol=1e-6, atol=0)
+    torch.testing.assert_close(a, jacobian_norm(cell, z, x, method="dense").value, rtol=1e-6, atol=0)
     torch.testing.assert_close(b, spectral_radius(cell, z, x, method="dense").value, rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="method"):
         spectral_radius(cell, z, x, method="lanczos")
     with pytest.raises(ValueError, match="tol"):
-        spectral_norm(cell, z, x, tol=0)
+        jacobian_norm(cell, z, x, tol=0)
     with pytest.raises(ValueError, match="shape of z"):
-        spectral_norm(lambda z, x: z[:, :2], z, x)
+        jacobian_norm(lambda z, x: z[:, :2], z, x)
     with pytest.raises(TypeError, match="z must be"):
-        spectral_norm(cell, [1.0], x)
+        jacobian_norm(cell, [1.0], x)
     assert "converged=2/2" in str(spectral_radius(cell, z, x))

@@ -5,7 +5,7 @@ matrix-free (Jacobian-vector / vector-Jacobian products, power iteration, Lanczo
 has a ``method="dense"`` path that builds the Jacobians exactly for small problems.
 
 - ``jacobian``                        dense per-sample Jacobian ``[B, n, n]``
-- ``spectral_radius``, ``spectral_norm`` -> ``Estimate`` (value, iterations, converged, method)
+- ``spectral_radius``, ``jacobian_norm`` (``||J||_2``) -> ``Estimate`` (value, iterations, converged, method)
 - ``lipschitz_upper_bound``           product bound for feed-forward modules
 - ``certify_contraction``             -> ``ContractionCertificate`` (contractive / not contractive / unknown)
 - ``fit_linear_rate``, ``predict_iterations``, ``predicted_rate``
@@ -22,13 +22,13 @@ from .rates import fit_linear_rate, predict_iterations, predicted_rate
 from .regularization import jacobian_frobenius_penalty
 from .report import AnalysisReport, report
 from .sensitivity import condition_number, input_sensitivity, parameter_sensitivity, unrolled_sensitivity
-from .spectral import Estimate, spectral_norm, spectral_radius
+from .spectral import Estimate, jacobian_norm, spectral_radius
 
 __all__ = [
     "jacobian",
     "Estimate",
     "spectral_radius",
-    "spectral_norm",
+    "jacobian_norm",
     "lipschitz_upper_bound",
     "ContractionCertificate",
     "certify_contraction",

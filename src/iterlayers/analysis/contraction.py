@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .. import cells
 from ._linear import check_method
 from .lipschitz import lipschitz_upper_bound
-from .spectral import spectral_norm, spectral_radius
+from .spectral import jacobian_norm, spectral_radius
 
 VERDICTS = ("contractive", "not contractive", "unknown")
 
@@ -117,7 +117,7 @@ def certify_contraction(cell: Callable, z: Tensor | None = None, x: Tensor | Non
         norms, rhos, unconverged = [], [], 0
         for p in points:
             kw = dict(method=use) if use == "dense" else dict(method="power", tol=tol, max_iter=max_iter, seed=seed)
-            sn = spectral_norm(cell, p, x, **kw)
+            sn = jacobian_norm(cell, p, x, **kw)
             sr = spectral_radius(cell, p, x, **kw)
             norms.append(sn.value)
             # An unconverged radius estimate is not trusted for the refutation.

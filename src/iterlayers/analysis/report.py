@@ -24,7 +24,7 @@ from .jacobian import jacobian
 from .contraction import ContractionCertificate, certify_contraction
 from .rates import fit_linear_rate, predict_iterations
 from .sensitivity import condition_number, input_sensitivity, parameter_sensitivity
-from .spectral import spectral_norm, spectral_radius
+from .spectral import jacobian_norm, spectral_radius
 
 
 @dataclass
@@ -188,7 +188,7 @@ def report(layer_or_cell, x: Tensor, *, z_star: Tensor | None = None, trace: Ten
     batch, n = z_star.shape[0], z_star[0].numel()
     use = ("dense" if n <= dense_limit else "power") if method == "auto" else method
     radius = spectral_radius(cell, z_star, x, method=use, seed=seed)
-    norm = spectral_norm(cell, z_star, x, method=use if use == "dense" else "lanczos", seed=seed)
+    norm = jacobian_norm(cell, z_star, x, method=use if use == "dense" else "lanczos", seed=seed)
     cond = condition_number(cell, z_star, x, method=use if use == "dense" else "lanczos", seed=seed)
     cert = certify_contraction(cell, z_star, x, samples=certify_samples, method=use, seed=seed)
     in_sens = par_sens = None

@@ -18,7 +18,7 @@ Methods (matrix-free ones use only Jacobian-vector products, see ``_linear``):
   the estimate changed by ``<= tol`` (relative) on three consecutive steps, or ``v`` is an eigenvector to
   ``tol``. Caveat: with a tiny gap the relative change can be small while the error is still larger (as for
   any power method), and strongly non-normal Jacobians may need many steps.
-* ``spectral_norm(method="power")``: power iteration on ``J^T J`` (a jvp and a vjp per step);
+* ``jacobian_norm(method="power")``: power iteration on ``J^T J`` (a jvp and a vjp per step);
   ``method="lanczos"``: Lanczos on ``J^T J`` with full re-orthogonalisation (at most ``n`` steps, exact then).
 * ``method="dense"``: build ``J`` (``n`` vjps) and use ``eigvals`` / ``matrix_norm(ord=2)``; the ground truth.
 """
@@ -80,7 +80,7 @@ def spectral_radius(cell: Callable, z: Tensor, x: Tensor | None = None, *, metho
     return Estimate(rho, it, conv, "power", lam)
 
 
-def spectral_norm(cell: Callable, z: Tensor, x: Tensor | None = None, *, method: str = "power",
+def jacobian_norm(cell: Callable, z: Tensor, x: Tensor | None = None, *, method: str = "power",
                   tol: float = 1e-6, max_iter: int = 200, seed: int = 0) -> Estimate:
     """Spectral norm ``||J_b||_2 = sigma_max(J_b)`` of the cell's Jacobian with respect to z, per sample.
 

@@ -304,7 +304,7 @@ def check_convergence(operator: Callable, z: torch.Tensor, x=None, *, alpha: flo
     ``scope="sample"`` treats the first dim of ``z`` as a batch (one estimate per sample, the operator must act
     sample-wise); ``scope="global"`` treats the whole tensor as one state (graphs: nodes are coupled).
     ``method`` is "power" (matrix-free power iteration) or "dense" (exact, small states only). The spectral
-    estimates come from ``iterlayers.analysis`` (``spectral_norm``, ``spectral_radius``,
+    estimates come from ``iterlayers.analysis`` (``jacobian_norm``, ``spectral_radius``,
     ``certify_contraction``).
     """
     if scope not in ("sample", "global"):
@@ -320,7 +320,7 @@ def check_convergence(operator: Callable, z: torch.Tensor, x=None, *, alpha: flo
     kw = {"method": method}
     if method == "power":
         kw.update(max_iter=max_iter, tol=tol)
-    q = _value(analysis.spectral_norm(op, zz, x, **kw))
+    q = _value(analysis.jacobian_norm(op, zz, x, **kw))
     local = _value(analysis.spectral_radius(_Relaxed(op, alpha), zz, x, **kw))
     banach = alpha + (1 - alpha) * q
     bound = cells.lipschitz_bound(operator)
