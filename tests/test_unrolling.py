@@ -216,3 +216,28 @@ def test_one_implementation_per_idea_no_duplicate_comes_back():
             # the core is imported at top level: no function-level import of the iterlayers core
             assert not re.search(r"^[ \t]+from (iterlayers|\.\.)(\.\w+)* import .*\b(deq_solve|DEQ|solve|unroll)\b",
                                  t, re.M), k
+
+
+def test_fista_momentum_is_beck_teboulle_and_shared():
+    import math
+
+    from iterlayers.errors import ValidationError
+    from iterlayers.unrolling import fista_momentum
+
+    t = [1.0]
+    for _ in range(40):
+        t.append((1 + math.sqrt(1 + 4 * t[-1] ** 2)) / 2)
+    assert fista_momentum(0) == 0.0
+    for k in range(39):
+        assert fista_momentum(k) == pytest.approx((t[k] - 1) / t[k + 1], rel=1e-15)
+    assert 0.9 < fista_momentum(100) < 1.0  # tends to 1 like (k - 1) / (k + 2)
+    with pytest.raises(ValidationError):
+        fista_momentum(-1)
+    # frames.apg (non-negative l1 prox) is the same iteration: at lam = 0 and a huge step it is FISTA on least
+    # squares, which after one step from 0 gives the projected gradient step exactly.
+    from iterlayers.frames.sparse_coding import apg, prox_grad_step
+    B = torch.eye(3, dtype=torch.float64)
+    x = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    lam = torch.zeros(3, dtype=torch.float64)
+    one = apg(x, B, lam, iterations=1, step=0.5)
+    torch.testing.assert_close(one, prox_grad_step(torch.zeros(1, 3, dtype=torch.float64), x, B, lam, 0.5))

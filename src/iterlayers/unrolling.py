@@ -38,6 +38,7 @@ return the structure, shape, dtype and device of its input (checked at the first
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Callable, NamedTuple, Sequence
 
@@ -48,7 +49,7 @@ from .errors import OptionTypeError, ValidationError
 from .solvers import StateSpec
 from .solvers.stats import SolverStats, is_converged
 
-__all__ = ["unroll", "Unrolling", "STOPPING"]
+__all__ = ["unroll", "Unrolling", "STOPPING", "fista_momentum"]
 
 STOPPING = ("per_sample", "joint", "verify")
 
@@ -201,3 +202,18 @@ def unroll(f: Callable, z0, *, max_iter: int, damping=1.0, atol: float | None = 
         max_iter=max_iter, trace=trace, info={"stopping": "fixed" if fixed else stopping},
     )
     return Unrolling(z, stats, iterates)
+
+
+_FISTA_T: list[float] = [1.0]  # the sequence does not depend on the problem: computed once, shared
+
+
+def fista_momentum(k: int) -> float:
+    """FISTA's extrapolation weight ``(t_k - 1) / t_{k+1}`` after step ``k`` (from 0), with ``t_0 = 1`` and
+    ``t_{j+1} = (1 + sqrt(1 + 4 t_j^2)) / 2`` (Beck & Teboulle 2009): the accelerated proximal-gradient
+    iteration is ``x_{k+1} = prox_step(y_k)``, ``y_{k+1} = x_{k+1} + fista_momentum(k) (x_{k+1} - x_k)``.
+    The one definition for every unrolled FISTA in the library (``algorithms.FISTA``, ``frames.apg``)."""
+    k = V.non_negative_int(k, "k", where="fista_momentum")
+    seq = _FISTA_T
+    while len(seq) <= k + 1:
+        seq.append((1.0 + math.sqrt(1.0 + 4.0 * seq[-1] ** 2)) / 2.0)
+    return (seq[k] - 1.0) / seq[k + 1]

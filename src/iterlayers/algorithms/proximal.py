@@ -15,8 +15,7 @@ momentum changes with the iteration count the update is not stationary, so FISTA
 """
 from __future__ import annotations
 
-import math
-
+from ..unrolling import fista_momentum
 from .energy import BoundEnergy, Regularizer
 from .unrolled import UnrolledAlgorithm
 
@@ -57,19 +56,8 @@ class FISTA(UnrolledAlgorithm):
         super().__init__(k=k, step_size=step_size, tied=tied, learn_step=learn_step)
         self.regularizer = _check_regularizer(regularizer)
 
-    _T: list[float] = [1.0]  # shared cache of the momentum sequence (it does not depend on the problem)
-
-    @classmethod
-    def _t(cls, t: int) -> float:
-        """FISTA's sequence ``t_0 = 1``, ``t_{j+1} = (1 + sqrt(1 + 4 t_j^2)) / 2``."""
-        seq = cls._T
-        while len(seq) <= t:
-            seq.append((1.0 + math.sqrt(1.0 + 4.0 * seq[-1] ** 2)) / 2.0)
-        return seq[t]
-
     def _update(self, t: int, state, energy: BoundEnergy):
         x, y = state
         s = self.step_at(t, y)
         x_next = self.regularizer.prox(y - s * energy.grad(y), s)
-        tk, tk1 = self._t(t), self._t(t + 1)
-        return x_next, x_next + ((tk - 1.0) / tk1) * (x_next - x)
+        return x_next, x_next + fista_momentum(t) * (x_next - x)

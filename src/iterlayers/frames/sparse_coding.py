@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 
 from iterlayers import deq_solve
+from iterlayers.unrolling import fista_momentum
 
 from .global_frame import STRUCTURES
 
@@ -156,12 +157,11 @@ def apg(
     if step is None:
         step = 1.0 / lipschitz_constant(B, ridge=ridge)
     w_prev = x_tilde.new_zeros(x_tilde.shape[0], B.shape[1]) if w0 is None else w0
-    y, s = w_prev, 1.0
-    for _ in range(iterations):
+    y = w_prev
+    for k in range(iterations):
         w = prox_grad_step(y, x_tilde, B, lam, step, ridge=ridge)
-        s_next = (1.0 + (1.0 + 4.0 * s * s) ** 0.5) / 2.0
-        y = w + ((s - 1.0) / s_next) * (w - w_prev)
-        w_prev, s = w, s_next
+        y = w + fista_momentum(k) * (w - w_prev)
+        w_prev = w
     return w_prev
 
 
