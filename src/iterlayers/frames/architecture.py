@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import UnsupportedError
+from ..errors import UnsupportedError, ValidationError
 
 from .global_frame import STRUCTURES, FrameLayout, GlobalFrame, assemble_global_frame, check_skip, conv_matrix, frame_layout
 
@@ -43,18 +43,18 @@ class FrameArchitecture:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
         if self.structure not in STRUCTURES:
-            raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
+            raise ValidationError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
         if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+            raise ValidationError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if not self.widths or any(w < 1 for w in self.widths):
-            raise ValueError(f"widths must be a non-empty tuple of positive ints, got {self.widths}")
+            raise ValidationError(f"widths must be a non-empty tuple of positive ints, got {self.widths}")
         if self.kind == "fc" and len(self.input_shape) != 1:
-            raise ValueError(f"fc input_shape must be (d,), got {self.input_shape}")
+            raise ValidationError(f"fc input_shape must be (d,), got {self.input_shape}")
         if self.kind == "conv":
             if len(self.input_shape) != 2:
-                raise ValueError(f"conv input_shape must be (C, L), got {self.input_shape}")
+                raise ValidationError(f"conv input_shape must be (C, L), got {self.input_shape}")
             if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-                raise ValueError(f"kernel_size must be a positive odd int, got {self.kernel_size}")
+                raise ValidationError(f"kernel_size must be a positive odd int, got {self.kernel_size}")
         if self.structure == "residual":
             check_skip(self.widths, self.skip)
         if not self.name:
@@ -101,11 +101,11 @@ class FrameArchitecture:
         """Layer frames ``B_j`` ``[in_j, n_j]``: ``W^T`` for ``fc``; ``conv_matrix(W)^T`` for ``conv``."""
         weights = list(weights)
         if len(weights) != self.depth:
-            raise ValueError(f"expected {self.depth} weight tensors, got {len(weights)}")
+            raise ValidationError(f"expected {self.depth} weight tensors, got {len(weights)}")
         out = []
         for j, (W, s) in enumerate(zip(weights, self.weight_shapes())):
             if tuple(W.shape) != s:
-                raise ValueError(f"layer {j + 1}: weight shape {tuple(W.shape)} != expected {s}")
+                raise ValidationError(f"layer {j + 1}: weight shape {tuple(W.shape)} != expected {s}")
             if self.kind == "fc":
                 out.append(W.transpose(0, 1))
             else:

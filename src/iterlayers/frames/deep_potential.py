@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .architecture import FrameArchitecture
-from ..errors import UnsupportedError, ValidationError
+from ..errors import OptionTypeError, UnsupportedError, ValidationError
 from .conv import ConvFrameArchitecture, ConvFrameNet
 from .global_frame import STRUCTURES, GlobalFrame, assemble_global_frame, conv_matrix
 from .potential import frame_potential_lower_bound, gram_matrix
@@ -54,7 +54,7 @@ NORMALIZATIONS = ("nonzero", "none", "full", "offdiagonal", "rms", "mean_abs")
 
 def _check_normalize(normalize: str) -> str:
     if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        raise ValidationError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     return normalize
 
 
@@ -97,7 +97,7 @@ def _frames_from_model(model: nn.Module, input_shape) -> tuple[list[torch.Tensor
         return list(model.layer_frames()), model.structure
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
     if not layers:
-        raise TypeError(
+        raise OptionTypeError(
             f"cannot read a frame from {type(model).__name__}: it has no layer_frames() and no Linear/Conv layers"
         )
     head = layers[:-1] if len(layers) > 1 else layers  # the last layer is the classifier, not a frame
@@ -108,13 +108,13 @@ def _frames_from_model(model: nn.Module, input_shape) -> tuple[list[torch.Tensor
             shape = (m.out_features,)
         else:
             if shape is None or len(shape) != m.weight.dim() - 1:
-                raise ValueError("input_shape (C, *spatial) is required to read the frames of a convolutional model")
+                raise ValidationError("input_shape (C, *spatial) is required to read the frames of a convolutional model")
             if m.padding_mode != "zeros":
                 raise UnsupportedError(f"only zero-padded convolutions are read as frames here, got {m.padding_mode!r}")
             if m.groups != 1 or any(d != 1 for d in m.dilation):
-                raise ValueError("only groups=1, dilation=1 convolutions are supported")
+                raise ValidationError("only groups=1, dilation=1 convolutions are supported")
             if isinstance(m.padding, str):
-                raise ValueError("string conv padding is not supported; use integer padding")
+                raise ValidationError("string conv padding is not supported; use integer padding")
             A = conv_matrix(m.weight, shape, stride=m.stride, padding=m.padding)
             frames.append(A.transpose(0, 1))
             nsp = len(shape) - 1
@@ -152,7 +152,7 @@ def deep_frame_potential(
         frames, model_structure = _frames_from_model(weights, input_shape)
         skip = weights.architecture.skip if hasattr(weights, "architecture") else skip
         if structure is not None and structure != model_structure:
-            raise ValueError(f"structure={structure!r} conflicts with the model's structure {model_structure!r}")
+            raise ValidationError(f"structure={structure!r} conflicts with the model's structure {model_structure!r}")
         structure = model_structure
     elif isinstance(weights, tuple) and len(weights) == 2 and isinstance(weights[0], ConvFrameArchitecture):
         return weights[0].potential(weights[1], normalize=normalize)
@@ -162,10 +162,10 @@ def deep_frame_potential(
     else:
         frames = list(weights)
         if not all(isinstance(B, torch.Tensor) and B.dim() == 2 for B in frames):
-            raise TypeError("weights must be 2-D layer frames [in_j, n_j], an (architecture, weights) pair, or a model")
+            raise OptionTypeError("weights must be 2-D layer frames [in_j, n_j], an (architecture, weights) pair, or a model")
         structure = "chain" if structure is None else structure
     if structure not in STRUCTURES:
-        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        raise ValidationError(f"structure must be one of {STRUCTURES}, got {structure!r}")
     frame = assemble_global_frame(frames, structure=structure, normalize_atoms=True, skip=skip)
     return global_frame_potential(frame, normalize=normalize)
 
@@ -179,7 +179,7 @@ def deep_frame_potential_lower_bound(architecture, *, normalize: str = "nonzero"
     attained in general: weight sharing keeps a conv layer frame from being tight (``conv``)."""
     _check_normalize(normalize)
     if normalize not in ("nonzero", "full", "none"):
-        raise ValueError(f"no closed-form lower bound for normalize={normalize!r}")
+        raise ValidationError(f"no closed-form lower bound for normalize={normalize!r}")
     lay = architecture.layout()
     n, ins = lay.col_sizes, architecture.frame_input_sizes()
     P, I = lay.pattern, lay.identity
@@ -246,12 +246,12 @@ def minimize_deep_frame_potential(
     invariant to the scale of every atom, so the raw weights are optimised directly.
     """
     if not isinstance(architecture, (FrameArchitecture, ConvFrameArchitecture)):
-        raise TypeError(f"architecture must be a FrameArchitecture or ConvFrameArchitecture, got "
+        raise OptionTypeError(f"architecture must be a FrameArchitecture or ConvFrameArchitecture, got "
                         f"{type(architecture).__name__}")
     if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+        raise ValidationError(f"steps must be >= 0, got {steps}")
     if lr <= 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+        raise ValidationError(f"lr must be > 0, got {lr}")
     _check_normalize(normalize)
     g = torch.Generator().manual_seed(int(seed))
     start = architecture.init_weights(generator=g, dtype=dtype) if init is None else \

@@ -39,6 +39,7 @@ from typing import Sequence
 import torch
 
 from .potential import normalize_columns
+from iterlayers.errors import ValidationError
 
 __all__ = ["STRUCTURES", "conv_matrix", "GlobalFrame", "assemble_global_frame", "layer_input_sizes", "check_skip", "FrameLayout", "frame_layout"]
 
@@ -50,7 +51,7 @@ def _pair(v, n: int, name: str) -> tuple[int, ...]:
         return (v,) * n
     v = tuple(int(a) for a in v)
     if len(v) != n:
-        raise ValueError(f"{name} must be an int or a tuple of {n} ints, got {v!r}")
+        raise ValidationError(f"{name} must be an int or a tuple of {n} ints, got {v!r}")
     return v
 
 
@@ -65,21 +66,21 @@ def conv_matrix(
     ``weight``: ``A[(o, p), (c, p * s + q - pad)] = weight[o, c, q]`` whenever the input index is inside.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (3, 4):
-        raise ValueError("weight must be a conv1d [C_out, C_in, k] or conv2d [C_out, C_in, kh, kw] tensor")
+        raise ValidationError("weight must be a conv1d [C_out, C_in, k] or conv2d [C_out, C_in, kh, kw] tensor")
     nsp = weight.dim() - 2
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != nsp + 1:
-        raise ValueError(f"input_shape must be (C_in, *spatial) with {nsp} spatial dims, got {input_shape}")
+        raise ValidationError(f"input_shape must be (C_in, *spatial) with {nsp} spatial dims, got {input_shape}")
     c_out, c_in = weight.shape[:2]
     if input_shape[0] != c_in:
-        raise ValueError(f"input_shape has {input_shape[0]} channels but weight expects {c_in}")
+        raise ValidationError(f"input_shape has {input_shape[0]} channels but weight expects {c_in}")
     ks = tuple(weight.shape[2:])
     st = _pair(stride, nsp, "stride")
     pd = _pair(padding, nsp, "padding")
     sp_in = input_shape[1:]
     sp_out = tuple((sp_in[a] + 2 * pd[a] - ks[a]) // st[a] + 1 for a in range(nsp))
     if any(s < 1 for s in sp_out):
-        raise ValueError(f"kernel {ks} does not fit input {sp_in} with padding {pd}")
+        raise ValidationError(f"kernel {ks} does not fit input {sp_in} with padding {pd}")
     dev = weight.device
     # Per spatial axis: (output position, kernel offset) -> input position, and whether it is inside.
     out_idx, in_idx, k_idx, valid = [], [], [], []
@@ -158,7 +159,7 @@ class GlobalFrame:
 
 def _validate_structure(structure: str) -> str:
     if structure not in STRUCTURES:
-        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        raise ValidationError(f"structure must be one of {STRUCTURES}, got {structure!r}")
     return structure
 
 
@@ -174,11 +175,11 @@ def check_skip(widths: Sequence[int], skip) -> int:
     """Validate a residual skip span (``>= 2`` layers) against the widths: every shortcut ``j -> j + skip``
     adds ``w_j`` to layer ``j + skip``'s pre-activation, so ``n_j = n_{j+skip}`` is required."""
     if isinstance(skip, bool) or not isinstance(skip, int) or skip < 2:
-        raise ValueError(f"skip must be an int >= 2 (layers spanned by a shortcut), got {skip!r}")
+        raise ValidationError(f"skip must be an int >= 2 (layers spanned by a shortcut), got {skip!r}")
     n = list(widths)
     bad = [(j + 1, j + 1 + skip) for j in range(len(n) - skip) if n[j] != n[j + skip]]
     if bad:
-        raise ValueError(f"residual: shortcut(s) {bad} join layers of different widths {n}")
+        raise ValidationError(f"residual: shortcut(s) {bad} join layers of different widths {n}")
     return skip
 
 
@@ -236,10 +237,10 @@ def assemble_global_frame(
     _validate_structure(structure)
     frames = list(layer_frames)
     if not frames:
-        raise ValueError("layer_frames must contain at least one layer frame")
+        raise ValidationError("layer_frames must contain at least one layer frame")
     for j, Bj in enumerate(frames):
         if not isinstance(Bj, torch.Tensor) or Bj.dim() != 2:
-            raise ValueError(f"layer frame {j + 1} must be a 2-D tensor [in_j, n_j], got {getattr(Bj, 'shape', Bj)}")
+            raise ValidationError(f"layer frame {j + 1} must be a 2-D tensor [in_j, n_j], got {getattr(Bj, 'shape', Bj)}")
     dtype, dev = frames[0].dtype, frames[0].device
     l = len(frames)
     n = [int(B.shape[1]) for B in frames]
@@ -247,7 +248,7 @@ def assemble_global_frame(
     ins = layer_input_sizes(d0, n, structure)
     for j in range(1, l):
         if frames[j].shape[0] != ins[j]:
-            raise ValueError(
+            raise ValidationError(
                 f"{structure}: layer {j + 1} frame must have {ins[j]} rows (its input size), got {frames[j].shape[0]}"
             )
     lay = frame_layout(d0, n, structure=structure, skip=skip)

@@ -22,7 +22,8 @@ from torch import nn
 
 from .architecture import FrameArchitecture
 from .global_frame import GlobalFrame, assemble_global_frame
-from .sparse_coding import SOLVERS, feed_forward, pad_input, solve_sparse_coding
+from .sparse_coding import SOLVERS, _deq_options, feed_forward, pad_input, solve_sparse_coding
+from iterlayers.errors import OptionTypeError, ValidationError
 
 __all__ = ["DeepFrameNet"]
 
@@ -42,24 +43,24 @@ class DeepFrameNet(nn.Module):
         iterations: int = 1,
         solver: str = "apg",
         ridge: float = 0.0,
-        deq_options: dict | None = None,
+        deq_options=None,
     ):
         super().__init__()
         if not isinstance(architecture, FrameArchitecture):
-            raise TypeError(f"architecture must be a FrameArchitecture, got {type(architecture).__name__}")
+            raise OptionTypeError(f"architecture must be a FrameArchitecture, got {type(architecture).__name__}")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be an int >= 1, got {iterations!r}")
+            raise ValidationError(f"iterations must be an int >= 1, got {iterations!r}")
         if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+            raise ValidationError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if not (isinstance(num_classes, int) and num_classes >= 2):
-            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+            raise ValidationError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if ridge < 0:
-            raise ValueError(f"ridge must be >= 0, got {ridge}")
+            raise ValidationError(f"ridge must be >= 0, got {ridge}")
         self.architecture = architecture
         self.iterations = iterations
         self.solver = solver
         self.ridge = float(ridge)
-        self.deq_options = dict(deq_options or {})
+        self.deq_options = _deq_options(deq_options)  # one DEQOptions value, validated once
         layers = []
         for j, w in enumerate(architecture.widths):
             cin = architecture.in_channels(j)
@@ -94,7 +95,7 @@ class DeepFrameNet(nn.Module):
         """The codes ``[w_1, ..., w_l]`` after ``iterations`` steps (or at the equilibrium)."""
         d0 = math.prod(self.architecture.input_shape)
         if x.dim() < 2 or math.prod(x.shape[1:]) != d0:
-            raise ValueError(
+            raise ValidationError(
                 f"input must be [batch, *{self.architecture.input_shape}] ({d0} features), got {tuple(x.shape)}"
             )
         x = x.reshape(x.shape[0], d0)

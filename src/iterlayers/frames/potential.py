@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+from iterlayers.errors import OptionTypeError, ValidationError
 
 __all__ = [
     "normalize_columns",
@@ -32,11 +33,11 @@ __all__ = [
 
 def _check_frame(B: torch.Tensor, name: str = "B") -> torch.Tensor:
     if not isinstance(B, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(B).__name__}")
+        raise OptionTypeError(f"{name} must be a torch.Tensor, got {type(B).__name__}")
     if B.dim() < 2:
-        raise ValueError(f"{name} must have shape [..., d, k] (atoms are columns), got shape {tuple(B.shape)}")
+        raise ValidationError(f"{name} must have shape [..., d, k] (atoms are columns), got shape {tuple(B.shape)}")
     if not B.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got dtype {B.dtype}")
+        raise OptionTypeError(f"{name} must be floating point, got dtype {B.dtype}")
     return B
 
 
@@ -67,7 +68,7 @@ def mutual_coherence(B: torch.Tensor) -> torch.Tensor:
     _check_frame(B)
     k = B.shape[-1]
     if k < 2:
-        raise ValueError(f"mutual_coherence needs at least 2 atoms (columns), got {k}")
+        raise ValidationError(f"mutual_coherence needs at least 2 atoms (columns), got {k}")
     G = gram_matrix(B).abs()
     off = ~torch.eye(k, dtype=torch.bool, device=B.device)
     return G[..., off].amax(dim=-1)
@@ -76,7 +77,7 @@ def mutual_coherence(B: torch.Tensor) -> torch.Tensor:
 def _check_dims(k: int, d: int) -> None:
     for name, v in (("k", k), ("d", d)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+            raise ValidationError(f"{name} must be a positive int, got {v!r}")
 
 
 def welch_bound(k: int, d: int) -> float:
@@ -86,7 +87,7 @@ def welch_bound(k: int, d: int) -> float:
     """
     _check_dims(k, d)
     if k < 2:
-        raise ValueError(f"welch_bound needs k >= 2 atoms, got k={k}")
+        raise ValidationError(f"welch_bound needs k >= 2 atoms, got k={k}")
     if k <= d:
         return 0.0
     return math.sqrt((k - d) / (d * (k - 1)))

@@ -36,10 +36,11 @@ from typing import Sequence
 
 import torch
 
-from iterlayers import deq_solve
+from iterlayers import DEQOptions, deq_solve
 from iterlayers.unrolling import fista_momentum
 
 from .global_frame import STRUCTURES
+from iterlayers.errors import ValidationError
 
 __all__ = [
     "SOLVERS",
@@ -60,21 +61,21 @@ SOLVERS = ("apg", "deq")
 def pad_input(x: torch.Tensor, total_rows: int) -> torch.Tensor:
     """``x~ = [x; 0]`` of ``total_rows`` rows per sample (``x`` is ``[batch, d0]``)."""
     if x.dim() != 2:
-        raise ValueError(f"x must be [batch, d0], got shape {tuple(x.shape)}")
+        raise ValidationError(f"x must be [batch, d0], got shape {tuple(x.shape)}")
     if x.shape[1] > total_rows:
-        raise ValueError(f"x has {x.shape[1]} features but the frame has only {total_rows} rows")
+        raise ValidationError(f"x has {x.shape[1]} features but the frame has only {total_rows} rows")
     return torch.nn.functional.pad(x, (0, total_rows - x.shape[1]))
 
 
 def _check(w, x_tilde, B, lam):
     if B.dim() != 2:
-        raise ValueError(f"B must be a [D, K] frame, got shape {tuple(B.shape)}")
+        raise ValidationError(f"B must be a [D, K] frame, got shape {tuple(B.shape)}")
     if w.shape[-1] != B.shape[1]:
-        raise ValueError(f"w has {w.shape[-1]} coefficients but B has {B.shape[1]} atoms")
+        raise ValidationError(f"w has {w.shape[-1]} coefficients but B has {B.shape[1]} atoms")
     if x_tilde.shape[-1] != B.shape[0]:
-        raise ValueError(f"x~ has {x_tilde.shape[-1]} rows but B has {B.shape[0]}; use pad_input")
+        raise ValidationError(f"x~ has {x_tilde.shape[-1]} rows but B has {B.shape[0]}; use pad_input")
     if lam.shape[-1] != B.shape[1]:
-        raise ValueError(f"lambda has {lam.shape[-1]} entries but B has {B.shape[1]} atoms")
+        raise ValidationError(f"lambda has {lam.shape[-1]} entries but B has {B.shape[1]} atoms")
 
 
 def objective(w, x_tilde, B, lam, *, ridge: float = 0.0) -> torch.Tensor:
@@ -123,9 +124,9 @@ def feed_forward(
     ``w_j = ReLU(B_j^T w_{j-1} + w_{j-skip} - lambda_j)`` (the ResNet basic block for ``skip = 2``).
     """
     if structure not in STRUCTURES:
-        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        raise ValidationError(f"structure must be one of {STRUCTURES}, got {structure!r}")
     if len(layer_frames) != len(lambdas):
-        raise ValueError(f"got {len(layer_frames)} layer frames but {len(lambdas)} lambdas")
+        raise ValidationError(f"got {len(layer_frames)} layer frames but {len(lambdas)} lambdas")
     codes: list[torch.Tensor] = []
     for j, (Bj, lj) in enumerate(zip(layer_frames, lambdas)):
         if j == 0:
@@ -153,7 +154,7 @@ def apg(
 ) -> torch.Tensor:
     """``iterations`` FISTA steps on ``min_{w >= 0} F`` from ``w0`` (default 0); differentiable (unrolled)."""
     if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+        raise ValidationError(f"iterations must be >= 0, got {iterations}")
     if step is None:
         step = 1.0 / lipschitz_constant(B, ridge=ridge)
     w_prev = x_tilde.new_zeros(x_tilde.shape[0], B.shape[1]) if w0 is None else w0
@@ -165,6 +166,17 @@ def apg(
     return w_prev
 
 
+#: The inference solve's defaults (a DEQOptions value, built once): Anderson to an absolute 1e-6.
+SPARSE_CODING_OPTIONS = DEQOptions(solver="anderson", atol=1e-6, rtol=0.0, max_iter=200, on_failure="warn")
+
+
+def _deq_options(given) -> DEQOptions:
+    """``given`` (a :class:`DEQOptions`, a dict of its fields, or None) over :data:`SPARSE_CODING_OPTIONS`."""
+    if isinstance(given, DEQOptions):
+        return given
+    return DEQOptions.build(SPARSE_CODING_OPTIONS, **(given or {}))
+
+
 def solve_sparse_coding(
     x_tilde: torch.Tensor,
     B: torch.Tensor,
@@ -174,16 +186,16 @@ def solve_sparse_coding(
     solver: str = "apg",
     iterations: int = 100,
     ridge: float = 0.0,
-    deq_options: dict | None = None,
+    deq_options: "DEQOptions | dict | None" = None,
 ) -> torch.Tensor:
     """Exact inference: ``apg`` (``iterations`` unrolled FISTA steps) or ``deq`` (fixed point of the
-    proximal-gradient map by ``iterlayers.deq_solve``, implicit gradients; ``deq_options`` go to it)."""
+    proximal-gradient map by ``iterlayers.deq_solve``, implicit gradients; ``deq_options``: a DEQOptions, or
+    a dict of its fields applied over :data:`SPARSE_CODING_OPTIONS`)."""
     if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        raise ValidationError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if solver == "apg":
         return apg(x_tilde, B, lam, w0=w0, iterations=iterations, ridge=ridge)
     step = 1.0 / lipschitz_constant(B, ridge=ridge)
     z0 = x_tilde.new_zeros(x_tilde.shape[0], B.shape[1]) if w0 is None else w0.detach()
-    opts = {"solver": "anderson", "atol": 1e-6, "rtol": 0.0, "max_iter": 200, "on_failure": "warn"}
-    opts.update(deq_options or {})
-    return deq_solve(lambda z: prox_grad_step(z, x_tilde, B, lam, step, ridge=ridge), z0, **opts)
+    return deq_solve(lambda z: prox_grad_step(z, x_tilde, B, lam, step, ridge=ridge), z0,
+                     options=_deq_options(deq_options))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from iterlayers import _validate as V
-from iterlayers.errors import ShapeMismatchError
+from iterlayers.errors import ShapeMismatchError, ValidationError
 
 from .picard import PicardIteration
 from .transformer import FORMS
@@ -33,9 +33,9 @@ class DenoisingOperator(nn.Module):
         super().__init__()
         self.form = V.choice(form, "form", FORMS, where="DenoisingOperator")
         if kernel_size % 2 == 0 or kernel_size < 1:
-            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+            raise ValidationError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         if depth < 2:
-            raise ValueError(f"depth must be >= 2, got {depth!r}")
+            raise ValidationError(f"depth must be >= 2, got {depth!r}")
         pad = kernel_size // 2
         layers: list[nn.Module] = [nn.Conv1d(2, channels, kernel_size, padding=pad), nn.GELU()]
         for _ in range(depth - 2):

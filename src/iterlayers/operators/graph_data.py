@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .graph_conv import edge_index_to_adjacency
+from iterlayers.errors import ValidationError
 
 __all__ = ["GraphData", "add_feature_noise", "row_normalize", "load_graph", "GRAPHS", "planetoid_like",
            "PLANETOID_SHAPES",
@@ -90,7 +91,7 @@ def row_normalize(x: torch.Tensor) -> torch.Tensor:
 def add_feature_noise(x: torch.Tensor, p: float, *, seed: int = 0) -> torch.Tensor:
     """The paper's noise protocol: +1 on exactly floor(p * x.numel()) entries chosen uniformly at random."""
     if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
-        raise ValueError(f"noise fraction p must be in [0, 1], got {p!r}")
+        raise ValidationError(f"noise fraction p must be in [0, 1], got {p!r}")
     if p == 0:
         return x.clone()
     k = int(math.floor(p * x.numel()))
@@ -171,9 +172,9 @@ def planetoid_like(name: str, *, scale: float = 1.0, homophily: float = 0.8, see
     split 20 per class / 500 / 1,000. ``scale < 1`` shrinks nodes, features and the validation / test sets
     proportionally (the quick setting); ``homophily`` is the expected fraction of within-class edges."""
     if name not in PLANETOID_SHAPES:
-        raise ValueError(f"unknown Planetoid shape {name!r}; valid: {sorted(PLANETOID_SHAPES)}")
+        raise ValidationError(f"unknown Planetoid shape {name!r}; valid: {sorted(PLANETOID_SHAPES)}")
     if not (isinstance(scale, (int, float)) and 0 < scale <= 1):
-        raise ValueError(f"scale must be in (0, 1], got {scale!r}")
+        raise ValidationError(f"scale must be in (0, 1], got {scale!r}")
     s = PLANETOID_SHAPES[name]
     deg = s["degree"]
     g = contextual_sbm(num_nodes=int(round(s["num_nodes"] * scale)), num_classes=s["num_classes"],
@@ -243,7 +244,7 @@ def networkx_graph(name: str, *, per_class: int = 2, seed: int = 0) -> GraphData
         for c, nodes in enumerate(sorted(comms, key=lambda s: -len(s))):
             y[list(nodes)] = c
     else:
-        raise ValueError(f"unknown networkx graph {name!r}; valid: 'karate', 'davis', 'lesmis'")
+        raise ValidationError(f"unknown networkx graph {name!r}; valid: 'karate', 'davis', 'lesmis'")
     return _from_networkx(g, y, name, per_class=per_class, seed=seed)
 
 
@@ -262,5 +263,5 @@ GRAPHS = {
 def load_graph(name: str, **kwargs) -> GraphData:
     """A graph by name (see ``GRAPHS``); keyword options go to its builder."""
     if name not in GRAPHS:
-        raise ValueError(f"unknown graph {name!r}; valid: {sorted(GRAPHS)}")
+        raise ValidationError(f"unknown graph {name!r}; valid: {sorted(GRAPHS)}")
     return GRAPHS[name](**kwargs)

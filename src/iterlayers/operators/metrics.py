@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from iterlayers.errors import ShapeMismatchError, ValidationError
+from iterlayers.errors import OptionTypeError, ShapeMismatchError, ValidationError
 
 __all__ = ["cosine_distance_matrix", "mad", "output_mad"]
 
@@ -34,7 +34,7 @@ def cosine_distance_matrix(h: torch.Tensor, *, eps: float = 1e-12) -> torch.Tens
 def mad(h: torch.Tensor, *, exclude_self: bool = True, mask: torch.Tensor | None = None) -> float:
     """Global MAD of node representations ``h`` ([N, F]); ``mask`` (bool [N]) restricts to a node subset."""
     if not isinstance(exclude_self, bool):
-        raise TypeError(f"exclude_self must be a bool, got {exclude_self!r}")
+        raise OptionTypeError(f"exclude_self must be a bool, got {exclude_self!r}")
     h = h.detach()
     if mask is not None:
         if mask.dtype != torch.bool or mask.shape != h.shape[:1]:

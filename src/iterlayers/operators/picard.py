@@ -308,9 +308,9 @@ def check_convergence(operator: Callable, z: torch.Tensor, x=None, *, alpha: flo
     ``certify_contraction``).
     """
     if scope not in ("sample", "global"):
-        raise ValueError(f"scope must be 'sample' or 'global', got {scope!r}")
+        raise ValidationError(f"scope must be 'sample' or 'global', got {scope!r}")
     if method not in ("power", "dense"):
-        raise ValueError(f"method must be 'power' or 'dense', got {method!r}")
+        raise ValidationError(f"method must be 'power' or 'dense', got {method!r}")
     validate_schedule([alpha], name="alpha")
     op = operator
     zz = z.detach()

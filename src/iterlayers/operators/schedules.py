@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from typing import Sequence
+from iterlayers.errors import OptionTypeError, ValidationError
 
 __all__ = ["make_schedule", "validate_schedule", "SCHEDULES"]
 
@@ -26,12 +27,12 @@ def validate_schedule(schedule: Sequence[float], *, name: str = "schedule") -> t
     try:
         values = tuple(float(a) for a in schedule)
     except TypeError as exc:
-        raise TypeError(f"{name} must be a sequence of floats, got {type(schedule).__name__}") from exc
+        raise OptionTypeError(f"{name} must be a sequence of floats, got {type(schedule).__name__}") from exc
     if not values:
-        raise ValueError(f"{name} must contain at least one relaxation value")
+        raise ValidationError(f"{name} must contain at least one relaxation value")
     for a in values:
         if not (math.isfinite(a) and 0.0 <= a < 1.0):
-            raise ValueError(f"{name}: every alpha must be in [0, 1), got {a}")
+            raise ValidationError(f"{name}: every alpha must be in [0, 1), got {a}")
     return values
 
 
@@ -39,9 +40,9 @@ def make_schedule(kind: str, num_iter: int, *, alpha: float = 0.5, start: float 
                   end: float | None = None) -> tuple[float, ...]:
     """A schedule of ``num_iter`` relaxation factors of the given ``kind`` (see module docstring)."""
     if kind not in SCHEDULES:
-        raise ValueError(f"kind must be one of {SCHEDULES}, got {kind!r}")
+        raise ValidationError(f"kind must be one of {SCHEDULES}, got {kind!r}")
     if not isinstance(num_iter, int) or num_iter < 1:
-        raise ValueError(f"num_iter must be a positive int, got {num_iter!r}")
+        raise ValidationError(f"num_iter must be a positive int, got {num_iter!r}")
     if kind == "uniform":
         return validate_schedule([alpha] * num_iter)
     defaults = {"linear": (0.5, 0.9), "sigmoid": (-1.0, 2.0), "tanh": (0.2, 1.4)}[kind]

@@ -44,7 +44,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, d_model: int, *, num_heads: int = 2, mlp_ratio: int = 2, dropout: float = 0.0):
         super().__init__()
         if d_model % num_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+            raise ValidationError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
         self.ln1, self.ln2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
         self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(),
@@ -88,7 +88,7 @@ class PicardTransformer(nn.Module):
         for name, v in (("in_features", in_features), ("d_model", d_model), ("out_features", out_features),
                         ("seq_len", seq_len)):
             if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+                raise ValidationError(f"{name} must be a positive int, got {v!r}")
         self.seq_len = seq_len
         self.embed = nn.Linear(in_features, d_model)
         self.pos = nn.Parameter(0.02 * torch.randn(1, seq_len, d_model))
