@@ -157,3 +157,42 @@ def test_a_baseline_at_chance_makes_the_test_error_claims_untestable():
     assert verdicts["bias_digits_init1_interpolant"] == HOLDS
     assert verdicts["bias_digits_init1_test_error_vs_shallow"] == "not testable here"
     assert verdicts["bias_digits_init1_test_error_vs_deep"] == "not testable here"
+
+
+def test_censored_runs_are_left_out_and_a_failure_after_the_horizon_counts():
+    def row(gap, censored):
+        return {"log10_relative_gap": gap, "censored": censored}
+    sq = {"4": [row(-11.0, False), row(-10.0, False)], "64": [row(-2.0, True), row(-2.5, True)]}
+    worst, censored = E.worst_uncensored(sq)
+    assert worst == [-11.0, -10.0] and len(censored) == 2
+    sq["64"][1]["censored"] = False  # the same gap after the horizon is a failure, not an inconclusive run
+    worst, censored = E.worst_uncensored(sq)
+    assert worst == [-11.0, -2.5] and len(censored) == 1
+
+
+def test_step_budget_is_derived_from_the_bound_and_each_model_stops_at_its_own():
+    from iterlayers.models.implicit_theory import lambda_U_range, pl_constant_square
+
+    g = torch.Generator().manual_seed(3)
+    phi = torch.randn(40, 6, generator=g, dtype=F64)
+    y = torch.randint(0, 10, (40,), generator=g)
+    model = E._model(6, 0.5, seed=2)
+    lr = E._learning_rate(model, phi, "squared")
+    h = E._horizon(model, phi, lr, steps=10, cap=10 ** 6)
+    expected = math.ceil(math.log(1e3) / (lr * pl_constant_square(phi, reduction="mean") * lambda_U_range(model)[0]))
+    assert h["horizon"] == expected and h["steps_budget"] == max(10, expected)
+    assert E._horizon(model, phi, lr, steps=10, cap=20)["steps_budget"] == 20  # the mode's cap
+    assert E._horizon(model, phi, lr, steps=10 ** 5, cap=20)["steps_budget"] == 10 ** 5  # never below steps
+    # worse-conditioned features (one direction scaled down 30x) need a longer horizon
+    bad = phi.clone()
+    bad[:, 0] /= 30.0
+    assert E._horizon(model, bad, E._learning_rate(model, bad, "squared"), 10, 10 ** 6)["horizon"] > 10 * expected
+    models = [copy.deepcopy(model), copy.deepcopy(model)]
+    runs = E.train_gd(models, torch.stack([phi, phi]), torch.stack([y, y]), loss="squared", steps=[5, 12],
+                      lr=[lr, lr], optimum=[0.0, 0.0])
+    assert [len(r["gaps"]) - 1 for r in runs] == [5, 12]
+    assert runs[0]["gaps"] == runs[1]["gaps"][:6]  # the same trajectory, stopped earlier
+    # the recorded gap (moment form) is the loss of the final weights computed from the samples
+    from iterlayers.models.implicit_theory import shallow_loss
+    assert runs[1]["gaps"][-1] == pytest.approx(float(shallow_loss(models[1].shallow_weight().detach(), phi, y,
+                                                                   reduction="mean")), rel=1e-12)
