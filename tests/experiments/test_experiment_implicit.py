@@ -225,3 +225,21 @@ def test_step_budget_is_derived_from_the_bound_and_each_model_stops_at_its_own()
     from iterlayers.models.implicit_theory import shallow_loss
     assert runs[1]["gaps"][-1] == pytest.approx(float(shallow_loss(models[1].shallow_weight().detach(), phi, y,
                                                                    reduction="mean")), rel=1e-12)
+
+
+def test_frozen_reference_is_where_gd_on_b_alone_goes():
+    """R_frozen (closed form) is the limit of GD on B with U = U_0 fixed: checked by running that GD."""
+    from iterlayers.models.implicit_theory import nearest_least_squares
+
+    g = torch.Generator().manual_seed(5)
+    phi = torch.randn(6, 10, generator=g, dtype=F64)
+    T = torch.nn.functional.one_hot(torch.randint(0, 10, (6,), generator=g), 10).to(F64)
+    model = E._model(10, 0.5, seed=4)
+    U0, B = model.inverse_factor().detach(), model.B.detach().clone()
+    feats = phi @ U0.transpose(0, 1)
+    ref = nearest_least_squares(feats, T, B) @ U0
+    lr = 1.0 / (2.0 * float(torch.linalg.eigvalsh(feats.T @ feats / 6).max()))
+    for _ in range(5000):
+        B = B - lr * 2.0 * (B @ feats.T - T.T) @ feats / 6
+    torch.testing.assert_close(B @ U0, ref, rtol=1e-9, atol=1e-9)
+    assert float((ref - nearest_least_squares(phi, T, model.shallow_weight().detach())).norm()) > 1e-2

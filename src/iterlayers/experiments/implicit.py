@@ -760,6 +760,8 @@ def _fit_three(phi, y, phi_test, y_test, *, gamma: float, seeds, inits, steps: i
     for i in range(S):
         R_mn = nearest_least_squares(phi[i], T[i])  # the minimum-norm least-squares solution, pinv(Phi) T
         R_near = nearest_least_squares(phi[i], T[i], R0[i])  # where shallow GD from R_0 provably goes
+        # where GD on B alone goes (U = U_0 frozen, features Phi U_0^T): the least-squares B nearest B_0
+        R_frozen = nearest_least_squares(phi[i] @ U0[i].transpose(0, 1), T[i], B[i]) @ U0[i]
         optimum = float(_moment_loss(R_mn[None], tuple(t[i:i + 1] for t in moments))[0])
         initial = float(_moment_loss(R0[i:i + 1], tuple(t[i:i + 1] for t in moments))[0])
         travelled = float((R_near - R0[i]).norm())
@@ -777,6 +779,7 @@ def _fit_three(phi, y, phi_test, y_test, *, gamma: float, seeds, inits, steps: i
                 "test_error": last["test_error"][i], "test_loss": last["test_loss"][i], "R_norm": float(R[i].norm()),
                 "norm_ratio": float(R[i].norm()) / float(R_mn.norm()),
                 "dist_min_norm": float((R[i] - R_mn).norm()), "dist_nearest_R0": float((R[i] - R_near).norm()),
+                "dist_frozen_U0": float((R[i] - R_frozen).norm()),
                 "curve": [{"step": c["step"], "test_error": c["test_error"][i], "train_loss": c["train_loss"][i]}
                           for c in curves[name]],
             }
@@ -1042,6 +1045,8 @@ def bias_summary(b: dict) -> list:
                         "dist_min_norm": seed_interval([q[model]["dist_min_norm"] / q["travelled"] for q in rows]),
                         "dist_nearest_R0": seed_interval([q[model]["dist_nearest_R0"] / q["travelled"]
                                                           for q in rows]),
+                        "dist_frozen_U0": seed_interval([q[model]["dist_frozen_U0"] / q["travelled"]
+                                                         for q in rows]),
                     })
     return {"models": out, "pairs": pairs}
 
@@ -1117,12 +1122,14 @@ def _table(m: dict) -> str:
         f"t-interval over {m['settings_used']['bias_seeds']} seeds)",
         "",
         "Distances are relative to ||R_near - R_0||, the distance shallow GD travels (R_near: the least-squares "
-        "solution nearest R_0, where shallow GD provably goes; R_mn = pinv(Phi) Y: the minimum-norm one). "
+        "solution nearest R_0, where shallow GD provably goes; R_mn = pinv(Phi) Y: the minimum-norm one; "
+        "R_frozen = B U_0 with B the least-squares solution nearest B_0 for the features Phi U_0^T: where GD goes "
+        "if U = U_0 stays frozen and only B (or W2) trains). "
         "||R|| / ||R_mn|| >= 1 for every exact minimiser, = 1 only for R_mn.",
         "",
         "| data | init | regime (N, rank) | model | train gap (rel., worst seed) | test error | ||R|| / ||R_mn|| "
-        "| dist. to R_mn | dist. to R_near |",
-        "| --- | --- | --- | --- | ---: | --- | --- | --- | --- |",
+        "| dist. to R_mn | dist. to R_near | dist. to R_frozen |",
+        "| --- | --- | --- | --- | ---: | --- | --- | --- | --- | --- |",
     ]
 
     def ci(x):
@@ -1130,7 +1137,7 @@ def _table(m: dict) -> str:
     for q in m["bias_summary"]["models"]:
         lines.append(f"| {q['data']} | {q['init']} | {q['regime']} ({q['n']}, {q['rank']}) | {q['model']} | "
                      f"{fmt(q['train_gap'])} | {ci(q['test_error'])} | {ci(q['norm_ratio'])} | "
-                     f"{ci(q['dist_min_norm'])} | {ci(q['dist_nearest_R0'])} |")
+                     f"{ci(q['dist_min_norm'])} | {ci(q['dist_nearest_R0'])} | {ci(q['dist_frozen_U0'])} |")
     lines += [
         "",
         "Distances between the limits (relative to ||R_near - R_0||):",
