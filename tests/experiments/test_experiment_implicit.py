@@ -111,9 +111,10 @@ def test_bias_regimes_have_the_stated_rank_and_shallow_gd_reaches_its_closed_for
 
 def _synthetic_bias(impl_vs_shallow, err_gain):
     def row(ivs, gain):
-        base = {"relative_gap": 1e-9, "test_error": 0.5}
-        return {"impl_vs_shallow": ivs, "implicit": {**base, "test_error": 0.5 - gain}, "shallow": dict(base),
-                "deep": dict(base), "near_vs_min_norm": 1.0, "min_norm": 1.0, "travelled": 1.0}
+        # the implicit limit sits at R_frozen when it is away from shallow GD's (a true result), else not
+        base = {"relative_gap": 1e-9, "test_error": 0.5, "dist_frozen_U0": 0.3}
+        return {"impl_vs_shallow": ivs, "implicit": {**base, "test_error": 0.5 - gain, "dist_frozen_U0": 0.3 - ivs},
+                "shallow": dict(base), "deep": dict(base), "near_vs_min_norm": 1.0, "min_norm": 1.0, "travelled": 1.0}
     non = [row(v, g) for v, g in zip(impl_vs_shallow, err_gain)]
     for r in non:
         r["shallow"]["dist_nearest_R0"] = 0.0
@@ -131,7 +132,7 @@ def _synthetic_bias(impl_vs_shallow, err_gain):
 ])
 def test_bias_verdicts_follow_the_measurement(ivs, gain, expected):
     claims, _ = E._bias_claims(_synthetic_bias(ivs, gain), "quick")
-    assert len(claims) == 3 and all(c["verdict"] == expected for c in claims), [c["verdict"] for c in claims]
+    assert len(claims) == 4 and all(c["verdict"] == expected for c in claims), [c["verdict"] for c in claims]
     untrained = _synthetic_bias(ivs, gain)
     untrained["data"]["digits"]["init=1"]["n=4"][0]["deep"]["relative_gap"] = 0.5
     claims, _ = E._bias_claims(untrained, "quick")
@@ -183,7 +184,7 @@ def test_a_baseline_at_chance_makes_the_test_error_claims_untestable():
         r["implicit"]["test_error"] = 0.80
     claims, _ = E._bias_claims(bias, "quick")
     verdicts = {c["id"]: c["verdict"] for c in claims}
-    assert verdicts["bias_digits_init1_interpolant"] == HOLDS
+    assert verdicts["bias_digits_init1_interpolant"] == verdicts["bias_digits_init1_frozen_U0"] == HOLDS
     assert verdicts["bias_digits_init1_test_error_vs_shallow"] == "not testable here"
     assert verdicts["bias_digits_init1_test_error_vs_deep"] == "not testable here"
 
