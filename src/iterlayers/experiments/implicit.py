@@ -10,8 +10,9 @@ negative control by the same code path). What runs (full-batch gradient descent,
 
 1. **Rates** (digits, fixed Gaussian random features phi: R^64 -> R^m). Square loss at widths up to 128
    (including m < m_y = 10): the relative loss gap to the shallow optimum L*_R and the derived linear-rate bound
-   gap_k <= gap_0 exp(-eta mu lambda_T k) at every step. Control: a
-   rank-2 bottleneck linear network W2 W1 phi trained the same way cannot reach L*_R, and the bound with
+   gap_k <= gap_0 exp(-eta mu lambda_T k) at every step. Each run takes the step count the bound derives
+   (:func:`_horizon`, capped per mode; a run the cap stops before its horizon is censored: inconclusive,
+   listed, not counted). Control: a rank-2 bottleneck linear network W2 W1 phi trained the same way cannot reach L*_R, and the bound with
    lambda_max(U U^T) in place of lambda_min is violated. Logistic loss: a linear program decides whether the
    infimum is attained (no (quasi-)separation); separable widths are "not applicable" for the linear rate, which
    is tested on the others as "the per-step rate does not slow down" (late vs early half of the run); the control
@@ -22,10 +23,11 @@ negative control by the same code path). What runs (full-batch gradient descent,
    R_k = B_k U_k over whole runs; controls: the Euclidean metric, and the metric built with another gamma.
 3. **Implicit bias**: the implicit model vs the shallow model R phi and a deep linear network W2 W1 phi of the
    same parameter count, all three from the *same initial predictor* R_0 = B_0 U_0 and with the same loss, the
-   same optimiser (GD, step 1 / (beta lambda_max(P_0)) of each model's own initial metric), on a small training
-   subset (m >= N: the interpolating minimisers are not unique) of digits and MNIST-1D; test error, distances to
-   the minimum-norm interpolant and to the interpolant nearest R_0 (where shallow GD provably goes). Control:
-   the same comparison with N = 4 m samples (unique minimiser: no implicit bias can exist).
+   same optimiser (GD, step 1 / (beta lambda_max(P_0)) of each model's own initial metric), where the minimisers
+   are not unique (:func:`bias_regimes`: training subsets N < m of several sizes, rank-deficient features) on
+   digits and MNIST-1D; test error, ||R||, distances to the minimum-norm solution pinv(Phi) Y, to the one
+   nearest R_0 (where shallow GD provably goes) and to the frozen-U_0 one (where GD on B alone goes). Control:
+   the same comparison with N = 4 m samples and full-rank features (unique minimiser: no implicit bias can exist).
 4. **Library scale**: the model on all 1,797 digits at widths up to 512 with the equilibrium solved by the core
    solvers (``iterlayers.deq_solve``, float32, ``backward="implicit"``) against the closed form; training time.
 """
