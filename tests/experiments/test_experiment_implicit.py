@@ -25,7 +25,8 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_writes_valid_claims_table_and_figures(tiny_run):
     out, metrics = tiny_run
-    for name in ("metrics.json", "table.md", "rates.png", "trust_region.png", "implicit_bias.png"):
+    for name in ("metrics.json", "table.md", "rates.png", "trust_region.png", "implicit_bias_digits.png",
+                 "implicit_bias_mnist1d.png"):
         assert (out / name).stat().st_size > 0, name
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["settings"]["mode"] == "tiny"
@@ -74,9 +75,10 @@ def test_poisoned_test_split_changes_no_training_quantity():
     cfg = _bias_cfg()
     clean = E.bias_study(cfg, 0, datasets=("digits",))
     poisoned = E.bias_study(cfg, 0, datasets=("digits",), poison_test=True)
+    assert set(clean["regimes"]) == {"n=4", "n=8", "rank_deficient", "unique"}
     changed = 0
-    for regime in ("nonunique", "unique"):
-        a, b = clean["digits"]["init=1"][regime][0], poisoned["digits"]["init=1"][regime][0]
+    for regime in clean["regimes"]:
+        a, b = clean["data"]["digits"]["init=1"][regime][0], poisoned["data"]["digits"]["init=1"][regime][0]
         assert a["lr"] == b["lr"] and a["impl_vs_shallow"] == b["impl_vs_shallow"]
         for k in ("implicit", "shallow", "deep"):
             assert a[k]["train_loss"] == b[k]["train_loss"] and a[k]["R_norm"] == b[k]["R_norm"]
@@ -84,16 +86,44 @@ def test_poisoned_test_split_changes_no_training_quantity():
     assert changed > 0  # the poison did reach the test numbers
 
 
+def test_bias_regimes_have_the_stated_rank_and_shallow_gd_reaches_its_closed_form_limit():
+    cfg = _bias_cfg()
+    cfg.update(bias_steps=600)
+    b = E.bias_study(cfg, 0, datasets=("digits",))
+    xtr, ytr, xte, _ = E._bias_data("digits", 0)
+    for key, reg in b["regimes"].items():
+        ptr, _ = (E.rank_deficient_features(xtr, xte, cfg["bias_width"], seed=1) if reg["kind"] == "rank_deficient"
+                  else E.pca_features(xtr, xte, cfg["bias_width"]))
+        assert int(torch.linalg.matrix_rank(ptr[: reg["n"]])) == reg["rank"], key
+        row = b["data"]["digits"]["init=1"][key][0]
+        # shallow GD's limit is the least-squares solution nearest R_0 (closed form), not the minimum-norm one
+        assert row["shallow"]["dist_nearest_R0"] < 1e-6 * row["travelled"]
+        assert row["shallow"]["norm_ratio"] >= 1.0 - 1e-9
+        if reg["kind"] == "unique":  # one minimiser: every model's limit is it
+            assert row["impl_vs_shallow"] < 1e-6 and row["near_vs_min_norm"] < 1e-9
+        else:
+            assert row["near_vs_min_norm"] > 1e-3  # R_0 has a component off the row space: R_near != R_mn
+    # rank-deficient features: every minimiser predicts alike on every input, test inputs included
+    _, pte = E.rank_deficient_features(xtr, xte, cfg["bias_width"], seed=1)
+    assert int(torch.linalg.matrix_rank(torch.cat([E.rank_deficient_features(xtr, xte, cfg["bias_width"],
+                                                                             seed=1)[0], pte]))) == 8
+
+
 def _synthetic_bias(impl_vs_shallow, err_gain):
     def row(ivs, gain):
-        base = {"relative_gap": 1e-9, "test_error": 0.5}
-        return {"impl_vs_shallow": ivs, "implicit": {**base, "test_error": 0.5 - gain}, "shallow": dict(base),
-                "deep": dict(base), "near_vs_min_norm": 1.0, "min_norm": 1.0}
+        # the implicit limit sits at R_frozen when it is away from shallow GD's (a true result), else not
+        base = {"relative_gap": 1e-9, "test_error": 0.5, "dist_frozen_U0": 0.3}
+        return {"impl_vs_shallow": ivs, "implicit": {**base, "test_error": 0.5 - gain, "dist_frozen_U0": 0.3 - ivs},
+                "shallow": dict(base), "deep": dict(base), "near_vs_min_norm": 1.0, "min_norm": 1.0, "travelled": 1.0}
     non = [row(v, g) for v, g in zip(impl_vs_shallow, err_gain)]
     for r in non:
         r["shallow"]["dist_nearest_R0"] = 0.0
     uni = [row(0.0, 0.0) for _ in non]
-    return {"digits": {"init=1": {"nonunique": non, "unique": uni}}}
+    rd = [dict(row(v, 0.0), shallow={**r["shallow"]}) for v, r in zip(impl_vs_shallow, non)]
+    regimes = {"n=4": {"kind": "interpolation", "n": 4, "rank": 4},
+               "rank_deficient": {"kind": "rank_deficient", "n": 64, "rank": 8},
+               "unique": {"kind": "unique", "n": 64, "rank": 16}}
+    return {"regimes": regimes, "data": {"digits": {"init=1": {"n=4": non, "rank_deficient": rd, "unique": uni}}}}
 
 
 @pytest.mark.parametrize("ivs,gain,expected", [
@@ -102,9 +132,9 @@ def _synthetic_bias(impl_vs_shallow, err_gain):
 ])
 def test_bias_verdicts_follow_the_measurement(ivs, gain, expected):
     claims, _ = E._bias_claims(_synthetic_bias(ivs, gain), "quick")
-    assert len(claims) == 3 and all(c["verdict"] == expected for c in claims), [c["verdict"] for c in claims]
+    assert len(claims) == 4 and all(c["verdict"] == expected for c in claims), [c["verdict"] for c in claims]
     untrained = _synthetic_bias(ivs, gain)
-    untrained["digits"]["init=1"]["nonunique"][0]["deep"]["relative_gap"] = 0.5
+    untrained["data"]["digits"]["init=1"]["n=4"][0]["deep"]["relative_gap"] = 0.5
     claims, _ = E._bias_claims(untrained, "quick")
     assert all(c["verdict"] == "not testable here" for c in claims)  # a baseline that did not train
 
@@ -149,11 +179,68 @@ def test_bad_options_get_typed_errors():
 
 def test_a_baseline_at_chance_makes_the_test_error_claims_untestable():
     bias = _synthetic_bias([0.3, 0.32, 0.31], [0.05, 0.06, 0.05])
-    for r in bias["digits"]["init=1"]["nonunique"]:
+    for r in bias["data"]["digits"]["init=1"]["n=4"]:
         r["shallow"]["test_error"] = r["deep"]["test_error"] = 0.89
         r["implicit"]["test_error"] = 0.80
     claims, _ = E._bias_claims(bias, "quick")
     verdicts = {c["id"]: c["verdict"] for c in claims}
-    assert verdicts["bias_digits_init1_interpolant"] == HOLDS
+    assert verdicts["bias_digits_init1_interpolant"] == verdicts["bias_digits_init1_frozen_U0"] == HOLDS
     assert verdicts["bias_digits_init1_test_error_vs_shallow"] == "not testable here"
     assert verdicts["bias_digits_init1_test_error_vs_deep"] == "not testable here"
+
+
+def test_censored_runs_are_left_out_and_a_failure_after_the_horizon_counts():
+    def row(gap, censored):
+        return {"log10_relative_gap": gap, "censored": censored}
+    sq = {"4": [row(-11.0, False), row(-10.0, False)], "64": [row(-2.0, True), row(-2.5, True)]}
+    worst, censored = E.worst_uncensored(sq)
+    assert worst == [-11.0, -10.0] and len(censored) == 2
+    sq["64"][1]["censored"] = False  # the same gap after the horizon is a failure, not an inconclusive run
+    worst, censored = E.worst_uncensored(sq)
+    assert worst == [-11.0, -2.5] and len(censored) == 1
+
+
+def test_step_budget_is_derived_from_the_bound_and_each_model_stops_at_its_own():
+    from iterlayers.models.implicit_theory import lambda_U_range, pl_constant_square
+
+    g = torch.Generator().manual_seed(3)
+    phi = torch.randn(40, 6, generator=g, dtype=F64)
+    y = torch.randint(0, 10, (40,), generator=g)
+    model = E._model(6, 0.5, seed=2)
+    lr = E._learning_rate(model, phi, "squared")
+    h = E._horizon(model, phi, lr, steps=10, cap=10 ** 6)
+    expected = math.ceil(math.log(1e3) / (lr * pl_constant_square(phi, reduction="mean") * lambda_U_range(model)[0]))
+    assert h["horizon"] == expected and h["steps_budget"] == max(10, expected)
+    assert E._horizon(model, phi, lr, steps=10, cap=20)["steps_budget"] == 20  # the mode's cap
+    assert E._horizon(model, phi, lr, steps=10 ** 5, cap=20)["steps_budget"] == 10 ** 5  # never below steps
+    # worse-conditioned features (one direction scaled down 30x) need a longer horizon
+    bad = phi.clone()
+    bad[:, 0] /= 30.0
+    assert E._horizon(model, bad, E._learning_rate(model, bad, "squared"), 10, 10 ** 6)["horizon"] > 10 * expected
+    models = [copy.deepcopy(model), copy.deepcopy(model)]
+    runs = E.train_gd(models, torch.stack([phi, phi]), torch.stack([y, y]), loss="squared", steps=[5, 12],
+                      lr=[lr, lr], optimum=[0.0, 0.0])
+    assert [len(r["gaps"]) - 1 for r in runs] == [5, 12]
+    assert runs[0]["gaps"] == runs[1]["gaps"][:6]  # the same trajectory, stopped earlier
+    # the recorded gap (moment form) is the loss of the final weights computed from the samples
+    from iterlayers.models.implicit_theory import shallow_loss
+    assert runs[1]["gaps"][-1] == pytest.approx(float(shallow_loss(models[1].shallow_weight().detach(), phi, y,
+                                                                   reduction="mean")), rel=1e-12)
+
+
+def test_frozen_reference_is_where_gd_on_b_alone_goes():
+    """R_frozen (closed form) is the limit of GD on B with U = U_0 fixed: checked by running that GD."""
+    from iterlayers.models.implicit_theory import nearest_least_squares
+
+    g = torch.Generator().manual_seed(5)
+    phi = torch.randn(6, 10, generator=g, dtype=F64)
+    T = torch.nn.functional.one_hot(torch.randint(0, 10, (6,), generator=g), 10).to(F64)
+    model = E._model(10, 0.5, seed=4)
+    U0, B = model.inverse_factor().detach(), model.B.detach().clone()
+    feats = phi @ U0.transpose(0, 1)
+    ref = nearest_least_squares(feats, T, B) @ U0
+    lr = 1.0 / (2.0 * float(torch.linalg.eigvalsh(feats.T @ feats / 6).max()))
+    for _ in range(5000):
+        B = B - lr * 2.0 * (B @ feats.T - T.T) @ feats / 6
+    torch.testing.assert_close(B @ U0, ref, rtol=1e-9, atol=1e-9)
+    assert float((ref - nearest_least_squares(phi, T, model.shallow_weight().detach())).norm()) > 1e-2

@@ -191,3 +191,25 @@ def test_batched_equilibrium_gradient_equals_one_model_at_a_time_and_autograd(lo
         torch.testing.assert_close(gA[i], ra, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gB[i], rb, rtol=1e-10, atol=1e-12)
         assert float(L[i]) == pytest.approx(float(value.detach()), rel=1e-12)  # one mean loss per model
+
+
+@pytest.mark.parametrize("targets", ["labels", "real"])
+def test_moment_gradient_of_the_square_loss_equals_autograd(targets):
+    """The N-free form (loss and gradient from Phi^T Phi, Phi^T Y, ||Y||^2) against autograd through the direct
+    solve, one model per batch index, with integer labels and with real-valued targets."""
+    from iterlayers.models.implicit_linear import square_moment_gradient, square_moments
+
+    g = torch.Generator().manual_seed(12)
+    models = [ImplicitLinearModel(5, 5, 3, gamma=0.6, seed=s, dtype=torch.float64) for s in range(2)]
+    phi = torch.randn(2, 11, 5, generator=g, dtype=torch.float64)
+    y = (torch.randint(0, 3, (2, 11), generator=g) if targets == "labels"
+         else torch.randn(2, 11, 3, generator=g, dtype=torch.float64))
+    A = torch.stack([m.A.detach() for m in models])
+    B = torch.stack([m.B.detach() for m in models])
+    gA, gB, L = square_moment_gradient(A, B, square_moments(phi, y, 3), gamma=0.6)
+    for i, m in enumerate(models):
+        value = m.loss(phi[i], y[i], loss="squared", reduction="mean", method="direct")
+        ra, rb = torch.autograd.grad(value, (m.A, m.B))
+        torch.testing.assert_close(gA[i], ra, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gB[i], rb, rtol=1e-10, atol=1e-12)
+        assert float(L[i]) == pytest.approx(float(value.detach()), rel=1e-12)

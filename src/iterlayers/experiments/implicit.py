@@ -10,8 +10,9 @@ negative control by the same code path). What runs (full-batch gradient descent,
 
 1. **Rates** (digits, fixed Gaussian random features phi: R^64 -> R^m). Square loss at widths up to 128
    (including m < m_y = 10): the relative loss gap to the shallow optimum L*_R and the derived linear-rate bound
-   gap_k <= gap_0 exp(-eta mu lambda_T k) at every step. Control: a
-   rank-2 bottleneck linear network W2 W1 phi trained the same way cannot reach L*_R, and the bound with
+   gap_k <= gap_0 exp(-eta mu lambda_T k) at every step. Each run takes the step count the bound derives
+   (:func:`_horizon`, capped per mode; a run the cap stops before its horizon is censored: inconclusive,
+   listed, not counted). Control: a rank-2 bottleneck linear network W2 W1 phi trained the same way cannot reach L*_R, and the bound with
    lambda_max(U U^T) in place of lambda_min is violated. Logistic loss: a linear program decides whether the
    infimum is attained (no (quasi-)separation); separable widths are "not applicable" for the linear rate, which
    is tested on the others as "the per-step rate does not slow down" (late vs early half of the run); the control
@@ -22,10 +23,11 @@ negative control by the same code path). What runs (full-batch gradient descent,
    R_k = B_k U_k over whole runs; controls: the Euclidean metric, and the metric built with another gamma.
 3. **Implicit bias**: the implicit model vs the shallow model R phi and a deep linear network W2 W1 phi of the
    same parameter count, all three from the *same initial predictor* R_0 = B_0 U_0 and with the same loss, the
-   same optimiser (GD, step 1 / (beta lambda_max(P_0)) of each model's own initial metric), on a small training
-   subset (m >= N: the interpolating minimisers are not unique) of digits and MNIST-1D; test error, distances to
-   the minimum-norm interpolant and to the interpolant nearest R_0 (where shallow GD provably goes). Control:
-   the same comparison with N = 4 m samples (unique minimiser: no implicit bias can exist).
+   same optimiser (GD, step 1 / (beta lambda_max(P_0)) of each model's own initial metric), where the minimisers
+   are not unique (:func:`bias_regimes`: training subsets N < m of several sizes, rank-deficient features) on
+   digits and MNIST-1D; test error, ||R||, distances to the minimum-norm solution pinv(Phi) Y, to the one
+   nearest R_0 (where shallow GD provably goes) and to the frozen-U_0 one (where GD on B alone goes). Control:
+   the same comparison with N = 4 m samples and full-rank features (unique minimiser: no implicit bias can exist).
 4. **Library scale**: the model on all 1,797 digits at widths up to 512 with the equilibrium solved by the core
    solvers (``iterlayers.deq_solve``, float32, ``backward="implicit"``) against the closed form; training time.
 """
@@ -56,12 +58,20 @@ from iterlayers.experiments.claims import (
     seed_interval,
     write_metrics,
 )
-from iterlayers.models.implicit_linear import ImplicitLinearModel, equilibrium_gradient, implicit_gradient, loss_grad
+from iterlayers.models.implicit_linear import (
+    ImplicitLinearModel,
+    equilibrium_gradient,
+    implicit_gradient,
+    loss_grad,
+    square_moment_gradient,
+    square_moments,
+)
 from iterlayers.analysis import fit_linear_rate
 from iterlayers.models.implicit_theory import (
     induced_metric,
     lambda_U_range,
     logistic_infimum_attained,
+    min_nonzero_eig,
     nearest_least_squares,
     pl_constant_square,
     shallow_grad,
@@ -70,7 +80,7 @@ from iterlayers.models.implicit_theory import (
     trust_region_newton_step,
 )
 
-__all__ = ["run", "settings", "train_gd", "random_features", "bias_study", "rate_change"]
+__all__ = ["run", "settings", "train_gd", "random_features", "bias_study", "rate_change", "worst_uncensored"]
 
 NUM_CLASSES = 10
 DTYPE = torch.float64
@@ -83,24 +93,27 @@ def settings(*, quick: bool, tiny: bool) -> dict:
     if tiny:
         return dict(
             seeds=2, n_train=60, gamma=0.5,
-            sq_widths=[4, 12], sq_steps=300, log_widths=[4, 12], log_steps=150, bottleneck=2,
+            sq_widths=[4, 12], sq_steps=300, sq_cap=300, log_widths=[4, 12], log_steps=150, bottleneck=2,
             tr_width=4, tr_steps=40, tr_lr_divisor=8.0, tr_gamma_control=0.9,
-            bias_seeds=2, bias_width=16, bias_n=8, bias_steps=600, bias_record=100, bias_inits=[1.0, 0.1],
+            bias_seeds=2, bias_width=16, bias_sizes=[4, 8], bias_steps=600, bias_record=100,
+            bias_inits=[1.0, 0.1],
             scale_widths=[32, 64], scale_steps=3,
         )
     if quick:
         return dict(
             seeds=3, n_train=300, gamma=0.5,
-            sq_widths=[4, 8, 16, 32, 64, 128], sq_steps=2500, log_widths=[4, 8, 16, 32], log_steps=1200,
+            sq_widths=[4, 8, 16, 32, 64, 128], sq_steps=2500, sq_cap=2500, log_widths=[4, 8, 16, 32], log_steps=1200,
             bottleneck=2, tr_width=8, tr_steps=200, tr_lr_divisor=8.0, tr_gamma_control=0.9,
-            bias_seeds=5, bias_width=32, bias_n=16, bias_steps=2000, bias_record=100, bias_inits=[1.0, 0.1],
+            bias_seeds=5, bias_width=32, bias_sizes=[8, 16], bias_steps=1600, bias_record=100,
+            bias_inits=[1.0, 0.1],
             scale_widths=[64, 128, 256, 512], scale_steps=5,
         )
     return dict(
         seeds=10, n_train=1000, gamma=0.5,
-        sq_widths=[4, 8, 16, 32, 64, 128], sq_steps=8000, log_widths=[4, 8, 16, 32, 64], log_steps=5000,
+        sq_widths=[4, 8, 16, 32, 64, 128], sq_steps=8000, sq_cap=50000, log_widths=[4, 8, 16, 32, 64], log_steps=5000,
         bottleneck=2, tr_width=8, tr_steps=1000, tr_lr_divisor=8.0, tr_gamma_control=0.9,
-        bias_seeds=10, bias_width=32, bias_n=16, bias_steps=6000, bias_record=250, bias_inits=[1.0, 0.1],
+        bias_seeds=10, bias_width=32, bias_sizes=[4, 8, 16, 24], bias_steps=6000, bias_record=250,
+        bias_inits=[1.0, 0.1],
         scale_widths=[64, 128, 256, 512], scale_steps=100,
     )
 
@@ -152,7 +165,8 @@ def rate_change(gaps, *, floor: float) -> float:
 def train_gd(models: list, phi: torch.Tensor, y: torch.Tensor, *, loss: str, steps: int, lr, optimum,
              desc: str = "") -> list:
     """Full-batch gradient descent on (A, B) with the closed-form implicit gradient (mean loss), for independent
-    models of one width at once (``phi`` [S, N, m], ``y`` [S, N], ``lr`` and ``optimum`` one per model).
+    models of one width at once (``phi`` [S, N, m], ``y`` [S, N], ``lr`` and ``optimum`` one per model;
+    ``steps`` one int for all, or one per model: each model stops after its own count).
 
     Records per model the loss gap L_k - L*, lambda_min and lambda_max of U_k U_k^T and the sufficient-decrease
     ratio (L_k - L_{k+1}) / (eta ||grad_k||^2) (>= 1/2 at every step certifies the discrete rate bound). A model
@@ -165,13 +179,21 @@ def train_gd(models: list, phi: torch.Tensor, y: torch.Tensor, *, loss: str, ste
     opt = torch.as_tensor(optimum, dtype=DTYPE).reshape(S)
     eye = torch.eye(A.shape[-1], dtype=DTYPE)
     runs = [{"gaps": [], "lambda_min": [], "lambda_max": [], "decrease": []} for _ in range(S)]
+    counts = [int(steps)] * S if isinstance(steps, int) else [int(k) for k in steps]
+    # square loss: the loss and gradient depend on the data only through Phi^T Phi, Phi^T Y, ||Y||^2 (N-free)
+    moments = square_moments(phi, y, NUM_CLASSES) if loss == "squared" else None
     active = [True] * S
     prev = [None] * S
-    for _ in tqdm(range(steps + 1), desc=desc, leave=False, disable=None):
-        gA, gB, L = equilibrium_gradient(A, B, phi, y, gamma=gamma, loss=loss, reduction="mean")
+    for k in tqdm(range(max(counts) + 1), desc=desc, leave=False, disable=None):
+        if moments is None:
+            gA, gB, L = equilibrium_gradient(A, B, phi, y, gamma=gamma, loss=loss, reduction="mean")
+        else:
+            gA, gB, L = square_moment_gradient(A, B, moments, gamma=gamma)
         if not bool(torch.isfinite(L).all()):
             raise FloatingPointError(f"{desc}: the loss became non-finite (step size too large)")
-        sv = torch.linalg.svdvals(eye - gamma * torch.softmax(A, dim=-2))
+        M = eye - gamma * torch.softmax(A, dim=-2)
+        # eigenvalues of M^T M (ascending) = squared singular values of M: lambda(U U^T) = 1 / sigma(M)^2
+        ev = torch.linalg.eigvalsh(M.transpose(-1, -2) @ M)
         g2 = (gA.pow(2).sum((-2, -1)) + gB.pow(2).sum((-2, -1))).tolist()
         for i in range(S):
             if not active[i]:
@@ -179,12 +201,12 @@ def train_gd(models: list, phi: torch.Tensor, y: torch.Tensor, *, loss: str, ste
             r, Li = runs[i], float(L[i])
             gap = Li - float(opt[i])
             r["gaps"].append(gap)
-            r["lambda_min"].append(float(1.0 / sv[i, 0] ** 2))
-            r["lambda_max"].append(float(1.0 / sv[i, -1] ** 2))
+            r["lambda_min"].append(float(1.0 / ev[i, -1]))
+            r["lambda_max"].append(float(1.0 / ev[i, 0]))
             if prev[i] is not None and gap > FLOOR * r["gaps"][0]:
                 r["decrease"].append((prev[i][0] - Li) / (float(eta[i]) * prev[i][1]))
             prev[i] = (Li, g2[i])
-            if gap <= FLOOR * r["gaps"][0]:
+            if gap <= FLOOR * r["gaps"][0] or k >= counts[i]:
                 active[i] = False
                 eta[i] = 0.0
         if not any(active):
@@ -195,6 +217,50 @@ def train_gd(models: list, phi: torch.Tensor, y: torch.Tensor, *, loss: str, ste
             md.A.copy_(A[i])
             md.B.copy_(B[i])
     return runs
+
+
+def _thin(curve: list, points: int = 5000) -> dict:
+    """{"step", "value"}: every k-th point of a long curve (k = ceil(len / points)) and the last one, for the
+    figures in metrics.json; the statistics use the whole run."""
+    k = max(1, math.ceil(len(curve) / points))
+    steps = list(range(0, len(curve), k))
+    if steps[-1] != len(curve) - 1:
+        steps.append(len(curve) - 1)
+    return {"step": steps, "value": [curve[i] for i in steps]}
+
+
+def _horizon(model: ImplicitLinearModel, phi: torch.Tensor, lr: float, steps: int, cap: int) -> dict:
+    """The step budget of a square-loss run, derived from the bound before training (a rule, not a selection).
+
+    The derived flow bound gap_k <= gap_0 exp(-eta mu lambda_T k) reaches gap_0 / 10^3 after
+    K = ln(10^3) / (eta mu lambda_0) steps when lambda_T = lambda_0 = lambda_min(U_0 U_0^T) (at initialisation).
+    K grows with the condition number of the features: eta ~ 1 / lambda_max(Phi^T Phi), mu ~ lambda_min+(Phi^T Phi).
+    A run takes max(steps, min(K, cap)) steps; one stopped by the cap before K (and above the target) is censored.
+    """
+    lam_min, rank = min_nonzero_eig(phi)
+    lam_max = float(torch.linalg.eigvalsh(phi.transpose(0, 1) @ phi).max())
+    mu = pl_constant_square(phi, reduction="mean")
+    lam0 = lambda_U_range(model)[0]
+    horizon = math.ceil(math.log(1e3) / (lr * mu * lam0))
+    return {"mu": mu, "rank_phi": rank, "kappa_phi": lam_max / lam_min, "lambda_0": lam0,
+            "lr_times_beta": lr * _beta(phi, "squared"), "horizon": horizon,
+            "steps_budget": max(int(steps), min(horizon, int(cap)))}
+
+
+def _shallow_gd_log10_gap(phi: torch.Tensor, y: torch.Tensor, R0: torch.Tensor, *, steps: int,
+                          optimum: float) -> float:
+    """Reference: the explicit shallow model R phi by GD from the same R_0 with the standard step 1/beta of its
+    smoothness beta (about 4x the implicit run's eta = 1 / (beta lambda_max(P_0)), lambda_max(P_0) ~ 1/(1-gamma)^2)
+    for the same number of steps: log10 relative gap. Where this too stays above 10^-3, the budget (the
+    conditioning of phi), not the implicit layer, is what limits."""
+    lr = 1.0 / _beta(phi, "squared")
+    C, D, _ = square_moments(phi, y, NUM_CLASSES)
+    R = R0.clone()
+    for _ in range(int(steps)):
+        R = R - lr * 2.0 * (R @ C - D.transpose(0, 1))  # the shallow gradient from the moments (N-free)
+    g0 = float(shallow_loss(R0, phi, y, reduction="mean")) - optimum
+    gap = float(shallow_loss(R, phi, y, reduction="mean")) - optimum
+    return math.log10(max(gap, FLOOR * g0) / g0)
 
 
 def _bound_excess(gaps, lr: float, mu: float, lams) -> float:
@@ -241,6 +307,7 @@ def rates_study(cfg: dict, seed: int) -> dict:
         for width in widths:
             phis = [random_features(x, width, 7919 * (seed + s) + width) for s, (x, _) in enumerate(data)]
             models = [_model(width, cfg["gamma"], 1000 * (seed + s) + width) for s in range(cfg["seeds"])]
+            R0 = [md.shallow_weight().detach().clone() for md in models]
             rows = []
             for s, (phi, (_, y)) in enumerate(zip(phis, data)):
                 attained = (True if loss == "squared" else
@@ -256,8 +323,11 @@ def rates_study(cfg: dict, seed: int) -> dict:
                        "optimum": optimum, "newton_weight_norm": float(opt.R.norm())}
                 if loss == "logistic":
                     row.update(attained=attained["attained"], separable=attained["separable"])
+                else:
+                    row.update(_horizon(models[s], phi, row["lr"], steps, cfg["sq_cap"]))
                 rows.append(row)
-            runs = train_gd(models, torch.stack(phis), torch.stack([y for _, y in data]), loss=loss, steps=steps,
+            runs = train_gd(models, torch.stack(phis), torch.stack([y for _, y in data]), loss=loss,
+                            steps=[r.get("steps_budget", steps) for r in rows],
                             lr=[r["lr"] for r in rows], optimum=[r["optimum"] for r in rows],
                             desc=f"{loss} m={width}")
             for s, (row, tr, model, phi) in enumerate(zip(rows, runs, models, phis)):
@@ -271,11 +341,14 @@ def rates_study(cfg: dict, seed: int) -> dict:
                     "min_sufficient_decrease": min(tr["decrease"]) if tr["decrease"] else float("nan"),
                     "final_weight_norm": float(model.shallow_weight().detach().norm()),
                     "spectral_radius": model.contraction_factor()["spectral_radius"],
-                    "curve": g if s == 0 else None,
+                    "curve": _thin(g) if s == 0 else None,
                 })
                 if loss == "squared":
-                    mu = pl_constant_square(phi, reduction="mean")
-                    row["mu"] = mu
+                    mu = row["mu"]
+                    # censored: stopped by the mode's cap before the derived horizon, target not yet reached
+                    row["censored"] = row["steps_run"] < row["horizon"] and row["log10_relative_gap"] >= -3.0
+                    row["shallow_gd_log10_gap"] = _shallow_gd_log10_gap(
+                        phi, data[s][1], R0[s], steps=row["steps_run"], optimum=row["optimum"])
                     row["bound_excess"] = _bound_excess(g, row["lr"], mu, tr["lambda_min"])
                     row["bound_excess_lambda_max"] = _bound_excess(g, row["lr"], mu, [max(tr["lambda_max"])])
                     row["theory_rate"] = math.exp(-row["lr"] * mu * row["lambda_T"])
@@ -289,7 +362,7 @@ def rates_study(cfg: dict, seed: int) -> dict:
                               seed=seed + s, loss="squared")
         out["controls"].setdefault("bottleneck", []).append({
             "width": wc, "hidden": cfg["bottleneck"], "log10_relative_gap": math.log10(max(g[-1], FLOOR * g[0]) / g[0]),
-            "rate_change": rate_change(g, floor=FLOOR * g[0]), "curve": g if s == 0 else None})
+            "rate_change": rate_change(g, floor=FLOOR * g[0]), "curve": _thin(g) if s == 0 else None})
         # a separable subset: N = width / 2 samples at the largest logistic width (checked by the LP)
         wl = cfg["log_widths"][-1]
         phi = random_features(x, wl, 7919 * (seed + s) + wl)[: max(wl // 2, 2)]
@@ -305,7 +378,7 @@ def rates_study(cfg: dict, seed: int) -> dict:
             "log10_relative_gap": math.log10(max(g[-1], FLOOR * g[0]) / g[0]),
             "rate_change": rate_change(g, floor=FLOOR * g[0]),
             "final_weight_norm": float(model.shallow_weight().detach().norm()),
-            "curve": g if s == 0 else None})
+            "curve": _thin(g) if s == 0 else None})
     return out
 
 
@@ -316,22 +389,45 @@ def _worst_over_widths(rows_by_width: dict, key: str, widths=None, *, worst=max)
     return [worst(rows_by_width[w][s][key] for w in widths) for s in range(n)]
 
 
+def worst_uncensored(rows_by_width: dict) -> tuple[list, list]:
+    """(per seed, the largest log10 relative gap over the widths whose run is not censored; the censored rows).
+
+    A run stopped by the mode's cap before its derived horizon and still above the target is inconclusive (the
+    bound makes no prediction yet): it is left out and listed. A run that ended at or after its horizon counts,
+    whatever its gap: a failure there is a failure."""
+    widths = list(rows_by_width)
+    n = len(rows_by_width[widths[0]])
+    worst = [max((rows_by_width[w][s]["log10_relative_gap"] for w in widths if not rows_by_width[w][s]["censored"]),
+                 default=float("nan")) for s in range(n)]
+    return worst, [q for w in widths for q in rows_by_width[w] if q["censored"]]
+
+
 def _rates_claims(r: dict, mode: str) -> tuple[list, list]:
     sq, lg, ctl = r["squared"], r["logistic"], r["controls"]
     n = len(next(iter(sq.values())))
     claims, sanity = [], []
     bott = [c["log10_relative_gap"] for c in ctl["bottleneck"]]
-    v, iv = seed_interval(_worst_over_widths(sq, "log10_relative_gap"))
+    worst, censored = worst_uncensored(sq)
+    v, iv = seed_interval(worst)
     cv, civ = seed_interval(bott)
     gap_rule = Threshold("<", -3.0, "log10((L_T - L*)/(L_0 - L*)) < -3 at every width (gap down 1000x)")
+    tested = [w for w in sq if any(not q["censored"] for q in sq[w])]
     claims.append(make_claim(
         id="square_global_optimum", mode=mode, n_seeds=n,
         statement="gradient dynamics of the implicit model reach the global optimum L*_R of the shallow model "
-                  "(square loss), at every width",
-        source="Kawaguchi 2021, abstract (main theorem)", statistic="worst over widths of log10 relative gap",
+                  "(square loss), at every width whose run reached its derived horizon K = ln(10^3)/(eta mu "
+                  f"lambda_0) or the target (widths {', '.join(tested)})",
+        source="Kawaguchi 2021, abstract (main theorem)",
+        statistic="worst over widths of log10 relative gap at the end of the run (censored runs left out)",
         threshold=gap_rule, value=v, interval=iv,
         control={"description": f"rank-{ctl['bottleneck'][0]['hidden']} bottleneck W2 W1 phi, same GD",
-                 "value": cv, "interval": civ}))
+                 "value": cv, "interval": civ},
+        censored=[f"m={q['width']} seed {q['seed']}: horizon {q['horizon']} > {q['steps_run']} steps run, "
+                  f"gap 10^{q['log10_relative_gap']:.2f} (shallow GD, same steps: 10^{q['shallow_gd_log10_gap']:.2f})"
+                  for q in censored],
+        note=(f"{len(censored)} run(s) stopped by this mode's step cap before the derived horizon (kappa(Phi) up "
+              f"to {max(q['kappa_phi'] for q in censored):.3g}): inconclusive, not counted; see 'censored'"
+              if censored else "")))
     small = [w for w in sq if int(w) < NUM_CLASSES]
     if small:
         v, iv = seed_interval(_worst_over_widths(sq, "log10_relative_gap", small))
@@ -557,25 +653,65 @@ def pca_features(x_train: torch.Tensor, x_test: torch.Tensor, width: int) -> tup
     return (xtr - mean) @ proj, (xte - mean) @ proj
 
 
-def _fit_three(phi, y, phi_test, y_test, *, gamma: float, seeds, steps: int, record: int, init: float = 1.0) -> list:
+def rank_deficient_features(x_train: torch.Tensor, x_test: torch.Tensor, width: int, seed: int):
+    """phi(x) = [p(x), p(x) Q] / sqrt(2) with p the top width/2 whitened principal coordinates and Q a fixed random
+    orthogonal matrix: width m, rank m/2 for every sample set. With N > m/2 samples the least-squares minimisers
+    form an affine set of dimension m_y m/2, but every one gives the same predictions on every input (test
+    inputs included: phi(x) always lies in the same m/2-dimensional subspace)."""
+    if width % 2:
+        raise ValidationError(f"width must be even for rank-deficient features, got {width}")
+    ptr, pte = pca_features(x_train, x_test, width // 2)
+    q, _ = torch.linalg.qr(torch.randn(width // 2, width // 2, generator=torch.Generator().manual_seed(seed),
+                                       dtype=DTYPE))
+    lift = torch.cat([torch.eye(width // 2, dtype=DTYPE), q], dim=1) / math.sqrt(2.0)
+    return ptr @ lift, pte @ lift
+
+
+def bias_regimes(cfg: dict) -> dict:
+    """The regimes of the study, fixed by the settings: interpolation on small subsets (N < m: the interpolating
+    minimisers form an affine set), rank-deficient features (N = 4m, rank m/2), and the control (N = 4m, rank m:
+    one minimiser, so no implicit bias can exist)."""
+    m = cfg["bias_width"]
+    regimes = {f"n={n}": {"kind": "interpolation", "n": int(n), "rank": int(n)} for n in cfg["bias_sizes"]}
+    regimes["rank_deficient"] = {"kind": "rank_deficient", "n": 4 * m, "rank": m // 2}
+    regimes["unique"] = {"kind": "unique", "n": 4 * m, "rank": m}
+    for key, r in regimes.items():
+        if r["kind"] == "interpolation" and not r["n"] < m:
+            raise ValidationError(f"bias_sizes must be below bias_width = {m} (non-unique interpolants), got {key}")
+    return regimes
+
+
+def _moment_loss(R: torch.Tensor, moments: tuple) -> torch.Tensor:
+    """Mean square loss tr(R C R^T) - 2 tr(R D) + c of predictors R [S, m_y, m] from :func:`square_moments`."""
+    C, D, c = moments
+    return ((R @ C) * R).sum((-2, -1)) - 2.0 * (R @ D).diagonal(dim1=-2, dim2=-1).sum(-1) + c
+
+
+def _fit_three(phi, y, phi_test, y_test, *, gamma: float, seeds, inits, steps: int, record: int) -> list:
     """Train the implicit, shallow and deep linear models, one independent copy per batch index, all three from
     the same initial predictor R_0 = B_0 U_0 (deep: W1 = U_0, W2 = B_0, the same parameter count m^2 + m_y m);
-    B_0 ~ N(0, init^2 / m) (``init`` = 1: the model's default; smaller: R_0 closer to 0).
+    B_0 ~ N(0, init^2 / m) (``inits`` one per batch index; 1: the model's default; smaller: R_0 closer to 0).
 
     phi [S, N, m], y [S, N] labels (square loss on one-hot targets, mean), test [S, N_test, m]. Full-batch GD for
     ``steps`` steps (fixed: no stopping rule), step 1 / (beta lambda_max(P_0)) with P_0 = J J^T each model's own
-    induced metric of R at initialisation (shallow: P = I). The test split is evaluated every ``record`` steps
-    for the curves and at the end; nothing is selected on it.
+    induced metric of R at initialisation (shallow: P = I). Gradients from the moments Phi^T Phi / N, Phi^T Y / N
+    (:func:`square_moment_gradient`, N-free). The test split is evaluated every ``record`` steps for the curves
+    and at the end; nothing is selected on it and nothing computed from it enters training.
     """
     S, n, m = phi.shape
     T = torch.nn.functional.one_hot(y, NUM_CLASSES).to(DTYPE)
     Tt = torch.nn.functional.one_hot(y_test, NUM_CLASSES).to(DTYPE)
+    moments = square_moments(phi, y, NUM_CLASSES)
+    C, D, _ = moments
     models = [_model(m, gamma, sd) for sd in seeds]
+    with torch.no_grad():
+        for md, init in zip(models, inits):
+            md.B.mul_(float(init))
     A = torch.stack([md.A.detach() for md in models])
-    B = init * torch.stack([md.B.detach() for md in models])
+    B = torch.stack([md.B.detach() for md in models])
     U0 = torch.stack([md.inverse_factor().detach() for md in models])
     R0 = B @ U0
-    beta = torch.tensor([_beta(p, "squared") for p in phi], dtype=DTYPE)
+    beta = 2.0 * torch.linalg.eigvalsh(C)[:, -1]  # smoothness of the mean square loss in R: 2 lambda_max(C)
     eye_y, eye_m = torch.eye(NUM_CLASSES, dtype=DTYPE), torch.eye(m, dtype=DTYPE)
 
     def deep_metric_max(w1, w2):  # R = W2 W1, row-major vec: P = I (x) W1^T W1 + W2 W2^T (x) I
@@ -587,6 +723,7 @@ def _fit_three(phi, y, phi_test, y_test, *, gamma: float, seeds, steps: int, rec
         "shallow": 1.0 / beta,
         "deep": 1.0 / (beta * torch.tensor([deep_metric_max(U0[i], B[i]) for i in range(S)], dtype=DTYPE)),
     }
+    eta = {k: v[:, None, None] for k, v in lr.items()}
     state = {"implicit": (A.clone(), B.clone()), "shallow": R0.clone(), "deep": (U0.clone(), B.clone())}
 
     def predictor(name):
@@ -598,53 +735,56 @@ def _fit_three(phi, y, phi_test, y_test, *, gamma: float, seeds, steps: int, rec
         w1, w2 = state[name]
         return w2 @ w1
 
-    def losses(R, p, t):
-        return ((p @ R.transpose(-1, -2) - t) ** 2).sum((-1, -2)) / p.shape[-2]
-
     curves = {k: [] for k in state}
     for k in range(steps + 1):
-        for name in state:
-            R = predictor(name)
-            if k % record == 0 or k == steps:
-                err = (phi_test @ R.transpose(-1, -2)).argmax(-1).ne(y_test).double().mean(-1)
-                curves[name].append({"step": k, "train_loss": losses(R, phi, T).tolist(), "test_error": err.tolist(),
-                                     "test_loss": losses(R, phi_test, Tt).tolist()})
-            if k == steps:
-                continue
-            eta = lr[name][:, None, None]
-            if name == "implicit":
-                a, b = state[name]
-                gA, gB, _ = equilibrium_gradient(a, b, phi, T, gamma=gamma, reduction="mean")
-                state[name] = (a - eta * gA, b - eta * gB)
-            else:
-                gR = 2.0 * (phi @ R.transpose(-1, -2) - T).transpose(-1, -2) @ phi / n
-                if name == "shallow":
-                    state[name] = R - eta * gR
-                else:
-                    w1, w2 = state[name]
-                    state[name] = (w1 - eta * (w2.transpose(-1, -2) @ gR), w2 - eta * (gR @ w1.transpose(-1, -2)))
-        if not all(math.isfinite(v) for c in curves.values() for v in c[-1]["train_loss"]):
-            raise FloatingPointError(f"a model diverged by step {k}")
+        if k % record == 0 or k == steps:
+            for name in state:
+                R = predictor(name)
+                out = phi_test @ R.transpose(-1, -2)
+                curves[name].append({
+                    "step": k, "train_loss": _moment_loss(R, moments).tolist(),
+                    "test_error": out.argmax(-1).ne(y_test).double().mean(-1).tolist(),
+                    "test_loss": ((out - Tt) ** 2).sum((-1, -2)).div(out.shape[-2]).tolist()})
+            if not all(math.isfinite(v) for c in curves.values() for v in c[-1]["train_loss"]):
+                raise FloatingPointError(f"a model diverged by step {k}")
+        if k == steps:
+            break
+        a, b = state["implicit"]
+        gA, gB, _ = square_moment_gradient(a, b, moments, gamma=gamma)
+        state["implicit"] = (a - eta["implicit"] * gA, b - eta["implicit"] * gB)
+        R = state["shallow"]
+        state["shallow"] = R - eta["shallow"] * 2.0 * (R @ C - D.transpose(-1, -2))
+        w1, w2 = state["deep"]
+        gR = 2.0 * (w2 @ w1 @ C - D.transpose(-1, -2))
+        state["deep"] = (w1 - eta["deep"] * (w2.transpose(-1, -2) @ gR), w2 - eta["deep"] * (gR @ w1.transpose(-1, -2)))
     finals = {k: predictor(k) for k in state}
+    # how far the implicit layer's U = (I - gamma sigma(A))^{-1} moved (the frozen-U_0 reference explains the rest)
+    U_T = torch.linalg.solve(eye_m - gamma * torch.softmax(state["implicit"][0], dim=-2), eye_m.expand(S, m, m))
     rows = []
     for i in range(S):
-        R_mn = nearest_least_squares(phi[i], T[i])
-        R_near = nearest_least_squares(phi[i], T[i], R0[i])
-        optimum = float(losses(R_mn, phi[i], T[i]))
-        initial = float(losses(R0[i], phi[i], T[i]))
-        travelled = float((finals["shallow"][i] - R0[i]).norm())
-        row = {"seed": int(seeds[i]), "lr": {k: float(v[i]) for k, v in lr.items()}, "R0_norm": float(R0[i].norm()),
-               "min_norm": float(R_mn.norm()), "near_vs_min_norm": float((R_near - R_mn).norm()),
-               "optimum": optimum,
+        R_mn = nearest_least_squares(phi[i], T[i])  # the minimum-norm least-squares solution, pinv(Phi) T
+        R_near = nearest_least_squares(phi[i], T[i], R0[i])  # where shallow GD from R_0 provably goes
+        # where GD on B alone goes (U = U_0 frozen, features Phi U_0^T): the least-squares B nearest B_0
+        R_frozen = nearest_least_squares(phi[i] @ U0[i].transpose(0, 1), T[i], B[i]) @ U0[i]
+        optimum = float(_moment_loss(R_mn[None], tuple(t[i:i + 1] for t in moments))[0])
+        initial = float(_moment_loss(R0[i:i + 1], tuple(t[i:i + 1] for t in moments))[0])
+        travelled = float((R_near - R0[i]).norm())
+        row = {"seed": int(seeds[i]), "init": float(inits[i]), "lr": {k: float(v[i]) for k, v in lr.items()},
+               "R0_norm": float(R0[i].norm()), "min_norm": float(R_mn.norm()),
+               "near_vs_min_norm": float((R_near - R_mn).norm()), "travelled": travelled, "optimum": optimum,
                "impl_vs_shallow": float((finals["implicit"][i] - finals["shallow"][i]).norm()) / travelled,
-               "deep_vs_shallow": float((finals["deep"][i] - finals["shallow"][i]).norm()) / travelled}
+               "deep_vs_shallow": float((finals["deep"][i] - finals["shallow"][i]).norm()) / travelled,
+               "impl_vs_deep": float((finals["implicit"][i] - finals["deep"][i]).norm()) / travelled,
+               "U_change": float((U_T[i] - U0[i]).norm() / U0[i].norm())}
         for name, R in finals.items():
             last = curves[name][-1]
             row[name] = {
                 "train_loss": last["train_loss"][i],
                 "relative_gap": (last["train_loss"][i] - optimum) / (initial - optimum),
                 "test_error": last["test_error"][i], "test_loss": last["test_loss"][i], "R_norm": float(R[i].norm()),
+                "norm_ratio": float(R[i].norm()) / float(R_mn.norm()),
                 "dist_min_norm": float((R[i] - R_mn).norm()), "dist_nearest_R0": float((R[i] - R_near).norm()),
+                "dist_frozen_U0": float((R[i] - R_frozen).norm()),
                 "curve": [{"step": c["step"], "test_error": c["test_error"][i], "train_loss": c["train_loss"][i]}
                           for c in curves[name]],
             }
@@ -662,71 +802,115 @@ def _bias_data(name: str, seed: int):
 
 
 def bias_study(cfg: dict, seed: int, *, datasets=("digits", "mnist1d"), poison_test: bool = False) -> dict:
-    """The implicit-bias comparison in the non-unique (N = bias_n <= m) and the unique (N = 4 m) regime.
+    """The implicit-bias comparison over :func:`bias_regimes`, every regime with every initial scale and seed.
 
+    Returns ``{"regimes": {key: {kind, n, rank}}, "data": {dataset: {"init=s": {key: rows}}}}``.
     ``poison_test`` permutes the test labels (the test split must change nothing but the test numbers).
     """
-    out = {}
     m = cfg["bias_width"]
+    regimes = bias_regimes(cfg)
+    inits = [float(v) for v in cfg["bias_inits"]]
+    out = {"regimes": regimes, "data": {}}
     for name in datasets:
         data = [_bias_data(name, seed + s) for s in range(cfg["bias_seeds"])]
-        out[name] = {f"init={init:g}": {} for init in cfg["bias_inits"]}
-        for regime, n in (("nonunique", cfg["bias_n"]), ("unique", 4 * m)):
+        res = out["data"][name] = {f"init={init:g}": {} for init in inits}
+        for key, reg in regimes.items():
             feats, labels, tfeats, tlabels = [], [], [], []
-            for xtr, ytr, xte, yte in data:
+            for s, (xtr, ytr, xte, yte) in enumerate(data):
                 if poison_test:
                     yte = yte[torch.randperm(len(yte), generator=torch.Generator().manual_seed(99))]
-                ptr, pte = pca_features(xtr, xte, m)
-                feats.append(ptr[:n])
-                labels.append(ytr[:n])
+                if reg["kind"] == "rank_deficient":
+                    ptr, pte = rank_deficient_features(xtr, xte, m, seed=7 * (seed + s) + 1)
+                else:
+                    ptr, pte = pca_features(xtr, xte, m)
+                feats.append(ptr[: reg["n"]])
+                labels.append(ytr[: reg["n"]])
                 tfeats.append(pte)
                 tlabels.append(yte)
-            for init in cfg["bias_inits"]:
-                out[name][f"init={init:g}"][regime] = _fit_three(
-                    torch.stack(feats), torch.stack(labels), torch.stack(tfeats), torch.stack(tlabels),
-                    gamma=cfg["gamma"], seeds=[1000 * (seed + s) + m for s in range(cfg["bias_seeds"])],
-                    steps=cfg["bias_steps"], record=cfg["bias_record"], init=init)
+            # every initial scale in one batch: the same seeds (the same A_0 and direction of B_0) per scale
+            k = len(inits)
+            rows = _fit_three(
+                torch.stack(feats * k), torch.stack(labels * k), torch.stack(tfeats * k), torch.stack(tlabels * k),
+                gamma=cfg["gamma"], seeds=[1000 * (seed + s) + m for s in range(cfg["bias_seeds"])] * k,
+                inits=[v for v in inits for _ in range(cfg["bias_seeds"])], steps=cfg["bias_steps"],
+                record=cfg["bias_record"])
+            for init in inits:
+                res[f"init={init:g}"][key] = [r for r in rows if r["init"] == init]
     return out
 
 
 def _bias_claims(b: dict, mode: str) -> tuple[list, list]:
+    """Per dataset and initial scale: (1) the implicit dynamics select another minimiser than shallow GD, in every
+    non-unique regime; (2) their minimiser has a lower test error than the shallow / deep linear model's, on the
+    interpolation subsets. Control: the unique regime (second control for (2): rank-deficient features, where
+    all minimisers predict alike)."""
     claims, sanity = [], []
-    for name, inits in b.items():
+    regimes = b["regimes"]
+    interp = [k for k, r in regimes.items() if r["kind"] == "interpolation"]
+    nonunique = interp + [k for k, r in regimes.items() if r["kind"] == "rank_deficient"]
+    for name, inits in b["data"].items():
         for init, reg in inits.items():
-            non, uni = reg["nonunique"], reg["unique"]
-            n = len(non)
+            n = len(reg["unique"])
             tag = f"{name}, {init}"
             # every model reached its training optimum (gap down 1000x): the compared limits are limits
-            trained = all(r[k]["relative_gap"] < 1e-3 for r in non + uni for k in ("shallow", "deep", "implicit"))
-            v, iv = seed_interval([r["impl_vs_shallow"] for r in non])
-            cv, civ = seed_interval([r["impl_vs_shallow"] for r in uni])
-            key = f"bias_{name}_{init.replace('=', '')}"
+            trained = all(r[k]["relative_gap"] < 1e-3 for key in reg for r in reg[key]
+                          for k in ("shallow", "deep", "implicit"))
+            v, iv = seed_interval([min(reg[key][s]["impl_vs_shallow"] for key in nonunique) for s in range(n)])
+            cv, civ = seed_interval([r["impl_vs_shallow"] for r in reg["unique"]])
+            key_id = f"bias_{name}_{init.replace('=', '')}"
             claims.append(make_claim(
-                id=f"{key}_interpolant", mode=mode, n_seeds=n, comparison=True, baseline_trained=trained,
-                statement=f"{tag}: with non-unique minimisers, the implicit model's dynamics select another "
-                          "interpolant than GD on the shallow model from the same initial predictor",
+                id=f"{key_id}_interpolant", mode=mode, n_seeds=n, comparison=True, baseline_trained=trained,
+                statement=f"{tag}: with non-unique minimisers ({', '.join(nonunique)}), the implicit model's dynamics "
+                          "select another minimiser than GD on the shallow model from the same initial predictor",
                 source="ours (the paper's 'numerical observation' on implicit bias)",
-                statistic="||R_impl - R_shallow||_F / ||R_shallow - R_0||_F at convergence",
-                threshold=Threshold(">", 0.1, "relative distance between the two limits > 0.1"), value=v, interval=iv,
-                control={"description": "unique minimiser (N = 4m samples)", "value": cv, "interval": civ}))
+                statistic="min over non-unique regimes of ||R_impl - R_shallow||_F / ||R_near - R_0||_F at the end",
+                threshold=Threshold(">", 0.1, "relative distance between the two limits > 0.1 in every regime"),
+                value=v, interval=iv,
+                control={"description": "unique minimiser (N = 4m samples, rank m)", "value": cv, "interval": civ}))
+            def frozen(model):  # per seed, the worst over the non-unique regimes
+                return [max(reg[key][s][model]["dist_frozen_U0"] / reg[key][s]["travelled"] for key in nonunique)
+                        for s in range(n)]
+            v, iv = seed_interval(frozen("implicit"))
+            cv, civ = seed_interval(frozen("shallow"))
+            dv, div = seed_interval(frozen("deep"))
+            claims.append(make_claim(
+                id=f"{key_id}_frozen_U0", mode=mode, n_seeds=n, comparison=True, baseline_trained=trained,
+                statement=f"{tag}: the implicit model's dynamics select the minimiser R_frozen that GD on B alone "
+                          "selects with U = U_0 frozen (the least-squares B nearest B_0 for the features Phi U_0^T)",
+                source="ours (exploratory: found in the quick run of this helper, threshold registered after it)",
+                statistic="max over non-unique regimes of ||R_impl - R_frozen||_F / ||R_near - R_0||_F at the end",
+                threshold=Threshold("<", 0.05, "within 5% of the distance shallow GD travels, in every regime"),
+                value=v, interval=iv,
+                control={"description": "shallow GD's limit (R_near) measured the same way", "value": cv,
+                         "interval": civ},
+                second_control={"description": "the deep linear network's limit measured the same way",
+                                "value": dv, "interval": div, "verdict": "does not hold" if dv >= 0.05 else "holds"}))
             for other in ("shallow", "deep"):
                 # a baseline whose test error is within 5 points of chance (0.9 for 10 classes) cannot lose
-                at_chance = _mean(r[other]["test_error"] for r in non) > CHANCE_ERROR - 0.05
-                v, iv = seed_interval([r[other]["test_error"] - r["implicit"]["test_error"] for r in non])
-                cv, civ = seed_interval([r[other]["test_error"] - r["implicit"]["test_error"] for r in uni])
+                at_chance = _mean(r[other]["test_error"] for key in interp for r in reg[key]) > CHANCE_ERROR - 0.05
+
+                def gain(key):
+                    return [r[other]["test_error"] - r["implicit"]["test_error"] for r in reg[key]]
+                v, iv = seed_interval([_mean(gain(key)[s] for key in interp) for s in range(n)])
+                cv, civ = seed_interval(gain("unique"))
+                rv, riv = seed_interval(gain("rank_deficient"))
                 claims.append(make_claim(
-                    id=f"{key}_test_error_vs_{other}", mode=mode, n_seeds=n, comparison=True,
+                    id=f"{key_id}_test_error_vs_{other}", mode=mode, n_seeds=n, comparison=True,
                     baseline_trained=trained and not at_chance,
                     note=f"the {other} model's test error is within 5 points of chance" if at_chance else "",
                     statement=f"{tag}: the implicit model's interpolant has a lower test error than the {other} "
-                              "model's (same features, loss, optimiser, initial predictor)",
-                    source="ours", statistic=f"test error({other}) - test error(implicit)",
+                              f"model's ({', '.join(interp)}; same features, loss, optimiser, initial predictor)",
+                    source="ours", statistic=f"mean over the subsets of test error({other}) - test error(implicit)",
                     threshold=Threshold(">", 0.01, "implicit better by more than 1 point of test error"),
                     value=v, interval=iv,
-                    control={"description": "unique minimiser (N = 4m samples)", "value": cv, "interval": civ}))
-            d = max(r["shallow"]["dist_nearest_R0"] / max(r["near_vs_min_norm"], r["min_norm"]) for r in non)
+                    control={"description": "unique minimiser (N = 4m samples)", "value": cv, "interval": civ},
+                    second_control={"description": "rank-deficient features (every minimiser predicts alike)",
+                                    "value": rv, "interval": riv,
+                                    "verdict": "does not hold" if rv <= 0.01 else "holds"}))
+            d = max(r["shallow"]["dist_nearest_R0"] / max(r["travelled"], r["min_norm"]) for key in nonunique
+                    for r in reg[key])
             sanity.append(sanity_check(
-                id=f"{key}_shallow_limit", statement=f"{tag}: shallow GD converges to the least-squares solution "
+                id=f"{key_id}_shallow_limit", statement=f"{tag}: shallow GD converges to the least-squares solution "
                 "nearest R_0 (closed form; its iterates stay in R_0 + row space of Phi), relative distance",
                 value=d, passed=d < 1e-6))
     return claims, sanity
@@ -787,34 +971,34 @@ def _scale_sanity(rows: list) -> list:
 
 # ----------------------------------------------------------------------------------------------- output
 def _band(ax, xs, curves, label, **kw):
-    import numpy as np
-
-    arr = np.asarray(curves, dtype=float)
-    mean = arr.mean(0)
-    line, = ax.plot(xs, mean, label=label, **kw)
-    if arr.shape[0] > 1:
-        ax.fill_between(xs, arr.min(0), arr.max(0), color=line.get_color(), alpha=0.2)
+    """Mean over seeds and its 95% t-interval (:func:`seed_interval`) at every recorded step."""
+    stats = [seed_interval(col) for col in zip(*curves)]
+    line, = ax.plot(xs, [v for v, _ in stats], label=label, **kw)
+    if len(curves) > 1:
+        ax.fill_between(xs, [iv[0] for _, iv in stats], [iv[1] for _, iv in stats], color=line.get_color(),
+                        alpha=0.2)
 
 
 def _figures(m: dict, out: Path) -> None:
     r = m["rates"]
     fig, (a1, a2) = new_figure(2, 5.2, 4.0)
     for w, rows in r["squared"].items():
-        g = rows[0]["curve"]
-        a1.semilogy(range(len(g)), [max(v, 1e-300) for v in g], label=f"m={w}")
+        c = rows[0]["curve"]
+        a1.semilogy(c["step"], [max(v, 1e-300) for v in c["value"]], label=f"m={w}",
+                    ls="--" if rows[0]["censored"] else "-")
     bc = r["controls"]["bottleneck"][0]["curve"]
-    a1.semilogy(range(len(bc)), bc, "k:", label="control: rank-2 bottleneck")
+    a1.semilogy(bc["step"], bc["value"], "k:", label="control: rank-2 bottleneck")
     a1.set_xlabel("GD iteration")
     a1.set_ylabel("L - L*_R")
-    a1.set_title("square loss (seed 0)", fontsize=9)
+    a1.set_title("square loss (seed 0; dashed: stopped by the cap before the derived horizon)", fontsize=8)
     a1.legend(fontsize=6)
     for w, rows in r["logistic"].items():
-        g = rows[0]["curve"]
+        c = rows[0]["curve"]
         tag = "attained" if rows[0]["attained"] else "separable: L* = 0 not attained"
-        a2.semilogy(range(len(g)), [max(v, 1e-300) for v in g], label=f"m={w} ({tag})",
+        a2.semilogy(c["step"], [max(v, 1e-300) for v in c["value"]], label=f"m={w} ({tag})",
                     ls="-" if rows[0]["attained"] else "--")
     sc = r["controls"]["separable"][0]["curve"]
-    a2.semilogy(range(len(sc)), sc, "k:", label="control: separable subset")
+    a2.semilogy(sc["step"], sc["value"], "k:", label="control: separable subset")
     a2.set_xlabel("GD iteration")
     a2.set_ylabel("L - inf L_R")
     a2.set_title("logistic loss (seed 0)", fontsize=9)
@@ -833,19 +1017,61 @@ def _figures(m: dict, out: Path) -> None:
     a1.legend(fontsize=7)
     save_figure(fig, out / "trust_region.png")
 
-    panels = [(name, init, reg) for name, inits in m["bias"].items() for init, reg in inits.items()]
-    fig, axes = new_figure(len(panels), 4.2, 3.8)
-    for ax, (name, init, reg) in zip(axes, panels):
-        for key, ls in (("implicit", "-"), ("shallow", "--"), ("deep", ":")):
-            runs = [r[key]["curve"] for r in reg["nonunique"]]
-            n = min(len(c) for c in runs)
-            _band(ax, [c["step"] for c in runs[0][:n]], [[c["test_error"] for c in cr[:n]] for cr in runs], key, ls=ls)
-        ax.set_xlabel("GD iteration")
-        ax.set_ylabel("test error (band: min-max over seeds)")
-        ax.set_title(f"{name}, {init}: N = {m['settings_used']['bias_n']} < m = {m['settings_used']['bias_width']}",
-                     fontsize=8)
-        ax.legend(fontsize=7)
-    save_figure(fig, out / "implicit_bias.png")
+    b = m["bias"]
+    keys = list(b["regimes"])
+    for name, inits in b["data"].items():
+        rows_ = [(init, metric) for init in inits for metric in ("test_error", "train_gap")]
+        fig, _ = new_figure(1, 3.0 * len(keys), 2.6 * len(rows_))
+        fig.clear()
+        for r_i, (init, metric) in enumerate(rows_):
+            for c_i, key in enumerate(keys):
+                ax = fig.add_subplot(len(rows_), len(keys), r_i * len(keys) + c_i + 1)
+                for model, ls in (("implicit", "-"), ("shallow", "--"), ("deep", ":")):
+                    runs = inits[init][key]
+                    steps = [c["step"] for c in runs[0][model]["curve"]]
+                    if metric == "test_error":
+                        curves = [[c["test_error"] for c in r[model]["curve"]] for r in runs]
+                    else:
+                        curves = [[math.log10(max((c["train_loss"] - r["optimum"])
+                                                  / (r[model]["curve"][0]["train_loss"] - r["optimum"]), 1e-16))
+                                   for c in r[model]["curve"]] for r in runs]
+                    _band(ax, steps, curves, model, ls=ls)
+                reg = b["regimes"][key]
+                ax.set_title(f"{name}, {init}, {key} (N={reg['n']}, rank {reg['rank']})", fontsize=7)
+                ax.set_ylabel("test error" if metric == "test_error" else "log10 rel. train gap", fontsize=7)
+                ax.tick_params(labelsize=6)
+                if r_i == len(rows_) - 1:
+                    ax.set_xlabel("GD iteration", fontsize=7)
+                if r_i == 0 and c_i == 0:
+                    ax.legend(fontsize=6, title="band: 95% t-interval over seeds", title_fontsize=6)
+        save_figure(fig, out / f"implicit_bias_{name}.png")
+
+
+def bias_summary(b: dict) -> list:
+    """One row per dataset, initial scale, regime and model: the end-of-run quantities of the bias study with
+    their mean and t-interval over seeds (what table.md shows; computed here, not in the renderer); and one row
+    per dataset, initial scale and regime with the distances between the three limits."""
+    out, pairs = [], []
+    for name, inits in b["data"].items():
+        for init, reg in inits.items():
+            for key, rows in reg.items():
+                r_ = b["regimes"][key]
+                pairs.append({"data": name, "init": init, "regime": key, "n": r_["n"], "rank": r_["rank"],
+                              **{d: seed_interval([q[d] for q in rows])
+                                 for d in ("impl_vs_shallow", "deep_vs_shallow", "impl_vs_deep", "U_change")}})
+                for model in ("implicit", "shallow", "deep"):
+                    out.append({
+                        "data": name, "init": init, "regime": key, "n": r_["n"], "rank": r_["rank"], "model": model,
+                        "train_gap": max(q[model]["relative_gap"] for q in rows),
+                        "test_error": seed_interval([q[model]["test_error"] for q in rows]),
+                        "norm_ratio": seed_interval([q[model]["norm_ratio"] for q in rows]),
+                        "dist_min_norm": seed_interval([q[model]["dist_min_norm"] / q["travelled"] for q in rows]),
+                        "dist_nearest_R0": seed_interval([q[model]["dist_nearest_R0"] / q["travelled"]
+                                                          for q in rows]),
+                        "dist_frozen_U0": seed_interval([q[model]["dist_frozen_U0"] / q["travelled"]
+                                                         for q in rows]),
+                    })
+    return {"models": out, "pairs": pairs}
 
 
 def _mean(xs):
@@ -881,6 +1107,26 @@ def _table(m: dict) -> str:
                 f"{fmt(_mean(q.get('theory_rate', float('nan')) for q in rows), '.5f')} | "
                 f"{fmt(_mean(q['final_weight_norm'] for q in rows))} | "
                 f"{fmt(_mean(q['newton_weight_norm'] for q in rows))} |")
+    lines += [
+        "",
+        "## Square loss: what sets the number of steps (per seed)",
+        "",
+        "The derived horizon K = ln(10^3) / (eta mu lambda_0) is the step count at which the derived bound reaches "
+        "10^-3 (eta = 1/(beta lambda_max(P_0)), mu = 4 lambda_min+(Phi^T Phi)/N, lambda_0 = lambda_min(U_0 U_0^T)); "
+        "a run takes max(steps, min(K, cap)) steps. Shallow GD: the explicit model R phi from the same R_0 with "
+        "step 1/beta, same step count.",
+        "",
+        "| width m | seed | rank Phi | kappa(Phi^T Phi) | eta beta | lambda_0 | lambda_T | horizon K | steps run "
+        "| log10 gap implicit | log10 gap shallow GD | censored |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+    ]
+    for w, rows in r["squared"].items():
+        for q in rows:
+            lines.append(
+                f"| {w} | {q['seed']} | {q['rank_phi']} | {fmt(q['kappa_phi'])} | {fmt(q['lr_times_beta'])} | "
+                f"{fmt(q['lambda_0'])} | {fmt(q['lambda_T'])} | {q['horizon']} | {q['steps_run']} | "
+                f"{fmt(q['log10_relative_gap'])} | {fmt(q['shallow_gd_log10_gap'])} | "
+                f"{'yes' if q['censored'] else 'no'} |")
     tr = m["trust_region"]
     lines += [
         "",
@@ -895,25 +1141,38 @@ def _table(m: dict) -> str:
                      f"{fmt(q['deviation_gamma'])} | {fmt(q['one_step_order'])} |")
     lines += [
         "",
-        f"## Implicit bias (m = {m['settings_used']['bias_width']} whitened principal components; mean over "
-        f"{m['settings_used']['bias_seeds']} seeds)",
+        f"## Implicit bias (m = {m['settings_used']['bias_width']} whitened principal components; mean and 95% "
+        f"t-interval over {m['settings_used']['bias_seeds']} seeds)",
         "",
-        "| data | init, regime | model | train gap (rel.) | test error | ||R|| | dist. to min-norm | "
-        "dist. to nearest-R_0 |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "Distances are relative to ||R_near - R_0||, the distance shallow GD travels (R_near: the least-squares "
+        "solution nearest R_0, where shallow GD provably goes; R_mn = pinv(Phi) Y: the minimum-norm one; "
+        "R_frozen = B U_0 with B the least-squares solution nearest B_0 for the features Phi U_0^T: where GD goes "
+        "if U = U_0 stays frozen and only B (or W2) trains). "
+        "||R|| / ||R_mn|| >= 1 for every exact minimiser, = 1 only for R_mn.",
+        "",
+        "| data | init | regime (N, rank) | model | train gap (rel., worst seed) | test error | ||R|| / ||R_mn|| "
+        "| dist. to R_mn | dist. to R_near | dist. to R_frozen |",
+        "| --- | --- | --- | --- | ---: | --- | --- | --- | --- | --- |",
     ]
-    for name, inits in m["bias"].items():
-        for init, reg in inits.items():
-            for regime, rows in reg.items():
-                label = (f"{init}, N = {m['settings_used']['bias_n']} (non-unique)" if regime == "nonunique"
-                         else f"{init}, N = {4 * m['settings_used']['bias_width']} (unique)")
-                for key in ("implicit", "shallow", "deep"):
-                    lines.append(
-                        f"| {name} | {label} | {key} | {fmt(_mean(q[key]['relative_gap'] for q in rows))} | "
-                        f"{fmt(_mean(q[key]['test_error'] for q in rows))} | "
-                        f"{fmt(_mean(q[key]['R_norm'] for q in rows))} | "
-                        f"{fmt(_mean(q[key]['dist_min_norm'] for q in rows))} | "
-                        f"{fmt(_mean(q[key]['dist_nearest_R0'] for q in rows))} |")
+
+    def ci(x):
+        return f"{fmt(x[0])} [{fmt(x[1][0])}, {fmt(x[1][1])}]"
+    for q in m["bias_summary"]["models"]:
+        lines.append(f"| {q['data']} | {q['init']} | {q['regime']} ({q['n']}, {q['rank']}) | {q['model']} | "
+                     f"{fmt(q['train_gap'])} | {ci(q['test_error'])} | {ci(q['norm_ratio'])} | "
+                     f"{ci(q['dist_min_norm'])} | {ci(q['dist_nearest_R0'])} | {ci(q['dist_frozen_U0'])} |")
+    lines += [
+        "",
+        "Distances between the limits (relative to ||R_near - R_0||):",
+        "",
+        "| data | init | regime (N, rank) | implicit - shallow | deep - shallow | implicit - deep "
+        "| implicit: ||U_T - U_0|| / ||U_0|| |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for q in m["bias_summary"]["pairs"]:
+        lines.append(f"| {q['data']} | {q['init']} | {q['regime']} ({q['n']}, {q['rank']}) | "
+                     f"{ci(q['impl_vs_shallow'])} | {ci(q['deep_vs_shallow'])} | {ci(q['impl_vs_deep'])} | "
+                     f"{ci(q['U_change'])} |")
     lines += [
         "",
         "## Library scale (all 1,797 digits, core Anderson solver in float32, backward='implicit')",
@@ -927,6 +1186,8 @@ def _table(m: dict) -> str:
                      f"{fmt(q['grad_B_rel_error'])} | {q['forward_steps']} | {fmt(q['solve_cpu_s'])} | "
                      f"{q['train_steps']} | {fmt(q['train_cpu_s'])} | {fmt(q['loss_before'])} -> "
                      f"{fmt(q['loss_after'])} |")
+    lines += ["", "CPU seconds per study (process time): " + ", ".join(
+        f"{k} {fmt(v)}" for k, v in m["cpu_seconds"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -938,10 +1199,20 @@ def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> 
     mode = mode_of(quick=quick, tiny=tiny)
     t0 = time.time()
     torch.manual_seed(seed)
+    cpu, clock = {}, time.process_time()
+
+    def lap(name):
+        nonlocal clock
+        cpu[name] = time.process_time() - clock
+        clock = time.process_time()
     rates = rates_study(cfg, seed)
+    lap("rates")
     trust = trust_region_study(cfg, seed)
+    lap("trust_region")
     bias = bias_study(cfg, seed)
+    lap("bias")
     scale = scale_study(cfg, seed)
+    lap("scale")
     claims, sanity = [], []
     for c, s in (_rates_claims(rates, mode), _tr_claims(trust, mode), _bias_claims(bias, mode)):
         claims += c
@@ -951,8 +1222,8 @@ def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> 
         "experiment": "implicit",
         "paper": "Kawaguchi, On the Theory of Implicit Deep Learning, ICLR 2021 (arXiv 2102.07346)",
         "seed": seed, "settings_used": cfg, "num_classes": NUM_CLASSES,
-        "rates": rates, "trust_region": trust, "bias": bias, "scale": scale,
-        "seconds": time.time() - t0,
+        "rates": rates, "trust_region": trust, "bias": bias, "bias_summary": bias_summary(bias), "scale": scale,
+        "seconds": time.time() - t0, "cpu_seconds": cpu,
     }
     metrics["claims"], metrics["sanity_checks"] = claims, sanity
     metrics["settings"] = {**cfg, "mode": mode}

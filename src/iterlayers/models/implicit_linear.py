@@ -52,6 +52,8 @@ __all__ = [
     "loss_grad",
     "implicit_gradient",
     "equilibrium_gradient",
+    "square_moments",
+    "square_moment_gradient",
     "EQUILIBRIA",
     "LOSSES",
     "REDUCTIONS",
@@ -385,6 +387,42 @@ def equilibrium_gradient(A: torch.Tensor, B: torch.Tensor, phi: torch.Tensor, y:
         grad_B = G.transpose(-1, -2) @ Z
         V = G @ B @ U
         grad_S = gamma * V.transpose(-1, -2) @ Z
+        grad_A = S * (grad_S - (S * grad_S).sum(-2, keepdim=True))
+    return grad_A, grad_B, value
+
+
+def square_moments(phi: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple:
+    """(C, D, c) = (Phi^T Phi / N, Phi^T Y / N, ||Y||_F^2 / N): the mean square loss of any linear predictor R of
+    the features depends on the data only through these, L(R) = tr(R C R^T) - 2 tr(R D) + c (Y one-hot of the
+    integer labels ``y``, or ``y`` itself if floating). Leading batch dimensions as in :func:`equilibrium_gradient`.
+    """
+    with torch.no_grad():
+        t = y.to(phi.dtype) if torch.is_floating_point(y) else torch.nn.functional.one_hot(y, num_classes).to(phi.dtype)
+        n = phi.shape[-2]
+        return (phi.transpose(-1, -2) @ phi / n, phi.transpose(-1, -2) @ t / n, t.pow(2).sum((-2, -1)) / n)
+
+
+def square_moment_gradient(A: torch.Tensor, B: torch.Tensor, moments: tuple, *, gamma: float):
+    """(dL/dA, dL/dB, L) of the *mean* square loss from :func:`square_moments`: the same values as
+    :func:`equilibrium_gradient` (``loss="squared"``, ``reduction="mean"``) at a cost independent of N.
+
+    With R = B U, U = (I - gamma sigma(A))^{-1}: G_R = dL/dR = 2 (R C - D^T), dL/dB = G_R U^T, dL/dsigma(A) =
+    gamma R^T G_R U^T (from dR = gamma B U dsigma U), then the column-softmax Jacobian.
+    """
+    C, D, c = moments
+    with torch.no_grad():
+        m = A.shape[-1]
+        S = torch.softmax(A, dim=-2)
+        eye = torch.eye(m, dtype=A.dtype, device=A.device)
+        U = torch.linalg.solve(eye - gamma * S, eye.expand_as(S))
+        R = B @ U
+        RC = R @ C
+        RDt = R @ D
+        value = (RC * R).sum((-2, -1)) - 2.0 * RDt.diagonal(dim1=-2, dim2=-1).sum(-1) + c
+        G = 2.0 * (RC - D.transpose(-1, -2))
+        Ut = U.transpose(-1, -2)
+        grad_B = G @ Ut
+        grad_S = gamma * R.transpose(-1, -2) @ grad_B
         grad_A = S * (grad_S - (S * grad_S).sum(-2, keepdim=True))
     return grad_A, grad_B, value
 
