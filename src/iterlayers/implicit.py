@@ -238,7 +238,9 @@ class ImplicitGradient(GradientMode):
                     "iteration), or compute second derivatives of an explicit reference"
                 )
             inside[0] = True
-            atol, rtol = mode.tolerances(o.atol, o.rtol, _resolution_dtype(stats, fz.dtype), _forward_residual(stats))
+            adapt = mode.adaptive and (mode.atol is None or mode.rtol is None)  # else rho is not needed
+            atol, rtol = mode.tolerances(o.atol, o.rtol, _resolution_dtype(stats, fz.dtype),
+                                         _forward_residual(stats) if adapt else None)
             try:
                 start = solve.adjoint_start if record is None else None  # the warm start is z*'s
                 u, bst = implicit_backward(

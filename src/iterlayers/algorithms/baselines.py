@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .unrolled import _positive_int, bind_energy
+from iterlayers.errors import ValidationError
 
 __all__ = ["GradientRNN", "MLPRNN"]
 
@@ -28,9 +29,9 @@ _INITS = ("gd", "identity", "random")
 
 def _check_common(activation: str, init: str) -> None:
     if activation not in _ACTS:
-        raise ValueError(f"activation must be one of {tuple(_ACTS)}, got {activation!r}")
+        raise ValidationError(f"activation must be one of {tuple(_ACTS)}, got {activation!r}")
     if init not in _INITS:
-        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+        raise ValidationError(f"init must be one of {_INITS}, got {init!r}")
 
 
 class _RecurrentBaseline(nn.Module):
@@ -66,7 +67,7 @@ class GradientRNN(_RecurrentBaseline):
         self.k = _positive_int(k, "k")
         _check_common(activation, init)
         if init == "gd" and hidden < 2 * dim:
-            raise ValueError(f"init='gd' needs hidden >= 2 * dim = {2 * dim}, got hidden={hidden}")
+            raise ValidationError(f"init='gd' needs hidden >= 2 * dim = {2 * dim}, got hidden={hidden}")
         self.activation, self.init = activation, init
         self.act = _ACTS[activation]()
         self.U = nn.Linear(hidden, hidden, bias=False)
@@ -109,10 +110,10 @@ class MLPRNN(_RecurrentBaseline):
         self.dim, self.k = _positive_int(dim, "dim"), _positive_int(k, "k")
         hidden = tuple(hidden)
         if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-            raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {hidden!r}")
+            raise ValidationError(f"hidden must be a non-empty tuple of positive ints, got {hidden!r}")
         _check_common(activation, init)
         if init == "gd" and (activation != "relu" or min(hidden) < 2 * dim):
-            raise ValueError("init='gd' needs activation='relu' and every hidden width >= 2 * dim "
+            raise ValidationError("init='gd' needs activation='relu' and every hidden width >= 2 * dim "
                              f"= {2 * dim}, got activation={activation!r}, hidden={hidden}")
         self.hidden, self.activation, self.init = hidden, activation, init
         self.act = _ACTS[activation]()

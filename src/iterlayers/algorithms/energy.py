@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from iterlayers.errors import OptionTypeError, ValidationError
 
 __all__ = [
     "BoundEnergy",
@@ -44,9 +45,9 @@ __all__ = [
 
 def _check_batch_vector(y: Tensor, name: str = "y") -> None:
     if not isinstance(y, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+        raise OptionTypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
     if y.dim() != 2:
-        raise ValueError(f"{name} must have shape [batch, n], got {tuple(y.shape)}")
+        raise ValidationError(f"{name} must have shape [batch, n], got {tuple(y.shape)}")
 
 
 class BoundEnergy:
@@ -73,14 +74,14 @@ class Quadratic(BoundEnergy):
 
     def __init__(self, Q: Tensor, b: Tensor):
         if not isinstance(Q, Tensor) or not isinstance(b, Tensor):
-            raise TypeError("Q and b must be torch.Tensors")
+            raise OptionTypeError("Q and b must be torch.Tensors")
         if Q.dim() != 3 or Q.shape[-1] != Q.shape[-2]:
-            raise ValueError(f"Q must have shape [batch, n, n], got {tuple(Q.shape)}")
+            raise ValidationError(f"Q must have shape [batch, n, n], got {tuple(Q.shape)}")
         _check_batch_vector(b, "b")
         if b.shape[0] != Q.shape[0] or b.shape[1] != Q.shape[1]:
-            raise ValueError(f"b of shape {tuple(b.shape)} does not match Q of shape {tuple(Q.shape)}")
+            raise ValidationError(f"b of shape {tuple(b.shape)} does not match Q of shape {tuple(Q.shape)}")
         if Q.dtype != b.dtype:
-            raise TypeError(f"Q and b must share a dtype, got {Q.dtype} and {b.dtype}")
+            raise OptionTypeError(f"Q and b must share a dtype, got {Q.dtype} and {b.dtype}")
         self.Q, self.b = Q, b
         self.dim = b.shape[1]
 
@@ -120,7 +121,7 @@ class AutogradBound(BoundEnergy):
             y_ = y if y.requires_grad else y.detach().requires_grad_(True)
             e = self.fn(y_)
             if e.dim() != 1 or e.shape[0] != y.shape[0]:
-                raise ValueError(f"energy must return shape [batch], got {tuple(e.shape)}")
+                raise ValidationError(f"energy must return shape [batch], got {tuple(e.shape)}")
             (g,) = torch.autograd.grad(e.sum(), y_, create_graph=recording)
         return g if recording else g.detach()
 
@@ -180,14 +181,14 @@ class QuadraticEnergy(Energy):
                  L: float = 1.0, pin_extremes: bool = True):
         super().__init__()
         if not (isinstance(dim_in, int) and dim_in > 0):
-            raise ValueError(f"dim_in must be a positive int, got {dim_in!r}")
+            raise ValidationError(f"dim_in must be a positive int, got {dim_in!r}")
         if not (isinstance(dim, int) and dim >= (3 if pin_extremes else 1)):
-            raise ValueError(f"dim must be an int >= {3 if pin_extremes else 1}, got {dim!r}")
+            raise ValidationError(f"dim must be an int >= {3 if pin_extremes else 1}, got {dim!r}")
         hidden = tuple(hidden)
         if any((not isinstance(h, int)) or h < 0 for h in hidden):
-            raise ValueError(f"hidden must be a tuple of non-negative ints, got {hidden!r}")
+            raise ValidationError(f"hidden must be a tuple of non-negative ints, got {hidden!r}")
         if not (0 < mu <= L):
-            raise ValueError(f"need 0 < mu <= L, got mu={mu!r}, L={L!r}")
+            raise ValidationError(f"need 0 < mu <= L, got mu={mu!r}, L={L!r}")
         self.dim_in, self.dim, self.hidden = dim_in, dim, tuple(h for h in hidden if h > 0)
         self.mu, self.L, self.pin_extremes = float(mu), float(L), bool(pin_extremes)
         layers: list[nn.Module] = []
@@ -209,12 +210,12 @@ class QuadraticEnergy(Energy):
 
     def bind(self, x) -> Quadratic:
         if not (isinstance(x, (tuple, list)) and len(x) == 3):
-            raise TypeError("QuadraticEnergy expects x = (u, R, b)")
+            raise OptionTypeError("QuadraticEnergy expects x = (u, R, b)")
         u, R, b = x
         if u.dim() != 2 or u.shape[1] != self.dim_in:
-            raise ValueError(f"u must have shape [batch, {self.dim_in}], got {tuple(u.shape)}")
+            raise ValidationError(f"u must have shape [batch, {self.dim_in}], got {tuple(u.shape)}")
         if R.shape[-2:] != (self.dim, self.dim) or b.shape[-1] != self.dim:
-            raise ValueError(f"R must be [batch, {self.dim}, {self.dim}] and b [batch, {self.dim}]")
+            raise ValidationError(f"R must be [batch, {self.dim}, {self.dim}] and b [batch, {self.dim}]")
         return Quadratic(spd_from_eigs(R, self.eigenvalues(u)), b)
 
     def extra_repr(self) -> str:
@@ -231,9 +232,9 @@ class AutogradEnergy(Energy):
     def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], *, dim: int):
         super().__init__()
         if not callable(fn):
-            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+            raise OptionTypeError(f"fn must be callable, got {type(fn).__name__}")
         if not (isinstance(dim, int) and dim > 0):
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
+            raise ValidationError(f"dim must be a positive int, got {dim!r}")
         self.fn, self.dim = fn, dim
 
     def bind(self, x: Tensor) -> AutogradBound:
@@ -270,7 +271,7 @@ class L1Penalty(Regularizer):
     def __init__(self, lam: float, *, learnable: bool = False):
         super().__init__()
         if not (isinstance(lam, (int, float)) and lam >= 0):
-            raise ValueError(f"lam must be a non-negative float, got {lam!r}")
+            raise ValidationError(f"lam must be a non-negative float, got {lam!r}")
         t = torch.tensor(float(lam), dtype=torch.float64)
         if learnable:
             self.raw = nn.Parameter(t)
@@ -309,7 +310,7 @@ class BoxConstraint(Regularizer):
     def __init__(self, low: float, high: float):
         super().__init__()
         if not low < high:
-            raise ValueError(f"need low < high, got low={low!r}, high={high!r}")
+            raise ValidationError(f"need low < high, got low={low!r}, high={high!r}")
         self.low, self.high = float(low), float(high)
 
     def value(self, y: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ import math
 
 from .energy import BoundEnergy
 from .unrolled import UnrolledAlgorithm, _per_step
+from iterlayers.errors import ValidationError
 
 __all__ = ["HeavyBall", "polyak_parameters"]
 
@@ -22,7 +23,7 @@ __all__ = ["HeavyBall", "polyak_parameters"]
 def polyak_parameters(mu: float, L: float) -> tuple[float, float]:
     """Optimal ``(step_size, momentum)`` of heavy ball on quadratics with spectrum in ``[mu, L]``."""
     if not (0 < mu <= L):
-        raise ValueError(f"need 0 < mu <= L, got mu={mu!r}, L={L!r}")
+        raise ValidationError(f"need 0 < mu <= L, got mu={mu!r}, L={L!r}")
     a, c = math.sqrt(L), math.sqrt(mu)
     return 4.0 / (a + c) ** 2, ((a - c) / (a + c)) ** 2
 

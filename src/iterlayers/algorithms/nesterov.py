@@ -19,6 +19,7 @@ import torch
 
 from .energy import BoundEnergy
 from .unrolled import UnrolledAlgorithm, _per_step
+from iterlayers.errors import ValidationError
 
 __all__ = ["Nesterov", "nesterov_momentum"]
 
@@ -40,12 +41,12 @@ class Nesterov(UnrolledAlgorithm):
                  tied: bool = True, learn_step: bool = False, learn_momentum: bool = False):
         super().__init__(k=k, step_size=step_size, tied=tied, learn_step=learn_step)
         if (mu is None) == (momentum is None):
-            raise ValueError("give exactly one of mu (momentum from the step size) or momentum")
+            raise ValidationError("give exactly one of mu (momentum from the step size) or momentum")
         if mu is not None:
             if not (isinstance(mu, (int, float)) and mu > 0):
-                raise ValueError(f"mu must be a positive float, got {mu!r}")
+                raise ValidationError(f"mu must be a positive float, got {mu!r}")
             if learn_momentum:
-                raise ValueError("learn_momentum=True needs an explicit momentum, not mu")
+                raise ValidationError("learn_momentum=True needs an explicit momentum, not mu")
         self.mu = None if mu is None else float(mu)
         self.learn_momentum = bool(learn_momentum)
         if momentum is not None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 from ..unrolling import fista_momentum
 from .energy import BoundEnergy, Regularizer
 from .unrolled import UnrolledAlgorithm
+from iterlayers.errors import OptionTypeError
 
 __all__ = ["ISTA", "FISTA"]
 
 
 def _check_regularizer(regularizer) -> Regularizer:
     if not isinstance(regularizer, Regularizer):
-        raise TypeError(f"regularizer must be a Regularizer (e.g. L1Penalty), got {type(regularizer).__name__}")
+        raise OptionTypeError(f"regularizer must be a Regularizer (e.g. L1Penalty), got {type(regularizer).__name__}")
     return regularizer
 
 

@@ -48,6 +48,7 @@ from torch import Tensor
 from iterlayers.analysis import fit_linear_rate, spectral_radius
 
 from .energy import Quadratic
+from iterlayers.errors import ValidationError
 
 __all__ = [
     "ALGORITHMS",
@@ -78,9 +79,9 @@ def nag_beta(mu: float, s) -> Tensor:
 
 def _check(algorithm: str, k: int) -> None:
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        raise ValidationError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"k must be a non-negative int, got {k!r}")
+        raise ValidationError(f"k must be a non-negative int, got {k!r}")
 
 
 def _momentum(algorithm: str, s: Tensor, beta, mu) -> Tensor:
@@ -90,7 +91,7 @@ def _momentum(algorithm: str, s: Tensor, beta, mu) -> Tensor:
         return torch.as_tensor(beta, dtype=s.dtype)
     if algorithm == "nag" and mu is not None:
         return nag_beta(mu, s)
-    raise ValueError(f"{algorithm} needs beta (momentum) or, for nag, mu")
+    raise ValidationError(f"{algorithm} needs beta (momentum) or, for nag, mu")
 
 
 def residual(algorithm: str, lam: Tensor, k: int, *, s=1.0, beta=None, mu=None) -> Tensor:
@@ -130,7 +131,7 @@ def closed_form_iterates(algorithm: str, Q: Tensor, b: Tensor, k: int, *, s=1.0,
 
 def _grid(mu: float, L: float, n: int) -> Tensor:
     if not (0 < mu <= L):
-        raise ValueError(f"need 0 < mu <= L, got mu={mu!r}, L={L!r}")
+        raise ValidationError(f"need 0 < mu <= L, got mu={mu!r}, L={L!r}")
     return torch.linspace(mu, L, n, dtype=torch.float64)
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from iterlayers import DEQOptions, deq_solve
-from iterlayers.errors import ValidationError
+from iterlayers.errors import OptionTypeError, ValidationError
 
 from .energy import BoundEnergy, Energy, Quadratic
 
@@ -36,21 +36,21 @@ def bind_energy(energy, x=None) -> BoundEnergy:
     """Accept a :class:`BoundEnergy`, an :class:`Energy` with its input ``x``, or a pair ``(Q, b)``."""
     if isinstance(energy, BoundEnergy):
         if x is not None:
-            raise TypeError("x must be None when a bound energy is passed")
+            raise OptionTypeError("x must be None when a bound energy is passed")
         return energy
     if isinstance(energy, Energy):
         if x is None:
-            raise TypeError(f"{type(energy).__name__} needs its input x")
+            raise OptionTypeError(f"{type(energy).__name__} needs its input x")
         return energy.bind(x)
     if isinstance(energy, (tuple, list)) and len(energy) == 2:
         return Quadratic(*energy)
-    raise TypeError("energy must be a BoundEnergy, an Energy (with x) or a pair (Q, b); "
+    raise OptionTypeError("energy must be a BoundEnergy, an Energy (with x) or a pair (Q, b); "
                     f"got {type(energy).__name__}")
 
 
 def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ValidationError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
@@ -63,14 +63,14 @@ def _per_step(module: nn.Module, name: str, value, *, k: int, tied: bool, learn:
     elif isinstance(value, Sequence):
         t = torch.tensor([float(v) for v in value], dtype=torch.float64)
     else:
-        raise TypeError(f"{name} must be a float, a sequence of floats or a tensor, got {type(value).__name__}")
+        raise OptionTypeError(f"{name} must be a float, a sequence of floats or a tensor, got {type(value).__name__}")
     n = 1 if tied else k
     if t.numel() == 1:
         t = t.repeat(n)
     if t.numel() != n:
-        raise ValueError(f"{name} needs 1 value (tied) or k={k} values (untied), got {t.numel()}")
+        raise ValidationError(f"{name} needs 1 value (tied) or k={k} values (untied), got {t.numel()}")
     if not torch.isfinite(t).all():
-        raise ValueError(f"{name} must be finite, got {t.tolist()}")
+        raise ValidationError(f"{name} must be finite, got {t.tolist()}")
     if learn:
         module.register_parameter(name, nn.Parameter(t))
     else:
@@ -91,9 +91,9 @@ class UnrolledAlgorithm(nn.Module):
         super().__init__()
         self.k = _positive_int(k, "k")
         if not isinstance(tied, bool):
-            raise TypeError(f"tied must be a bool, got {tied!r}")
+            raise OptionTypeError(f"tied must be a bool, got {tied!r}")
         if not isinstance(learn_step, bool):
-            raise TypeError(f"learn_step must be a bool, got {learn_step!r}")
+            raise OptionTypeError(f"learn_step must be a bool, got {learn_step!r}")
         self.tied, self.learn_step = tied, learn_step
         _per_step(self, "step_size", step_size, k=self.k, tied=tied, learn=learn_step)
 
@@ -128,11 +128,11 @@ class UnrolledAlgorithm(nn.Module):
         else:
             steps = _positive_int(steps, "steps")
             if not self.tied and steps > self.k:
-                raise ValueError(f"an untied layer has only k={self.k} steps, asked for steps={steps}")
+                raise ValidationError(f"an untied layer has only k={self.k} steps, asked for steps={steps}")
         if y0 is None:
             y0 = bound.zeros()
         elif y0.shape != bound.zeros().shape:
-            raise ValueError(f"y0 must have shape {tuple(bound.zeros().shape)}, got {tuple(y0.shape)}")
+            raise ValidationError(f"y0 must have shape {tuple(bound.zeros().shape)}, got {tuple(y0.shape)}")
         state = self._init_state(y0)
         trace = [self._output(state)] if return_all else None
         for t in range(steps):

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from iterlayers.errors import OptionTypeError, ValidationError
 
 
 def call_cell(cell: Callable, z: Tensor, x: Tensor | None) -> Tensor:
@@ -33,21 +34,21 @@ def call_cell(cell: Callable, z: Tensor, x: Tensor | None) -> Tensor:
 
 def check_state(z: Tensor, name: str = "z") -> None:
     if not isinstance(z, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape [B, ...], got {type(z).__name__}")
+        raise OptionTypeError(f"{name} must be a torch.Tensor of shape [B, ...], got {type(z).__name__}")
     if z.dim() < 1 or z.shape[0] == 0:
-        raise ValueError(f"{name} must have a non-empty batch dimension, got shape {tuple(z.shape)}")
+        raise ValidationError(f"{name} must have a non-empty batch dimension, got shape {tuple(z.shape)}")
     if not z.is_floating_point():
-        raise TypeError(f"{name} must be floating point (float32/float64), got {z.dtype}")
+        raise OptionTypeError(f"{name} must be floating point (float32/float64), got {z.dtype}")
 
 
 def check_method(method: str, valid: Sequence[str], name: str = "method") -> None:
     if method not in valid:
-        raise ValueError(f"{name} must be one of {tuple(valid)}, got {method!r}")
+        raise ValidationError(f"{name} must be one of {tuple(valid)}, got {method!r}")
 
 
 def check_positive(value, name: str) -> None:
     if not (isinstance(value, (int, float)) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+        raise ValidationError(f"{name} must be a positive number, got {value!r}")
 
 
 def bdot(a: Tensor, b: Tensor) -> Tensor:
@@ -119,19 +120,19 @@ class CellLinearization:
     def __init__(self, cell: Callable, z: Tensor, x: Tensor | None = None, *, need_x: bool = False):
         check_state(z, "z")
         if x is not None and not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor or None, got {type(x).__name__}")
+            raise OptionTypeError(f"x must be a torch.Tensor or None, got {type(x).__name__}")
         if need_x and x is None:
-            raise ValueError("x must be given: this quantity differentiates with respect to the input x")
+            raise ValidationError("x must be given: this quantity differentiates with respect to the input x")
         if need_x and not x.is_floating_point():
-            raise TypeError(f"x must be floating point to differentiate with respect to it, got {x.dtype}")
+            raise OptionTypeError(f"x must be floating point to differentiate with respect to it, got {x.dtype}")
         with torch.enable_grad():
             self.z = z.detach().requires_grad_(True)
             self.x = None if x is None else x.detach().requires_grad_(need_x)
             self.f = call_cell(cell, self.z, self.x)
         if not isinstance(self.f, Tensor):
-            raise TypeError(f"cell(z, x) must return a Tensor, got {type(self.f).__name__}")
+            raise OptionTypeError(f"cell(z, x) must return a Tensor, got {type(self.f).__name__}")
         if self.f.shape != z.shape:
-            raise ValueError(f"cell(z, x) must return the shape of z {tuple(z.shape)}, got {tuple(self.f.shape)}")
+            raise ValidationError(f"cell(z, x) must return the shape of z {tuple(z.shape)}, got {tuple(self.f.shape)}")
         self.Jz = LinearMap(self.f, self.z)
         self.Jx = LinearMap(self.f, self.x) if need_x else None
         self.batch, self.n = z.shape[0], z[0].numel()

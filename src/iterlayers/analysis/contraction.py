@@ -27,6 +27,7 @@ from .. import cells
 from ._linear import check_method
 from .lipschitz import lipschitz_upper_bound
 from .spectral import jacobian_norm, spectral_radius
+from iterlayers.errors import OptionTypeError, ValidationError
 
 VERDICTS = ("contractive", "not contractive", "unknown")
 
@@ -86,11 +87,11 @@ def certify_contraction(cell: Callable, z: Tensor | None = None, x: Tensor | Non
     """
     check_method(method, ("auto", "dense", "power"))
     if not isinstance(samples, int) or samples < 0:
-        raise ValueError(f"samples must be a non-negative int, got {samples!r}")
+        raise ValidationError(f"samples must be a non-negative int, got {samples!r}")
     if not isinstance(margin, (int, float)) or not 0 <= margin < 1:
-        raise ValueError(f"margin must be a number in [0, 1), got {margin!r}")
+        raise ValidationError(f"margin must be a number in [0, 1), got {margin!r}")
     if not isinstance(scale, (int, float)) or scale < 0:
-        raise ValueError(f"scale must be a non-negative number, got {scale!r}")
+        raise ValidationError(f"scale must be a non-negative number, got {scale!r}")
     bound, bound_source = _global_bound(cell)
     details: dict = {"bound_source": bound_source}
 
@@ -101,7 +102,7 @@ def certify_contraction(cell: Callable, z: Tensor | None = None, x: Tensor | Non
         # A tuple state is certified as its flat vector (the solvers' view; the same 2-norm).
         cell, base = cells.flattened(cell, base)
         if not isinstance(base, Tensor) or not base.is_floating_point():
-            raise TypeError("z (or cell.init_state(x) / x) must be a floating-point Tensor")
+            raise OptionTypeError("z (or cell.init_state(x) / x) must be a floating-point Tensor")
         if z is not None:
             points.append(base.detach())
         gen = torch.Generator().manual_seed(int(seed))

@@ -27,6 +27,7 @@ import math
 
 import torch
 from torch import nn
+from iterlayers.errors import OptionTypeError
 
 _ONE = (nn.ReLU, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.ReLU6, nn.Identity, nn.Flatten, nn.Unflatten,
         nn.Softsign)
@@ -124,12 +125,12 @@ def lipschitz_upper_bound(module: nn.Module) -> float:
 
     Raises ``TypeError`` naming every unsupported layer (with its path inside the module)."""
     if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        raise OptionTypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     unsupported: list[str] = []
     with torch.no_grad():
         value = _layer_bound(module, unsupported, "")
     if unsupported:
-        raise TypeError("lipschitz_upper_bound does not support these layers: " + ", ".join(unsupported)
+        raise OptionTypeError("lipschitz_upper_bound does not support these layers: " + ", ".join(unsupported)
                         + ". Supported: Sequential, Linear, Conv1d/2d/3d, eval-mode BatchNorm, pooling, "
                         "elementwise activations, and modules defining lipschitz_bound().")
     return value

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .spectral import spectral_radius
+from iterlayers.errors import ValidationError
 
 
 def _as_array(trace) -> np.ndarray:
@@ -24,7 +25,7 @@ def _as_array(trace) -> np.ndarray:
         arr = trace.detach().double().cpu().numpy()
     elif isinstance(trace, (list, tuple)):
         if len(trace) == 0:
-            raise ValueError("trace is empty: need at least two residuals to fit a rate")
+            raise ValidationError("trace is empty: need at least two residuals to fit a rate")
         if isinstance(trace[0], Tensor):
             arr = torch.stack([torch.as_tensor(t).detach().double().cpu().reshape(-1) for t in trace]).numpy()
             if arr.shape[1] == 1 and trace[0].dim() == 0:
@@ -34,7 +35,7 @@ def _as_array(trace) -> np.ndarray:
     else:
         arr = np.asarray(trace, dtype=np.float64)
     if arr.ndim not in (1, 2):
-        raise ValueError(f"trace must be 1-D [T] or 2-D [T, B], got shape {arr.shape}")
+        raise ValidationError(f"trace must be 1-D [T] or 2-D [T, B], got shape {arr.shape}")
     return arr
 
 
@@ -71,13 +72,13 @@ def fit_linear_rate(trace, *, skip: int = 0, floor_factor: float | None = 2.0, t
     below it end the usable part like zeros do. NaN if fewer than two usable points remain.
     """
     if not isinstance(skip, int) or skip < 0:
-        raise ValueError(f"skip must be a non-negative int, got {skip!r}")
+        raise ValidationError(f"skip must be a non-negative int, got {skip!r}")
     if floor_factor is not None and (not isinstance(floor_factor, (int, float)) or not floor_factor >= 1):
-        raise ValueError(f"floor_factor must be None or a number >= 1, got {floor_factor!r}")
+        raise ValidationError(f"floor_factor must be None or a number >= 1, got {floor_factor!r}")
     if not isinstance(tail, (int, float)) or not 0 < tail <= 1:
-        raise ValueError(f"tail must be a number in (0, 1], got {tail!r}")
+        raise ValidationError(f"tail must be a number in (0, 1], got {tail!r}")
     if not isinstance(floor, (int, float)) or not floor >= 0:
-        raise ValueError(f"floor must be a non-negative number, got {floor!r}")
+        raise ValidationError(f"floor must be a non-negative number, got {floor!r}")
     arr = _as_array(trace)
     if arr.ndim == 1:
         return _fit_one(arr, skip, floor_factor, tail, floor)
@@ -95,17 +96,17 @@ def predict_iterations(rate, initial_residual, tol):
         r0 = torch.as_tensor(initial_residual, dtype=torch.float64)
         t = torch.as_tensor(tol, dtype=torch.float64)
         if bool(((q < 0) | (q >= 1) | q.isnan()).any()):
-            raise ValueError("rate must lie in [0, 1) for the iteration to converge")
+            raise ValidationError("rate must lie in [0, 1) for the iteration to converge")
         if bool((t <= 0).any()) or bool((r0 < 0).any()):
-            raise ValueError("tol must be > 0 and initial_residual >= 0")
+            raise ValidationError("tol must be > 0 and initial_residual >= 0")
         k = torch.ceil(torch.log(t / r0.clamp_min(1e-300)) / torch.log(q.clamp_min(1e-300)) - 1e-9)
         k = torch.where(r0 <= t, torch.zeros_like(k), k.clamp_min(1))
         return k.long()
     q, r0, t = float(rate), float(initial_residual), float(tol)
     if not 0 <= q < 1:
-        raise ValueError(f"rate must lie in [0, 1) for the iteration to converge, got {q}")
+        raise ValidationError(f"rate must lie in [0, 1) for the iteration to converge, got {q}")
     if t <= 0 or r0 < 0:
-        raise ValueError(f"tol must be > 0 and initial_residual >= 0, got tol={t}, initial_residual={r0}")
+        raise ValidationError(f"tol must be > 0 and initial_residual >= 0, got tol={t}, initial_residual={r0}")
     if r0 <= t:
         return 0
     if q == 0:

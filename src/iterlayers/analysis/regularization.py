@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._linear import check_method
+from iterlayers.errors import OptionTypeError, ValidationError
 
 
 def jacobian_frobenius_penalty(f_out: Tensor, z_in: Tensor, *, samples: int = 1, distribution: str = "normal",
@@ -24,13 +25,13 @@ def jacobian_frobenius_penalty(f_out: Tensor, z_in: Tensor, *, samples: int = 1,
     """
     check_method(distribution, ("normal", "rademacher"), "distribution")
     if not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be a positive int, got {samples!r}")
+        raise ValidationError(f"samples must be a positive int, got {samples!r}")
     if not isinstance(f_out, Tensor) or not isinstance(z_in, Tensor):
-        raise TypeError("f_out and z_in must be Tensors")
+        raise OptionTypeError("f_out and z_in must be Tensors")
     if not z_in.requires_grad:
-        raise ValueError("z_in must require grad and f_out must be computed from it (with grad enabled)")
+        raise ValidationError("z_in must require grad and f_out must be computed from it (with grad enabled)")
     if f_out.dim() < 1 or f_out.shape[0] != z_in.shape[0]:
-        raise ValueError(f"f_out and z_in must share the batch dimension, got {tuple(f_out.shape)} and "
+        raise ValidationError(f"f_out and z_in must share the batch dimension, got {tuple(f_out.shape)} and "
                          f"{tuple(z_in.shape)}")
     batch, n = z_in.shape[0], z_in[0].numel()
     if distribution == "normal":

@@ -25,6 +25,7 @@ from .contraction import ContractionCertificate, certify_contraction
 from .rates import fit_linear_rate, predict_iterations
 from .sensitivity import condition_number, input_sensitivity, parameter_sensitivity
 from .spectral import jacobian_norm, spectral_radius
+from iterlayers.errors import OptionTypeError, ValidationError
 
 
 @dataclass
@@ -142,11 +143,11 @@ def report(layer_or_cell, x: Tensor, *, z_star: Tensor | None = None, trace: Ten
     ``sensitivities=False`` skips the input/parameter sensitivities (the costliest part).
     """
     if method not in ("auto", "dense", "power"):
-        raise ValueError(f"method must be one of ('auto', 'dense', 'power'), got {method!r}")
+        raise ValidationError(f"method must be one of ('auto', 'dense', 'power'), got {method!r}")
     if not isinstance(max_samples, int) or max_samples < 1:
-        raise ValueError(f"max_samples must be a positive int, got {max_samples!r}")
+        raise ValidationError(f"max_samples must be a positive int, got {max_samples!r}")
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
-        raise TypeError(f"x must be a Tensor with a non-empty batch dimension, got {type(x).__name__}")
+        raise OptionTypeError(f"x must be a Tensor with a non-empty batch dimension, got {type(x).__name__}")
     x = x[:max_samples]
     measured = None
     trace_solver = None
@@ -166,7 +167,7 @@ def report(layer_or_cell, x: Tensor, *, z_star: Tensor | None = None, trace: Ten
     else:
         cell = layer_or_cell
     if not callable(cell):
-        raise TypeError(f"layer_or_cell must be an iterlayers.DEQ or a callable cell(z, x), got "
+        raise OptionTypeError(f"layer_or_cell must be an iterlayers.DEQ or a callable cell(z, x), got "
                         f"{type(layer_or_cell).__name__}")
     with torch.no_grad():
         z0 = cells.initial_state(cell, x, where="report") if z0 is None else _rows(z0, max_samples)

@@ -30,6 +30,7 @@ from ._eig import top_eig_sym
 from ._linear import (CellLinearization, LinearMap, bnorm, call_cell, check_method, check_positive,
                       check_state, dense_from_vjp)
 from ._linsolve import gmres
+from iterlayers.errors import OptionTypeError, ValidationError
 
 
 def _solve_tol(tol: float, solve_tol: float | None) -> float:
@@ -40,7 +41,7 @@ def _opts(method, tol, max_iter, valid=("power", "lanczos", "dense")):
     check_method(method, valid)
     check_positive(tol, "tol")
     if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        raise ValidationError(f"max_iter must be a positive int, got {max_iter!r}")
 
 
 def input_sensitivity(cell: Callable, z_star: Tensor, x: Tensor, *, method: str = "power", tol: float = 1e-6,
@@ -154,11 +155,11 @@ def parameter_sensitivity(cell: Callable, z_star: Tensor, x: Tensor | None = Non
     check_state(z_star, "z_star")
     if params is None:
         if not isinstance(cell, nn.Module):
-            raise ValueError("params must be given when cell is not an nn.Module")
+            raise ValidationError("params must be given when cell is not an nn.Module")
         params = [p for p in cell.parameters() if p.requires_grad]
     params = list(params)
     if not all(isinstance(p, Tensor) and p.requires_grad for p in params):
-        raise TypeError("params must be Tensors with requires_grad=True")
+        raise OptionTypeError("params must be Tensors with requires_grad=True")
     batch, n = z_star.shape[0], z_star[0].numel()
     out = torch.zeros(batch, dtype=z_star.dtype, device=z_star.device)
     if not params:
@@ -221,14 +222,14 @@ def unrolled_sensitivity(step: Callable, y0: Tensor, x: Tensor, ks: Iterable[int
     check_state(x, "x")
     ks = [int(k) for k in ks]
     if not ks or any(k < 0 for k in ks):
-        raise ValueError(f"ks must be a non-empty iterable of non-negative ints, got {ks}")
+        raise ValidationError(f"ks must be a non-empty iterable of non-negative ints, got {ks}")
     K = max(ks)
     batch = x.shape[0]
     if isinstance(perturbation, str):
         if perturbation != "worst":
-            raise ValueError(f"perturbation must be a Tensor shaped like x, None, or 'worst'; got {perturbation!r}")
+            raise ValidationError(f"perturbation must be a Tensor shaped like x, None, or 'worst'; got {perturbation!r}")
         if eps is not None:
-            raise ValueError("eps must be None with perturbation='worst' (it is a derivative norm)")
+            raise ValidationError("eps must be None with perturbation='worst' (it is a derivative norm)")
         _opts(method, tol, max_iter, ("power", "lanczos"))
         with torch.enable_grad():
             xl = x.detach().requires_grad_(True)
@@ -249,13 +250,13 @@ def unrolled_sensitivity(step: Callable, y0: Tensor, x: Tensor, ks: Iterable[int
         delta = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x)
     elif isinstance(perturbation, Tensor):
         if perturbation.shape != x.shape:
-            raise ValueError(f"perturbation must have the shape of x {tuple(x.shape)}, got {tuple(perturbation.shape)}")
+            raise ValidationError(f"perturbation must have the shape of x {tuple(x.shape)}, got {tuple(perturbation.shape)}")
         delta = perturbation.detach().to(x)
     else:
-        raise TypeError(f"perturbation must be a Tensor, None or 'worst', got {type(perturbation).__name__}")
+        raise OptionTypeError(f"perturbation must be a Tensor, None or 'worst', got {type(perturbation).__name__}")
     dnorm = bnorm(delta.reshape(batch, -1))
     if bool((dnorm == 0).any()):
-        raise ValueError("perturbation must be non-zero for every sample")
+        raise ValidationError("perturbation must be non-zero for every sample")
     out = torch.zeros(K + 1, batch, dtype=x.dtype, device=x.device)
     if eps is not None:
         check_positive(eps, "eps")

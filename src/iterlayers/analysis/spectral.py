@@ -33,6 +33,7 @@ from torch import Tensor
 from ._eig import power_radius, top_eig_sym
 from ._linear import CellLinearization, check_method, check_positive
 from .jacobian import jacobian
+from iterlayers.errors import ValidationError
 
 
 @dataclass
@@ -57,7 +58,7 @@ def _validate(method, valid, tol, max_iter):
     check_method(method, valid)
     check_positive(tol, "tol")
     if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        raise ValidationError(f"max_iter must be a positive int, got {max_iter!r}")
 
 
 def spectral_radius(cell: Callable, z: Tensor, x: Tensor | None = None, *, method: str = "power",

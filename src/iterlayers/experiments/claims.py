@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+from iterlayers.errors import OptionTypeError, ValidationError
 
 __all__ = [
     "VERDICTS", "HOLDS", "PARTLY", "DOES_NOT_HOLD", "NOT_TESTABLE",
@@ -56,9 +57,9 @@ class Threshold:
 
     def __post_init__(self):
         if self.op not in _OPS:
-            raise ValueError(f"threshold op must be one of {sorted(_OPS)}, got {self.op!r}")
+            raise ValidationError(f"threshold op must be one of {sorted(_OPS)}, got {self.op!r}")
         if not (isinstance(self.value, (int, float)) and math.isfinite(self.value)):
-            raise ValueError(f"threshold value must be a finite number, got {self.value!r}")
+            raise ValidationError(f"threshold value must be a finite number, got {self.value!r}")
 
     def passes(self, x: float) -> bool:
         return bool(_OPS[self.op](float(x), float(self.value)))
@@ -135,7 +136,7 @@ def make_claim(
     (:func:`required_seeds`) also make it ``"not testable here"``; ``note`` says which rule applied.
     """
     if not isinstance(control, dict) or "description" not in control or "value" not in control:
-        raise ValueError(f"claim {id!r}: control must be a dict with 'description' and 'value'")
+        raise ValidationError(f"claim {id!r}: control must be a dict with 'description' and 'value'")
     ctrl_interval = _interval(control.get("interval"), control["value"])
     ctrl_value = float(control["value"]) if _finite(control["value"]) else None
     ctrl = {
@@ -269,7 +270,7 @@ def _json_default(o):
         pass
     if isinstance(o, Path):
         return str(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+    raise OptionTypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
 def write_metrics(out: Path, metrics: dict, *, settings: dict, mode: str, claims: list[dict],
@@ -278,9 +279,9 @@ def write_metrics(out: Path, metrics: dict, *, settings: dict, mode: str, claims
     ids = [c["id"] for c in claims] + [s["id"] for s in sanity_checks]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise ValueError(f"duplicate claim / sanity-check ids: {dup}")
+        raise ValidationError(f"duplicate claim / sanity-check ids: {dup}")
     if mode not in ("tiny", "quick", "full"):
-        raise ValueError(f"mode must be tiny, quick or full, got {mode!r}")
+        raise ValidationError(f"mode must be tiny, quick or full, got {mode!r}")
     body = dict(metrics)
     body["settings"] = {**settings, "mode": mode}
     body["claims"] = claims

@@ -116,7 +116,7 @@ def _tight_frame(d: int, k: int) -> torch.Tensor:
     if k <= d:
         return torch.eye(d, k, dtype=torch.float64)
     if d % 2:
-        raise ValueError(f"harmonic frame needs an even dimension, got {d}")
+        raise ValidationError(f"harmonic frame needs an even dimension, got {d}")
     m = torch.arange(1, d // 2 + 1, dtype=torch.float64).view(-1, 1)
     a = 2 * math.pi * m * torch.arange(k, dtype=torch.float64).view(1, -1) / k
     return torch.cat([torch.cos(a), torch.sin(a)]) * math.sqrt(2.0 / d)
@@ -698,7 +698,7 @@ def _run(*, out, quick, tiny, seed, workers) -> dict:
     if workers is None:
         workers = (os.cpu_count() or 1) if not (quick or tiny) else 1
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        raise ValidationError(f"workers must be a positive integer, got {workers!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mode = mode_of(quick=quick, tiny=tiny)

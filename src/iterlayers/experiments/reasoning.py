@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..algorithms import GradientDescent, GradientRNN, MLPRNN, Nesterov, QuadraticEnergy, random_rotation, theory
+from ..errors import OptionTypeError, ValidationError
 from .claims import (Threshold, fmt, make_claim, mode_of, new_figure, sanity_check, sanity_markdown,
                      claims_markdown, save_figure, seed_interval, spearman, write_metrics)
 
@@ -155,7 +156,7 @@ class Students(nn.Module):
         init_seeds = list(init_seeds)
         widths = [int(width)] * len(init_seeds) if isinstance(width, int) else [int(w) for w in width]
         if len(widths) != len(init_seeds) or (0 in widths and max(widths) > 0):
-            raise ValueError(f"width: one int or one positive width per row, got {width!r}")
+            raise ValidationError(f"width: one int or one positive width per row, got {width!r}")
         self.widths, top = widths, max(widths)
         mods = []
         for w, s in zip(widths, init_seeds):
@@ -397,7 +398,7 @@ class Baseline(nn.Module):
     def __init__(self, width: int, ks, init_seeds, kind: str = "mlp_rnn"):
         super().__init__()
         if kind not in self.kinds:
-            raise ValueError(f"kind must be one of {self.kinds}, got {kind!r}")
+            raise ValidationError(f"kind must be one of {self.kinds}, got {kind!r}")
         self.kind = kind
         self.students = Students(width, init_seeds)
         self.register_buffer("k", torch.tensor(list(ks), dtype=torch.long))
@@ -650,7 +651,7 @@ def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> 
     GradientRNN baseline and 4,000 epochs.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+        raise OptionTypeError(f"seed must be an int, got {seed!r}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # [M, 50, 5] tensors: a second thread only adds synchronisation
     try:

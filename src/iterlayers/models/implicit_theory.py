@@ -99,7 +99,7 @@ class ShallowLinearModel(nn.Module):
         if R is None:
             R = torch.zeros(out_features, width, dtype=dtype or torch.get_default_dtype())
         if R.shape != (out_features, width):
-            raise ValueError(f"R must have shape ({out_features}, {width}), got {tuple(R.shape)}")
+            raise ValidationError(f"R must have shape ({out_features}, {width}), got {tuple(R.shape)}")
         self.R = nn.Parameter(R.detach().clone())
 
     @classmethod
@@ -399,7 +399,7 @@ def rate_bounds(rate_constant: float, lr: float) -> dict:
     ``gd``: 1 - lr c / 2, certified when every step has the sufficient decrease L_k - L_{k+1} >= lr/2 ||grad||^2.
     """
     if lr <= 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
+        raise ValidationError(f"lr must be positive, got {lr!r}")
     return {"flow": math.exp(-lr * rate_constant), "gd": max(0.0, 1.0 - 0.5 * lr * rate_constant)}
 
 
@@ -429,7 +429,7 @@ def trust_region_subproblem(g: torch.Tensor, H: torch.Tensor, M: torch.Tensor, r
     along the null space). Computed in the M-orthonormal basis by an eigendecomposition and bisection on lam.
     """
     if radius <= 0:
-        raise ValueError(f"radius must be positive, got {radius!r}")
+        raise ValidationError(f"radius must be positive, got {radius!r}")
     L = torch.linalg.cholesky(M)
     gt = torch.linalg.solve_triangular(L, g.reshape(-1, 1), upper=False).reshape(-1)
     Ht = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, H, upper=False).transpose(0, 1),

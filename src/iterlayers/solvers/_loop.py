@@ -97,6 +97,8 @@ mistake never surfaces as a torch error from inside a solver.
 """
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import math
 import os
@@ -142,7 +144,12 @@ def set_rows(t: torch.Tensor, idx: torch.Tensor | None, value: torch.Tensor) -> 
 
 @dataclasses.dataclass
 class FixedPointSolver:
-    """Base class of the solvers of ``z = f(z)``. Subclasses are dataclasses whose fields are options."""
+    """Base class of the solvers of ``z = f(z)``. Subclasses are dataclasses whose fields are options.
+
+    ``init`` returns the solver's state (a dict); ``step`` updates it. The loop sets ``state["sync_free"] =
+    True`` in its device mode (``check_every`` > 1): a step must then not read tensor values on the host
+    (``bool``, ``int``, ``.item()``), which a CPU step may do where it saves work.
+    """
 
     name: ClassVar[str] = "base"
     #: evaluate f once more at the end to report true residuals (for solvers that model f, e.g. GMRES)
@@ -243,14 +250,16 @@ class StateSpec:
         """Elements per sample: the width ``N`` of the flat state."""
         return sum(self.sizes)
 
-    def autocast_output(self, dtype: torch.dtype) -> bool:
+    def autocast_output(self, dtype: torch.dtype, autocast: torch.dtype | None = None) -> bool:
         """Whether ``f`` may return ``dtype`` for this state: the mixed-precision policy. Under
         ``torch.autocast`` the cell computes in the autocast dtype (bfloat16 / float16) while the solver's
         state, histories, Gram matrices and residual norms stay in the state's wider dtype; the output is cast
         up on flattening. Outside autocast a dtype change is a mistake."""
-        kind = self.device.type
-        return (torch.is_autocast_enabled(kind) and dtype == torch.get_autocast_dtype(kind)
-                and self.dtype.is_floating_point and torch.finfo(dtype).bits < torch.finfo(self.dtype).bits)
+        if autocast is None:  # ``autocast``: the autocast dtype the caller's solve started under, if any
+            kind = self.device.type
+            autocast = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        return (autocast is not None and dtype == autocast and self.dtype.is_floating_point
+                and torch.finfo(dtype).bits < torch.finfo(self.dtype).bits)
 
     def flatten(self, z) -> torch.Tensor:
         parts = tuple(z) if self.is_tuple else (z,)
@@ -274,7 +283,7 @@ class StateSpec:
             f"a tensor of shape {shapes[0]}")
         return f"{kind}, dtype {self.dtype}, on {self.device} (the structure of z)"
 
-    def check_output(self, fz, batch: int, what: str = "f(z)") -> None:
+    def check_output(self, fz, batch: int, what: str = "f(z)", autocast: torch.dtype | None = None) -> None:
         """Raise a typed error if ``f(z)`` does not have the structure, shape, dtype and device of ``z``.
 
         ``None`` or a non-tensor is an :class:`OptionTypeError`; a wrong structure (tuple vs tensor, number of
@@ -301,7 +310,7 @@ class StateSpec:
                     f"{name} has shape {tuple(p.shape)} but z has shape {(batch, *s)}{hint}; a fixed-point map "
                     f"must preserve the shape of its state (expected {expected})"
                 )
-            if p.dtype != self.dtype and not self.autocast_output(p.dtype):
+            if p.dtype != self.dtype and not self.autocast_output(p.dtype, autocast):
                 raise ShapeMismatchError(
                     f"{name} has dtype {p.dtype} but z has dtype {self.dtype}; a fixed-point map must preserve "
                     f"the dtype of its state (only under torch.autocast may it return the autocast dtype, "
@@ -416,6 +425,16 @@ class _Loop:
         self.f, self.solver, self.args, self.kwargs = f, solver, args, kwargs
         self.atol, self.rtol, self.max_iter = atol, rtol, max_iter
         self.spec = spec = StateSpec.of(z0)
+        kind = spec.device.type
+        # Mixed precision: under autocast only f runs in the autocast dtype; the loop and the solver's
+        # arithmetic (histories, Gram matrices, mixing) run with autocast off, in the state's dtype (run_loop).
+        self.autocast = (kind, torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else None
+        if self.autocast is not None:
+            def f_autocast(*a, _f=f, _kind=kind, _dtype=self.autocast[1], **k):
+                with torch.autocast(_kind, dtype=_dtype):
+                    return _f(*a, **k)
+
+            self.f = f_autocast
         self.B = B = spec.batch_size
         self.eps = torch.finfo(spec.dtype).eps  # raised to the cell's output dtype's under autocast (_flat)
         self.cell_dtype = spec.dtype
@@ -487,8 +506,9 @@ class _Loop:
 
     def _flat(self, out, n: int, check: bool) -> torch.Tensor:
         spec = self.spec
+        autocast = None if self.autocast is None else self.autocast[1]
         if check:
-            spec.check_output(out, n)
+            spec.check_output(out, n, autocast=autocast)
             first = out[0] if isinstance(out, (tuple, list)) else out
             if first.dtype != spec.dtype:
                 # Mixed precision: the cell's output dtype bounds what a residual can resolve.
@@ -498,10 +518,10 @@ class _Loop:
         try:
             flat = spec.flatten(out)
         except (RuntimeError, TypeError, AttributeError):
-            spec.check_output(out, n)  # a typed error naming what f returned
+            spec.check_output(out, n, autocast=autocast)  # a typed error naming what f returned
             raise
         if flat.shape != (n, self.N):
-            spec.check_output(out, n)  # later calls: the cheap test first, the named error if it fails
+            spec.check_output(out, n, autocast=autocast)  # later calls: the cheap test first, then the named error
         return flat
 
     def residual(self, zz, ff):
@@ -533,6 +553,8 @@ class _Loop:
         self.nstep = torch.zeros(B, dtype=torch.long, device=z.device)
         self.trace = [r.clone()] if self.return_trace else None
         self.state = self.solver.init(z, fz)
+        if self.check_every > 1:
+            self.state["sync_free"] = True
         # ~(r <= limit) is true for NaN, Inf and blow-up alike: one comparison per iteration.
         self.div_limit = self.divergence_ratio * torch.clamp(self.best_res, min=self.atol)
         self._start = (r, fn, fz)  # for the joint divergence limit, built only if the solve is (or turns) joint
@@ -850,6 +872,8 @@ class _Loop:
             r = r.masked_fill(self.excluded, float("inf"))
         self.last_res, self.last_fn = r, fn
         self.state = self.solver.init(z, self.fz)
+        if self.check_every > 1:
+            self.state["sync_free"] = True
         self.nstep = torch.full_like(self.nstep, self.it)
         if self.excluded is not None:
             self.nstep.masked_fill_(self.excluded, 0)
@@ -1018,9 +1042,10 @@ def run_loop(
             iterates={k: spec.unflatten(z) for k in keep} if keep else None,
         )
     else:
-        loop.start()
-        loop.run()
-        z, stats = loop.result()
+        with (torch.autocast(spec.device.type, enabled=False) if loop.autocast else contextlib.nullcontext()):
+            loop.start()
+            loop.run()
+            z, stats = loop.result()
         if keep_state:
             stats.state = loop.state
     if z.numel() and isinstance(z0, torch.Tensor) and z.data_ptr() == z0.data_ptr():
