@@ -244,3 +244,27 @@ def test_frozen_reference_is_where_gd_on_b_alone_goes():
         B = B - lr * 2.0 * (B @ feats.T - T.T) @ feats / 6
     torch.testing.assert_close(B @ U0, ref, rtol=1e-9, atol=1e-9)
     assert float((ref - nearest_least_squares(phi, T, model.shallow_weight().detach())).norm()) > 1e-2
+
+
+def test_bias_budget_follows_the_conditioning_and_brings_shallow_gd_to_its_limit():
+    # An ill-conditioned subset (column scales spanning 3x): the fixed budget leaves shallow GD short of its
+    # closed-form limit; the derived horizon (7 decades in the slowest direction of the row space) reaches it.
+    from iterlayers.experiments import implicit as E
+    g = torch.Generator().manual_seed(3)
+    n, m = 12, 16
+    phi = torch.randn(1, n, m, generator=g, dtype=torch.float64) * torch.logspace(0, -0.5, m, dtype=torch.float64)
+    y = torch.randint(0, 10, (1, n), generator=g)
+    C = phi.transpose(1, 2) @ phi / n
+    ev = torch.linalg.eigvalsh(C)[0]
+    kappa = float(ev[-1] / ev[ev > 1e-10 * ev[-1]].min())
+    assert E._shallow_horizon(C) == math.ceil(7 * math.log(10) * kappa)
+    pt, yt = phi.clone(), y.clone()
+
+    def short_of_limit(**kw):
+        (row,) = E._fit_three(phi, y, pt, yt, gamma=0.5, seeds=[0], inits=[1.0], record=50, **kw)
+        return row["shallow"]["dist_nearest_R0"] / max(row["travelled"], row["min_norm"]), row["steps"]
+
+    fixed, k_fixed = short_of_limit(steps=100)
+    derived, k_derived = short_of_limit(steps=100, cap=10 ** 6)
+    assert k_fixed == 100 and k_derived == E._shallow_horizon(C) > 100
+    assert fixed > 1e-4 and derived < 1e-6

@@ -95,7 +95,7 @@ def settings(*, quick: bool, tiny: bool) -> dict:
             seeds=2, n_train=60, gamma=0.5,
             sq_widths=[4, 12], sq_steps=300, sq_cap=300, log_widths=[4, 12], log_steps=150, bottleneck=2,
             tr_width=4, tr_steps=40, tr_lr_divisor=8.0, tr_gamma_control=0.9,
-            bias_seeds=2, bias_width=16, bias_sizes=[4, 8], bias_steps=600, bias_record=100,
+            bias_seeds=2, bias_width=16, bias_sizes=[4, 8], bias_steps=600, bias_cap=600, bias_record=100,
             bias_inits=[1.0, 0.1],
             scale_widths=[32, 64], scale_steps=3,
         )
@@ -104,7 +104,7 @@ def settings(*, quick: bool, tiny: bool) -> dict:
             seeds=3, n_train=300, gamma=0.5,
             sq_widths=[4, 8, 16, 32, 64, 128], sq_steps=2500, sq_cap=2500, log_widths=[4, 8, 16, 32], log_steps=1200,
             bottleneck=2, tr_width=8, tr_steps=200, tr_lr_divisor=8.0, tr_gamma_control=0.9,
-            bias_seeds=5, bias_width=32, bias_sizes=[8, 16], bias_steps=1600, bias_record=100,
+            bias_seeds=5, bias_width=32, bias_sizes=[8, 16], bias_steps=1600, bias_cap=1600, bias_record=100,
             bias_inits=[1.0, 0.1],
             scale_widths=[64, 128, 256, 512], scale_steps=5,
         )
@@ -112,7 +112,7 @@ def settings(*, quick: bool, tiny: bool) -> dict:
         seeds=10, n_train=1000, gamma=0.5,
         sq_widths=[4, 8, 16, 32, 64, 128], sq_steps=8000, sq_cap=50000, log_widths=[4, 8, 16, 32, 64], log_steps=5000,
         bottleneck=2, tr_width=8, tr_steps=1000, tr_lr_divisor=8.0, tr_gamma_control=0.9,
-        bias_seeds=10, bias_width=32, bias_sizes=[4, 8, 16, 24], bias_steps=6000, bias_record=250,
+        bias_seeds=10, bias_width=32, bias_sizes=[4, 8, 16, 24], bias_steps=6000, bias_cap=30000, bias_record=250,
         bias_inits=[1.0, 0.1],
         scale_widths=[64, 128, 256, 512], scale_steps=100,
     )
@@ -687,13 +687,26 @@ def _moment_loss(R: torch.Tensor, moments: tuple) -> torch.Tensor:
     return ((R @ C) * R).sum((-2, -1)) - 2.0 * (R @ D).diagonal(dim1=-2, dim2=-1).sum(-1) + c
 
 
-def _fit_three(phi, y, phi_test, y_test, *, gamma: float, seeds, inits, steps: int, record: int) -> list:
+def _shallow_horizon(C: torch.Tensor, digits: float = 7.0) -> int:
+    """Steps shallow GD (step ``1 / (2 lambda_max(C))``) needs to shrink its error in every direction of the row
+    space by ``10^-digits`` (derived: the slowest factor is ``1 - lambda_min+(C) / lambda_max(C)`` per step, so
+    ``K = digits ln 10 * kappa_+(C)``); the largest over the batch. Training features only."""
+    ev = torch.linalg.eigvalsh(C)
+    top = ev[:, -1:]
+    pos = torch.where(ev > 1e-10 * top, ev, torch.full_like(ev, float("inf"))).amin(-1)
+    return int(math.ceil(digits * math.log(10.0) * float((top[:, 0] / pos).max())))
+
+
+def _fit_three(phi, y, phi_test, y_test, *, gamma: float, seeds, inits, steps: int, record: int,
+               cap: int | None = None) -> list:
     """Train the implicit, shallow and deep linear models, one independent copy per batch index, all three from
     the same initial predictor R_0 = B_0 U_0 (deep: W1 = U_0, W2 = B_0, the same parameter count m^2 + m_y m);
     B_0 ~ N(0, init^2 / m) (``inits`` one per batch index; 1: the model's default; smaller: R_0 closer to 0).
 
     phi [S, N, m], y [S, N] labels (square loss on one-hot targets, mean), test [S, N_test, m]. Full-batch GD for
-    ``steps`` steps (fixed: no stopping rule), step 1 / (beta lambda_max(P_0)) with P_0 = J J^T each model's own
+    ``max(steps, min(K, cap))`` steps, ``K`` the derived horizon of :func:`_shallow_horizon` (so that the shallow
+    reference reaches its closed-form limit on ill-conditioned subsets; ``cap=None``: ``steps``; fixed, no
+    stopping rule), step 1 / (beta lambda_max(P_0)) with P_0 = J J^T each model's own
     induced metric of R at initialisation (shallow: P = I). Gradients from the moments Phi^T Phi / N, Phi^T Y / N
     (:func:`square_moment_gradient`, N-free). The test split is evaluated every ``record`` steps for the curves
     and at the end; nothing is selected on it and nothing computed from it enters training.
@@ -712,6 +725,9 @@ def _fit_three(phi, y, phi_test, y_test, *, gamma: float, seeds, inits, steps: i
     U0 = torch.stack([md.inverse_factor().detach() for md in models])
     R0 = B @ U0
     beta = 2.0 * torch.linalg.eigvalsh(C)[:, -1]  # smoothness of the mean square loss in R: 2 lambda_max(C)
+    if cap is not None:
+        steps = max(int(steps), min(_shallow_horizon(C), int(cap)))
+    record = max(int(record), steps // 40)  # curves of about 40 points whatever the budget
     eye_y, eye_m = torch.eye(NUM_CLASSES, dtype=DTYPE), torch.eye(m, dtype=DTYPE)
 
     def deep_metric_max(w1, w2):  # R = W2 W1, row-major vec: P = I (x) W1^T W1 + W2 W2^T (x) I
@@ -775,7 +791,7 @@ def _fit_three(phi, y, phi_test, y_test, *, gamma: float, seeds, inits, steps: i
                "impl_vs_shallow": float((finals["implicit"][i] - finals["shallow"][i]).norm()) / travelled,
                "deep_vs_shallow": float((finals["deep"][i] - finals["shallow"][i]).norm()) / travelled,
                "impl_vs_deep": float((finals["implicit"][i] - finals["deep"][i]).norm()) / travelled,
-               "U_change": float((U_T[i] - U0[i]).norm() / U0[i].norm())}
+               "U_change": float((U_T[i] - U0[i]).norm() / U0[i].norm()), "steps": steps}
         for name, R in finals.items():
             last = curves[name][-1]
             row[name] = {
@@ -833,7 +849,7 @@ def bias_study(cfg: dict, seed: int, *, datasets=("digits", "mnist1d"), poison_t
                 torch.stack(feats * k), torch.stack(labels * k), torch.stack(tfeats * k), torch.stack(tlabels * k),
                 gamma=cfg["gamma"], seeds=[1000 * (seed + s) + m for s in range(cfg["bias_seeds"])] * k,
                 inits=[v for v in inits for _ in range(cfg["bias_seeds"])], steps=cfg["bias_steps"],
-                record=cfg["bias_record"])
+                record=cfg["bias_record"], cap=cfg.get("bias_cap"))
             for init in inits:
                 res[f"init={init:g}"][key] = [r for r in rows if r["init"] == init]
     return out
