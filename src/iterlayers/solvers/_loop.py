@@ -742,13 +742,20 @@ class _Loop:
         self.done = conv | self.diverged
         self.finished_flag = self.done.all()
 
-    def device_joint_update(self) -> None:
+    def joint_measures(self):
+        """Joint stopping's per-step quantities at the current iterate: ``(r, conv, bad, worst, passed)`` (all on
+        the device): residuals, converged and diverged rows, the worst scaled residual, rows that pass."""
         r, fn, excluded = self.last_res, self.last_fn, self.excluded
         conv = is_converged(r, fn, self.atol, self.rtol)
         bad = ~(r <= self.joint_limit()) & ~conv
         if excluded is not None:
             conv, bad = conv & ~excluded, bad & ~excluded
         worst = _worst(r, fn, self.atol, self.rtol, excluded)
+        return r, conv, bad, worst, (conv if excluded is None else conv | excluded)
+
+    def device_joint_update(self) -> None:
+        excluded = self.excluded
+        r, conv, bad, worst, passed = self.joint_measures()
         better = worst < self.best_worst
         self.best_worst = torch.where(better, worst, self.best_worst)
         self.best_z = torch.where(better, self.z, self.best_z)
@@ -757,7 +764,6 @@ class _Loop:
         self.best_is_last = better.expand_as(self.best_is_last).clone()
         if excluded is not None:
             self.best_is_last |= excluded
-        passed = conv if excluded is None else conv | excluded
         self.converged = conv
         self.diverged = bad if excluded is None else bad | excluded
         self.finished_flag = passed.all() | bad.any()
@@ -885,14 +891,9 @@ class _Loop:
 
     def joint_update(self) -> bool:
         """Bookkeeping after a joint step; True when the solve is finished (all pass, or one diverged)."""
-        r, fn, excluded = self.last_res, self.last_fn, self.excluded
-        conv = is_converged(r, fn, self.atol, self.rtol)
-        bad = ~(r <= self.joint_limit()) & ~conv
-        if excluded is not None:
-            conv, bad = conv & ~excluded, bad & ~excluded
-        worst = _worst(r, fn, self.atol, self.rtol, excluded)
+        excluded = self.excluded
+        r, conv, bad, worst, passed = self.joint_measures()
         improved = worst < self.best_worst
-        passed = conv if excluded is None else conv | excluded
         all_pass, any_bad, better = torch.stack([passed.all(), bad.any(), improved]).tolist()
         if better:
             self.best_z, self.best_fz, self.best_res, self.best_worst = self.z, self.fz, r, worst
