@@ -654,16 +654,10 @@ class _Loop:
                                      f"{type(err).__name__}: {msg})")
                 continue
             self.it += 1
-            r_new, fn_new = self.residual(z_new, fz_new)
+            r_new, fn_new = self.store(z, fz, idx, z_new, fz_new)
             if idx is None:
-                self.z, self.fz, self.last_res, self.last_fn = z_new, fz_new, r_new, fn_new
                 self.nstep.add_(1)
             else:
-                self.z = z.index_copy(0, idx, z_new)
-                self.fz = fz.index_copy(0, idx, fz_new)
-                self.last_res = self.last_res.index_copy(0, idx, r_new)
-                if fn_new is not None:
-                    self.last_fn = self.last_fn.index_copy(0, idx, fn_new)
                 self.nstep.index_add_(0, idx, torch.ones_like(idx))
             if self.mode == "joint":
                 self.finished = self.joint_update()
@@ -674,6 +668,20 @@ class _Loop:
                 self.kept[self.it] = self.z  # never modified in place: the loop replaces, it does not write
             if self.return_trace:
                 self.trace.append(self.last_res.clone())
+
+    def store(self, z, fz, idx, z_new, fz_new):
+        """Put a step's rows ``idx`` (``None``: all) of ``z_new, f(z_new)`` and their residuals into the state;
+        returns the step's ``(r, ||f||)``."""
+        r_new, fn_new = self.residual(z_new, fz_new)
+        if idx is None:
+            self.z, self.fz, self.last_res, self.last_fn = z_new, fz_new, r_new, fn_new
+        else:
+            self.z = z.index_copy(0, idx, z_new)
+            self.fz = fz.index_copy(0, idx, fz_new)
+            self.last_res = self.last_res.index_copy(0, idx, r_new)
+            if fn_new is not None:
+                self.last_fn = self.last_fn.index_copy(0, idx, fn_new)
+        return r_new, fn_new
 
     def iterate_device(self) -> None:
         """Iterations without a host synchronisation: the host reads whether the solve is finished once every
@@ -690,12 +698,11 @@ class _Loop:
         coupled cell, in which case the iteration stays correct (the residual is always the true one) but may
         be slower."""
         idx, joint = self.sys_idx, self.mode == "joint"
-        sys_rows = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
         while not self.finished and self.it < self.max_iter:
             for _ in range(min(self.check_every, self.max_iter - self.it)):
                 z, fz = self.z, self.fz
-                zs, fs = sys_rows(z), sys_rows(fz)
-                hold = None if joint else sys_rows(self.done).unsqueeze(1)
+                zs, fs = rows(z, idx), rows(fz, idx)
+                hold = None if joint else rows(self.done, idx).unsqueeze(1)
 
                 def evaluate(zz, _z=z, _zs=zs, _hold=hold):
                     return self.evaluate(zz if _hold is None else torch.where(_hold, _zs, zz), idx, _z)
@@ -704,15 +711,7 @@ class _Loop:
                 if hold is not None:
                     z_new = torch.where(hold, zs, z_new)  # what f was evaluated at
                 self.it += 1
-                r_new, fn_new = self.residual(z_new, fz_new)
-                if idx is None:
-                    self.z, self.fz, self.last_res, self.last_fn = z_new, fz_new, r_new, fn_new
-                else:
-                    self.z = z.index_copy(0, idx, z_new)
-                    self.fz = fz.index_copy(0, idx, fz_new)
-                    self.last_res = self.last_res.index_copy(0, idx, r_new)
-                    if fn_new is not None:
-                        self.last_fn = self.last_fn.index_copy(0, idx, fn_new)
+                self.store(z, fz, idx, z_new, fz_new)
                 if joint:
                     self.nstep.add_(1 if self.excluded is None else self.system.long())
                     self.device_joint_update()
