@@ -13,6 +13,8 @@ Optional methods a cell may define, and what each consumer does with them:
   :class:`iterlayers.DEQ`, :class:`iterlayers.Unrolled`, :class:`iterlayers.operators.PicardIteration` and the
   analysis toolkit (``analysis.report``, ``analysis.certify_contraction``). Without it the initial state is
   ``zeros_like(inputs[0])``.
+- ``deq_reset(batch)`` / ``deq_rows(rows)`` on a submodule: per-forward state (a dropout mask) restarted by
+  :class:`iterlayers.DEQ` at each forward pass / rows following the solver's samples (``docs/cell_contract.md``).
 - ``lipschitz_bound() -> float``: a global Lipschitz constant of the cell in ``z`` (:func:`lipschitz_bound`).
   ``analysis.certify_contraction`` turns a bound below 1 into a global certificate;
   ``operators.check_convergence`` passes it on, relaxed, for the Picard map ``a z + (1 - a) T(z)``.
@@ -30,7 +32,7 @@ from torch import nn
 from .errors import OptionTypeError, ShapeMismatchError
 from .solvers import StateSpec
 
-__all__ = ["initial_state", "lipschitz_bound", "flattened"]
+__all__ = ["initial_state", "lipschitz_bound", "flattened", "submodules"]
 
 
 def initial_state(cell: Callable, *inputs, z0=None, where: str = "cell", names: Sequence[str] | None = None):
@@ -100,3 +102,26 @@ def flattened(cell: Callable, z):
     spec = StateSpec.of(z, "z")
     view = _Flat if lipschitz_bound(cell) is None else _FlatBounded
     return view(cell, spec), spec.flatten(z)
+
+
+def submodules(cell) -> tuple:
+    """``(path, module)`` for ``cell`` and every module under it, each module once, in the pre-order of
+    ``nn.Module.named_modules`` (``()`` for a plain callable).
+
+    The one walk of a cell per solve: :func:`iterlayers.deq_solve` takes it once and hands it to everything
+    that reads the cell's modules (its traits, the hoisting fingerprint, the input signature, the device check).
+    Iterative rather than ``named_modules``' recursive generators, whose per-module frames cost more than a
+    small cell's evaluation when taken several times per solve.
+    """
+    if not isinstance(cell, nn.Module):
+        return ()
+    out, seen, stack = [], set(), [("", cell)]
+    while stack:
+        path, m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append((path, m))
+        children = [(f"{path}.{name}" if path else name, c) for name, c in m._modules.items() if c is not None]
+        stack.extend(reversed(children))
+    return tuple(out)

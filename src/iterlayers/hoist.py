@@ -63,6 +63,8 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
+from .cells import submodules
+
 __all__ = ["SplitCell", "split_cell", "cell_fingerprint", "input_signature"]
 
 _RANDOM_WORDS = ("dropout", "rand", "bernoulli", "normal", "multinomial", "poisson", "uniform", "exponential",
@@ -100,10 +102,14 @@ class SplitCell:
         batched = tuple(v for v, k in zip(values, self.from_args) if k)
         shared = tuple(v for v, k in zip(values, self.from_args) if not k)
         order, step = self.from_args, self.step
-
-        def step_fn(z, *b):
-            it_b, it_s = iter(b), iter(shared)
-            return step(cell, z, *[next(it_b) if k else next(it_s) for k in order])
+        if all(order):
+            # Every hoisted value is batched (the usual input injection): no interleaving per evaluation.
+            def step_fn(z, *b):
+                return step(cell, z, *b)
+        else:
+            def step_fn(z, *b):
+                it_b, it_s = iter(b), iter(shared)
+                return step(cell, z, *[next(it_b) if k else next(it_s) for k in order])
 
         return step_fn, batched
 
@@ -310,22 +316,23 @@ def _global_hooks() -> bool:
     return bool(g._global_forward_hooks or g._global_forward_pre_hooks)
 
 
-def cell_fingerprint(cell: nn.Module) -> tuple:
+def cell_fingerprint(cell: nn.Module, modules: tuple | None = None) -> tuple:
     """Everything a trace of ``cell`` may have frozen besides the input signature: per module (by path) its
     type, its non-tensor attributes (values), which parameters, buffers and children it has (and which are
     None), and whether it carries forward hooks; plus whether global forward hooks exist. Two equal
-    fingerprints mean the traced graph is still the cell's graph."""
+    fingerprints mean the traced graph is still the cell's graph. ``modules``: the cell's
+    :func:`~iterlayers.cells.submodules` if the caller has walked it already."""
     parts = [_global_hooks()]
-    for path, m in cell.named_modules():
-        d = m.__dict__
+    # list comprehensions, not generators: this runs once per solve over every attribute of every module
+    for path, m in (submodules(cell) if modules is None else modules):
         parts.append((
             path,
             type(m),
-            tuple((k, _value(v)) for k, v in d.items() if k not in _MODULE_INTERNALS),
-            tuple((k, v is None) for k, v in m._parameters.items()),
-            tuple((k, v is None) for k, v in m._buffers.items()),
-            tuple((k, v is None) for k, v in m._modules.items()),
-            _has_hooks(m),
+            tuple([(k, _value(v)) for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS]),
+            tuple([(k, v is None) for k, v in m._parameters.items()]),
+            tuple([(k, v is None) for k, v in m._buffers.items()]),
+            tuple([(k, v is None) for k, v in m._modules.items()]),
+            bool(m._forward_hooks or m._forward_pre_hooks),
         ))
     return tuple(parts)
 
@@ -348,11 +355,13 @@ def _sig(a):
     return (type(a).__name__,)
 
 
-def input_signature(cell: nn.Module, z, args, kwargs=None) -> tuple:
+def input_signature(cell: nn.Module, z, args, kwargs=None, modules: tuple | None = None) -> tuple:
     """What a trace (and a verified stopping rule) depends on besides the fingerprint: every module's training
-    flag and the structure, dtype, device type and rank of the state, of each input and of each keyword."""
-    kw = () if not kwargs else tuple((k, _sig(v)) for k, v in kwargs.items())
-    return (tuple(m.training for m in cell.modules()), _sig(z), tuple(_sig(a) for a in args), kw)
+    flag and the structure, dtype, device type and rank of the state, of each input and of each keyword.
+    ``modules``: the cell's :func:`~iterlayers.cells.submodules` if the caller has walked it already."""
+    kw = () if not kwargs else tuple([(k, _sig(v)) for k, v in kwargs.items()])
+    training = tuple([m.training for _, m in (submodules(cell) if modules is None else modules)])
+    return (training, _sig(z), tuple([_sig(a) for a in args]), kw)
 
 
 def _close(a, b) -> bool:
@@ -366,7 +375,7 @@ def _close(a, b) -> bool:
     return False
 
 
-def split_cell(cell, z0, args: tuple, batch: int, fingerprint: tuple | None = None):
+def split_cell(cell, z0, args: tuple, batch: int, fingerprint: tuple | None = None, signature: tuple | None = None):
     """The loop-invariant split of ``cell`` for a solve from ``z0`` with inputs ``args``, or ``None``.
 
     Returns ``(step_fn, batched_args, n_hoisted)`` where ``step_fn(z, *batched_args)`` evaluates the cell
@@ -374,7 +383,8 @@ def split_cell(cell, z0, args: tuple, batch: int, fingerprint: tuple | None = No
     The split is built and verified once per cell, training mode and input signature, then cached with the
     cell's :func:`cell_fingerprint`; a solve that finds a different fingerprint rebuilds it (see the module
     docstring), and after ``_MAX_REBUILDS`` rebuilds the cell is no longer split. ``fingerprint``: the
-    cell's :func:`cell_fingerprint` if the caller has just computed it (it is computed once per solve).
+    cell's :func:`cell_fingerprint` if the caller has just computed it (it is computed once per solve), and
+    ``signature`` its :func:`input_signature` for ``(z0, args)`` likewise.
     """
     if not isinstance(cell, nn.Module) or len(args) == 0:
         return None
@@ -385,7 +395,7 @@ def split_cell(cell, z0, args: tuple, batch: int, fingerprint: tuple | None = No
     per_cell = _CACHE.setdefault(cell, {})
     if per_cell.get(_REBUILDS, 0) > _MAX_REBUILDS:
         return None
-    key = input_signature(cell, z0, args)
+    key = input_signature(cell, z0, args) if signature is None else signature
     if fingerprint is None:
         fingerprint = cell_fingerprint(cell)
     entry = per_cell.get(key)

@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from . import _validate as V
+from .cells import submodules
 from .errors import (ConvergenceWarning, NonFiniteInputError, OptionTypeError, ShapeMismatchError, UnsupportedError,
                      ValidationError)
 from .hoist import cell_fingerprint, input_signature, split_cell
@@ -644,6 +645,8 @@ class DEQOptions:
     @classmethod
     def build(cls, options: "DEQOptions | None" = None, **overrides) -> "DEQOptions":
         """``options`` (default: the defaults) with ``overrides`` applied; unknown names raise a TypeError."""
+        if not overrides and isinstance(options, cls):
+            return options  # the layer's own value, validated when it was built: nothing to check per call
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(overrides) - set(valid))
         if unknown:
@@ -724,12 +727,13 @@ class CellTraits:
     compiled: bool
 
     @staticmethod
-    def of(f) -> "CellTraits":
+    def of(f, modules: tuple | None = None) -> "CellTraits":
+        """The traits of ``f``; ``modules``: its :func:`~iterlayers.cells.submodules` if already walked."""
         compiled = hasattr(f, "_torchdynamo_orig_callable")
         if not isinstance(f, nn.Module):
             return CellTraits(False, (), compiled)
         couples, stats = False, []
-        for m in f.modules():
+        for _, m in (submodules(f) if modules is None else modules):
             if isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats):
                 couples = True
             if isinstance(m, _NormBase) and m.training and m.track_running_stats:
@@ -892,18 +896,22 @@ def _refuse_functorch() -> None:
         )
 
 
-def _check_devices(f, z0, args, kwargs) -> None:
+def _check_devices(f, z0, args, kwargs, modules: tuple = ()) -> None:
+    """Every input on ``z0``'s device, and the cell's first parameter (``modules``: its submodules)."""
     device = next(_tensors(z0)).device
     for what, value in (("args", args), ("kwargs", kwargs)):
         for t in _tensors(value):
             if t.device != device:
                 raise ShapeMismatchError(f"deq_solve: a tensor in {what} is on {t.device} but z0 is on {device}")
-    if isinstance(f, nn.Module):
-        for name, p in f.named_parameters():
+    for path, m in modules:
+        for name, p in m._parameters.items():
+            if p is None:
+                continue
             if p.device != device:
+                name = f"{path}.{name}" if path else name
                 raise ShapeMismatchError(f"deq_solve: the cell's parameter {name!r} is on {p.device} but z0 is on "
                                          f"{device}; move the cell or the inputs")
-            break  # one parameter is enough to catch a cell on another device (checked every call: cheap)
+            return  # one parameter is enough to catch a cell on another device (checked every call: cheap)
 
 
 def _check_same_structure(out, z0) -> None:
@@ -1082,7 +1090,8 @@ def deq_solve(
     if stats is None:
         stats = {}
     stats.update(forward=None, backward=None, jvp=None, adjoint=None)
-    traits = CellTraits.of(f)
+    modules = submodules(f)  # the one walk of the cell's modules in this solve
+    traits = CellTraits.of(f, modules)
     if _batch_size(z0) == 0:
         # An empty batch (a DDP shard, a detection head): one evaluation gives the empty output, with a graph.
         with traits.eager():
@@ -1091,7 +1100,7 @@ def deq_solve(
         return out
 
     spec = StateSpec.of(z0)
-    _check_devices(f, z0, args, kwargs)
+    _check_devices(f, z0, args, kwargs, modules)
     stopping = traits.stopping(o.stopping, kwargs, spec.batch_size)
     grad_needed = torch.is_grad_enabled()
     dual = _forward_ad_active()
@@ -1127,9 +1136,9 @@ def deq_solve(
     z0d = tuple(p.detach() for p in z0) if spec.is_tuple else z0.detach()
     fingerprint = key = verdict = None
     if isinstance(f, nn.Module) and (o.hoist or stopping == "verify"):
-        fingerprint = cell_fingerprint(f)  # once per solve, for the hoisting cache and the verdicts
+        fingerprint = cell_fingerprint(f, modules)  # once per solve, for the hoisting cache and the verdicts
     if stopping == "verify" and isinstance(f, nn.Module) and not traits.compiled:
-        key = input_signature(f, z0d, args, kwargs)
+        key = input_signature(f, z0d, args, kwargs, modules)  # also the hoisting cache's key when kwargs is empty
         verdict = VERDICTS.lookup(f, key, fingerprint)
         if verdict == "coupled":
             stopping = "joint"
@@ -1137,7 +1146,7 @@ def deq_solve(
             _frozen_statistics(traits.stat_modules):
         loop_f, loop_args, names, n_hoisted = f, args, arg_names, 0
         if o.hoist and not kwargs and not traits.compiled:
-            split = split_cell(f, z0d, args, spec.batch_size, fingerprint=fingerprint)
+            split = split_cell(f, z0d, args, spec.batch_size, fingerprint=fingerprint, signature=key)
             if split is not None:
                 loop_f, loop_args, n_hoisted = split
                 given = "/".join(arg_names) if arg_names else "args"

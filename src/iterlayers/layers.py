@@ -278,8 +278,7 @@ class DEQ(nn.Module):
                     )
         # The cell protocol: submodules with per-forward state (a dropout mask, a spectral-norm estimate) start
         # a new forward pass; those with one row per sample follow the solver's rows (docs/cell_contract.md).
-        hooked = [m for m in self.cell.modules() if hasattr(m, "deq_reset")] if isinstance(self.cell, nn.Module) \
-            else []
+        hooked = [m for _, m in cells.submodules(self.cell) if hasattr(m, "deq_reset")]
         for m in hooked:
             m.deq_reset(batch)
         cell, args, arg_names = self.cell, inputs, names
@@ -308,10 +307,12 @@ class DEQ(nn.Module):
                     cell(z0, *args)
         options = self.options if self.training or self.eval_max_iter is None else self._eval_options
         stats: dict = {}
-        # The dict is shared with the backward hook, which fills stats["backward"] later.
-        self.stats = stats
+        # The dict is shared with the backward hook, which fills stats["backward"] later. Plain attributes
+        # (never parameters, buffers or modules) are written to __dict__: nn.Module.__setattr__'s dispatch
+        # costs more than a small cell's evaluation, per forward pass.
+        self.__dict__["stats"] = stats
         fc = self.correction
-        self.states = None
+        self.__dict__["states"] = None
         correcting = fc is not None and self.training and torch.is_grad_enabled()
         if correcting:
             # The core keeps the iterates and attaches each by the layer's gradient mode (DEQOptions.trajectory).
@@ -319,7 +320,7 @@ class DEQ(nn.Module):
         z = deq_solve(cell, z0, args=args, kwargs=shared, options=options, stats=stats, arg_names=arg_names,
                       adjoint_start=adjoint_start)
         stats["spectral_radius"] = None
-        self.penalty = None
+        self.__dict__["penalty"] = None
         if self.training:
             self._aids(cell, z, args, shared, stats)
             if correcting:

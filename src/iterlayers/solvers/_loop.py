@@ -97,9 +97,11 @@ mistake never surfaces as a torch error from inside a solver.
 """
 from __future__ import annotations
 
+import cmath
 import contextlib
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -127,6 +129,10 @@ __all__ = ["run_loop", "report_failure", "ON_FAILURE", "STOPPING", "PHASES", "To
 
 # ----------------------------------------------------------------------------------------------------------
 # The solver protocol.
+
+#: per-sample 2-norms, called directly (``Tensor.norm`` adds a Python wrapper, ``torch.functional.norm``, per call)
+_vnorm = torch.linalg.vector_norm
+
 
 def rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     """Rows ``idx`` of a full-batch tensor (a copy), or the tensor itself when ``idx`` is None."""
@@ -241,8 +247,9 @@ class StateSpec:
             parts[0].device,
         )
 
-    @property
+    @functools.cached_property
     def sizes(self) -> tuple[int, ...]:
+        # cached in the instance's __dict__ (not a field): flatten and unflatten run once per evaluation
         return tuple(math.prod(s) for s in self.shapes)
 
     @property
@@ -266,8 +273,8 @@ class StateSpec:
         # Explicit sizes, not -1: a batch of size 0 has no inferable trailing dimension. A part in another
         # dtype (the autocast dtype, see autocast_output) is cast to the state's.
         if len(parts) == 1:
-            p = parts[0]
-            return p.reshape(p.shape[0], self.sizes[0]).to(self.dtype)
+            p = parts[0].reshape(parts[0].shape[0], self.sizes[0])
+            return p if p.dtype == self.dtype else p.to(self.dtype)
         return torch.cat([p.reshape(p.shape[0], n).to(self.dtype) for p, n in zip(parts, self.sizes)], dim=1)
 
     def unflatten(self, flat: torch.Tensor):
@@ -290,16 +297,15 @@ class StateSpec:
         parts), shape (batch size, a flattened state), dtype or device is a :class:`ShapeMismatchError`. Each
         message names what ``f`` returned and what was expected.
         """
-        expected = self.expected(batch)
         if fz is None or not isinstance(fz, (torch.Tensor, tuple, list)):
-            raise OptionTypeError(f"{what} returned {_describe(fz)}; expected {expected}")
+            raise OptionTypeError(f"{what} returned {_describe(fz)}; expected {self.expected(batch)}")
         parts = tuple(fz) if isinstance(fz, (tuple, list)) else (fz,)
         if isinstance(fz, (tuple, list)) != self.is_tuple or len(parts) != len(self.shapes):
-            raise ShapeMismatchError(f"{what} returned {_describe(fz)}; expected {expected}")
+            raise ShapeMismatchError(f"{what} returned {_describe(fz)}; expected {self.expected(batch)}")
         for i, (p, s) in enumerate(zip(parts, self.shapes)):
             name = f"{what}[{i}]" if self.is_tuple else what
             if not isinstance(p, torch.Tensor):
-                raise OptionTypeError(f"{name} is {_describe(p)}; expected {expected}")
+                raise OptionTypeError(f"{name} is {_describe(p)}; expected {self.expected(batch)}")
             if tuple(p.shape) != (batch, *s):
                 hint = ""
                 if p.dim() >= 1 and p.shape[0] != batch:
@@ -308,7 +314,7 @@ class StateSpec:
                     hint = ": the right number of elements in another shape (a flattened state?); reshape it"
                 raise ShapeMismatchError(
                     f"{name} has shape {tuple(p.shape)} but z has shape {(batch, *s)}{hint}; a fixed-point map "
-                    f"must preserve the shape of its state (expected {expected})"
+                    f"must preserve the shape of its state (expected {self.expected(batch)})"
                 )
             if p.dtype != self.dtype and not self.autocast_output(p.dtype, autocast):
                 raise ShapeMismatchError(
@@ -331,7 +337,8 @@ def nonfinite_rows(t: torch.Tensor, batch: int, *, batched: bool = True) -> torc
     """
     if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return None
-    if bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()):
+    # cmath.isfinite on the host (real or complex): torch.isfinite is three kernels, and the value must come to the host anyway
+    if cmath.isfinite(t.sum().item()) or bool(torch.isfinite(t).all()):
         return None
     if batched and t.dim() > 0 and t.shape[0] == batch:
         return (~torch.isfinite(t.reshape(batch, -1))).any(-1)
@@ -395,8 +402,10 @@ def _slice_args(args: Sequence, idx: torch.Tensor | None, batch: int) -> tuple:
 
 def _worst(r: torch.Tensor, fn: torch.Tensor | None, atol: float, rtol: float, excluded) -> torch.Tensor:
     """``max_i r_i / tol_i`` over the system (a device scalar): the joint criterion, ``<= 1`` iff all pass."""
-    tol = atol + rtol * fn if fn is not None else torch.full_like(r, atol)
-    ratio = torch.nan_to_num(r / tol.clamp_min(torch.finfo(r.dtype).tiny), nan=float("inf"))
+    tiny = torch.finfo(r.dtype).tiny
+    # (an absolute tolerance alone: one division by a number, not a tensor of tolerances)
+    ratio = r / max(atol, tiny) if fn is None else r / (atol + rtol * fn).clamp_min(tiny)
+    ratio = torch.nan_to_num(ratio, nan=float("inf"))
     if excluded is not None:
         ratio = ratio.masked_fill(excluded, 0.0)
     return ratio.amax()
@@ -405,15 +414,15 @@ def _worst(r: torch.Tensor, fn: torch.Tensor | None, atol: float, rtol: float, e
 def _disagree(f_new, f_old, z, live, conv, loop) -> torch.Tensor:
     """Device bool: a ``live`` row's fresh ``f_new`` differs from its stored ``f_old`` by more than
     ``max(TAU tol_i, KAPPA eps ||f_old_i||)``, or a ``conv`` (converged) row fails its own test under ``f_new``."""
-    fnorm = f_old.norm(dim=1)
+    fnorm = _vnorm(f_old, dim=1)
     roundoff = KAPPA * loop.eps * fnorm
     threshold = torch.maximum(TAU * (loop.atol + loop.rtol * fnorm), roundoff)
-    moved = live & ~((f_new - f_old).norm(dim=1) <= threshold)
+    moved = live & ~(_vnorm(f_new - f_old, dim=1) <= threshold)
     # A converged row fails when its fresh residual exceeds its tolerance by more than round-off: a row that
     # converged within round-off of its tolerance must not send an independent batch to joint stopping.
-    fresh = f_new.norm(dim=1)
+    fresh = _vnorm(f_new, dim=1)
     limit = loop.atol + loop.rtol * fresh + roundoff
-    stale = conv & ~((f_new - z).norm(dim=1) <= limit)
+    stale = conv & ~(_vnorm(f_new - z, dim=1) <= limit)
     return (moved | stale).any()
 
 
@@ -421,10 +430,10 @@ class _Loop:
     """The state of one solve (a class rather than closures: the joint fallback resets most of it)."""
 
     def __init__(self, f, z0, solver, args, kwargs, atol, rtol, max_iter, return_trace, divergence_ratio,
-                 stopping, excluded, phase, verified=False, keep=(), check_every=1):
+                 stopping, excluded, phase, verified=False, keep=(), check_every=1, spec=None):
         self.f, self.solver, self.args, self.kwargs = f, solver, args, kwargs
         self.atol, self.rtol, self.max_iter = atol, rtol, max_iter
-        self.spec = spec = StateSpec.of(z0)
+        self.spec = spec = StateSpec.of(z0) if spec is None else spec
         kind = spec.device.type
         # Mixed precision: under autocast only f runs in the autocast dtype; the loop and the solver's
         # arithmetic (histories, Gram matrices, mixing) run with autocast off, in the state's dtype (run_loop).
@@ -486,9 +495,12 @@ class _Loop:
         """
         self.nfe += 1
         spec, B = self.spec, self.B
-        if idx is None or self.sliceable:
+        if idx is None:  # the whole batch (the usual case): no slicing, no probe (probes join sub-batch steps)
+            self.probe = None
+            return self._flat(self.f(spec.unflatten(zr), *self.args, **self.kwargs), B, check)
+        if self.sliceable:
             probe, self.probe = self.probe, None
-            if probe is not None and idx is not None:
+            if probe is not None:
                 n = idx.numel()
                 both = torch.cat([idx, probe])
                 zr = torch.cat([zr, zfull.index_select(0, probe)])
@@ -496,9 +508,8 @@ class _Loop:
                 flat = self._flat(out, both.numel(), check)
                 self.probe_out = flat[n:]
                 return flat[:n]
-            n = B if idx is None else idx.numel()
             out = self.f(spec.unflatten(zr), *_slice_args(self.args, idx, B), **self.kwargs)
-            return self._flat(out, n, check)
+            return self._flat(out, idx.numel(), check)
         zz = zfull.index_copy(0, idx, zr)
         flat = self._flat(self.f(spec.unflatten(zz), *self.args, **self.kwargs), B, check)
         self.full_out = flat
@@ -506,9 +517,8 @@ class _Loop:
 
     def _flat(self, out, n: int, check: bool) -> torch.Tensor:
         spec = self.spec
-        autocast = None if self.autocast is None else self.autocast[1]
         if check:
-            spec.check_output(out, n, autocast=autocast)
+            spec.check_output(out, n, autocast=self._autocast_dtype())
             first = out[0] if isinstance(out, (tuple, list)) else out
             if first.dtype != spec.dtype:
                 # Mixed precision: the cell's output dtype bounds what a residual can resolve.
@@ -518,15 +528,19 @@ class _Loop:
         try:
             flat = spec.flatten(out)
         except (RuntimeError, TypeError, AttributeError):
-            spec.check_output(out, n, autocast=autocast)  # a typed error naming what f returned
+            spec.check_output(out, n, autocast=self._autocast_dtype())  # a typed error naming what f returned
             raise
-        if flat.shape != (n, self.N):
-            spec.check_output(out, n, autocast=autocast)  # later calls: the cheap test first, then the named error
+        if flat.shape[0] != n or flat.shape[1] != self.N:
+            # later calls: the cheap test first, then the named error
+            spec.check_output(out, n, autocast=self._autocast_dtype())
         return flat
+
+    def _autocast_dtype(self):
+        return None if self.autocast is None else self.autocast[1]
 
     def residual(self, zz, ff):
         # ||f(z)|| is needed per iteration only for a relative tolerance; otherwise once, at the end.
-        return (ff - zz).norm(dim=1), (ff.norm(dim=1) if self.use_rel else None)
+        return _vnorm(ff - zz, dim=1), (_vnorm(ff, dim=1) if self.use_rel else None)
 
     # -- setup ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -543,7 +557,7 @@ class _Loop:
             r = torch.where(excluded, inf, r)
         self.last_res, self.last_fn = r, fn
         # NaN/Inf anywhere in f(z) makes the norm non-finite: such a sample is diverged from the start.
-        self.diverged = ~torch.isfinite(r)
+        self.diverged = ~(r < math.inf)  # a norm is finite iff below inf (NaN fails); one kernel, not isfinite's three
         self.converged = is_converged(r, fn, self.atol, self.rtol) & ~self.diverged
         self.best_res = torch.where(self.diverged, inf, r)
         # best_z / best_fz are the current z / fz themselves while every sample's best iterate is its current
@@ -560,7 +574,7 @@ class _Loop:
         self._start = (r, fn, fz)  # for the joint divergence limit, built only if the solve is (or turns) joint
         self.div_limit_joint = None
         if self.rtol < self.eps:
-            self.check_tolerance(fn if fn is not None else fz.norm(dim=1))
+            self.check_tolerance(fn if fn is not None else _vnorm(fz, dim=1))
         if self.mode == "joint":
             self.best_worst = torch.tensor(float("inf"), dtype=r.dtype, device=r.device)
             self.finished = self.joint_update()
@@ -576,7 +590,7 @@ class _Loop:
         tolerance (a row that starts at its fixed point is moved by the others, which is not divergence)."""
         if self.div_limit_joint is None:
             r, fn, fz = self._start
-            fn0 = fn if fn is not None else fz.norm(dim=1)
+            fn0 = fn if fn is not None else _vnorm(fz, dim=1)
             tol0 = self.atol + self.rtol * fn0
             start = torch.where(torch.isfinite(r), torch.maximum(r, tol0), torch.zeros_like(r))
             self.div_limit_joint = self.divergence_ratio * start.amax()
@@ -784,7 +798,7 @@ class _Loop:
             self.best_res = torch.where(improved, r_new, self.best_res)
             self.best_is_last = improved
             self.converged = conv_new
-            self.diverged = ~(r_new <= self.div_limit) & ~conv_new
+            self.diverged = ~((r_new <= self.div_limit) | conv_new)  # NaN fails <=: diverged unless converged
         else:
             active = ~self.done
             improved = active & (self.last_res < self.best_res)
@@ -810,11 +824,15 @@ class _Loop:
                 coupled = _disagree(self.probe_out, fp, zp, live, conv, self)
                 self.probe_out = self._probe_ref = None
             self.pending = False
-        # The one host sync of the iteration: counts (int64 sums), so "all"/"any" need no extra reductions.
-        vals = [self.best_is_last.sum(), improved.sum(), self.done.sum()]
+        # The one host sync of the iteration: counts of one stacked reduction, so "all"/"any" need no extra
+        # reductions (in a whole-batch step best_is_last is improved: its count is improved's).
+        masks = [improved, self.done] if idx is None else [self.best_is_last, improved, self.done]
+        counts = torch.stack(masks).sum(1)
         if coupled is not None:
-            vals.append(coupled.long())
-        flags = torch.stack(vals).tolist()
+            counts = torch.cat([counts, coupled.reshape(1).long()])
+        flags = counts.tolist()
+        if idx is None:
+            flags.insert(0, flags[0])
         if flags[0] == self.B:
             self.best_z, self.best_fz = self.z, self.fz
         elif flags[1]:
@@ -909,7 +927,7 @@ class _Loop:
         if self.solver.verify_final:
             f_sys = self.evaluate(rows(out_z, self.sys_idx), self.sys_idx, out_z)
             best_fz = f_sys if self.sys_idx is None else torch.zeros_like(out_z).index_copy(0, self.sys_idx, f_sys)
-            out_res = (best_fz - out_z).norm(dim=1)
+            out_res = _vnorm(best_fz - out_z, dim=1)
             if self.excluded is not None:
                 out_res = out_res.masked_fill(self.excluded, float("inf"))
         info = dict(self.solver.extra_info(self.state))
@@ -920,7 +938,7 @@ class _Loop:
         if self.keep:
             iterates = {k: self.spec.unflatten(self.kept.get(k, out_z) if k else self.z0) for k in sorted(self.keep)}
         stats = SolverStats.of_final_iterate(
-            self.solver.name, out_res, best_fz.norm(dim=1), nstep=self.nstep, diverged=self.diverged,
+            self.solver.name, out_res, _vnorm(best_fz, dim=1), nstep=self.nstep, diverged=self.diverged,
             best=~self.best_is_last, nfe=self.nfe, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter,
             trace=self.trace, info=info, iterates=iterates,
         )
@@ -1000,13 +1018,14 @@ def run_loop(
                                  (on_failure, "on_failure", ON_FAILURE)):
         if not (isinstance(value, str) and value in options):
             _validate.choice(value, name, options, where="run_loop")
+    # (exact-type tests first: the abstract-class checks cost microseconds per solve)
     if kwargs is None:
         kwargs = {}
-    elif not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+    elif type(kwargs) is not dict and not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
         raise OptionTypeError(
             f"kwargs must be a dict of keyword arguments for f (never sliced) or None, got {_describe(kwargs)}"
         )
-    if isinstance(args, (torch.Tensor, str)) or not isinstance(args, Sequence):
+    if type(args) is not tuple and (isinstance(args, (torch.Tensor, str)) or not isinstance(args, Sequence)):
         raise OptionTypeError(f"args must be a tuple of inputs of f, got {_describe(args)}; wrap one as (x,)")
     args = tuple(args)
     if keep:
@@ -1027,7 +1046,7 @@ def run_loop(
         check_every = _validate.positive_int(check_every, "check_every", where="run_loop")
     loop = _Loop(f, z0, solver, args, kwargs, float(atol), float(rtol), max_iter, return_trace,
                  float(divergence_ratio), stopping, excluded, phase, verified=bool(verified), keep=keep,
-                 check_every=check_every)
+                 check_every=check_every, spec=spec)
     if note is not None:
         loop.info["nonfinite_input"] = note
     if B == 0 or loop.n_sys == 0:

@@ -1,6 +1,7 @@
 """Statistics every solve returns, per sample and in total."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ def is_converged(residual: torch.Tensor, fnorm: torch.Tensor | None, atol: float
     """
     if rtol == 0 or fnorm is None:
         return residual <= atol  # NaN and inf fail this already
-    return (residual <= atol + rtol * fnorm) & torch.isfinite(residual)
+    return (residual <= atol + rtol * fnorm) & (residual < math.inf)  # NaN fails both; a norm is never -inf
 
 
 @dataclass
@@ -91,9 +92,13 @@ class SolverStats:
         reports a solve (the generic solver loop, the unrolled one) applies the same rule. A non-finite
         residual is reported as ``inf``; ``diverged`` is what the loop saw during the iterations.
         """
-        res = torch.where(torch.isfinite(abs_residual), abs_residual, torch.full_like(abs_residual, float("inf")))
+        res = abs_residual.nan_to_num(nan=math.inf, posinf=math.inf)  # (a norm: never -inf)
         converged = is_converged(res, fnorm, atol, rtol)
-        status = CONVERGED if bool(converged.all()) else (DIVERGED if bool(diverged.any()) else MAX_ITER)
+        if converged.numel() == 0:
+            status = CONVERGED
+        else:  # one host read for both tests
+            all_converged, any_diverged = torch.stack([converged.all(), diverged.any()]).tolist()
+            status = CONVERGED if all_converged else (DIVERGED if any_diverged else MAX_ITER)
         return cls(
             solver=solver,
             nstep=nstep,
