@@ -29,7 +29,7 @@ The three algorithm-layer properties of the paper, as functions of ``k, mu, L`` 
   root ``1 - sqrt(s mu)`` of the recursion at ``lam = mu``, so ``r_k(mu) = (1 + k sqrt(s mu))
   (1 - sqrt(s mu))^k > 0`` and (derived, checked numerically on the grid) the sup is
   ``P_k(mu) = (1 - r_k(mu)) / mu``, increasing in ``k`` and approached from below (``mu = 0.1``,
-  ``s = L = 1``: ``1/mu - Stab_b(79) = 2.4e-11``; ``tests/algorithms/test_reasoning_stability.py``).
+  ``s = L = 1``: ``1/mu - Stab_b(79) = 2.4e-11``; ``tests/reasoning/test_reasoning_stability.py``).
   NAG is less stable than GD in the sense that it approaches ``1/mu`` faster and its ``Stab_Q`` is larger;
   general (non-commuting) perturbations follow the Daleckii-Krein formula :func:`frechet_derivative`;
 * sensitivity (Lipschitz constant in the step size): ``Sen(k) = sup_lam |dP_k(lam)/ds|``

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from iterlayers.algorithms import (GradientDescent, HeavyBall, Nesterov, Quadratic, random_rotation,
-                                   spd_from_eigs)
-from iterlayers.algorithms import theory
+from iterlayers.reasoning import (GradientDescent, HeavyBall, Nesterov, Quadratic, random_rotation,
+                                  spd_from_eigs)
+from iterlayers.reasoning import theory
 
 
 def _problem(batch=6, n=5, mu=0.1, L=1.0, seed=0, dtype=torch.float64):
@@ -54,7 +54,7 @@ def test_rates_match_theory():
     mu, L = 0.1, 1.0
     assert theory.asymptotic_rate("gd", mu, L) == pytest.approx(0.9)
     assert theory.asymptotic_rate("nag", mu, L) == pytest.approx(1 - math.sqrt(0.1), rel=1e-6)
-    s, beta = __import__("iterlayers.algorithms", fromlist=["polyak_parameters"]).polyak_parameters(mu, L)
+    s, beta = __import__("iterlayers.reasoning", fromlist=["polyak_parameters"]).polyak_parameters(mu, L)
     kappa = L / mu
     assert theory.asymptotic_rate("heavy_ball", mu, L, s=s, beta=beta) == pytest.approx(
         (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1), rel=1e-5)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from iterlayers.models.implicit_linear import (
+from iterlayers.implicit_linear import (
     EquilibriumCell,
     ImplicitLinearModel,
     column_softmax,
@@ -175,7 +175,7 @@ def test_options_are_validated():
 
 @pytest.mark.parametrize("loss", ["squared", "logistic"])
 def test_batched_equilibrium_gradient_equals_one_model_at_a_time_and_autograd(loss):
-    from iterlayers.models.implicit_linear import equilibrium_gradient
+    from iterlayers.implicit_linear import equilibrium_gradient
 
     g = torch.Generator().manual_seed(11)
     models = [ImplicitLinearModel(4, 4, 3, gamma=0.7, seed=s, dtype=torch.float64) for s in range(3)]
@@ -197,7 +197,7 @@ def test_batched_equilibrium_gradient_equals_one_model_at_a_time_and_autograd(lo
 def test_moment_gradient_of_the_square_loss_equals_autograd(targets):
     """The N-free form (loss and gradient from Phi^T Phi, Phi^T Y, ||Y||^2) against autograd through the direct
     solve, one model per batch index, with integer labels and with real-valued targets."""
-    from iterlayers.models.implicit_linear import square_moment_gradient, square_moments
+    from iterlayers.implicit_linear import square_moment_gradient, square_moments
 
     g = torch.Generator().manual_seed(12)
     models = [ImplicitLinearModel(5, 5, 3, gamma=0.6, seed=s, dtype=torch.float64) for s in range(2)]

@@ -5,7 +5,7 @@ import torch
 from scipy.optimize import nnls
 from sklearn.linear_model import Lasso
 
-from iterlayers.algorithms import (FISTA, ISTA, BoxConstraint, L1Penalty, NonnegativeConstraint, Quadratic)
+from iterlayers.reasoning import (FISTA, ISTA, BoxConstraint, L1Penalty, NonnegativeConstraint, Quadratic)
 
 
 def _lasso_problem(batch=3, m=20, n=8, seed=0):

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from iterlayers.algorithms import GradientDescent, HeavyBall, Nesterov, random_rotation, spd_from_eigs
-from iterlayers.algorithms import theory
+from iterlayers.reasoning import GradientDescent, HeavyBall, Nesterov, random_rotation, spd_from_eigs
+from iterlayers.reasoning import theory
 
 MU, L = 0.1, 1.0
 
@@ -110,7 +110,7 @@ def test_frechet_derivative_matches_autograd_jvp(algo):
 
 def test_closed_form_rates_equal_analysis_toolkit_measurements():
     """Asymptotic rates: closed form vs dense spectral radius of the update Jacobian (analysis toolkit)."""
-    from iterlayers.algorithms import polyak_parameters
+    from iterlayers.reasoning import polyak_parameters
 
     g = torch.Generator().manual_seed(5)
     lam = MU + (L - MU) * torch.rand(3, 5, generator=g, dtype=torch.float64)

@@ -54,7 +54,7 @@ from torch import nn
 
 from iterlayers.errors import ShapeMismatchError, ValidationError
 
-from iterlayers.models.implicit_linear import (
+from .model import (
     ImplicitLinearModel,
     _as_targets,
     _check_choice,

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from iterlayers.algorithms import (MLPRNN, AutogradEnergy, GradientDescent, GradientRNN, Nesterov, Quadratic,
-                                   QuadraticEnergy, random_rotation)
+from iterlayers.reasoning import (MLPRNN, AutogradEnergy, GradientDescent, GradientRNN, Nesterov, Quadratic,
+                                  QuadraticEnergy, random_rotation)
 
 
 def _quadratic(batch=5, n=4, seed=0):

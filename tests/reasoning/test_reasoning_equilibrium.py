@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from iterlayers import algorithms
+from iterlayers import reasoning
 
-from iterlayers.algorithms import (GradientDescent, HeavyBall, ISTA, L1Penalty, Nesterov, Quadratic,
-                                   QuadraticEnergy, random_rotation, FISTA)
+from iterlayers.reasoning import (GradientDescent, HeavyBall, ISTA, L1Penalty, Nesterov, Quadratic,
+                                  QuadraticEnergy, random_rotation, FISTA)
 
 
 def _energy_and_input(seed=0, batch=4):
@@ -80,7 +80,7 @@ def test_equilibrium_mode_is_the_core_solve_with_the_dense_implicit_gradient():
     ref = torch.autograd.grad(layer.fixed_point_map(energy.bind(x))(z), params, adj)
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-7)
-    assert not (Path(algorithms.__file__).parent / "_equilibrium.py").exists()
+    assert not (Path(reasoning.__file__).parent / "_equilibrium.py").exists()
 
 
 def test_solve_rejects_untied_and_fista():
