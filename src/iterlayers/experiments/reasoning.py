@@ -375,7 +375,9 @@ class Hybrid(nn.Module):
     def layer(self, m: int):
         """Model ``m``'s algorithm as a library layer (for the sanity checks and the measured stability)."""
         s, k = float(self.step[m]), int(self.k[m])
-        return Nesterov(k=k, step_size=s, mu=MU) if self.algos[m] == "nag" else GradientDescent(k=k, step_size=s)
+        if self.algos[m] == "nag":
+            return Nesterov(max_iter=k, step_size=s, mu=MU)
+        return GradientDescent(max_iter=k, step_size=s)
 
     def extra_repr(self) -> str:
         return f"learn_step={self.learn_step}"
@@ -413,8 +415,8 @@ class Baseline(nn.Module):
 
     def _reference(self, k: int) -> nn.Module:
         if self.kind == "mlp_rnn":
-            return MLPRNN(DIM, (2 * DIM, 2 * DIM), k=k, init="gd", step_size=1.0 / L_SMOOTH).double()
-        return GradientRNN(DIM, 2 * DIM, k=k, init="gd", step_size=1.0 / L_SMOOTH).double()
+            return MLPRNN(DIM, (2 * DIM, 2 * DIM), max_iter=k, init="gd", step_size=1.0 / L_SMOOTH).double()
+        return GradientRNN(DIM, 2 * DIM, max_iter=k, init="gd", step_size=1.0 / L_SMOOTH).double()
 
     def _linears(self, net: nn.Module) -> list:
         return list(net.layers) + [net.out] if self.kind == "mlp_rnn" else [net.U, net.W, net.V]
@@ -1011,8 +1013,8 @@ def _assemble(summary, diag, cfg, mode, seed, teacher, pool, main, conf) -> dict
             i = lchosen[("learned", algo, main, k, 0)]
             s = float(lmodel.step[i].detach())
             q = lmodel.students.energy(i).bind((test.u, test.R, test.b))
-            factory = (lambda s_, k=k: GradientDescent(k=k, step_size=s_)) if algo == "gd" else \
-                (lambda s_, k=k: Nesterov(k=k, step_size=s_, mu=MU))
+            factory = (lambda s_, k=k: GradientDescent(max_iter=k, step_size=s_)) if algo == "gd" else \
+                (lambda s_, k=k: Nesterov(max_iter=k, step_size=s_, mu=MU))
             sen = theory.measure_sensitivity(factory, q.Q, q.b, s)
             extra = np.subtract(summary[("learned", algo, main, k)]["gap"], summary[("frozen", algo, main, k)]["gap"])
             measured.setdefault("learned", {}).setdefault(algo, {})[str(k)] = dict(
