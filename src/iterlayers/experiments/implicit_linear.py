@@ -1245,6 +1245,6 @@ def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> 
     write_metrics(out, metrics, settings=cfg, mode=mode, claims=claims, sanity_checks=sanity)
     (out / "table.md").write_text(_table(metrics), encoding="utf-8")
     held = sum(c["verdict"] == "holds" for c in claims)
-    print(f"implicit: {held}/{len(claims)} claims hold, {sum(s['passed'] for s in sanity)}/{len(sanity)} sanity "
-          f"checks pass ({metrics['seconds']:.0f} s)")
+    print(f"implicit_linear: {held}/{len(claims)} claims hold, {sum(s['passed'] for s in sanity)}/{len(sanity)} "
+          f"sanity checks pass ({metrics['seconds']:.0f} s)")
     return metrics
