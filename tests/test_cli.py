@@ -39,7 +39,7 @@ def npz(tmp_path):
         (["train", "--option", "widht=3"], "unknown option(s) ['widht']"),
         (["train", "--device", "abacus"], "device='abacus' is not valid; use cpu, cuda or cuda:N"),
         (["reproduce", "everything"],
-         "experiment 'everything' is not valid; choose one of: core, reasoning, frames, implicit, operators, zoo, all"),
+         "experiment 'everything' is not valid; choose one of: core, reasoning, frames, implicit_linear, operators, zoo, all"),
         (["analyze", "/nonexistent/run"], "no checkpoint at '/nonexistent/run'"),
         (["frobnicate"], "No such command"),
     ],
@@ -108,7 +108,7 @@ def test_reproduce_all_runs_every_available_experiment_and_records_failures(tmp_
     mods = {"fake_core": _fake_experiment("claim A"), "fake_reasoning": types.SimpleNamespace(run=broken),
             "fake_frames": _fake_experiment("claim C"), "fake_zoo": _fake_experiment("claim Z")}
     registry = {"core": "fake_core", "reasoning": "fake_reasoning", "frames": "fake_frames",
-                "implicit": "iterlayers.experiments.does_not_exist", "operators": "fake_operators_missing",
+                "implicit_linear": "iterlayers.experiments.does_not_exist", "operators": "fake_operators_missing",
                 "zoo": "fake_zoo"}
     monkeypatch.setattr(experiments, "EXPERIMENTS", registry)
     real_import = experiments.importlib.import_module
@@ -120,7 +120,7 @@ def test_reproduce_all_runs_every_available_experiment_and_records_failures(tmp_
     code = cli.main(["reproduce", "all", "--tiny", "--out", str(tmp_path)])
     captured = capsys.readouterr()
     assert code == 1  # some experiments did not complete, and the exit status says so
-    assert "3 experiment(s) did not complete: reasoning, implicit, operators" in captured.err
+    assert "3 experiment(s) did not complete: reasoning, implicit_linear, operators" in captured.err
     report = (tmp_path / "REPORT.md").read_text()
     assert "claim A" in report and "claim C" in report
     assert "**failed**: RuntimeError: numerical trouble" in report

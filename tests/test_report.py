@@ -41,7 +41,7 @@ def test_report_links_every_figure_and_nests_tables(tmp_path):
     assert "| mlp | 0.5 |" in text
     # Order follows the experiment registry: core before reasoning before frames.
     assert text.index("## core") < text.index("## reasoning") < text.index("## frames")
-    assert "## implicit" not in text  # never run, not reported
+    assert "## implicit_linear" not in text  # never run, not reported
 
 
 def test_benchmark_table_falls_back_to_the_committed_results(tmp_path):

@@ -208,8 +208,8 @@ def test_one_implementation_per_idea_no_duplicate_comes_back():
         assert not hasattr(operators, name), name
     assert [k for k, t in texts.items() if re.search(r"^def fit_linear_rate\b", t, re.M)] == ["analysis/rates.py"]
     assert [k for k, t in texts.items() if "last_stats" in t] == []
-    assert "algorithms/_equilibrium.py" not in texts
-    paper = ("algorithms/", "frames/", "operators/", "models/", "analysis/")
+    assert "reasoning/_equilibrium.py" not in texts
+    paper = ("reasoning/", "frames/", "implicit_linear/", "operators/", "models/", "analysis/")
     for k, t in texts.items():
         if k.startswith(paper):
             assert "except ImportError" not in t and "imported late" not in t, k

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from iterlayers.algorithms import theory
+from iterlayers.reasoning import theory
 from iterlayers.experiments import reasoning as R
 from iterlayers.experiments.claims import DOES_NOT_HOLD
 

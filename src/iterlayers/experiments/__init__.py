@@ -23,17 +23,17 @@ EXPERIMENTS: dict[str, str] = {
     "core": "iterlayers.experiments.core",
     "reasoning": "iterlayers.experiments.reasoning",
     "frames": "iterlayers.experiments.frames",
-    "implicit": "iterlayers.experiments.implicit",
+    "implicit_linear": "iterlayers.experiments.implicit_linear",
     "operators": "iterlayers.experiments.operators",
     "zoo": "iterlayers.experiments.zoo",
 }
-ORDER: tuple[str, ...] = ("core", "reasoning", "frames", "implicit", "operators", "zoo")
+ORDER: tuple[str, ...] = ("core", "reasoning", "frames", "implicit_linear", "operators", "zoo")
 
 TITLES: dict[str, str] = {
     "core": "Core: a DEQ classifier on digits (solvers and implicit gradients)",
     "reasoning": "Reasoning layers: convergence vs stability (Chen et al., NeurIPS 2020)",
     "frames": "Deep frame approximation and the deep frame potential (Murdock et al.)",
-    "implicit": "Implicit deep learning: global convergence of gradient dynamics (Kawaguchi, ICLR 2021)",
+    "implicit_linear": "Implicit deep learning: global convergence of gradient dynamics (Kawaguchi, ICLR 2021)",
     "operators": "Iterative operators and PIGN (Zappala et al., 2023)",
     "zoo": "The model zoo trained end to end (MDEQ, monDEQ, IGNN, DEQ transformer): sanity checks",
 }

@@ -12,7 +12,7 @@ Setting (the public reference configuration; data generated in code):
 * per seed 100 training samples drawn from a pool of 10,000 (the rest of the pool is the test set);
   mini-batches of 50, weight decay 1e-4, optimiser and learning rate chosen from {SGD, Adam} x lr by the
   *training* loss, the epoch with the lowest training loss kept (the reference protocol);
-* baseline: an MLP-RNN over ``[y, -grad E]`` (:class:`~iterlayers.algorithms.MLPRNN`) initialised to equal GD,
+* baseline: an MLP-RNN over ``[y, -grad E]`` (:class:`~iterlayers.reasoning.MLPRNN`) initialised to equal GD,
   trained jointly with the same energy network;
 * learned step: ``s`` (and with it NAG's momentum ``beta(s, mu)``) trained jointly with the energy.
 
@@ -24,7 +24,7 @@ error is the norm of the latter (the error orthogonal to ``v_mu`` and ``v_L``), 
 is its test minus train value. (With ``s = 1/L`` the ``v_L`` part is exactly zero.)
 
 Implementation: GD and NAG on a quadratic act per eigenvalue (``y_k = R P_k(e) R^T b``, see
-:mod:`iterlayers.algorithms.theory`), so all models of a grid (seeds x depths x optimiser configurations)
+:mod:`iterlayers.reasoning.theory`), so all models of a grid (seeds x depths x optimiser configurations)
 train at once as one batched model: GD rows through ``(1 - s lam)^k``, NAG rows through the residual
 recursion, each with its exact derivative carried along (no autograd graph over the steps); the baselines run
 their cells on all rows at once, finished rows leaving the batch. A sanity check reruns selected models
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..algorithms import GradientDescent, GradientRNN, MLPRNN, Nesterov, QuadraticEnergy, random_rotation, theory
+from ..reasoning import GradientDescent, GradientRNN, MLPRNN, Nesterov, QuadraticEnergy, random_rotation, theory
 from ..errors import OptionTypeError, ValidationError
 from .claims import (Threshold, fmt, make_claim, mode_of, new_figure, sanity_check, sanity_markdown,
                      claims_markdown, save_figure, seed_interval, spearman, write_metrics)
@@ -269,7 +269,7 @@ def residuals(lam: Tensor, s: Tensor, beta: Tensor, k: Tensor) -> Tensor:
     """Residual polynomial ``r_k(lam)`` of GD (``beta = 0``) / NAG per row: ``lam`` [M, ...], ``s``, ``beta``,
     ``k`` [M] (rows may differ in ``k``); differentiable in ``lam``, ``s`` and ``beta``.
 
-    The NAG error recursion of :mod:`~iterlayers.algorithms.theory`: ``r_0 = 1``, ``r_1 = a = 1 - s lam`` (the
+    The NAG error recursion of :mod:`~iterlayers.reasoning.theory`: ``r_0 = 1``, ``r_1 = a = 1 - s lam`` (the
     first step is a gradient step) and ``r_{t+1} = a (r_t + beta (r_t - r_{t-1}))``; with ``beta = 0`` it is
     GD's ``a^t`` (:func:`gd_residuals` computes that case in closed form).
     """
@@ -327,7 +327,7 @@ class Hybrid(nn.Module):
     """``M`` hybrid models ``Alg^k(E_theta)``: batched students, per-model algorithm, depth and step size.
 
     ``algo`` per model in {"gd", "nag"}; ``step`` the initial step size per model (``learn_step`` makes it a
-    parameter; NAG's momentum then follows ``beta(s, mu)``, as :class:`~iterlayers.algorithms.Nesterov` with
+    parameter; NAG's momentum then follows ``beta(s, mu)``, as :class:`~iterlayers.reasoning.Nesterov` with
     ``mu``). Predictions are in the teacher's eigenbasis (rotation-equivariant layers).
     """
 
@@ -375,7 +375,9 @@ class Hybrid(nn.Module):
     def layer(self, m: int):
         """Model ``m``'s algorithm as a library layer (for the sanity checks and the measured stability)."""
         s, k = float(self.step[m]), int(self.k[m])
-        return Nesterov(k=k, step_size=s, mu=MU) if self.algos[m] == "nag" else GradientDescent(k=k, step_size=s)
+        if self.algos[m] == "nag":
+            return Nesterov(max_iter=k, step_size=s, mu=MU)
+        return GradientDescent(max_iter=k, step_size=s)
 
     def extra_repr(self) -> str:
         return f"learn_step={self.learn_step}"
@@ -385,8 +387,8 @@ class Baseline(nn.Module):
     """``M`` learned-algorithm baselines on batched students, in the input coordinates (the learned cells are not
     rotation-equivariant); outputs rotated to the teacher's eigenbasis. ``kind``:
 
-    * ``"mlp_rnn"``: :class:`~iterlayers.algorithms.MLPRNN` over ``[y, -grad E]``, hidden (10, 10);
-    * ``"gradient_rnn"``: :class:`~iterlayers.algorithms.GradientRNN`, hidden 10;
+    * ``"mlp_rnn"``: :class:`~iterlayers.reasoning.MLPRNN` over ``[y, -grad E]``, hidden (10, 10);
+    * ``"gradient_rnn"``: :class:`~iterlayers.reasoning.GradientRNN`, hidden 10;
 
     both with ``init="gd"`` (their first forward pass equals GD with ``s = 1/L``). Rows are run in order of
     decreasing ``k``; after step ``t`` the rows with ``k = t`` leave the batch (no work on finished rows).
@@ -413,8 +415,8 @@ class Baseline(nn.Module):
 
     def _reference(self, k: int) -> nn.Module:
         if self.kind == "mlp_rnn":
-            return MLPRNN(DIM, (2 * DIM, 2 * DIM), k=k, init="gd", step_size=1.0 / L_SMOOTH).double()
-        return GradientRNN(DIM, 2 * DIM, k=k, init="gd", step_size=1.0 / L_SMOOTH).double()
+            return MLPRNN(DIM, (2 * DIM, 2 * DIM), max_iter=k, init="gd", step_size=1.0 / L_SMOOTH).double()
+        return GradientRNN(DIM, 2 * DIM, max_iter=k, init="gd", step_size=1.0 / L_SMOOTH).double()
 
     def _linears(self, net: nn.Module) -> list:
         return list(net.layers) + [net.out] if self.kind == "mlp_rnn" else [net.U, net.W, net.V]
@@ -1011,8 +1013,8 @@ def _assemble(summary, diag, cfg, mode, seed, teacher, pool, main, conf) -> dict
             i = lchosen[("learned", algo, main, k, 0)]
             s = float(lmodel.step[i].detach())
             q = lmodel.students.energy(i).bind((test.u, test.R, test.b))
-            factory = (lambda s_, k=k: GradientDescent(k=k, step_size=s_)) if algo == "gd" else \
-                (lambda s_, k=k: Nesterov(k=k, step_size=s_, mu=MU))
+            factory = (lambda s_, k=k: GradientDescent(max_iter=k, step_size=s_)) if algo == "gd" else \
+                (lambda s_, k=k: Nesterov(max_iter=k, step_size=s_, mu=MU))
             sen = theory.measure_sensitivity(factory, q.Q, q.b, s)
             extra = np.subtract(summary[("learned", algo, main, k)]["gap"], summary[("frozen", algo, main, k)]["gap"])
             measured.setdefault("learned", {}).setdefault(algo, {})[str(k)] = dict(

@@ -31,9 +31,10 @@ def _lazy(module: str, attr: str) -> Callable[..., nn.Module]:
 def _implicit_linear(in_features: int, num_classes: int, *, width: int = 64, equilibrium: str = "iterative",
                      **options) -> nn.Module:
     """Kawaguchi's deep equilibrium linear model f(x) = B (I - gamma sigma(A))^{-1} phi(x) as a classifier."""
-    from iterlayers.models.implicit_linear import ImplicitLinearModel
+    from iterlayers.implicit_linear import ImplicitLinearModel
 
-    options.setdefault("atol", 1e-5)  # float32 training; the model's own default (1e-6) sits at rounding level
+    if "options" not in options:  # a DEQOptions value given is used as it is
+        options.setdefault("atol", 1e-5)  # float32 training; the model's own default (1e-6) sits at rounding level
     return ImplicitLinearModel(in_features, width, num_classes, equilibrium=equilibrium, **options)
 
 

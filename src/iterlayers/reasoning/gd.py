@@ -19,7 +19,8 @@ __all__ = ["GradientDescent"]
 
 
 class GradientDescent(UnrolledAlgorithm):
-    """``k`` steps of ``y <- y - s grad E(y)`` (options: ``k``, ``step_size``, ``tied``, ``learn_step``)."""
+    """``k`` steps of ``y <- y - s grad E(y)`` (options: ``max_iter`` = the paper's ``k``, ``step_size``, ``tied``,
+    ``learn_step``)."""
 
     state_size = 1
 

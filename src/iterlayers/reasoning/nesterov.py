@@ -33,13 +33,14 @@ def nesterov_momentum(mu, s):
 class Nesterov(UnrolledAlgorithm):
     """NAG layer.  Give exactly one of ``mu`` (strong-convexity constant; momentum follows the step
     size by the formula above, so it moves when a learnable step moves) or ``momentum`` (a float, or
-    ``k`` floats when untied; ``learn_momentum=True`` trains it)."""
+    ``max_iter`` floats when untied; ``learn_momentum=True`` trains it). ``max_iter`` is the number of steps, the
+    paper's ``k``."""
 
     state_size = 2
 
-    def __init__(self, *, k: int = 10, step_size=1.0, mu: float | None = None, momentum=None,
+    def __init__(self, *, max_iter: int = 10, step_size=1.0, mu: float | None = None, momentum=None,
                  tied: bool = True, learn_step: bool = False, learn_momentum: bool = False):
-        super().__init__(k=k, step_size=step_size, tied=tied, learn_step=learn_step)
+        super().__init__(max_iter=max_iter, step_size=step_size, tied=tied, learn_step=learn_step)
         if (mu is None) == (momentum is None):
             raise ValidationError("give exactly one of mu (momentum from the step size) or momentum")
         if mu is not None:
@@ -50,7 +51,7 @@ class Nesterov(UnrolledAlgorithm):
         self.mu = None if mu is None else float(mu)
         self.learn_momentum = bool(learn_momentum)
         if momentum is not None:
-            _per_step(self, "momentum", momentum, k=self.k, tied=tied, learn=learn_momentum)
+            _per_step(self, "momentum", momentum, max_iter=self.max_iter, tied=tied, learn=learn_momentum)
 
     def momentum_at(self, t: int, like):
         if self.mu is not None:

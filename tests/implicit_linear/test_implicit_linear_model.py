@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from iterlayers.models.implicit_linear import (
+from iterlayers.implicit_linear import (
     EquilibriumCell,
     ImplicitLinearModel,
     column_softmax,
@@ -175,7 +175,7 @@ def test_options_are_validated():
 
 @pytest.mark.parametrize("loss", ["squared", "logistic"])
 def test_batched_equilibrium_gradient_equals_one_model_at_a_time_and_autograd(loss):
-    from iterlayers.models.implicit_linear import equilibrium_gradient
+    from iterlayers.implicit_linear import equilibrium_gradient
 
     g = torch.Generator().manual_seed(11)
     models = [ImplicitLinearModel(4, 4, 3, gamma=0.7, seed=s, dtype=torch.float64) for s in range(3)]
@@ -197,7 +197,7 @@ def test_batched_equilibrium_gradient_equals_one_model_at_a_time_and_autograd(lo
 def test_moment_gradient_of_the_square_loss_equals_autograd(targets):
     """The N-free form (loss and gradient from Phi^T Phi, Phi^T Y, ||Y||^2) against autograd through the direct
     solve, one model per batch index, with integer labels and with real-valued targets."""
-    from iterlayers.models.implicit_linear import square_moment_gradient, square_moments
+    from iterlayers.implicit_linear import square_moment_gradient, square_moments
 
     g = torch.Generator().manual_seed(12)
     models = [ImplicitLinearModel(5, 5, 3, gamma=0.6, seed=s, dtype=torch.float64) for s in range(2)]
@@ -213,3 +213,58 @@ def test_moment_gradient_of_the_square_loss_equals_autograd(targets):
         torch.testing.assert_close(gA[i], ra, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(gB[i], rb, rtol=1e-10, atol=1e-12)
         assert float(L[i]) == pytest.approx(float(value.detach()), rel=1e-12)
+
+
+def test_iterative_path_is_configured_by_one_deq_options_value(monkeypatch):
+    """The core's options come as one DEQOptions value (or keyword shortcuts for its fields), built and validated
+    once in __init__, and the iterative path solves through the core with exactly that value."""
+    import iterlayers.implicit_linear.model as model_module
+    from iterlayers import DEQOptions
+
+    x, _, _ = _data(n=6, d=5)
+    o = DEQOptions(solver="picard", atol=1e-11, rtol=0.0, max_iter=3000, on_failure="raise")
+    model = ImplicitLinearModel(5, 5, 2, gamma=0.8, seed=1, dtype=F64, equilibrium="iterative", options=o)
+    assert model.options is o
+    seen = []
+    real = model_module.deq_solve
+
+    def spy(f, z0, **kw):
+        seen.append(kw)
+        return real(f, z0, **kw)
+
+    monkeypatch.setattr(model_module, "deq_solve", spy)
+    with torch.no_grad():
+        z = model.equilibrium_point(x)
+        model.equilibrium_point(x)
+    assert [set(kw) for kw in seen] == [{"args", "options", "stats"}] * 2
+    assert all(kw["options"] is o for kw in seen)  # the same value every call: nothing rebuilt per forward
+    # the residual measured here, not by the solver: Picard (rate gamma = 0.8) to 1e-11 takes > 50 steps,
+    # Anderson (the core's default solver) far fewer, so the step count shows which solver ran
+    with torch.no_grad():
+        residual = z - (z @ model.cell.matrix().T + model.features(x))
+    assert float(residual.norm(dim=1).max()) <= 1e-10
+    assert int(model.stats["forward"].nstep.min()) > 50 and bool(model.stats["forward"].converged.all())
+    # keyword shortcuts apply on top of the value
+    short = ImplicitLinearModel(5, 5, 2, seed=1, dtype=F64, equilibrium="iterative", options=o, max_iter=4,
+                                on_failure="ignore")
+    assert short.options.solver == "picard" and short.options.max_iter == 4 and o.max_iter == 3000
+    with torch.no_grad():
+        short(x)
+    assert int(short.stats["forward"].nstep.max()) == 4 and not bool(short.stats["forward"].converged.any())
+
+
+def test_model_defaults_and_option_errors():
+    from iterlayers.errors import OptionTypeError, ValidationError
+
+    for dtype, atol in ((F64, 1e-12), (torch.float32, 1e-6)):
+        o = ImplicitLinearModel(3, 3, 2, dtype=dtype).options
+        assert (o.atol, o.rtol, o.max_iter, o.solver, o.backward) == (atol, 0.0, 500, "anderson", "implicit")
+    assert ImplicitLinearModel(3, 3, 2, dtype=F64, atol=1e-9, solver="broyden").options.atol == 1e-9
+    with pytest.raises(OptionTypeError, match="tol"):
+        ImplicitLinearModel(3, 3, 2, tol=1e-3)  # not a DEQOptions field
+    with pytest.raises(ValidationError, match="max_iter"):
+        ImplicitLinearModel(3, 3, 2, max_iter=-1)
+    with pytest.raises(ValidationError, match="solver"):
+        ImplicitLinearModel(3, 3, 2, solver="newton")  # validated at construction, not at the first solve
+    with pytest.raises(OptionTypeError, match="DEQOptions"):
+        ImplicitLinearModel(3, 3, 2, options={"solver": "picard"})

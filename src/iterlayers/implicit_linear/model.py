@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from iterlayers import BACKWARD_MODES, _validate, deq_solve
+from iterlayers import DEQOptions, _validate, deq_solve
 from iterlayers.errors import OptionTypeError, ShapeMismatchError, ValidationError
 
 __all__ = [
@@ -62,7 +62,9 @@ __all__ = [
 EQUILIBRIA = ("direct", "iterative")
 LOSSES = ("squared", "logistic")
 REDUCTIONS = ("sum", "mean")
-_ADJOINT_SOLVERS = ("anderson", "picard", "gmres")  # solvers the core documents for the adjoint solve
+#: the iterative path's defaults where they differ from the core's (used when no ``options`` value is given): the
+#: map contracts at rate gamma in the 1-norm, so an absolute tolerance near rounding level is reached cheaply
+_SOLVE_DEFAULTS = {"rtol": 0.0, "max_iter": 500}
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -207,11 +209,14 @@ class ImplicitLinearModel(nn.Module):
         out_features: m_y.
         gamma: the fixed factor in (0, 1).
         equilibrium: ``"direct"`` (torch.linalg.solve of (I - gamma sigma(A)) z = phi(x), differentiated by
-            autograd through the solve) or ``"iterative"`` (the core fixed-point solver ``iterlayers.deq_solve``
-            with ``backward``).
-        solver, atol, max_iter, backward, on_failure: options of the iterative path (``atol=None``: 1e-6 in
-            float32, 1e-12 in float64); the adjoint solve of ``backward="implicit"`` uses the same solver (Anderson
-            for Broyden).
+            autograd through the solve) or ``"iterative"`` (the core's differentiable fixed-point solve
+            ``iterlayers.deq_solve``, configured by ``options``).
+        options: the core's :class:`~iterlayers.DEQOptions` of the iterative path (solver, tolerances, gradient
+            mode, failure policy, ...), used as given; ``**deq_options`` are keyword shortcuts for its fields
+            (``solver="picard", backward="phantom"``), applied on top of ``options`` or, without one, of this
+            model's defaults: the core's, except ``rtol=0``, ``max_iter=500`` and ``atol`` 1e-12 for a model
+            built in float64, 1e-6 otherwise (fixed here: a model converted to another dtype later keeps it).
+            Built and validated once, here; :attr:`options` holds the value.
             ``stats`` holds the core's {"forward", "backward"} SolverStats of the latest iterative solve (both
             ``None`` before one, and after a direct solve, which iterates nothing).
         init_scale: A ~ N(0, init_scale^2); B ~ N(0, 1/m).
@@ -226,33 +231,25 @@ class ImplicitLinearModel(nn.Module):
         *,
         gamma: float = 0.8,
         equilibrium: str = "direct",
-        solver: str = "anderson",
-        atol: float | None = None,
-        max_iter: int = 500,
-        backward: str = "implicit",
-        on_failure: str = "warn",
+        options: DEQOptions | None = None,
         init_scale: float = 1.0,
         seed: int | None = None,
         dtype: torch.dtype | None = None,
+        **deq_options,
     ):
         super().__init__()
         _check_positive_int("width", width)
         _check_positive_int("out_features", out_features)
         _check_choice("equilibrium", equilibrium, EQUILIBRIA)
-        _check_choice("backward", backward, BACKWARD_MODES)
-        _check_positive_int("max_iter", max_iter)
-        _check_choice("on_failure", on_failure, ("raise", "warn", "ignore"))
-        if atol is not None and (not isinstance(atol, (int, float)) or atol <= 0):
-            raise ValidationError(f"atol must be a positive number or None, got {atol!r}")
+        if options is None:
+            atol = 1e-12 if (dtype or torch.get_default_dtype()) == torch.float64 else 1e-6
+            deq_options = {**_SOLVE_DEFAULTS, "atol": atol, **deq_options}
+        #: the core's options of the iterative path (one validated value; its solvers are built once)
+        self.options = DEQOptions.build(options, **deq_options)
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         self.width = int(width)
         self.out_features = int(out_features)
         self.equilibrium = equilibrium
-        self.solver = solver
-        self.atol = atol
-        self.max_iter = int(max_iter)
-        self.backward_mode = backward
-        self.on_failure = on_failure
         if isinstance(features, bool):
             raise OptionTypeError("features must be in_features (int) or a callable feature map, got a bool")
         if isinstance(features, int):
@@ -303,11 +300,6 @@ class ImplicitLinearModel(nn.Module):
         return u.to(self.A.dtype)
 
     # -- the equilibrium --------------------------------------------------------------------------
-    def _atol(self) -> float:
-        if self.atol is not None:
-            return float(self.atol)
-        return 1e-12 if self.A.dtype == torch.float64 else 1e-6
-
     def equilibrium_point(self, x: torch.Tensor, *, method: str | None = None, z0: torch.Tensor | None = None
                           ) -> torch.Tensor:
         """z* with z* = gamma sigma(A) z* + phi(x), rows = samples. ``method`` overrides ``equilibrium``."""
@@ -328,10 +320,7 @@ class ImplicitLinearModel(nn.Module):
             raise ShapeMismatchError(f"z0 must have shape {tuple(u.shape)}, got {tuple(z0.shape)}")
         stats: dict = {}
         self.stats = stats  # the backward hook fills stats["backward"] later
-        return deq_solve(self.cell, z0, args=(u,), solver=self.solver, backward=self.backward_mode,
-                         atol=self._atol(), rtol=0.0, max_iter=self.max_iter, on_failure=self.on_failure,
-                         backward_solver=self.solver if self.solver in _ADJOINT_SOLVERS else "anderson",
-                         stats=stats)
+        return deq_solve(self.cell, z0, args=(u,), options=self.options, stats=stats)
 
     def forward(self, x: torch.Tensor, *, method: str | None = None) -> torch.Tensor:
         """f(x) = B z*(x), shape [N, out_features]."""
@@ -354,8 +343,10 @@ class ImplicitLinearModel(nn.Module):
             }
 
     def extra_repr(self) -> str:
+        o = self.options
         return (f"in_features={self.in_features}, width={self.width}, out_features={self.out_features}, "
-                f"gamma={self.gamma}, equilibrium={self.equilibrium!r}")
+                f"gamma={self.gamma}, equilibrium={self.equilibrium!r}, solver={o.solver!r}, "
+                f"backward={o.backward!r}, atol={o.atol}, max_iter={o.max_iter}")
 
 
 def equilibrium_gradient(A: torch.Tensor, B: torch.Tensor, phi: torch.Tensor, y: torch.Tensor, *, gamma: float,

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from iterlayers.algorithms import (MLPRNN, AutogradEnergy, GradientDescent, GradientRNN, Nesterov, Quadratic,
-                                   QuadraticEnergy, random_rotation)
+from iterlayers.reasoning import (MLPRNN, AutogradEnergy, GradientDescent, GradientRNN, Nesterov, Quadratic,
+                                  QuadraticEnergy, random_rotation)
 
 
 def _quadratic(batch=5, n=4, seed=0):
@@ -17,16 +17,16 @@ def _quadratic(batch=5, n=4, seed=0):
 @pytest.mark.parametrize("k", [1, 6])
 def test_gd_initialised_baselines_equal_gd(k):
     Q, b = _quadratic()
-    gd = GradientDescent(k=k, step_size=0.7)((Q, b))
-    rnn = GradientRNN(4, 9, k=k, init="gd", step_size=0.7).double()
-    mlp = MLPRNN(4, (8, 11, 8), k=k, init="gd", step_size=0.7).double()
+    gd = GradientDescent(max_iter=k, step_size=0.7)((Q, b))
+    rnn = GradientRNN(4, 9, max_iter=k, init="gd", step_size=0.7).double()
+    mlp = MLPRNN(4, (8, 11, 8), max_iter=k, init="gd", step_size=0.7).double()
     assert torch.allclose(rnn((Q, b)), gd, atol=1e-12)
     assert torch.allclose(mlp((Q, b)), gd, atol=1e-12)
 
 
 def test_baselines_train_and_validate():
     Q, b = _quadratic()
-    rnn = GradientRNN(4, 8, k=3, init="random").double()
+    rnn = GradientRNN(4, 8, max_iter=3, init="random").double()
     rnn((Q, b)).pow(2).sum().backward()
     assert all(p.grad is not None for p in rnn.parameters())
     with pytest.raises(ValueError, match="hidden >= 2"):
@@ -68,12 +68,12 @@ def test_autograd_energy_matches_quadratic():
 
     energy = AutogradEnergy(Quad(), dim=4)
     x = torch.zeros(5, 1, dtype=torch.float64)
-    for layer in (GradientDescent(k=5), Nesterov(k=5, mu=0.1)):
+    for layer in (GradientDescent(max_iter=5), Nesterov(max_iter=5, mu=0.1)):
         assert torch.allclose(layer(energy, x), layer(Quadratic(Q, b)), atol=1e-12)
     # gradients flow through autograd energies (create_graph inside the layer)
     scale = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
     e2 = AutogradEnergy(lambda x, y: scale * 0.5 * (y * y).sum(-1) - (b * y).sum(-1), dim=4)
-    y = GradientDescent(k=3, step_size=0.5)(e2, x)
+    y = GradientDescent(max_iter=3, step_size=0.5)(e2, x)
     (gs,) = torch.autograd.grad(y.sum(), scale)
     # y_k = (1 - (1 - s c)^k) b / c ; derivative at c = 1, s = 0.5, k = 3
     c, s, k = 1.0, 0.5, 3

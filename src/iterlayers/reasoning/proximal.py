@@ -30,14 +30,14 @@ def _check_regularizer(regularizer) -> Regularizer:
 
 
 class ISTA(UnrolledAlgorithm):
-    """Proximal gradient on ``f + R`` (options: ``regularizer``, ``k``, ``step_size``, ``tied``,
-    ``learn_step``)."""
+    """Proximal gradient on ``f + R`` (options: ``regularizer``, ``max_iter`` = the paper's ``k``, ``step_size``,
+    ``tied``, ``learn_step``)."""
 
     state_size = 1
 
-    def __init__(self, *, regularizer: Regularizer, k: int = 10, step_size=1.0, tied: bool = True,
+    def __init__(self, *, regularizer: Regularizer, max_iter: int = 10, step_size=1.0, tied: bool = True,
                  learn_step: bool = False):
-        super().__init__(k=k, step_size=step_size, tied=tied, learn_step=learn_step)
+        super().__init__(max_iter=max_iter, step_size=step_size, tied=tied, learn_step=learn_step)
         self.regularizer = _check_regularizer(regularizer)
 
     def _update(self, t: int, state, energy: BoundEnergy):
@@ -47,14 +47,14 @@ class ISTA(UnrolledAlgorithm):
 
 
 class FISTA(UnrolledAlgorithm):
-    """Accelerated proximal gradient (Beck & Teboulle); state ``(x, y)``, output ``x``."""
+    """Accelerated proximal gradient (Beck & Teboulle); state ``(x, y)``, output ``x`` (options as :class:`ISTA`)."""
 
     state_size = 2
     has_fixed_point = False
 
-    def __init__(self, *, regularizer: Regularizer, k: int = 10, step_size=1.0, tied: bool = True,
+    def __init__(self, *, regularizer: Regularizer, max_iter: int = 10, step_size=1.0, tied: bool = True,
                  learn_step: bool = False):
-        super().__init__(k=k, step_size=step_size, tied=tied, learn_step=learn_step)
+        super().__init__(max_iter=max_iter, step_size=step_size, tied=tied, learn_step=learn_step)
         self.regularizer = _check_regularizer(regularizer)
 
     def _update(self, t: int, state, energy: BoundEnergy):

@@ -1,8 +1,5 @@
-"""The implicit-deep-learning experiment (Kawaguchi, ICLR 2021) in its tiny setting.
-
-(Named test_experiment_implicit.py: tests/test_implicit.py already exists and test directories have no
-__init__.py, so a second test_implicit.py would clash under pytest's default import mode.)
-"""
+"""The implicit-deep-learning experiment (Kawaguchi, ICLR 2021), ``iterlayers reproduce implicit_linear``, in
+its tiny setting."""
 import copy
 import json
 import math
@@ -11,7 +8,7 @@ import pytest
 import torch
 
 from claims_checks import assert_claims_valid
-from iterlayers.experiments import implicit as E
+from iterlayers.experiments import implicit_linear as E
 from iterlayers.experiments.claims import DOES_NOT_HOLD, HOLDS
 
 F64 = torch.float64
@@ -201,7 +198,7 @@ def test_censored_runs_are_left_out_and_a_failure_after_the_horizon_counts():
 
 
 def test_step_budget_is_derived_from_the_bound_and_each_model_stops_at_its_own():
-    from iterlayers.models.implicit_theory import lambda_U_range, pl_constant_square
+    from iterlayers.implicit_linear import lambda_U_range, pl_constant_square
 
     g = torch.Generator().manual_seed(3)
     phi = torch.randn(40, 6, generator=g, dtype=F64)
@@ -223,14 +220,14 @@ def test_step_budget_is_derived_from_the_bound_and_each_model_stops_at_its_own()
     assert [len(r["gaps"]) - 1 for r in runs] == [5, 12]
     assert runs[0]["gaps"] == runs[1]["gaps"][:6]  # the same trajectory, stopped earlier
     # the recorded gap (moment form) is the loss of the final weights computed from the samples
-    from iterlayers.models.implicit_theory import shallow_loss
+    from iterlayers.implicit_linear import shallow_loss
     assert runs[1]["gaps"][-1] == pytest.approx(float(shallow_loss(models[1].shallow_weight().detach(), phi, y,
                                                                    reduction="mean")), rel=1e-12)
 
 
 def test_frozen_reference_is_where_gd_on_b_alone_goes():
     """R_frozen (closed form) is the limit of GD on B with U = U_0 fixed: checked by running that GD."""
-    from iterlayers.models.implicit_theory import nearest_least_squares
+    from iterlayers.implicit_linear import nearest_least_squares
 
     g = torch.Generator().manual_seed(5)
     phi = torch.randn(6, 10, generator=g, dtype=F64)
@@ -249,7 +246,7 @@ def test_frozen_reference_is_where_gd_on_b_alone_goes():
 def test_bias_budget_follows_the_conditioning_and_brings_shallow_gd_to_its_limit():
     # An ill-conditioned subset (column scales spanning 3x): the fixed budget leaves shallow GD short of its
     # closed-form limit; the derived horizon (7 decades in the slowest direction of the row space) reaches it.
-    from iterlayers.experiments import implicit as E
+    from iterlayers.experiments import implicit_linear as E
     g = torch.Generator().manual_seed(3)
     n, m = 12, 16
     phi = torch.randn(1, n, m, generator=g, dtype=torch.float64) * torch.logspace(0, -0.5, m, dtype=torch.float64)

@@ -7,9 +7,10 @@ import scipy.optimize
 import torch
 
 from iterlayers.analysis import fit_linear_rate
-from iterlayers.models.implicit_linear import ImplicitLinearModel, implicit_gradient
-from iterlayers.models.implicit_theory import (
+from iterlayers.implicit_linear import (
+    ImplicitLinearModel,
     ShallowLinearModel,
+    implicit_gradient,
     induced_metric,
     lambda_U,
     min_nonzero_eig,
@@ -258,7 +259,7 @@ def test_trust_region_newton_step_matches_the_implicit_step_to_first_order():
 
 
 def test_lambda_U_range_matches_numpy_svd():
-    from iterlayers.models.implicit_theory import lambda_U_range
+    from iterlayers.implicit_linear import lambda_U_range
 
     model = ImplicitLinearModel(5, 5, 2, gamma=0.6, init_scale=2.0, seed=9, dtype=F64)
     s = np.linalg.svd(np.eye(5) - 0.6 * torch.softmax(model.A.detach(), 0).numpy(), compute_uv=False)
@@ -268,7 +269,7 @@ def test_lambda_U_range_matches_numpy_svd():
 
 
 def test_logistic_infimum_attained_by_linear_programming():
-    from iterlayers.models.implicit_theory import logistic_infimum_attained
+    from iterlayers.implicit_linear import logistic_infimum_attained
 
     col = lambda *v: torch.tensor([[float(a)] for a in v], dtype=F64)  # noqa: E731
     lab = lambda *v: torch.tensor(v)  # noqa: E731
@@ -295,7 +296,7 @@ def test_logistic_infimum_attained_by_linear_programming():
 
 
 def test_nearest_least_squares_is_where_shallow_gradient_descent_goes():
-    from iterlayers.models.implicit_theory import nearest_least_squares
+    from iterlayers.implicit_linear import nearest_least_squares
 
     g = torch.Generator().manual_seed(4)
     phi = torch.randn(5, 9, generator=g, dtype=F64)  # N < m: many interpolants
@@ -315,7 +316,7 @@ def test_nearest_least_squares_is_where_shallow_gradient_descent_goes():
 
 def test_new_theory_helpers_reject_bad_shapes_with_typed_errors():
     from iterlayers.errors import ShapeMismatchError, ValidationError
-    from iterlayers.models.implicit_theory import logistic_infimum_attained, nearest_least_squares
+    from iterlayers.implicit_linear import logistic_infimum_attained, nearest_least_squares
 
     phi = torch.randn(4, 3, dtype=F64)
     with pytest.raises(ShapeMismatchError, match="labels"):

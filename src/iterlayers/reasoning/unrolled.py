@@ -1,8 +1,9 @@
 """Base class of algorithm layers: ``k`` unrolled steps of an optimiser, or its fixed point.
 
 An algorithm layer ``Alg^k_phi`` maps an energy ``E`` (see :mod:`.energy`) to the ``k``-th iterate of
-an optimisation algorithm started at ``y_0`` (``0`` by default, as in Chen et al. 2020).  Its
-parameters ``phi`` are the step sizes (and momenta for subclasses):
+an optimisation algorithm started at ``y_0`` (``0`` by default, as in Chen et al. 2020).  The depth ``k``
+(the paper's k) is the option ``max_iter``, the core's word for an iteration count (``iterlayers.unroll``).
+Its parameters ``phi`` are the step sizes (and momenta for subclasses):
 
 * ``tied=True``: one value shared by all steps; ``tied=False``: one value per step (a length-``k``
   vector, "untied" unrolling as in LISTA-type networks);
@@ -54,8 +55,8 @@ def _positive_int(value, name: str) -> int:
     return value
 
 
-def _per_step(module: nn.Module, name: str, value, *, k: int, tied: bool, learn: bool) -> None:
-    """Register ``name`` as a [1] (tied) or [k] (untied) float64 parameter/buffer."""
+def _per_step(module: nn.Module, name: str, value, *, max_iter: int, tied: bool, learn: bool) -> None:
+    """Register ``name`` as a [1] (tied) or [max_iter] (untied) float64 parameter/buffer."""
     if isinstance(value, Tensor):
         t = value.detach().to(torch.float64).flatten()
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -64,11 +65,11 @@ def _per_step(module: nn.Module, name: str, value, *, k: int, tied: bool, learn:
         t = torch.tensor([float(v) for v in value], dtype=torch.float64)
     else:
         raise OptionTypeError(f"{name} must be a float, a sequence of floats or a tensor, got {type(value).__name__}")
-    n = 1 if tied else k
+    n = 1 if tied else max_iter
     if t.numel() == 1:
         t = t.repeat(n)
     if t.numel() != n:
-        raise ValidationError(f"{name} needs 1 value (tied) or k={k} values (untied), got {t.numel()}")
+        raise ValidationError(f"{name} needs 1 value (tied) or max_iter={max_iter} values (untied), got {t.numel()}")
     if not torch.isfinite(t).all():
         raise ValidationError(f"{name} must be finite, got {t.tolist()}")
     if learn:
@@ -80,22 +81,22 @@ def _per_step(module: nn.Module, name: str, value, *, k: int, tied: bool, learn:
 class UnrolledAlgorithm(nn.Module):
     """``k`` steps of an iterative optimiser as a layer (see module docstring).
 
-    Options (keyword-only): ``k`` (positive int), ``step_size`` (float, or ``k`` floats when untied),
-    ``tied`` (bool), ``learn_step`` (bool).
+    Options (keyword-only): ``max_iter`` (positive int: the number of unrolled steps, the paper's ``k``),
+    ``step_size`` (float, or ``max_iter`` floats when untied), ``tied`` (bool), ``learn_step`` (bool).
     """
 
     has_fixed_point: bool = True
     state_size: int = 1  # number of [B, n] tensors in the state
 
-    def __init__(self, *, k: int = 10, step_size=1.0, tied: bool = True, learn_step: bool = False):
+    def __init__(self, *, max_iter: int = 10, step_size=1.0, tied: bool = True, learn_step: bool = False):
         super().__init__()
-        self.k = _positive_int(k, "k")
+        self.max_iter = _positive_int(max_iter, "max_iter")
         if not isinstance(tied, bool):
             raise OptionTypeError(f"tied must be a bool, got {tied!r}")
         if not isinstance(learn_step, bool):
             raise OptionTypeError(f"learn_step must be a bool, got {learn_step!r}")
         self.tied, self.learn_step = tied, learn_step
-        _per_step(self, "step_size", step_size, k=self.k, tied=tied, learn=learn_step)
+        _per_step(self, "step_size", step_size, max_iter=self.max_iter, tied=tied, learn=learn_step)
 
     # -- per-step parameters -------------------------------------------------------------------
     def _at(self, p: Tensor, t: int, like: Tensor) -> Tensor:
@@ -116,26 +117,28 @@ class UnrolledAlgorithm(nn.Module):
         return state[0]
 
     # -- unrolled forward ------------------------------------------------------------------------
-    def forward(self, energy, x=None, *, y0: Tensor | None = None, steps: int | None = None,
+    def forward(self, energy, x=None, *, y0: Tensor | None = None, max_iter: int | None = None,
                 return_all: bool = False):
-        """``y^k = Alg^k(E)``; ``return_all=True`` gives the list ``[y^0, ..., y^k]``.
+        """``y^k = Alg^k(E)`` with ``k = max_iter``; ``return_all=True`` gives the list ``[y^0, ..., y^k]``.
 
-        ``steps`` overrides ``k`` for tied layers (evaluate the same layer at other depths).
+        ``max_iter`` overrides the layer's ``max_iter`` (the paper's ``k``) for this call: a tied layer at
+        another depth, an untied one at most at its own.
         """
         bound = bind_energy(energy, x)
-        if steps is None:
-            steps = self.k
+        if max_iter is None:
+            max_iter = self.max_iter
         else:
-            steps = _positive_int(steps, "steps")
-            if not self.tied and steps > self.k:
-                raise ValidationError(f"an untied layer has only k={self.k} steps, asked for steps={steps}")
+            max_iter = _positive_int(max_iter, "max_iter")
+            if not self.tied and max_iter > self.max_iter:
+                raise ValidationError(f"an untied layer has only max_iter={self.max_iter} steps, asked for "
+                                      f"max_iter={max_iter}")
         if y0 is None:
             y0 = bound.zeros()
         elif y0.shape != bound.zeros().shape:
             raise ValidationError(f"y0 must have shape {tuple(bound.zeros().shape)}, got {tuple(y0.shape)}")
         state = self._init_state(y0)
         trace = [self._output(state)] if return_all else None
-        for t in range(steps):
+        for t in range(max_iter):
             state = self._update(t, state, bound)
             if return_all:
                 trace.append(self._output(state))
@@ -163,7 +166,8 @@ class UnrolledAlgorithm(nn.Module):
         gradient of a loss ``l(y*)`` needs only ``(I - J_T(z*))^{-T}``, not the iterates (memory independent of
         the number of iterations). The solve is the core's :func:`iterlayers.deq_solve`, configured by
         ``options`` (a :class:`~iterlayers.DEQOptions`) and/or keyword overrides of its fields; the defaults
-        here are ``solver="anderson"``, ``backward="implicit"``, ``atol=1e-8``, ``rtol=0``, ``max_iter=500``.
+        here are ``solver="anderson"``, ``backward="implicit"``, ``atol=1e-8``, ``rtol=0``, ``max_iter=500`` (the
+        solver's budget; the layer's own ``max_iter``, its unrolled depth, plays no part in this mode).
         ``stats`` (a dict) receives the solve's ``{"forward", "backward"}`` statistics.
         """
         bound = bind_energy(energy, x)
@@ -176,4 +180,4 @@ class UnrolledAlgorithm(nn.Module):
         return self._output(z)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, tied={self.tied}, learn_step={self.learn_step}"
+        return f"max_iter={self.max_iter}, tied={self.tied}, learn_step={self.learn_step}"

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from iterlayers.algorithms import GradientDescent, HeavyBall, Nesterov, random_rotation, spd_from_eigs
-from iterlayers.algorithms import theory
+from iterlayers.reasoning import GradientDescent, HeavyBall, Nesterov, random_rotation, spd_from_eigs
+from iterlayers.reasoning import theory
 
 MU, L = 0.1, 1.0
 
@@ -19,9 +19,9 @@ def _random_quadratics(batch=8, n=5, seed=0):
 
 
 CASES = [
-    ("gd", lambda k: GradientDescent(k=k, step_size=1.0), dict(s=1.0)),
-    ("nag", lambda k: Nesterov(k=k, step_size=1.0, mu=MU), dict(s=1.0, mu=MU)),
-    ("heavy_ball", lambda k: HeavyBall(k=k, step_size=1.2, momentum=0.35), dict(s=1.2, beta=0.35)),
+    ("gd", lambda k: GradientDescent(max_iter=k, step_size=1.0), dict(s=1.0)),
+    ("nag", lambda k: Nesterov(max_iter=k, step_size=1.0, mu=MU), dict(s=1.0, mu=MU)),
+    ("heavy_ball", lambda k: HeavyBall(max_iter=k, step_size=1.2, momentum=0.35), dict(s=1.2, beta=0.35)),
 ]
 
 
@@ -84,7 +84,7 @@ def test_sensitivity_closed_form_equals_finite_differences(algo):
     Q, b = spd_from_eigs(V, lam), V[:, :, 0].clone()
 
     def factory(s):
-        return GradientDescent(k=k, step_size=s) if algo == "gd" else Nesterov(k=k, step_size=s, mu=MU)
+        return GradientDescent(max_iter=k, step_size=s) if algo == "gd" else Nesterov(max_iter=k, step_size=s, mu=MU)
 
     measured = theory.measure_sensitivity(factory, Q, b, 1.0, eps=1e-6).item()
     assert measured == pytest.approx(theory.sensitivity(algo, k, MU, L, s=1.0), rel=1e-6)
@@ -97,7 +97,7 @@ def test_frechet_derivative_matches_autograd_jvp(algo):
     dQ = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
     dQ = dQ + dQ.transpose(-1, -2)  # symmetric, not commuting with Q
     k = 9
-    layer = GradientDescent(k=k) if algo == "gd" else Nesterov(k=k, mu=MU)
+    layer = GradientDescent(max_iter=k) if algo == "gd" else Nesterov(max_iter=k, mu=MU)
     _, jvp = torch.autograd.functional.jvp(lambda q: layer((q, b)), (Q,), (dQ,))
     ref = theory.frechet_derivative(algo, Q, b, dQ, k, s=1.0, mu=MU)
     assert torch.allclose(jvp, ref, atol=1e-10, rtol=1e-8)
@@ -110,7 +110,7 @@ def test_frechet_derivative_matches_autograd_jvp(algo):
 
 def test_closed_form_rates_equal_analysis_toolkit_measurements():
     """Asymptotic rates: closed form vs dense spectral radius of the update Jacobian (analysis toolkit)."""
-    from iterlayers.algorithms import polyak_parameters
+    from iterlayers.reasoning import polyak_parameters
 
     g = torch.Generator().manual_seed(5)
     lam = MU + (L - MU) * torch.rand(3, 5, generator=g, dtype=torch.float64)
@@ -118,14 +118,14 @@ def test_closed_form_rates_equal_analysis_toolkit_measurements():
     V = random_rotation(3, 5, generator=g)
     Q, b = spd_from_eigs(V, lam), torch.randn(3, 5, generator=g, dtype=torch.float64)
     s_hb, beta_hb = polyak_parameters(MU, L)
-    cases = [(GradientDescent(k=1, step_size=1.0), theory.asymptotic_rate("gd", MU, L)),
-             (Nesterov(k=1, step_size=1.0, mu=MU), theory.asymptotic_rate("nag", MU, L)),
-             (HeavyBall(k=1, step_size=s_hb, momentum=beta_hb),
+    cases = [(GradientDescent(max_iter=1, step_size=1.0), theory.asymptotic_rate("gd", MU, L)),
+             (Nesterov(max_iter=1, step_size=1.0, mu=MU), theory.asymptotic_rate("nag", MU, L)),
+             (HeavyBall(max_iter=1, step_size=s_hb, momentum=beta_hb),
               theory.asymptotic_rate("heavy_ball", MU, L, s=s_hb, beta=beta_hb))]
     for layer, rate in cases:
         rho = theory.measure_asymptotic_rate(layer, Q, b)
         assert torch.allclose(rho, torch.full_like(rho, rate), atol=1e-6)  # NAG: defective double root
-    fitted = theory.measure_trace_rate(GradientDescent(k=1), Q, b, steps=80)
+    fitted = theory.measure_trace_rate(GradientDescent(max_iter=1), Q, b, max_iter=80)
     assert torch.allclose(fitted, torch.full_like(fitted, 0.9), atol=1e-3)
 
 

@@ -1,9 +1,10 @@
 """Learned-algorithm baselines: recurrent networks that see the energy's gradient ("no reasoning prior").
 
 Chen et al. (2020) compare algorithm layers with neural networks of the same depth that replace the
-hand-designed update by a learned one.  Both baselines below run ``k`` recurrent steps from
-``y_0 = 0`` and only access the energy through ``g_t = grad_y E(y_t)``, exactly like GD/NAG layers, so
-the comparison isolates the *prior* encoded by the optimiser.
+hand-designed update by a learned one.  Both baselines below run ``k`` recurrent steps (the option
+``max_iter``, the paper's ``k``) from ``y_0 = 0`` and only access the energy through
+``g_t = grad_y E(y_t)``, exactly like GD/NAG layers, so the comparison isolates the *prior* encoded by the
+optimiser.
 
 * :class:`GradientRNN`: ``h_{t+1} = act(U h_t - W g_t)``, ``y_{t+1} = y_t + V h_{t+1}``.
 * :class:`MLPRNN`: ``y_{t+1} = V act(W_m ... act(W_1 [y_t; -g_t]))`` (an MLP cell applied recurrently).
@@ -41,15 +42,16 @@ class _RecurrentBaseline(nn.Module):
     def _h0(self, y0: Tensor):
         return None
 
-    def forward(self, energy, x=None, *, y0: Tensor | None = None, steps: int | None = None,
+    def forward(self, energy, x=None, *, y0: Tensor | None = None, max_iter: int | None = None,
                 return_all: bool = False):
-        """``y^k`` after ``k`` (or ``steps``) recurrent steps; ``return_all`` gives all iterates."""
+        """``y^k`` after ``k = max_iter`` recurrent steps (the layer's own unless given); ``return_all`` gives all
+        iterates."""
         bound = bind_energy(energy, x)
-        steps = self.k if steps is None else _positive_int(steps, "steps")
+        max_iter = self.max_iter if max_iter is None else _positive_int(max_iter, "max_iter")
         y = bound.zeros() if y0 is None else y0
         h = self._h0(y)
         trace = [y] if return_all else None
-        for _ in range(steps):
+        for _ in range(max_iter):
             y, h = self._cell(y, h, bound.grad(y))
             if return_all:
                 trace.append(y)
@@ -57,14 +59,14 @@ class _RecurrentBaseline(nn.Module):
 
 
 class GradientRNN(_RecurrentBaseline):
-    """Vanilla RNN driven by the gradient (options: ``dim``, ``hidden``, ``k``, ``activation``,
-    ``init``, ``step_size`` for ``init="gd"``)."""
+    """Vanilla RNN driven by the gradient (options: ``dim``, ``hidden``, ``max_iter`` = the paper's ``k``,
+    ``activation``, ``init``, ``step_size`` for ``init="gd"``)."""
 
-    def __init__(self, dim: int, hidden: int, *, k: int = 10, activation: str = "relu",
+    def __init__(self, dim: int, hidden: int, *, max_iter: int = 10, activation: str = "relu",
                  init: str = "gd", step_size: float = 1.0):
         super().__init__()
         self.dim, self.hidden = _positive_int(dim, "dim"), _positive_int(hidden, "hidden")
-        self.k = _positive_int(k, "k")
+        self.max_iter = _positive_int(max_iter, "max_iter")
         _check_common(activation, init)
         if init == "gd" and hidden < 2 * dim:
             raise ValidationError(f"init='gd' needs hidden >= 2 * dim = {2 * dim}, got hidden={hidden}")
@@ -97,17 +99,18 @@ class GradientRNN(_RecurrentBaseline):
         return y + self.V(h), h
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, hidden={self.hidden}, k={self.k}, activation={self.activation}, init={self.init}"
+        return (f"dim={self.dim}, hidden={self.hidden}, max_iter={self.max_iter}, activation={self.activation}, "
+                f"init={self.init}")
 
 
 class MLPRNN(_RecurrentBaseline):
-    """Recurrent MLP cell on ``[y; -g]`` (options: ``dim``, ``hidden`` tuple, ``k``, ``activation``,
-    ``init``, ``step_size``)."""
+    """Recurrent MLP cell on ``[y; -g]`` (options: ``dim``, ``hidden`` tuple, ``max_iter`` = the paper's ``k``,
+    ``activation``, ``init``, ``step_size``)."""
 
-    def __init__(self, dim: int, hidden: tuple[int, ...] = (20, 20), *, k: int = 10,
+    def __init__(self, dim: int, hidden: tuple[int, ...] = (20, 20), *, max_iter: int = 10,
                  activation: str = "relu", init: str = "gd", step_size: float = 1.0):
         super().__init__()
-        self.dim, self.k = _positive_int(dim, "dim"), _positive_int(k, "k")
+        self.dim, self.max_iter = _positive_int(dim, "dim"), _positive_int(max_iter, "max_iter")
         hidden = tuple(hidden)
         if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
             raise ValidationError(f"hidden must be a non-empty tuple of positive ints, got {hidden!r}")
@@ -142,4 +145,5 @@ class MLPRNN(_RecurrentBaseline):
         return self.out(z), None
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, hidden={self.hidden}, k={self.k}, activation={self.activation}, init={self.init}"
+        return (f"dim={self.dim}, hidden={self.hidden}, max_iter={self.max_iter}, activation={self.activation}, "
+                f"init={self.init}")

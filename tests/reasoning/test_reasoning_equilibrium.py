@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from iterlayers import algorithms
+from iterlayers import reasoning
 
-from iterlayers.algorithms import (GradientDescent, HeavyBall, ISTA, L1Penalty, Nesterov, Quadratic,
-                                   QuadraticEnergy, random_rotation, FISTA)
+from iterlayers.reasoning import (GradientDescent, HeavyBall, ISTA, L1Penalty, Nesterov, Quadratic,
+                                  QuadraticEnergy, random_rotation, FISTA)
 
 
 def _energy_and_input(seed=0, batch=4):
@@ -22,10 +22,10 @@ def _energy_and_input(seed=0, batch=4):
 
 
 LAYERS = [
-    ("gd", lambda: GradientDescent(k=1, step_size=1.0)),
-    ("heavy_ball", lambda: HeavyBall(k=1, step_size=1.0, momentum=0.3)),
-    ("nag", lambda: Nesterov(k=1, step_size=1.0, mu=0.2)),
-    ("ista_l1_0", lambda: ISTA(k=1, step_size=1.0, regularizer=L1Penalty(0.0))),
+    ("gd", lambda: GradientDescent(max_iter=1, step_size=1.0)),
+    ("heavy_ball", lambda: HeavyBall(max_iter=1, step_size=1.0, momentum=0.3)),
+    ("nag", lambda: Nesterov(max_iter=1, step_size=1.0, mu=0.2)),
+    ("ista_l1_0", lambda: ISTA(max_iter=1, step_size=1.0, regularizer=L1Penalty(0.0))),
 ]
 
 
@@ -35,7 +35,7 @@ def test_deq_gradient_matches_long_unroll(name, make):
     layer = make()
     y_deq = layer.solve(energy, x, atol=1e-12, max_iter=400, backward_atol=1e-12, backward_max_iter=400)
     g_deq = torch.autograd.grad(((y_deq - target) ** 2).sum(), list(energy.parameters()))
-    y_unr = layer(energy, x, steps=600)  # (1 - 0.2)^600 ~ 1e-58: the unroll has converged
+    y_unr = layer(energy, x, max_iter=600)  # (1 - 0.2)^600 ~ 1e-58: the unroll has converged
     g_unr = torch.autograd.grad(((y_unr - target) ** 2).sum(), list(energy.parameters()))
     assert torch.allclose(y_deq, y_unr, atol=1e-9)
     for a, b in zip(g_deq, g_unr):
@@ -46,7 +46,7 @@ def test_deq_solution_and_b_gradient_match_exact_minimiser():
     energy, x, target = _energy_and_input(seed=1)
     u, R, b = x
     b = b.clone().requires_grad_(True)
-    y = GradientDescent(k=1).solve(energy, (u, R, b), atol=1e-12, max_iter=400, backward_atol=1e-12)
+    y = GradientDescent(max_iter=1).solve(energy, (u, R, b), atol=1e-12, max_iter=400, backward_atol=1e-12)
     Q = energy.bind((u, R, b)).Q.detach()
     y_exact = torch.linalg.solve(Q, b.detach().unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(y, y_exact, atol=1e-10)
@@ -60,7 +60,7 @@ def test_equilibrium_mode_is_the_core_solve_with_the_dense_implicit_gradient():
     # The former local fallback (algorithms/_equilibrium.py) is gone: the DEQ mode is iterlayers.deq_solve on
     # the state tuple. Reference: the dense implicit-function-theorem gradient, computed here.
     energy, x, target = _energy_and_input(seed=2)
-    layer = HeavyBall(k=1, step_size=1.0, momentum=0.3)  # a two-tensor state (y, y_prev)
+    layer = HeavyBall(max_iter=1, step_size=1.0, momentum=0.3)  # a two-tensor state (y, y_prev)
     stats: dict = {}
     y = layer.solve(energy, x, atol=1e-12, max_iter=500, backward_atol=1e-12, stats=stats)
     params = list(energy.parameters())
@@ -80,15 +80,15 @@ def test_equilibrium_mode_is_the_core_solve_with_the_dense_implicit_gradient():
     ref = torch.autograd.grad(layer.fixed_point_map(energy.bind(x))(z), params, adj)
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-7)
-    assert not (Path(algorithms.__file__).parent / "_equilibrium.py").exists()
+    assert not (Path(reasoning.__file__).parent / "_equilibrium.py").exists()
 
 
 def test_solve_rejects_untied_and_fista():
     Q = torch.eye(3, dtype=torch.float64).expand(2, 3, 3).contiguous()
     b = torch.ones(2, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="tied"):
-        GradientDescent(k=3, tied=False).solve((Q, b))
+        GradientDescent(max_iter=3, tied=False).solve((Q, b))
     with pytest.raises(ValueError, match="no stationary"):
-        FISTA(k=3, regularizer=L1Penalty(0.1)).solve((Q, b))
-    y = HeavyBall(k=1, step_size=0.5, momentum=0.2).solve(Quadratic(Q * 2, b), atol=1e-12)
+        FISTA(max_iter=3, regularizer=L1Penalty(0.1)).solve((Q, b))
+    y = HeavyBall(max_iter=1, step_size=0.5, momentum=0.2).solve(Quadratic(Q * 2, b), atol=1e-12)
     assert torch.allclose(y, b / 2, atol=1e-10)

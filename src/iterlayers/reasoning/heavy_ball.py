@@ -29,16 +29,16 @@ def polyak_parameters(mu: float, L: float) -> tuple[float, float]:
 
 
 class HeavyBall(UnrolledAlgorithm):
-    """Heavy-ball layer (options: ``k``, ``step_size``, ``momentum``, ``tied``, ``learn_step``,
-    ``learn_momentum``)."""
+    """Heavy-ball layer (options: ``max_iter`` = the paper's ``k``, ``step_size``, ``momentum``, ``tied``,
+    ``learn_step``, ``learn_momentum``)."""
 
     state_size = 2
 
-    def __init__(self, *, k: int = 10, step_size=1.0, momentum=0.5, tied: bool = True,
+    def __init__(self, *, max_iter: int = 10, step_size=1.0, momentum=0.5, tied: bool = True,
                  learn_step: bool = False, learn_momentum: bool = False):
-        super().__init__(k=k, step_size=step_size, tied=tied, learn_step=learn_step)
+        super().__init__(max_iter=max_iter, step_size=step_size, tied=tied, learn_step=learn_step)
         self.learn_momentum = bool(learn_momentum)
-        _per_step(self, "momentum", momentum, k=self.k, tied=tied, learn=learn_momentum)
+        _per_step(self, "momentum", momentum, max_iter=self.max_iter, tied=tied, learn=learn_momentum)
 
     def _update(self, t: int, state, energy: BoundEnergy):
         y, y_prev = state

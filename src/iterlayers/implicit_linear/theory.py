@@ -54,7 +54,7 @@ from torch import nn
 
 from iterlayers.errors import ShapeMismatchError, ValidationError
 
-from iterlayers.models.implicit_linear import (
+from .model import (
     ImplicitLinearModel,
     _as_targets,
     _check_choice,
@@ -157,12 +157,16 @@ def shallow_hessian(R: torch.Tensor, phi: torch.Tensor, y: torch.Tensor, *, loss
 
 @dataclass
 class ShallowOptimum:
-    """The optimum of the shallow problem: R*, L*_R, and how it was found."""
+    """The optimum of the shallow problem: R*, L*_R, and how it was found.
+
+    ``nstep`` is the number of iterations taken (the core's word, as :class:`~iterlayers.SolverStats`'s
+    ``nstep``; at most :func:`shallow_optimum`'s ``max_iter``): 1 for the least-squares solve of the square
+    loss, the Newton steps for the logistic loss."""
 
     R: torch.Tensor
     value: float
     grad_norm: float
-    iterations: int
+    nstep: int
 
 
 def shallow_optimum(phi: torch.Tensor, y: torch.Tensor, *, loss: str = "squared", reduction: str = "sum",
@@ -203,7 +207,7 @@ def shallow_optimum(phi: torch.Tensor, y: torch.Tensor, *, loss: str = "squared"
             R = R - s * step
     value = float(shallow_loss(R, phi64, y64, loss=loss, reduction=reduction))
     gnorm = float(shallow_grad(R, phi64, y64, loss=loss, reduction=reduction).norm())
-    return ShallowOptimum(R=R, value=value, grad_norm=gnorm, iterations=iters)
+    return ShallowOptimum(R=R, value=value, grad_norm=gnorm, nstep=iters)
 
 
 def _out_dim(y: torch.Tensor, default: int | None) -> int:

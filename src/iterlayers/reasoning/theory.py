@@ -13,6 +13,10 @@ with the *residual polynomial* ``r_k`` (``r_k(0) = 1``):
   ``a = 1 - s lam`` (the 2x2 block recursion ``e_{t+1} = a((1+beta) e_t - beta e_{t-1})``, ``e_{-1}=e_0``);
 * heavy ball: ``M = [[1 + beta - s lam, -beta], [1, 0]]``.
 
+In every closed-form function below, ``k`` is the iteration count k of these formulas (the layer's
+``max_iter``; ``k = 0`` is the start ``y_0 = 0``), the index of ``r_k`` and ``P_k``; the ``measure_*``
+functions take a layer and, optionally, ``max_iter`` for its depth.
+
 The three algorithm-layer properties of the paper, as functions of ``k, mu, L`` and the parameters
 ``phi = (s, beta)``:
 
@@ -29,7 +33,7 @@ The three algorithm-layer properties of the paper, as functions of ``k, mu, L`` 
   root ``1 - sqrt(s mu)`` of the recursion at ``lam = mu``, so ``r_k(mu) = (1 + k sqrt(s mu))
   (1 - sqrt(s mu))^k > 0`` and (derived, checked numerically on the grid) the sup is
   ``P_k(mu) = (1 - r_k(mu)) / mu``, increasing in ``k`` and approached from below (``mu = 0.1``,
-  ``s = L = 1``: ``1/mu - Stab_b(79) = 2.4e-11``; ``tests/algorithms/test_reasoning_stability.py``).
+  ``s = L = 1``: ``1/mu - Stab_b(79) = 2.4e-11``; ``tests/reasoning/test_reasoning_stability.py``).
   NAG is less stable than GD in the sense that it approaches ``1/mu`` faster and its ``Stab_Q`` is larger;
   general (non-commuting) perturbations follow the Daleckii-Krein formula :func:`frechet_derivative`;
 * sensitivity (Lipschitz constant in the step size): ``Sen(k) = sup_lam |dP_k(lam)/ds|``
@@ -95,7 +99,8 @@ def _momentum(algorithm: str, s: Tensor, beta, mu) -> Tensor:
 
 
 def residual(algorithm: str, lam: Tensor, k: int, *, s=1.0, beta=None, mu=None) -> Tensor:
-    """Residual polynomial ``r_k(lam)`` (``y_k - y* = -r_k(Q) y*``), elementwise in ``lam``.
+    """Residual polynomial ``r_k(lam)`` (``y_k - y* = -r_k(Q) y*``), elementwise in ``lam``; ``k`` is the
+    iteration count k of the formulas.
 
     ``beta`` is the momentum; for ``"nag"`` it defaults to ``nag_beta(mu, s)`` when ``mu`` is given.
     """
@@ -117,13 +122,14 @@ def residual(algorithm: str, lam: Tensor, k: int, *, s=1.0, beta=None, mu=None) 
 
 
 def transfer(algorithm: str, lam: Tensor, k: int, *, s=1.0, beta=None, mu=None) -> Tensor:
-    """Filter ``P_k(lam) = (1 - r_k(lam)) / lam`` with ``y_k = P_k(Q) b``."""
+    """Filter ``P_k(lam) = (1 - r_k(lam)) / lam`` with ``y_k = P_k(Q) b`` (``k``: the iteration count k)."""
     return (1 - residual(algorithm, lam, k, s=s, beta=beta, mu=mu)) / lam
 
 
 def closed_form_iterates(algorithm: str, Q: Tensor, b: Tensor, k: int, *, s=1.0, beta=None,
                          mu=None) -> Tensor:
-    """``y_k = V P_k(Lambda) V^T b`` from the eigendecomposition ``Q = V Lambda V^T`` ([B, n])."""
+    """``y_k = V P_k(Lambda) V^T b`` from the eigendecomposition ``Q = V Lambda V^T`` ([B, n]); ``k`` is the
+    iteration count k of the formulas."""
     lam, V = torch.linalg.eigh(Q)
     p = transfer(algorithm, lam, k, s=s, beta=beta, mu=mu)
     return torch.einsum("bij,bj->bi", V, p * torch.einsum("bji,bj->bi", V, b))
@@ -137,7 +143,8 @@ def _grid(mu: float, L: float, n: int) -> Tensor:
 
 def convergence_factor(algorithm: str, k: int, mu: float, L: float, *, s=1.0, beta=None,
                        grid: int = 2001) -> float:
-    """``C(k) = sup_{lam in [mu, L]} |r_k(lam)|``: worst relative error ``||y_k - y*|| / ||y*||``."""
+    """``C(k) = sup_{lam in [mu, L]} |r_k(lam)|``: worst relative error ``||y_k - y*|| / ||y*||`` after ``k``
+    iterations (``k``: the iteration count k of the formulas)."""
     if algorithm == "gd":
         _check(algorithm, k)
         return max(abs(1 - s * mu), abs(1 - s * L)) ** k
@@ -174,8 +181,9 @@ def stability(algorithm: str, k: int, mu: float, L: float, *, s=1.0, beta=None,
               grid: int = 2001) -> dict[str, float]:
     """``{"b": Stab_b(k), "Q": Stab_Q(k)}`` (see module docstring); ``Stab_Q`` is per unit ``||b||``.
 
-    ``k = 0`` gives ``0`` (``y_0 = 0`` ignores the energy).  For NAG given by ``mu`` the momentum is
-    ``nag_beta(mu, s)`` and is held fixed while ``Q`` moves (it depends on the class, not on ``Q``).
+    ``k`` is the iteration count k of the formulas; ``k = 0`` gives ``0`` (``y_0 = 0`` ignores the energy).
+    For NAG given by ``mu`` the momentum is ``nag_beta(mu, s)`` and is held fixed while ``Q`` moves (it
+    depends on the class, not on ``Q``).
     """
     _check(algorithm, k)
     if algorithm == "nag" and beta is None:
@@ -189,7 +197,7 @@ def stability(algorithm: str, k: int, mu: float, L: float, *, s=1.0, beta=None,
 
 def sensitivity(algorithm: str, k: int, mu: float, L: float, *, s=1.0, beta=None,
                 grid: int = 2001) -> float:
-    """``Sen(k) = sup_lam |d P_k(lam) / d s|`` per unit ``||b||``.
+    """``Sen(k) = sup_lam |d P_k(lam) / d s|`` per unit ``||b||`` (``k``: the iteration count k of the formulas).
 
     For NAG without an explicit ``beta`` the momentum ``nag_beta(mu, s)`` moves with ``s`` (the paper's
     parametrisation); otherwise ``beta`` is held fixed.
@@ -206,7 +214,8 @@ def sensitivity(algorithm: str, k: int, mu: float, L: float, *, s=1.0, beta=None
 
 def frechet_derivative(algorithm: str, Q: Tensor, b: Tensor, dQ: Tensor, k: int, *, s=1.0, beta=None,
                        mu=None) -> Tensor:
-    """Directional derivative ``d/dt y_k(Q + t dQ, b)`` at ``t = 0`` (Daleckii-Krein formula).
+    """Directional derivative ``d/dt y_k(Q + t dQ, b)`` at ``t = 0`` (Daleckii-Krein formula); ``k`` is the
+    iteration count k of the formulas.
 
     With ``Q = V diag(lam) V^T``: ``D y_k[dQ] = V ((V^T dQ V) o G) V^T b``, where
     ``G_ij = (P_k(lam_i) - P_k(lam_j)) / (lam_i - lam_j)`` and ``G_ii = P_k'(lam_i)``.
@@ -228,19 +237,20 @@ def frechet_derivative(algorithm: str, Q: Tensor, b: Tensor, dQ: Tensor, k: int,
 # ---------------------------------------------------------------------------------------------
 # Numerical counterparts (autograd through an actual layer)
 # ---------------------------------------------------------------------------------------------
-def _run(layer, Q: Tensor, b: Tensor, steps: int | None) -> Tensor:
-    return layer(Quadratic(Q, b), steps=steps) if steps is not None else layer(Quadratic(Q, b))
+def _run(layer, Q: Tensor, b: Tensor, max_iter: int | None) -> Tensor:
+    return layer(Quadratic(Q, b), max_iter=max_iter)
 
 
-def measure_convergence(layer, Q: Tensor, b: Tensor, *, steps: int | None = None) -> Tensor:
-    """Per-sample ``||y_k - y*|| / ||y*||`` of ``layer`` on the quadratic ``(Q, b)``."""
+def measure_convergence(layer, Q: Tensor, b: Tensor, *, max_iter: int | None = None) -> Tensor:
+    """Per-sample ``||y_k - y*|| / ||y*||`` of ``layer`` on the quadratic ``(Q, b)`` (``k = max_iter``, the
+    layer's own depth by default)."""
     y_star = Quadratic(Q, b).minimizer()
     with torch.no_grad():
-        y = _run(layer, Q, b, steps)
+        y = _run(layer, Q, b, max_iter)
     return (y - y_star).norm(dim=-1) / y_star.norm(dim=-1)
 
 
-def measure_stability(layer, Q: Tensor, b: Tensor, *, steps: int | None = None) -> dict[str, Tensor]:
+def measure_stability(layer, Q: Tensor, b: Tensor, *, max_iter: int | None = None) -> dict[str, Tensor]:
     """Per-sample Lipschitz constants of ``layer`` measured by autograd through its iterations.
 
     ``"b"``: ``||d y_k / d b||_2`` (spectral norm of the [n, n] Jacobian);
@@ -255,7 +265,7 @@ def measure_stability(layer, Q: Tensor, b: Tensor, *, steps: int | None = None) 
         lam_ = lam.detach().clone().requires_grad_(True)
         b_ = b.detach().clone().requires_grad_(True)
         Qm = (V * lam_.unsqueeze(-2)) @ V.transpose(-1, -2)
-        y = _run(layer, Qm, b_, steps)
+        y = _run(layer, Qm, b_, max_iter)
         for i in range(n):
             gl, gb = torch.autograd.grad(y[:, i].sum(), (lam_, b_), retain_graph=i < n - 1)
             jac_l[:, i], jac_b[:, i] = gl, gb
@@ -286,11 +296,11 @@ def measure_asymptotic_rate(layer, Q: Tensor, b: Tensor) -> Tensor:
     return spectral_radius(lambda z, x: f(z), z_star, None, method="dense").value
 
 
-def measure_trace_rate(layer, Q: Tensor, b: Tensor, *, steps: int = 60, tail: float = 0.5) -> Tensor:
-    """Per-sample linear rate fitted (``iterlayers.analysis.fit_linear_rate``) to ``||y_t - y*||``."""
+def measure_trace_rate(layer, Q: Tensor, b: Tensor, *, max_iter: int = 60, tail: float = 0.5) -> Tensor:
+    """Per-sample linear rate fitted (``iterlayers.analysis.fit_linear_rate``) to ``||y_t - y*||``, ``t <= max_iter``."""
     bound = Quadratic(Q, b)
     y_star = bound.minimizer()
     with torch.no_grad():
-        trace = layer(bound, steps=steps, return_all=True)
+        trace = layer(bound, max_iter=max_iter, return_all=True)
     res = torch.stack([(y - y_star).norm(dim=-1) for y in trace[1:]])
     return fit_linear_rate(res, tail=tail)

@@ -2,8 +2,8 @@
 
 Paper: K. Kawaguchi, "On the Theory of Implicit Deep Learning: Global Convergence with Implicit Layers",
 ICLR 2021, arXiv 2102.07346. Model f(x) = B (I - gamma sigma(A))^{-1} phi(x), sigma the column softmax
-(:mod:`iterlayers.models.implicit_linear`); the rate constants and the trust-region relation are our own
-derivation (:mod:`iterlayers.models.implicit_theory`; the paper's body could not be read here).
+(:mod:`iterlayers.implicit_linear.model`); the rate constants and the trust-region relation are our own
+derivation (:mod:`iterlayers.implicit_linear.theory`; the paper's body could not be read here).
 
 Every claim goes through :mod:`iterlayers.experiments.claims` (pre-registered threshold, interval over seeds,
 negative control by the same code path). What runs (full-batch gradient descent, float64 unless said):
@@ -58,25 +58,23 @@ from iterlayers.experiments.claims import (
     seed_interval,
     write_metrics,
 )
-from iterlayers.models.implicit_linear import (
+from iterlayers.analysis import fit_linear_rate
+from iterlayers.implicit_linear import (
     ImplicitLinearModel,
     equilibrium_gradient,
     implicit_gradient,
-    loss_grad,
-    square_moment_gradient,
-    square_moments,
-)
-from iterlayers.analysis import fit_linear_rate
-from iterlayers.models.implicit_theory import (
     induced_metric,
     lambda_U_range,
     logistic_infimum_attained,
+    loss_grad,
     min_nonzero_eig,
     nearest_least_squares,
     pl_constant_square,
     shallow_grad,
     shallow_loss,
     shallow_optimum,
+    square_moment_gradient,
+    square_moments,
     trust_region_newton_step,
 )
 
@@ -1102,7 +1100,7 @@ def _table(m: dict) -> str:
         "",
         f"Digits with fixed Gaussian random features, gamma = {m['settings_used']['gamma']}, full-batch GD in float64 "
         "(mean losses). The paper's own data and settings could not be read here; rate constants and the "
-        "trust-region relation are our derivation (implicit_theory.py).",
+        "trust-region relation are our derivation (implicit_linear/theory.py).",
         "",
         claims_markdown(m),
         sanity_markdown(m),
@@ -1235,7 +1233,7 @@ def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> 
         sanity += s
     sanity += _scale_sanity(scale)
     metrics = {
-        "experiment": "implicit",
+        "experiment": "implicit_linear",
         "paper": "Kawaguchi, On the Theory of Implicit Deep Learning, ICLR 2021 (arXiv 2102.07346)",
         "seed": seed, "settings_used": cfg, "num_classes": NUM_CLASSES,
         "rates": rates, "trust_region": trust, "bias": bias, "bias_summary": bias_summary(bias), "scale": scale,
@@ -1247,6 +1245,6 @@ def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> 
     write_metrics(out, metrics, settings=cfg, mode=mode, claims=claims, sanity_checks=sanity)
     (out / "table.md").write_text(_table(metrics), encoding="utf-8")
     held = sum(c["verdict"] == "holds" for c in claims)
-    print(f"implicit: {held}/{len(claims)} claims hold, {sum(s['passed'] for s in sanity)}/{len(sanity)} sanity "
-          f"checks pass ({metrics['seconds']:.0f} s)")
+    print(f"implicit_linear: {held}/{len(claims)} claims hold, {sum(s['passed'] for s in sanity)}/{len(sanity)} "
+          f"sanity checks pass ({metrics['seconds']:.0f} s)")
     return metrics

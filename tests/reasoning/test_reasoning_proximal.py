@@ -5,7 +5,7 @@ import torch
 from scipy.optimize import nnls
 from sklearn.linear_model import Lasso
 
-from iterlayers.algorithms import (FISTA, ISTA, BoxConstraint, L1Penalty, NonnegativeConstraint, Quadratic)
+from iterlayers.reasoning import (FISTA, ISTA, BoxConstraint, L1Penalty, NonnegativeConstraint, Quadratic)
 
 
 def _lasso_problem(batch=3, m=20, n=8, seed=0):
@@ -27,8 +27,8 @@ def test_ista_and_fista_reach_sklearn_lasso():
     lam = 2.0
     A, x, energy, L = _lasso_problem()
     m = A.shape[1]
-    ista = ISTA(k=3000, step_size=1.0 / L, regularizer=L1Penalty(lam))
-    fista = FISTA(k=600, step_size=1.0 / L, regularizer=L1Penalty(lam))
+    ista = ISTA(max_iter=3000, step_size=1.0 / L, regularizer=L1Penalty(lam))
+    fista = FISTA(max_iter=600, step_size=1.0 / L, regularizer=L1Penalty(lam))
     with torch.no_grad():
         y_i, y_f = ista(energy).numpy(), fista(energy).numpy()
     for j in range(A.shape[0]):
@@ -49,12 +49,12 @@ def test_ista_and_fista_reach_sklearn_lasso():
 def test_fista_faster_than_ista_at_fixed_depth():
     lam = 1.0
     A, x, energy, L = _lasso_problem(seed=1)
-    star = FISTA(k=3000, step_size=1.0 / L, regularizer=L1Penalty(lam))(energy).detach().numpy()
+    star = FISTA(max_iter=3000, step_size=1.0 / L, regularizer=L1Penalty(lam))(energy).detach().numpy()
     f_star = sum(_objective(A[j], x[j], star[j], lam) for j in range(len(A)))
     k = 40
     with torch.no_grad():
-        yi = ISTA(k=k, step_size=1.0 / L, regularizer=L1Penalty(lam))(energy).numpy()
-        yf = FISTA(k=k, step_size=1.0 / L, regularizer=L1Penalty(lam))(energy).numpy()
+        yi = ISTA(max_iter=k, step_size=1.0 / L, regularizer=L1Penalty(lam))(energy).numpy()
+        yf = FISTA(max_iter=k, step_size=1.0 / L, regularizer=L1Penalty(lam))(energy).numpy()
     gi = sum(_objective(A[j], x[j], yi[j], lam) for j in range(len(A))) - f_star
     gf = sum(_objective(A[j], x[j], yf[j], lam) for j in range(len(A))) - f_star
     assert 0 <= gf < gi
@@ -63,7 +63,7 @@ def test_fista_faster_than_ista_at_fixed_depth():
 def test_ista_equilibrium_mode_reaches_lasso_optimum():
     lam = 2.0
     A, x, energy, L = _lasso_problem(seed=2)
-    y = ISTA(k=1, step_size=1.0 / L, regularizer=L1Penalty(lam)).solve(energy, solver="picard", atol=1e-12,
+    y = ISTA(max_iter=1, step_size=1.0 / L, regularizer=L1Penalty(lam)).solve(energy, solver="picard", atol=1e-12,
                                                                        max_iter=5000)
     m = A.shape[1]
     for j in range(A.shape[0]):
@@ -74,24 +74,24 @@ def test_ista_equilibrium_mode_reaches_lasso_optimum():
 def test_projected_gradient_nonnegative_least_squares():
     A, x, energy, L = _lasso_problem(seed=3)
     with torch.no_grad():
-        y = FISTA(k=3000, step_size=1.0 / L, regularizer=NonnegativeConstraint())(energy).numpy()
+        y = FISTA(max_iter=3000, step_size=1.0 / L, regularizer=NonnegativeConstraint())(energy).numpy()
     for j in range(A.shape[0]):
         ref, _ = nnls(A[j], x[j])
         assert np.allclose(y[j], ref, atol=1e-6)
     box = BoxConstraint(-0.1, 0.1)
     with torch.no_grad():
-        yb = ISTA(k=50, step_size=1.0 / L, regularizer=box)(energy)
+        yb = ISTA(max_iter=50, step_size=1.0 / L, regularizer=box)(energy)
     assert yb.abs().max() <= 0.1 + 1e-12
 
 
 def test_learnable_lambda_gets_gradient_and_validation():
     A, x, energy, L = _lasso_problem(seed=4)
     reg = L1Penalty(0.5, learnable=True)
-    ISTA(k=10, step_size=1.0 / L, regularizer=reg)(energy).sum().backward()
+    ISTA(max_iter=10, step_size=1.0 / L, regularizer=reg)(energy).sum().backward()
     assert reg.raw.grad is not None and torch.isfinite(reg.raw.grad)
     with pytest.raises(ValueError, match="lam"):
         L1Penalty(-1.0)
     with pytest.raises(TypeError, match="regularizer"):
-        ISTA(k=3, regularizer=0.1)
+        ISTA(max_iter=3, regularizer=0.1)
     with pytest.raises(ValueError, match="low < high"):
         BoxConstraint(1.0, 0.0)
