@@ -229,7 +229,7 @@ def solver_stats(module: nn.Module) -> dict | None:
     """The ``{"forward": SolverStats | None, "backward": SolverStats | None}`` a module reports, or None.
 
     The one protocol: every iterative module (:class:`iterlayers.DEQ`, :class:`iterlayers.Unrolled`,
-    ``operators.PicardIteration``, ``models.ImplicitLinearModel``) exposes ``stats`` as that dict.
+    ``operators.PicardIteration``, ``implicit_linear.ImplicitLinearModel``) exposes ``stats`` as that dict.
     """
     stats = getattr(module, "stats", None)
     return stats if isinstance(stats, dict) else None

@@ -211,7 +211,7 @@ def fista_momentum(k: int) -> float:
     """FISTA's extrapolation weight ``(t_k - 1) / t_{k+1}`` after step ``k`` (from 0), with ``t_0 = 1`` and
     ``t_{j+1} = (1 + sqrt(1 + 4 t_j^2)) / 2`` (Beck & Teboulle 2009): the accelerated proximal-gradient
     iteration is ``x_{k+1} = prox_step(y_k)``, ``y_{k+1} = x_{k+1} + fista_momentum(k) (x_{k+1} - x_k)``.
-    The one definition for every unrolled FISTA in the library (``algorithms.FISTA``, ``frames.apg``)."""
+    The one definition for every unrolled FISTA in the library (``reasoning.FISTA``, ``frames.apg``)."""
     k = V.non_negative_int(k, "k", where="fista_momentum")
     seq = _FISTA_T
     while len(seq) <= k + 1:
