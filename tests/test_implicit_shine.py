@@ -4,7 +4,7 @@ import torch
 
 import iterlayers as il
 from iterlayers.errors import UnsupportedError, ValidationError
-from iterlayers.solvers import BroydenSolver
+from iterlayers.solvers import BroydenSolver, LoopOptions
 from problems import TanhCell
 from test_implicit import dense_ift_grads
 
@@ -92,10 +92,7 @@ def test_frozen_samples_keep_their_estimate_across_restarts():
     z0 = torch.zeros(2, 5, dtype=torch.float64)
     with torch.no_grad():  # sample 0 starts next to its fixed point: it converges in a step or two
         z0[0] = il.DEQ(cell, atol=1e-13, rtol=0, max_iter=500)(x[:1])[0] + 1e-7
-    z, st = il.solvers.run_loop(cell, z0, args=(x,),
-                                solver=BroydenSolver(memory=2), atol=1e-9, rtol=0, max_iter=200,
-                                on_failure="raise", return_trace=False, divergence_ratio=1e6,
-                                stopping="per_sample", keep_state=True)
+    z, st = il.solvers.run_loop(cell, z0, args=(x,), solver=BroydenSolver(memory=2), stopping='per_sample', keep_state=True, options=LoopOptions(atol=1e-09, rtol=0, max_iter=200, on_failure='raise', return_trace=False, divergence_ratio=1000000.0))
     assert int(st.nstep[0]) < int(st.nstep[1]) and st.info["broyden_restarts"] > 0
     assert st.state["U"][0].abs().sum() > 0
 

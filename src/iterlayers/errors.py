@@ -45,7 +45,7 @@ class NonFiniteInputError(IterlayersError, ValueError):
 class ConvergenceError(IterlayersError, RuntimeError):
     """A solve (forward or backward) did not reach its tolerance (``max_iter``) or diverged.
 
-    ``stats`` holds the :class:`~iterlayers.solvers.stats.SolverStats` of the failed solve.
+    ``stats`` holds the :class:`~iterlayers.solvers.SolverStats` of the failed solve.
     """
 
     def __init__(self, message: str, stats=None):

@@ -51,8 +51,8 @@ from .cells import submodules
 from .errors import (ConvergenceWarning, NonFiniteInputError, OptionTypeError, ShapeMismatchError, UnsupportedError,
                      ValidationError)
 from .hoist import cell_fingerprint, input_signature, split_cell
-from .solvers import (CONVERGED, ON_FAILURE, SolverStats, StateSpec, make_chain, make_solver, report_failure,
-                      run_loop, solve_chain)
+from .solvers import (CONVERGED, ON_FAILURE, LoopOptions, SolverStats, StateSpec, make_chain, make_solver,
+                      report_failure, run_loop, solve_chain)
 from .unrolling import unroll
 
 __all__ = ["deq_solve", "DEQOptions", "BACKWARD_MODES", "STOPPING", "implicit_backward", "GradientMode",
@@ -555,16 +555,15 @@ class DEQOptions:
         if not isinstance(self.backward, GradientMode):
             V.choice(self.backward, "backward", BACKWARD_MODES, where=_WHERE)
         V.choice(self.stopping, "stopping", STOPPING, where=_WHERE)
-        V.choice(self.on_failure, "on_failure", ON_FAILURE, where=_WHERE)
-        _tolerance(self.atol, "atol")
-        _tolerance(self.rtol, "rtol")
-        if self.atol == 0 and self.rtol == 0:
-            raise ValidationError(f"{_WHERE}: atol and rtol are both 0: no sample could ever be declared converged")
-        V.non_negative_int(self.max_iter, "max_iter", where=_WHERE)
-        V.boolean(self.return_trace, "return_trace", where=_WHERE)
+        # The forward solve's stopping rule and failure policy: one LoopOptions value, validated (and normalised)
+        # by its own checks, built once here.
+        loop = LoopOptions(atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, on_failure=self.on_failure,
+                           divergence_ratio=self.divergence_ratio, return_trace=self.return_trace,
+                           check_every=self.check_every, where=_WHERE)
+        for name in ("atol", "rtol", "max_iter", "divergence_ratio", "check_every"):
+            object.__setattr__(self, name, getattr(loop, name))
+        object.__setattr__(self, "_loop", loop)
         V.boolean(self.hoist, "hoist", where=_WHERE)
-        V.in_range(self.divergence_ratio, "divergence_ratio", where=_WHERE, low=1.0, low_open=True)
-        V.positive_int(self.check_every, "check_every", where=_WHERE)
         for name in ("backward_atol", "backward_rtol"):
             if getattr(self, name) is not None:
                 # Relative to the incoming gradient: a value >= 1 accepts the right-hand side (JFB) at once.
@@ -660,6 +659,11 @@ class DEQOptions:
     def replace(self, **changes) -> "DEQOptions":
         """A copy with ``changes`` applied (validated like a new value)."""
         return DEQOptions.build(self, **changes)
+
+    @property
+    def loop(self) -> LoopOptions:
+        """The forward solve's :class:`~iterlayers.solvers.LoopOptions` (built once)."""
+        return self._loop
 
     @property
     def forward_solver(self):
@@ -976,11 +980,10 @@ def implicit_backward(
         (vjp,) = torch.autograd.grad(fz, z_star, w * scale, retain_graph=True)
         return vjp / scale + rhs
 
-    u, stats = run_loop(
-        adjoint, rhs if u0 is None else u0 / scale, solver=solver, atol=atol, rtol=rtol, max_iter=max_iter, on_failure=on_failure,
-        return_trace=False, divergence_ratio=divergence_ratio, check_inputs=False, stopping="joint", phase="backward",
-        check_every=check_every,
-    )
+    loop = LoopOptions(atol=atol, rtol=rtol, max_iter=max_iter, on_failure=on_failure,
+                       divergence_ratio=divergence_ratio, check_every=check_every, where="implicit_backward")
+    u, stats = run_loop(adjoint, rhs if u0 is None else u0 / scale, solver=solver, options=loop, check_inputs=False,
+                        stopping="joint", phase="backward")
     return u * scale, stats
 
 
@@ -1000,12 +1003,9 @@ def _tangent_solve(f_flat, z_star, b, mode: "ImplicitGradient", o: DEQOptions, f
 
     atol, rtol = mode.tolerances(o.atol, o.rtol, b.dtype if resolution is None else resolution, forward_residual)
     with torch.no_grad():
-        t, stats = run_loop(
-            tangent, rhs, solver=mode.solver_value, atol=atol, rtol=rtol,
-            max_iter=mode.limit(o.max_iter), on_failure=o.on_failure, return_trace=False,
-            divergence_ratio=o.divergence_ratio, check_every=o.check_every,
-            check_inputs=False, stopping="joint", phase="jvp",
-        )
+        loop = o.loop.replace(atol=atol, rtol=rtol, max_iter=mode.limit(o.max_iter), return_trace=False)
+        t, stats = run_loop(tangent, rhs, solver=mode.solver_value, options=loop, check_inputs=False,
+                            stopping="joint", phase="jvp")
     return t * scale, stats
 
 
@@ -1159,12 +1159,8 @@ def deq_solve(
                 return f(z, *args, **kw)
 
             loop_args, names = (), None
-        loop_options = dict(
-            args=loop_args, kwargs=kwargs, stopping=stopping, atol=o.atol, rtol=o.rtol, max_iter=o.max_iter,
-            on_failure=o.on_failure, return_trace=o.return_trace, divergence_ratio=o.divergence_ratio,
-            arg_names=names, check_every=o.check_every,
-            phase="forward", verified=verdict == "independent",
-        )
+        loop_options = dict(args=loop_args, kwargs=kwargs, stopping=stopping, options=o.loop, arg_names=names,
+                            phase="forward", verified=verdict == "independent")
         if isinstance(o.forward_solver, tuple):
             z_star, st = solve_chain(loop_f, z0d, solvers=o.forward_solver, **loop_options)
         else:

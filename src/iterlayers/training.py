@@ -50,7 +50,7 @@ from iterlayers.checkpoint import (
     set_rng_state,
 )
 from iterlayers.errors import CheckpointError, IterlayersError, OptionTypeError, ValidationError
-from iterlayers.solvers.stats import SolverStats
+from iterlayers.solvers import SolverStats
 
 __all__ = ["TrainConfig", "TrainResult", "train", "deq_layers", "solver_stats", "stat_sources", "resolve_device",
            "METRIC_COLUMNS", "read_metrics", "RUN_FILES", "holds_run"]

@@ -19,7 +19,7 @@ Stopping.
 
 - *Fixed steps* (``atol`` and ``rtol`` both ``None``): exactly ``K = max_iter`` steps for every sample.
 - *Tolerance* (``atol`` and/or ``rtol`` given, the other one 0): sample ``i`` passes when
-  ``r_i <= atol + rtol ||f(z)_i||`` (:func:`iterlayers.solvers.stats.is_converged`, the solvers' test), at most
+  ``r_i <= atol + rtol ||f(z)_i||`` (:func:`iterlayers.solvers.is_converged`, the solvers' test), at most
   ``max_iter`` steps. ``stopping="joint"`` steps every sample until all pass; ``"per_sample"`` (or
   ``"verify"``, the same here) freezes a sample that passes (its row of ``z`` is kept by masking). ``f`` is always
   evaluated on the whole batch and every residual recomputed from that evaluation, so a frozen row whose
@@ -47,7 +47,7 @@ import torch
 from . import _validate as V
 from .errors import OptionTypeError, ValidationError
 from .solvers import StateSpec
-from .solvers.stats import SolverStats, is_converged
+from .solvers import SolverStats, is_converged
 
 __all__ = ["unroll", "Unrolling", "STOPPING", "fista_momentum"]
 

@@ -7,7 +7,7 @@ from torch import nn
 
 import iterlayers as il
 from iterlayers.errors import ValidationError
-from iterlayers.solvers import make_solver, run_loop
+from iterlayers.solvers import LoopOptions, make_solver, run_loop
 from problems import TanhCell, expanding_cell
 
 LOOP = dict(rtol=0.0, on_failure="ignore", return_trace=False, divergence_ratio=1e6)
@@ -30,10 +30,8 @@ def test_device_mode_gives_the_per_sample_results(solver, every):
     cell = TanhCell(8, norm=0.9, seed=1)
     x = _batch()
     z0 = torch.zeros_like(x)
-    ref, rst = run_loop(cell, z0, args=(x,), solver=make_solver(solver), atol=1e-10, max_iter=200,
-                        stopping="per_sample", **LOOP)
-    z, st = run_loop(cell, z0, args=(x,), solver=make_solver(solver), atol=1e-10, max_iter=200,
-                     stopping="per_sample", check_every=every, **LOOP)
+    ref, rst = run_loop(cell, z0, args=(x,), solver=make_solver(solver), stopping='per_sample', options=LoopOptions(**LOOP, atol=1e-10, max_iter=200))
+    z, st = run_loop(cell, z0, args=(x,), solver=make_solver(solver), stopping='per_sample', options=LoopOptions(**LOOP, atol=1e-10, max_iter=200, check_every=every))
     assert rst.status == st.status == "converged"
     assert len(set(rst.nstep.tolist())) > 1  # the samples did stop at different iterations
     assert torch.equal(st.nstep, rst.nstep)
@@ -50,10 +48,8 @@ def test_device_mode_joint_equals_joint():
     cell = TanhCell(8, norm=0.9, seed=2)
     x = _batch(1)
     z0 = torch.zeros_like(x)
-    ref, rst = run_loop(cell, z0, args=(x,), solver=make_solver("anderson"), atol=1e-9, max_iter=100,
-                        stopping="joint", **LOOP)
-    z, st = run_loop(cell, z0, args=(x,), solver=make_solver("anderson"), atol=1e-9, max_iter=100,
-                     stopping="joint", check_every=4, **LOOP)
+    ref, rst = run_loop(cell, z0, args=(x,), solver=make_solver('anderson'), stopping='joint', options=LoopOptions(**LOOP, atol=1e-09, max_iter=100))
+    z, st = run_loop(cell, z0, args=(x,), solver=make_solver('anderson'), stopping='joint', options=LoopOptions(**LOOP, atol=1e-09, max_iter=100, check_every=4))
     torch.testing.assert_close(z, ref, atol=1e-12, rtol=0)
     assert torch.equal(st.nstep, rst.nstep) and st.status == "converged"
 
@@ -74,12 +70,10 @@ def test_device_mode_is_right_on_coupled_rows_without_verification():
     x = _batch(2)
     z0 = torch.zeros_like(x)
     # Declared per-sample stopping (no verification) freezes rows that the others then move: wrong.
-    bad, _ = run_loop(cell, z0, args=(x,), solver=make_solver("picard"), atol=1e-10, max_iter=300,
-                      stopping="per_sample", **LOOP)
+    bad, _ = run_loop(cell, z0, args=(x,), solver=make_solver('picard'), stopping='per_sample', options=LoopOptions(**LOOP, atol=1e-10, max_iter=300))
     assert float(_true_residual(cell, bad, x).max()) > 1e-8
     # The device mode re-reads every row's residual from each whole-batch evaluation: right.
-    z, st = run_loop(cell, z0, args=(x,), solver=make_solver("picard"), atol=1e-10, max_iter=300,
-                     stopping="per_sample", check_every=3, **LOOP)
+    z, st = run_loop(cell, z0, args=(x,), solver=make_solver('picard'), stopping='per_sample', options=LoopOptions(**LOOP, atol=1e-10, max_iter=300, check_every=3))
     assert st.status == "converged"
     assert bool((_true_residual(cell, z, x) <= 1e-10).all())
 
@@ -115,8 +109,7 @@ def test_device_mode_reads_the_host_once_per_check(solver):
     counts = {}
     for every in (1, 10):
         with _SyncCounter() as c:
-            _, st = run_loop(cell, z0, args=(x,), solver=make_solver(solver), atol=1e-30, max_iter=60,
-                             stopping="per_sample", check_every=every, check_inputs=False, **LOOP)
+            _, st = run_loop(cell, z0, args=(x,), solver=make_solver(solver), stopping='per_sample', check_inputs=False, options=LoopOptions(**LOOP, atol=1e-30, max_iter=60, check_every=every))
         counts[every] = c.count
         assert int(st.nstep.max()) == 60  # never converges: every solve runs all 60 iterations
     # start + 6 checks + result (statistics) only; the per-iteration loop reads the host at every iteration
@@ -127,13 +120,11 @@ def test_device_mode_reads_the_host_once_per_check(solver):
 def test_device_mode_reports_divergence_and_stops_at_max_iter():
     cell = expanding_cell(5)
     x = torch.ones(3, 5, dtype=torch.float64)
-    z, st = run_loop(cell, torch.zeros_like(x), args=(x,), solver=make_solver("picard"), atol=1e-8,
-                     max_iter=200, stopping="per_sample", check_every=4, **LOOP)
+    z, st = run_loop(cell, torch.zeros_like(x), args=(x,), solver=make_solver('picard'), stopping='per_sample', options=LoopOptions(**LOOP, atol=1e-08, max_iter=200, check_every=4))
     assert st.status == "diverged" and bool(st.diverged.all())
     cell = TanhCell(8, norm=0.99, seed=5)
     x = _batch(4)
-    _, st = run_loop(cell, torch.zeros_like(x), args=(x,), solver=make_solver("picard"), atol=1e-30,
-                     max_iter=13, stopping="per_sample", check_every=5, **LOOP)
+    _, st = run_loop(cell, torch.zeros_like(x), args=(x,), solver=make_solver('picard'), stopping='per_sample', options=LoopOptions(**LOOP, atol=1e-30, max_iter=13, check_every=5))
     assert int(st.nstep.max()) == 13 and st.status == "max_iter"
 
 

@@ -154,13 +154,12 @@ def test_nan_in_every_sample_or_in_a_non_batched_input_calls_nothing():
 
 
 def test_nonfinite_input_named_by_arg_names():
-    from iterlayers.solvers._loop import run_loop
+    from iterlayers.solvers._loop import LoopOptions, run_loop
 
     x = torch.ones(2, 3)
     x[0, 0] = float("nan")
     with pytest.raises(il.NonFiniteInputError, match=r"^x contains NaN or Inf: x \(samples \[0\]\)"):
-        run_loop(lambda z, x: z, torch.zeros(2, 3), solver=il.PicardSolver(), args=(x,), arg_names=("x",),
-                 atol=1e-5, rtol=0, max_iter=5, on_failure="raise", return_trace=False, divergence_ratio=1e6)
+        run_loop(lambda z, x: z, torch.zeros(2, 3), solver=il.PicardSolver(), args=(x,), arg_names=('x',), options=LoopOptions(atol=1e-05, rtol=0, max_iter=5, on_failure='raise', return_trace=False, divergence_ratio=1000000.0))
 
 
 def test_large_finite_inputs_are_not_mistaken_for_inf():

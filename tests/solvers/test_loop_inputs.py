@@ -7,7 +7,7 @@ import torch
 
 import iterlayers as il
 from iterlayers.errors import IterlayersWarning, OptionTypeError, ValidationError
-from iterlayers.solvers._loop import ToleranceWarning, run_loop
+from iterlayers.solvers._loop import LoopOptions, ToleranceWarning, run_loop
 
 LOOP = dict(atol=1e-6, rtol=0.0, max_iter=20, return_trace=False, divergence_ratio=1e6)
 
@@ -73,11 +73,9 @@ def test_bad_state_and_options_raise_typed_errors():
     with pytest.raises(OptionTypeError, match=r"args must be a tuple.*wrap one as \(x,\)"):
         il.solve(lambda z, x: z, torch.zeros(2, 3), args=torch.zeros(2, 3))
     with pytest.raises(ValidationError, match="arg_names must give one name"):
-        run_loop(lambda z, x: z, torch.zeros(2, 3), solver=il.PicardSolver(), args=(torch.ones(2, 3),),
-                 arg_names=("x", "y"), on_failure="raise", **LOOP)
+        run_loop(lambda z, x: z, torch.zeros(2, 3), solver=il.PicardSolver(), args=(torch.ones(2, 3),), arg_names=('x', 'y'), options=LoopOptions(**LOOP, on_failure='raise'))
     with pytest.raises(ValidationError, match="phase must be one of"):
-        run_loop(lambda z: z, torch.zeros(2, 3), solver=il.PicardSolver(), phase="sideways", on_failure="raise",
-                 **LOOP)
+        run_loop(lambda z: z, torch.zeros(2, 3), solver=il.PicardSolver(), phase='sideways', options=LoopOptions(**LOOP, on_failure='raise'))
 
 
 def test_tolerance_below_the_dtype_warns_once_and_is_recorded():
@@ -106,8 +104,7 @@ def test_tolerance_below_the_dtype_warns_once_and_is_recorded():
 def test_failure_messages_name_the_phase_and_point_at_the_callers_line():
     x = torch.ones(2, 3)
     with pytest.raises(il.ConvergenceError, match=r"^backward solve \(picard\) did not converge"):
-        run_loop(lambda z, xx: 0.99 * z + xx, torch.zeros(2, 3), solver=il.PicardSolver(), args=(x,), phase="backward",
-                 on_failure="raise", **LOOP)
+        run_loop(lambda z, xx: 0.99 * z + xx, torch.zeros(2, 3), solver=il.PicardSolver(), args=(x,), phase='backward', options=LoopOptions(**LOOP, on_failure='raise'))
     with pytest.warns(il.ConvergenceWarning, match=r"^forward solve \(picard\) did not converge") as rec:
         il.solve(lambda z, xx: 0.99 * z + xx, torch.zeros(2, 3), args=(x,), solver="picard", max_iter=3)
     assert rec[0].filename == __file__

@@ -7,7 +7,7 @@ from torch import nn
 
 import iterlayers as il
 from iterlayers.errors import ShapeMismatchError
-from iterlayers.solvers import make_solver, run_loop
+from iterlayers.solvers import LoopOptions, make_solver, run_loop
 from iterlayers.solvers._loop import ToleranceWarning
 
 
@@ -30,9 +30,7 @@ def test_state_and_histories_stay_float32_under_autocast(solver, dtype):
     x = torch.randn(8, 16)
     with torch.autocast("cpu", dtype=dtype):
         assert cell(torch.zeros_like(x), x).dtype == dtype  # the cell does run in the low precision
-        z, st = run_loop(cell, torch.zeros_like(x), args=(x,), solver=make_solver(solver), atol=5e-2, rtol=0,
-                         max_iter=50, on_failure="raise", return_trace=False, divergence_ratio=1e6,
-                         keep_state=True)
+        z, st = run_loop(cell, torch.zeros_like(x), args=(x,), solver=make_solver(solver), keep_state=True, options=LoopOptions(atol=0.05, rtol=0, max_iter=50, on_failure='raise', return_trace=False, divergence_ratio=1000000.0))
     assert z.dtype == torch.float32 and st.abs_residual.dtype == torch.float32
     assert st.info["cell_dtype"] == str(dtype)
     floats = [v for v in st.state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
@@ -76,9 +74,7 @@ def test_the_adjoint_tolerance_follows_the_cell_dtype():
 def test_outside_autocast_a_dtype_change_is_still_an_error():
     z = torch.zeros(2, 4)
     with pytest.raises(ShapeMismatchError, match="bfloat16 but z has dtype torch.float32"):
-        run_loop(lambda zz: zz.bfloat16(), z, solver=make_solver("picard"), atol=1e-3, rtol=0, max_iter=3,
-                 on_failure="ignore", return_trace=False, divergence_ratio=1e6)
+        run_loop(lambda zz: zz.bfloat16(), z, solver=make_solver('picard'), options=LoopOptions(atol=0.001, rtol=0, max_iter=3, on_failure='ignore', return_trace=False, divergence_ratio=1000000.0))
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ShapeMismatchError, match="float16"):
         # under bf16 autocast, a float16 output is not the autocast dtype
-        run_loop(lambda zz: zz.half(), z, solver=make_solver("picard"), atol=1e-3, rtol=0, max_iter=3,
-                 on_failure="ignore", return_trace=False, divergence_ratio=1e6)
+        run_loop(lambda zz: zz.half(), z, solver=make_solver('picard'), options=LoopOptions(atol=0.001, rtol=0, max_iter=3, on_failure='ignore', return_trace=False, divergence_ratio=1000000.0))

@@ -7,7 +7,7 @@ import torch
 
 import iterlayers as il
 from iterlayers.errors import IterlayersError, OptionTypeError, ValidationError
-from iterlayers.solvers import SOLVERS, check_common, make_solver
+from iterlayers.solvers import SOLVERS, LoopOptions, make_solver
 
 NAN, INF = float("nan"), float("inf")
 
@@ -151,12 +151,12 @@ def test_bad_common_option_is_a_typed_error_naming_it(option, value, error):
     kw = dict(atol=1e-5, rtol=1e-5, max_iter=10, on_failure="warn", divergence_ratio=1e6)
     kw[option] = value
     with pytest.raises(error, match=rf"^DEQ: {option} must "):
-        check_common(**kw, where="DEQ")
+        LoopOptions(**kw, where="DEQ")
 
 
 def test_common_boundaries():
     # the closed ends are valid, an infinite divergence ratio disables the divergence test
-    check_common(0.0, 1e-3, 0, "ignore", math.inf)
-    check_common(1e-3, 0, 1, "raise", 1.0 + 1e-9)
+    assert LoopOptions(0.0, 1e-3, 0, "ignore", math.inf).divergence_ratio == math.inf
+    assert LoopOptions(1e-3, 0, 1, "raise", 1.0 + 1e-9).max_iter == 1
     with pytest.raises(ValidationError, match="atol and rtol are both 0"):
-        check_common(0, 0.0, 5, "warn", 2.0)
+        LoopOptions(0, 0.0, 5, "warn", 2.0)

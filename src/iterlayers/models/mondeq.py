@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from .. import _validate as v
 from ..errors import ValidationError
 from ..parametrizations import MonotoneLinear
-from ..solvers import check_common, make_solver
+from ..solvers import LoopOptions, make_solver
 from ..solvers._loop import rows
 from ..solvers._loop import run_loop
 from ..solvers.splitting import MonotoneStructure
@@ -201,8 +201,8 @@ class MonotoneDEQ(nn.Module):
         self.operator = operator
         self.solver = v.choice(solver, "solver", SPLITTINGS)
         self.alpha = None if alpha is None else v.in_range(alpha, "alpha", low=0.0, low_open=True)
-        check_common(atol, rtol, max_iter, on_failure, math.inf)
-        self.atol, self.rtol, self.max_iter, self.on_failure = float(atol), float(rtol), int(max_iter), on_failure
+        loop = LoopOptions(atol=atol, rtol=rtol, max_iter=max_iter, on_failure=on_failure, where="MonotoneDEQ")
+        self.atol, self.rtol, self.max_iter, self.on_failure = loop.atol, loop.rtol, loop.max_iter, loop.on_failure
         self.backward_rtol = v.in_range(backward_rtol, "backward_rtol", low=0.0, high=1.0, low_open=True,
                                         high_open=True)
         self.backward_max_iter = v.positive_int(backward_max_iter, "backward_max_iter")
@@ -233,15 +233,17 @@ class MonotoneDEQ(nn.Module):
             if self.alpha is not None:
                 options["alpha"] = self.alpha
             solver = make_solver(self.solver, options)
+            # built per solve from the attributes (which a user may change between solves), validated again
             if mask is None:
                 f, args = (lambda z, b: torch.relu(op.linear(z) + b)), (bias,)
-                tol = dict(atol=self.atol, rtol=self.rtol, max_iter=self.max_iter)
+                loop = LoopOptions(atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, on_failure=self.on_failure,
+                                   where="MonotoneDEQ")
             else:
                 f, args = (lambda y, g, d: d * (op.linear(y, True) + g)), (bias, mask)
-                tol = dict(atol=0.0, rtol=self.backward_rtol, max_iter=self.backward_max_iter)
-            z, st = run_loop(f, torch.zeros_like(bias), solver=solver, args=args, on_failure=self.on_failure,
-                             return_trace=False, divergence_ratio=1e6, stopping="verify",
-                             phase="backward" if mask is not None else "forward", **tol)
+                loop = LoopOptions(atol=0.0, rtol=self.backward_rtol, max_iter=self.backward_max_iter,
+                                   on_failure=self.on_failure, where="MonotoneDEQ")
+            z, st = run_loop(f, torch.zeros_like(bias), solver=solver, args=args, options=loop, stopping="verify",
+                             phase="backward" if mask is not None else "forward")
         st.info["alpha"] = solver.alpha
         self.stats["backward" if mask is not None else "forward"] = st
         return z

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import _validate as v
-from ._loop import ON_FAILURE, FixedPointSolver, StateSpec, report_failure, run_loop
+from ._loop import ON_FAILURE, FixedPointSolver, LoopOptions, StateSpec, report_failure, run_loop
 from .anderson import AndersonSolver
 from .broyden import BroydenSolver
 from .chain import make_chain, solve_chain
@@ -22,11 +22,12 @@ from .errors import (
 )
 from .gmres import GMRESSolver
 from .picard import PicardSolver
-from .stats import CONVERGED, DIVERGED, MAX_ITER, SolverStats, is_converged
+from ._loop import CONVERGED, DIVERGED, MAX_ITER, SolverStats, is_converged
 
 __all__ = [
     "solve",
     "run_loop",
+    "LoopOptions",
     "report_failure",
     "StateSpec",
     "is_converged",
@@ -117,22 +118,6 @@ class Solution:
         return iter((self.z, self.stats))
 
 
-def check_common(atol, rtol, max_iter, on_failure, divergence_ratio, *, where: str | None = None) -> None:
-    """Validate the options every solve shares (through :mod:`iterlayers._validate`); errors name the option.
-
-    ``atol``, ``rtol`` are finite numbers >= 0, not both 0; ``max_iter`` an integer >= 0 (not a bool);
-    ``on_failure`` one of :data:`ON_FAILURE`; ``divergence_ratio`` a number > 1 (``inf`` disables the test).
-    """
-    atol = v.in_range(atol, "atol", where=where, low=0.0)
-    rtol = v.in_range(rtol, "rtol", where=where, low=0.0)
-    if atol == 0 and rtol == 0:
-        raise ValidationError(f"{where + ': ' if where else ''}atol and rtol are both 0: "
-                              "no sample could ever be declared converged")
-    v.non_negative_int(max_iter, "max_iter", where=where)
-    v.choice(on_failure, "on_failure", ON_FAILURE, where=where)
-    v.in_range(divergence_ratio, "divergence_ratio", where=where, low=1.0, low_open=True, allow_inf=True)
-
-
 def solve(
     f: Callable,
     z0,
@@ -182,7 +167,8 @@ def solve(
     Returns:
         :class:`Solution` with ``z`` and ``stats``.
     """
-    check_common(atol, rtol, max_iter, on_failure, divergence_ratio)
+    loop = LoopOptions(atol=atol, rtol=rtol, max_iter=max_iter, on_failure=on_failure,
+                       divergence_ratio=divergence_ratio, return_trace=return_trace)
     s = make_solver(solver, solver_options)
     if not callable(f):
         raise OptionTypeError(f"f must be callable, got {type(f).__name__}")
@@ -196,12 +182,7 @@ def solve(
             args=args,
             kwargs=kwargs,
             stopping=stopping,
-            atol=float(atol),
-            rtol=float(rtol),
-            max_iter=max_iter,
-            on_failure=on_failure,
-            return_trace=return_trace,
-            divergence_ratio=float(divergence_ratio),
+            options=loop,
             keep=keep,
         )
     return Solution(z, stats)

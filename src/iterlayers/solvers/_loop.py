@@ -107,7 +107,7 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Sequence
 
 import torch
@@ -122,10 +122,162 @@ from ..errors import (
     ShapeMismatchError,
     ValidationError,
 )
-from .stats import CONVERGED, DIVERGED, SolverStats, is_converged
 
-__all__ = ["run_loop", "report_failure", "ON_FAILURE", "STOPPING", "PHASES", "ToleranceWarning", "TAU", "KAPPA",
+__all__ = ["run_loop", "LoopOptions", "SolverStats", "is_converged", "CONVERGED", "MAX_ITER", "DIVERGED",
+           "report_failure", "ON_FAILURE", "STOPPING", "PHASES", "ToleranceWarning", "TAU", "KAPPA",
            "FixedPointSolver", "rows", "set_rows", "StateSpec", "nonfinite_rows", "check_finite"]
+
+# ----------------------------------------------------------------------------------------------------------
+# What a solve returns: the convergence test and the statistics every solve reports, per sample and in total
+# (here with the loop that produces them, so that one module holds the loop's whole contract: the options that
+# go in, LoopOptions, and the statistics that come out).
+
+CONVERGED = "converged"
+MAX_ITER = "max_iter"
+DIVERGED = "diverged"
+
+
+def is_converged(residual: torch.Tensor, fnorm: torch.Tensor | None, atol: float, rtol: float) -> torch.Tensor:
+    """``residual <= atol + rtol * fnorm`` per sample, where a non-finite residual never passes.
+
+    Without the finiteness test an infinite ``f(z)`` would pass any relative tolerance (``inf <= inf``), and a
+    blown-up sample would be reported converged. ``fnorm`` may be ``None`` when ``rtol == 0``.
+    """
+    if rtol == 0 or fnorm is None:
+        return residual <= atol  # NaN and inf fail this already
+    return (residual <= atol + rtol * fnorm) & (residual < math.inf)  # NaN fails both; a norm is never -inf
+
+
+@dataclass
+class SolverStats:
+    """What happened during one batched solve.
+
+    Per-sample tensors have shape ``[B]``:
+
+    - ``nstep``: iterations the sample took part in (per-sample stopping: it stops counting once the sample
+      has converged; joint stopping: the same for every sample),
+    - ``abs_residual``: ``||f(z) - z||_2`` of the returned iterate (2-norm over all non-batch dimensions),
+    - ``rel_residual``: ``abs_residual / ||f(z)||_2``,
+    - ``converged``: ``abs_residual <= atol + rtol * ||f(z)||``,
+    - ``diverged``: NaN/Inf met or the residual grew past ``divergence_ratio`` times its initial value,
+    - ``best``: the returned iterate is an earlier, better one, not the sample's last iterate (joint stopping:
+      the best whole iterate is not the last one).
+
+    ``nfe`` counts batched evaluations of ``f``; ``status`` is ``"converged"`` when every sample converged,
+    ``"diverged"`` when some sample diverged, ``"max_iter"`` otherwise (an empty batch is ``"converged"``).
+    ``trace`` (with ``return_trace=True``) lists the per-sample absolute residual after each iteration, ``trace[0]`` being the
+    initial one. ``info`` holds solver-specific counters (e.g. Anderson safeguard fallbacks). ``iterates``
+    (with ``keep=`` iterations requested) maps each requested iteration ``k`` to the state after iteration ``k``
+    (shaped like ``z0``, no graph; a sample frozen earlier holds its iterate from when it stopped, and an
+    iteration the solve did not reach holds the returned iterate). ``state`` (with ``keep_state=True``) is the
+    solver's final state (e.g. Broyden's inverse-Jacobian factors, for :class:`iterlayers.ShineGradient`).
+    """
+
+    solver: str
+    nstep: torch.Tensor
+    abs_residual: torch.Tensor
+    rel_residual: torch.Tensor
+    converged: torch.Tensor
+    diverged: torch.Tensor
+    best: torch.Tensor
+    nfe: int
+    status: str
+    atol: float
+    rtol: float
+    max_iter: int
+    trace: list[torch.Tensor] | None = None
+    info: dict = field(default_factory=dict)
+    iterates: dict | None = None
+    state: dict | None = None
+
+    @classmethod
+    def of_final_iterate(
+        cls,
+        solver: str,
+        abs_residual: torch.Tensor,
+        fnorm: torch.Tensor,
+        *,
+        nstep: torch.Tensor,
+        diverged: torch.Tensor,
+        best: torch.Tensor,
+        nfe: int,
+        atol: float,
+        rtol: float,
+        max_iter: int,
+        trace: list[torch.Tensor] | None = None,
+        info: dict | None = None,
+        iterates: dict | None = None,
+    ) -> "SolverStats":
+        """Statistics of a finished solve from its returned iterate's ``||f(z) - z||`` and ``||f(z)||``.
+
+        The convergence test, the relative residual and the status are derived here, so that every loop that
+        reports a solve (the generic solver loop, the unrolled one) applies the same rule. A non-finite
+        residual is reported as ``inf``; ``diverged`` is what the loop saw during the iterations.
+        """
+        res = abs_residual.nan_to_num(nan=math.inf, posinf=math.inf)  # (a norm: never -inf)
+        converged = is_converged(res, fnorm, atol, rtol)
+        if converged.numel() == 0:
+            status = CONVERGED
+        else:  # one host read for both tests
+            all_converged, any_diverged = torch.stack([converged.all(), diverged.any()]).tolist()
+            status = CONVERGED if all_converged else (DIVERGED if any_diverged else MAX_ITER)
+        return cls(
+            solver=solver,
+            nstep=nstep,
+            abs_residual=res,
+            rel_residual=res / fnorm.clamp_min(torch.finfo(fnorm.dtype).tiny),
+            converged=converged,
+            diverged=diverged & ~converged,
+            best=best,
+            nfe=int(nfe),
+            status=status,
+            atol=float(atol),
+            rtol=float(rtol),
+            max_iter=int(max_iter),
+            trace=trace,
+            info=dict(info or {}),
+            iterates=iterates,
+        )
+
+    @property
+    def residual(self) -> torch.Tensor:
+        """Alias of ``abs_residual``."""
+        return self.abs_residual
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.nstep.shape[0])
+
+    def trace_tensor(self) -> torch.Tensor:
+        """The residual trace as a ``[iterations + 1, B]`` tensor (requires ``return_trace=True``)."""
+        if self.trace is None:
+            raise ValidationError("no residual trace was recorded; pass return_trace=True to the solve")
+        return torch.stack(self.trace)
+
+    def summary(self) -> dict:
+        """Plain-Python scalars, for logs and metrics files (an empty batch: zero work, all converged)."""
+        empty = self.batch_size == 0
+        return {
+            "solver": self.solver,
+            "status": self.status,
+            "mean_nstep": 0.0 if empty else float(self.nstep.float().mean()),
+            "max_nstep": 0 if empty else int(self.nstep.max()),
+            "nfe": int(self.nfe),
+            "mean_abs_residual": 0.0 if empty else float(self.abs_residual.mean()),
+            "max_abs_residual": 0.0 if empty else float(self.abs_residual.max()),
+            "mean_rel_residual": 0.0 if empty else float(self.rel_residual.mean()),
+            "converged_fraction": 1.0 if empty else float(self.converged.float().mean()),
+            **{k: v for k, v in self.info.items() if isinstance(v, (int, float, str))},
+        }
+
+    def __str__(self) -> str:
+        s = self.summary()
+        return (
+            f"{self.solver}: {s['status']}, {s['converged_fraction']:.0%} of {self.batch_size} converged, "
+            f"steps mean {s['mean_nstep']:.1f} max {s['max_nstep']}, nfe {s['nfe']}, "
+            f"residual mean {s['mean_abs_residual']:.2e} max {s['max_abs_residual']:.2e}"
+        )
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The solver protocol.
@@ -372,6 +524,51 @@ TAU = 1.0 / 16
 KAPPA = 16.0
 
 
+@dataclass(frozen=True)
+class LoopOptions:
+    """How one solve stops and what it does on failure: the options every solve shares (forward, adjoint,
+    tangent, each stage of a chain), as one value, validated once when it is built.
+
+    Sample ``i`` has converged when ``||f(z_i) - z_i|| <= atol + rtol ||f(z_i)||`` (finite numbers >= 0, not
+    both 0), within ``max_iter`` iterations (an integer >= 0). ``on_failure``: ``"raise"`` a
+    :class:`ConvergenceError`, ``"warn"`` or ``"ignore"`` when some sample did not converge (the statistics say
+    so either way). ``divergence_ratio`` (> 1; ``inf`` disables the test): a residual above that multiple of the
+    initial one is divergence. ``return_trace``: record the per-sample residual after every iteration.
+    ``check_every``: the host reads convergence once every that many iterations (1: every iteration; > 1: the
+    device mode of :meth:`_Loop.iterate_device`). ``where`` prefixes error messages (who built the value).
+    """
+
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    max_iter: int = 100
+    on_failure: str = "warn"
+    divergence_ratio: float = 1e6
+    return_trace: bool = False
+    check_every: int = 1
+    where: str | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        w = self.where
+        atol = _validate.in_range(self.atol, "atol", where=w, low=0.0)
+        rtol = _validate.in_range(self.rtol, "rtol", where=w, low=0.0)
+        if atol == 0 and rtol == 0:
+            raise ValidationError(f"{w + ': ' if w else ''}atol and rtol are both 0: "
+                                  "no sample could ever be declared converged")
+        for name, value in (("atol", atol), ("rtol", rtol),
+                            ("max_iter", _validate.non_negative_int(self.max_iter, "max_iter", where=w)),
+                            ("on_failure", _validate.choice(self.on_failure, "on_failure", ON_FAILURE, where=w)),
+                            ("divergence_ratio", _validate.in_range(self.divergence_ratio, "divergence_ratio",
+                                                                    where=w, low=1.0, low_open=True,
+                                                                    allow_inf=True)),
+                            ("return_trace", _validate.boolean(self.return_trace, "return_trace", where=w)),
+                            ("check_every", _validate.positive_int(self.check_every, "check_every", where=w))):
+            object.__setattr__(self, name, value)
+
+    def replace(self, **changes) -> "LoopOptions":
+        """A copy with ``changes`` applied (validated like a new value)."""
+        return dataclasses.replace(self, **changes)
+
+
 class ToleranceWarning(IterlayersWarning):
     """The requested tolerance is below what the state's dtype can resolve (see :mod:`._loop`)."""
 
@@ -429,10 +626,11 @@ def _disagree(f_new, f_old, z, live, conv, loop) -> torch.Tensor:
 class _Loop:
     """The state of one solve (a class rather than closures: the joint fallback resets most of it)."""
 
-    def __init__(self, f, z0, solver, args, kwargs, atol, rtol, max_iter, return_trace, divergence_ratio,
-                 stopping, excluded, phase, verified=False, keep=(), check_every=1, spec=None):
+    def __init__(self, f, z0, solver, args, kwargs, options: "LoopOptions", stopping, excluded, phase,
+                 verified=False, keep=(), spec=None):
         self.f, self.solver, self.args, self.kwargs = f, solver, args, kwargs
-        self.atol, self.rtol, self.max_iter = atol, rtol, max_iter
+        self.atol, self.rtol, self.max_iter = options.atol, options.rtol, options.max_iter
+        return_trace, divergence_ratio, check_every = options.return_trace, options.divergence_ratio, options.check_every
         self.spec = spec = StateSpec.of(z0) if spec is None else spec
         kind = spec.device.type
         # Mixed precision: under autocast only f runs in the autocast dtype; the loop and the solver's
@@ -447,7 +645,7 @@ class _Loop:
         self.B = B = spec.batch_size
         self.eps = torch.finfo(spec.dtype).eps  # raised to the cell's output dtype's under autocast (_flat)
         self.cell_dtype = spec.dtype
-        self.use_rel = rtol > 0
+        self.use_rel = self.rtol > 0
         self.phase = phase
         self.info: dict = {}
         self.nfe = 0
@@ -980,14 +1178,9 @@ def run_loop(
     z0,
     *,
     solver: FixedPointSolver,
+    options: LoopOptions,
     args: Sequence = (),
     kwargs: Mapping | None = None,
-    atol: float,
-    rtol: float,
-    max_iter: int,
-    on_failure: str,
-    return_trace: bool,
-    divergence_ratio: float,
     check_inputs: bool = True,
     stopping: str = "verify",
     arg_names: Sequence[str] | None = None,
@@ -995,11 +1188,11 @@ def run_loop(
     verified: bool = False,
     keep: Sequence[int] = (),
     keep_state: bool = False,
-    check_every: int = 1,
 ):
     """Solve ``z = f(z, *args, **kwargs)`` from ``z0``; return ``(z, stats)`` with ``z`` shaped like ``z0``.
 
-    See the module docstring for the contract: ``args`` batched (sliced), ``kwargs`` never sliced,
+    ``options`` (a :class:`LoopOptions`) is the stopping rule and failure policy. See the module docstring
+    for the contract: ``args`` batched (sliced), ``kwargs`` never sliced,
     ``stopping`` in :data:`STOPPING`, ``arg_names`` (one name per arg, default ``"args[i]"``) naming inputs in
     messages, ``phase`` (``"forward"``/``"backward"``) naming the solve in messages. ``check_inputs=False``
     skips the NaN/Inf screening of ``z0`` and the inputs (for callers whose inputs are known finite).
@@ -1008,16 +1201,18 @@ def run_loop(
     whole-batch check is skipped (see :mod:`iterlayers.implicit` for the cache that decides this).
     ``keep``: iterations whose state is returned in ``stats.iterates`` (``0`` is ``z0``). ``keep_state``: the
     solver's final state is returned in ``stats.state`` (rows of samples frozen early hold their state then).
-    ``check_every`` > 1: the host reads convergence once every that many iterations, not every iteration (the
-    device mode of :meth:`_Loop.iterate_device`: the whole batch each iteration, converged rows held by a mask,
-    per-sample statistics unchanged; ``stopping="verify"`` needs no verification there).
+    ``options.check_every`` > 1: the host reads convergence once every that many iterations, not every iteration
+    (the device mode of :meth:`_Loop.iterate_device`: the whole batch each iteration, converged rows held by a
+    mask, per-sample statistics unchanged; ``stopping="verify"`` needs no verification there).
     """
+    if not isinstance(options, LoopOptions):
+        raise OptionTypeError(f"run_loop: options must be a LoopOptions, got {_describe(options)}")
+    on_failure = options.on_failure
     # The checks name the mistake through the one vocabulary, entered only when a value is not valid (a solve
     # with valid options runs no validation code outside this module).
-    for value, name, options in ((stopping, "stopping", STOPPING), (phase, "phase", PHASES),
-                                 (on_failure, "on_failure", ON_FAILURE)):
-        if not (isinstance(value, str) and value in options):
-            _validate.choice(value, name, options, where="run_loop")
+    for value, name, allowed in ((stopping, "stopping", STOPPING), (phase, "phase", PHASES)):
+        if not (isinstance(value, str) and value in allowed):
+            _validate.choice(value, name, allowed, where="run_loop")
     # (exact-type tests first: the abstract-class checks cost microseconds per solve)
     if kwargs is None:
         kwargs = {}
@@ -1042,11 +1237,8 @@ def run_loop(
     excluded, note = None, None
     if check_inputs and B > 0:
         excluded, note = _screen_inputs(z0, args, kwargs, names, B, on_failure)
-    if check_every != 1:
-        check_every = _validate.positive_int(check_every, "check_every", where="run_loop")
-    loop = _Loop(f, z0, solver, args, kwargs, float(atol), float(rtol), max_iter, return_trace,
-                 float(divergence_ratio), stopping, excluded, phase, verified=bool(verified), keep=keep,
-                 check_every=check_every, spec=spec)
+    loop = _Loop(f, z0, solver, args, kwargs, options, stopping, excluded, phase, verified=bool(verified), keep=keep,
+                 spec=spec)
     if note is not None:
         loop.info["nonfinite_input"] = note
     if B == 0 or loop.n_sys == 0:
@@ -1056,8 +1248,8 @@ def run_loop(
         none = torch.zeros(B, dtype=torch.bool, device=z.device)
         stats = SolverStats.of_final_iterate(
             solver.name, res, torch.zeros_like(res), nstep=torch.zeros(B, dtype=torch.long, device=z.device),
-            diverged=~none, best=none, nfe=0, atol=atol, rtol=rtol, max_iter=max_iter,
-            trace=[res.clone()] if return_trace else None, info=loop.info,
+            diverged=~none, best=none, nfe=0, atol=options.atol, rtol=options.rtol, max_iter=options.max_iter,
+            trace=[res.clone()] if options.return_trace else None, info=loop.info,
             iterates={k: spec.unflatten(z) for k in keep} if keep else None,
         )
     else:

@@ -37,14 +37,15 @@ Like ``run_loop`` this builds no graph by itself only if called under ``torch.no
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Callable, Sequence
 
 import torch
 
-from ._loop import FixedPointSolver, StateSpec, _describe, _screen_inputs, _slice_args, report_failure, run_loop
+from ._loop import FixedPointSolver, LoopOptions, StateSpec, _describe, _screen_inputs, _slice_args, report_failure, run_loop
 from .errors import OptionTypeError, ValidationError
-from .stats import CONVERGED, DIVERGED, MAX_ITER, SolverStats
+from ._loop import CONVERGED, DIVERGED, MAX_ITER, SolverStats
 
 __all__ = ["solve_chain", "make_chain"]
 
@@ -70,6 +71,10 @@ def make_chain(solvers) -> tuple[FixedPointSolver, ...]:
     return tuple(make_solver(s) for s in solvers)
 
 
+#: solve_chain's keyword defaults (those of LoopOptions), to refuse keywords given along with a ready value
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoopOptions) if f.name != "where"}
+
+
 def solve_chain(
     f: Callable,
     z0,
@@ -89,8 +94,12 @@ def solve_chain(
     phase: str = "forward",
     verified: bool = False,
     check_every: int = 1,
+    options: LoopOptions | None = None,
 ):
     """Solve ``z = f(z, *args, **kwargs)`` with a fallback chain of solvers; return ``(z, stats)``.
+
+    ``options``: a ready :class:`~iterlayers.solvers.LoopOptions` value in place of the keywords ``atol`` ...
+    ``check_every`` (which must then stay at their defaults).
 
     The options are those of :func:`~iterlayers.solvers._loop.run_loop` (``max_iter`` is each solver's budget),
     plus ``solvers``: a non-empty list of solver names (``"anderson"``, ...) and/or solver instances, tried in
@@ -100,10 +109,19 @@ def solve_chain(
     docstring for what each stage runs on and for the combined statistics (``stats.info["finished_by"]``).
     ``z`` is shaped like ``z0`` (a tensor or a tuple).
     """
-    from . import check_common  # solvers/__init__ imports this module: resolve at call time
-
     chain = make_chain(solvers)
-    check_common(atol, rtol, max_iter, on_failure, divergence_ratio, where="solve_chain")
+    given = dict(atol=atol, rtol=rtol, max_iter=max_iter, on_failure=on_failure, return_trace=return_trace,
+                 divergence_ratio=divergence_ratio, check_every=check_every)
+    if options is None:
+        options = LoopOptions(**given, where="solve_chain")
+    else:
+        if not isinstance(options, LoopOptions):
+            raise OptionTypeError(f"solve_chain: options must be a LoopOptions, got {_describe(options)}")
+        changed = sorted(k for k, v in given.items() if v != _DEFAULTS[k])
+        if changed:
+            raise ValidationError(f"solve_chain: {changed} given together with options=; put them in the value")
+    atol, rtol, max_iter, on_failure = options.atol, options.rtol, options.max_iter, options.on_failure
+    return_trace = options.return_trace
     if not callable(f):
         raise OptionTypeError(f"solve_chain: f must be callable, got {_describe(f)}")
     if isinstance(args, (torch.Tensor, str)) or not isinstance(args, Sequence):
@@ -115,9 +133,9 @@ def solve_chain(
         names = list(arg_names) if arg_names is not None else [f"args[{i}]" for i in range(len(args))]
         _screen_inputs(z0, args, kwargs or {}, names, B, "raise")  # refuses NaN/Inf as a single solve would
     sliceable = any(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == B for a in args)
-    loop = dict(kwargs=kwargs, atol=atol, rtol=rtol, max_iter=max_iter, on_failure="ignore",
-                return_trace=return_trace, divergence_ratio=divergence_ratio, check_inputs=check_inputs,
-                arg_names=arg_names, phase=phase, check_every=check_every)
+    # every stage reports nothing itself: the chain's failure is reported once, at the end
+    loop = dict(kwargs=kwargs, options=options.replace(on_failure="ignore"), check_inputs=check_inputs,
+                arg_names=arg_names, phase=phase)
 
     z = None  # the merged flat iterate
     merged: dict = {}
