@@ -287,8 +287,18 @@ _DEPTH, _WIDTH = 4, 64
 _TENSOR = ("tensor",)  # tensors are looked up live by the generated code: only their presence matters
 
 
+#: exact types answered by one lookup (the common attributes: numbers, strings, flags; a fingerprint is taken on
+#: every solve); subclasses (an IntEnum, a Parameter) go through the isinstance tests below
+_EXACT_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device})
+
+
 def _value(v, depth: int = 0):
     """A comparable record of a Python value a trace may have read (without references to it)."""
+    t = type(v)
+    if t in _EXACT_SCALARS:
+        return (t, v)
+    if t is tuple and depth < _DEPTH and len(v) <= _WIDTH:
+        return (t, tuple([_value(x, depth + 1) for x in v]))
     if isinstance(v, torch.Tensor):
         return _TENSOR
     if isinstance(v, _SCALARS):
