@@ -49,7 +49,10 @@ from iterlayers.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from iterlayers.data import load_dataset
 from iterlayers.errors import CheckpointError, IterlayersError, OptionTypeError, ValidationError
+from iterlayers.layers import DEQ, JacobianPenalty, SpectralMonitor
+from iterlayers.models import MODELS, build_model
 from iterlayers.solvers import SolverStats
 
 __all__ = ["TrainConfig", "TrainResult", "train", "deq_layers", "solver_stats", "stat_sources", "resolve_device",
@@ -129,8 +132,6 @@ class TrainConfig:
                                             "out")
 
     def validate(self) -> "TrainConfig":
-        from iterlayers.models import MODELS
-
         if not isinstance(self.model, str) or self.model not in MODELS:
             raise ValidationError(f"unknown model {self.model!r}; valid: {', '.join(sorted(MODELS))}")
         if not isinstance(self.data, str) or not self.data:
@@ -220,8 +221,6 @@ def resolve_device(device: str, *, local_rank: int = 0, check_only: bool = False
 
 def deq_layers(model: nn.Module) -> list[nn.Module]:
     """Every :class:`iterlayers.DEQ` inside ``model``."""
-    from iterlayers import DEQ
-
     return [m for m in model.modules() if isinstance(m, DEQ)]
 
 
@@ -433,9 +432,6 @@ def _init_process_group(config: TrainConfig, world: int, local_rank: int) -> boo
 
 def _build(config: TrainConfig, rank: int, world: int, local_rank: int) -> _Run:
     """Data, model (seeded init) and optimizer of a fresh run."""
-    from iterlayers.data import load_dataset
-    from iterlayers.models import build_model
-
     if world > 1 and config.batch_size < world:
         raise ValidationError(f"batch_size={config.batch_size} is smaller than the number of processes ({world})")
     device = resolve_device(config.device, local_rank=local_rank)
@@ -455,8 +451,6 @@ def _build(config: TrainConfig, rank: int, world: int, local_rank: int) -> _Run:
 
 def _configure_aids(config: TrainConfig, model: nn.Module) -> None:
     """The Jacobian penalty and spectral-radius monitor of every DEQ in ``model``, from the config."""
-    from iterlayers.layers import JacobianPenalty, SpectralMonitor
-
     if config.jacobian_weight == 0 and config.spectral_every == 0:
         return
     layers = deq_layers(model)

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+import torch
+
 from iterlayers.errors import OptionTypeError, ValidationError
 
 __all__ = [
@@ -261,13 +263,8 @@ def _json_default(o):
         return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()
-    try:
-        import torch
-
-        if isinstance(o, torch.Tensor):
-            return o.tolist()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
     if isinstance(o, Path):
         return str(o)
     raise OptionTypeError(f"not JSON-serialisable: {type(o).__name__}")
