@@ -743,7 +743,8 @@ class CellTraits:
             if isinstance(m, _NormBase) and m.training and m.track_running_stats:
                 stats.append(m)
             # torch.compile(module) wraps it (``_orig_mod``); module.compile() sets ``_compiled_call_impl``.
-            if getattr(m, "_orig_mod", None) is not None or getattr(m, "_compiled_call_impl", None) is not None:
+            # (read from the module's dicts: a failed attribute lookup raises inside nn.Module.__getattr__)
+            if m._modules.get("_orig_mod") is not None or m.__dict__.get("_compiled_call_impl") is not None:
                 compiled = True
         return CellTraits(couples, tuple(stats), compiled)
 
@@ -847,10 +848,15 @@ def _rebind(saved) -> None:
         m._buffers[name] = value.clone()
 
 
-@contextlib.contextmanager
 def _frozen_statistics(modules):
     """Running statistics (batch norm) untouched by the evaluations inside: the solver's iterations are not
-    training steps, so only the one differentiable evaluation after the solve updates them."""
+    training steps, so only the one differentiable evaluation after the solve updates them. (A cell without
+    such modules, the usual case, gets a null context: nothing to save, no generator per solve.)"""
+    return _frozen(modules) if modules else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _frozen(modules):
     saved = _snapshot(modules)
     try:
         yield

@@ -278,7 +278,9 @@ class DEQ(nn.Module):
                     )
         # The cell protocol: submodules with per-forward state (a dropout mask, a spectral-norm estimate) start
         # a new forward pass; those with one row per sample follow the solver's rows (docs/cell_contract.md).
-        hooked = [m for _, m in cells.submodules(self.cell) if hasattr(m, "deq_reset")]
+        # (looked up on the class and the instance dict: hasattr on a module raises inside __getattr__ when absent)
+        hooked = [m for _, m in cells.submodules(self.cell)
+                  if hasattr(type(m), "deq_reset") or "deq_reset" in m.__dict__]
         for m in hooked:
             m.deq_reset(batch)
         cell, args, arg_names = self.cell, inputs, names

@@ -58,6 +58,8 @@ class AndersonSolver(FixedPointSolver):
             "G": z.new_zeros(b, self.m, n),
             "Y": z.new_zeros(b, self.m, n),
             "H": z.new_zeros(b, self.m, self.m, dtype=torch.float64),
+            "eye": torch.eye(self.m, dtype=torch.float64, device=z.device),
+            "ones": z.new_ones(b, self.m, 1, dtype=torch.float64),
             "k": 0,
             # a device counter: reading it every step would cost a host synchronisation
             "fallbacks": torch.zeros((), dtype=torch.long, device=z.device),
@@ -95,8 +97,9 @@ class AndersonSolver(FixedPointSolver):
         # The small mixing system is solved in float64 whatever the state's dtype: it is nh x nh, so this
         # costs nothing and keeps float32 runs from losing the acceleration to round-off.
         scale = Hh.diagonal(dim1=1, dim2=2).amin(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-        A = Hh + (self.lam * scale).unsqueeze(-1) * torch.eye(nh, dtype=Hh.dtype, device=Hh.device)
-        ones = torch.ones(A.shape[0], nh, 1, dtype=A.dtype, device=A.device)
+        # views of constants built once in init (no allocation per step; they are read, never written)
+        eye, ones = state["eye"][:nh, :nh], state["ones"][:Hh.shape[0], :nh]
+        A = Hh + (self.lam * scale).unsqueeze(-1) * eye
         a, info = torch.linalg.solve_ex(A, ones)
         a = a.squeeze(-1)
         total = a.sum(-1, keepdim=True)
