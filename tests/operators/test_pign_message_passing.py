@@ -71,12 +71,12 @@ def _pign_reference(model, X, alphas):
 @pytest.mark.parametrize("mode", ["uniform", "learnable", "scheduled"])
 def test_pign_forward_matches_the_definition(mode):
     torch.manual_seed(1)
-    num_iter, alpha = 5, 0.35
-    model = PIGN(4, 6, 3, max_iter=num_iter, alpha=alpha, alpha_mode=mode, schedule="sigmoid").double().eval()
+    n_iter, alpha = 5, 0.35
+    model = PIGN(4, 6, 3, max_iter=n_iter, alpha=alpha, alpha_mode=mode, schedule="sigmoid").double().eval()
     X = torch.randn(N, 4, dtype=torch.float64)
     a_learn = float(model.alpha.detach()) if mode == "learnable" else alpha  # float32-stored logit
-    alphas = {"uniform": [alpha] * num_iter, "learnable": [a_learn] * num_iter,
-              "scheduled": list(make_schedule("sigmoid", num_iter))}[mode]
+    alphas = {"uniform": [alpha] * n_iter, "learnable": [a_learn] * n_iter,
+              "scheduled": list(make_schedule("sigmoid", n_iter))}[mode]
     ref, _ = _pign_reference(model, X, alphas)
     with torch.no_grad():
         torch.testing.assert_close(model(X, _edge_index()), ref, atol=1e-12, rtol=0)
