@@ -1,4 +1,5 @@
 """The co-author protocol's selection sees validation data only: poisoning the test split changes nothing."""
+import pytest
 import torch
 
 from iterlayers.operators import PIGN, SearchSpace, add_feature_noise, planetoid_like, random_search
