@@ -66,7 +66,7 @@ def config(*, quick: bool, tiny: bool) -> dict:
         return dict(graphs=[("cora", 0.25)], noise=[0.0, 0.5, 0.7], seeds=3, search=5, search_seeds=1,
                     iter_range=(2, 16), epochs=100, eval_every=10, depths=[4, 16],
                     contractive=dict(lipschitz=0.6, alpha=0.3, max_iter=12), rising_train=9, rising_eval=60,
-                    eval_iters=60, networkx=[], tf_steps=100, tf_train=384, tf_test=64, dn_steps=100, op_eval_iters=60,
+                    eval_iters=60, networkx=[], tf_steps=200, tf_train=384, tf_test=64, dn_steps=100, op_eval_iters=60,
                     dn_samples=2000, dn_channels=16, tf_seeds=3, solve_iters=20,
                     op_contractive=dict(penalty=0.3, max_iter=30, train_tol=1e-4))
     return dict(graphs=[("cora", 1.0), ("citeseer", 1.0)], noise=[0.0, 0.5, 0.7], seeds=10, search=20,
@@ -405,11 +405,12 @@ def _evaluate_operator(m, x, y, err, cfg: dict, alpha: float, train_count: int) 
             "final_step": steps[-1] if steps else 0.0}
 
 
-def _operator_study(task: str, cfg: dict, seed: int, bar) -> dict:
+def _operator_study(task: str, cfg: dict, seed: int, bar, *, data_offset: int = 0) -> dict:
     """One operator task over seeds: the single pass, the Picard-iterated operator (N = 4, trained unrolled, the
     paper's procedure), the contractive variant (trained as a DEQ) and the untrained Picard and contractive
     models (controls). ``transformer``: the 2-D Navier-Stokes map w(0) -> w(1), relative L2 error;
-    ``denoiser``: MNIST-1D at noise sigma 0.5, MSE."""
+    ``denoiser``: MNIST-1D at noise sigma 0.5, MSE. The data of seed s are drawn with seed s + ``data_offset``
+    (the models with s): ``validation_study`` uses an offset so that its draws are disjoint from the run's."""
     k = cfg["op_contractive"]
     res: dict = {"task": task, "settings": k, "variants": {n: list(v) for n, v in VARIANTS.items()}}
     names = ("single", "picard", "contractive", "untrained", "untrained_contractive")
@@ -417,9 +418,9 @@ def _operator_study(task: str, cfg: dict, seed: int, bar) -> dict:
     if task == "transformer":
         res["solver_check"] = _solver_check()
     for s in range(seed, seed + cfg["tf_seeds"]):
-        g = torch.Generator().manual_seed(s)
+        g = torch.Generator().manual_seed(s + data_offset)
         if task == "transformer":
-            (xtr, ytr), (xte, yte) = _navier_stokes(cfg, s)
+            (xtr, ytr), (xte, yte) = _navier_stokes(cfg, s + data_offset)
             batches = lambda gen: (lambda i: (xtr[i], ytr[i]))(torch.randint(0, len(xtr), (32,), generator=gen))  # noqa
             err, steps, lr = _rel_l2, cfg["tf_steps"], 3e-3
             res.setdefault("identity_err", []).append(_rel_l2(xte, yte))  # predicting w(1) = w(0)
@@ -427,7 +428,7 @@ def _operator_study(task: str, cfg: dict, seed: int, bar) -> dict:
             from iterlayers.data import load_mnist1d
 
             sigma = 0.5
-            ds = load_mnist1d(seed=s, num_samples=cfg["dn_samples"])
+            ds = load_mnist1d(seed=s + data_offset, num_samples=cfg["dn_samples"])
             mu, sd = ds.x_train.mean(), ds.x_train.std()
             xtr, cle = (ds.x_train - mu) / sd, (ds.x_test - mu) / sd
             xte, yte = cle + sigma * torch.randn(cle.shape, generator=g), cle
@@ -460,6 +461,28 @@ def _operator_study(task: str, cfg: dict, seed: int, bar) -> dict:
                      for c in res[n][0]["err_by_eval_iterations"]}}
         for n in names}}
     return res
+
+
+VALIDATION_OFFSET = 1000  # data seeds of the validation study: s + 1000, disjoint from every run's (0..9)
+
+
+def validation_study(task: str = "transformer", *, steps=(100, 150, 200), seed: int = 0, quick: bool = True) -> dict:
+    """How the training budget of the operator studies was chosen (validation data only, never a run's test
+    draws): the study of ``task`` with the run's settings but data seeds s + ``VALIDATION_OFFSET``, for each
+    Adam step budget in ``steps``; the error of every variant per seed, and the contractive / Picard ratio.
+    Not part of ``run`` (its cost is several of its own studies); the numbers it gave are in
+    docs/papers/operators.md."""
+    from tqdm.auto import tqdm
+
+    out = {}
+    for n in steps:
+        cfg = dict(config(quick=quick, tiny=False), tf_steps=n, dn_steps=n)
+        r = _operator_study(task, cfg, seed, tqdm(disable=True), data_offset=VALIDATION_OFFSET)
+        out[str(n)] = {name: [x["err"] for x in r[name]] for name in ("single", "picard", "contractive")}
+        out[str(n)]["contractive_residual"] = [x["fixed_point_residual"] for x in r["contractive"]]
+        out[str(n)]["ratio_minus_1"] = [c / p - 1 for c, p in zip(out[str(n)]["contractive"],
+                                                                 out[str(n)]["picard"])]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ claims
