@@ -466,10 +466,12 @@ def _operator_study(task: str, cfg: dict, seed: int, bar, *, data_offset: int = 
 VALIDATION_OFFSET = 1000  # data seeds of the validation study: s + 1000, disjoint from every run's (0..9)
 
 
-def validation_study(task: str = "transformer", *, steps=(100, 150, 200), seed: int = 0, quick: bool = True) -> dict:
+def validation_study(task: str = "transformer", *, steps=(100, 150, 200), penalty: float | None = None, seed: int = 0,
+                     quick: bool = True) -> dict:
     """How the training budget of the operator studies was chosen (validation data only, never a run's test
     draws): the study of ``task`` with the run's settings but data seeds s + ``VALIDATION_OFFSET``, for each
-    Adam step budget in ``steps``; the error of every variant per seed, and the contractive / Picard ratio.
+    Adam step budget in ``steps`` (and the contractive model's Jacobian ``penalty``, if given); the error of every
+    variant per seed, and the contractive / Picard ratio.
     Not part of ``run`` (its cost is several of its own studies); the numbers it gave are in
     docs/papers/operators.md."""
     from tqdm.auto import tqdm
@@ -477,6 +479,8 @@ def validation_study(task: str = "transformer", *, steps=(100, 150, 200), seed: 
     out = {}
     for n in steps:
         cfg = dict(config(quick=quick, tiny=False), tf_steps=n, dn_steps=n)
+        if penalty is not None:
+            cfg["op_contractive"] = dict(cfg["op_contractive"], penalty=penalty)
         r = _operator_study(task, cfg, seed, tqdm(disable=True), data_offset=VALIDATION_OFFSET)
         out[str(n)] = {name: [x["err"] for x in r[name]] for name in ("single", "picard", "contractive")}
         out[str(n)]["contractive_residual"] = [x["fixed_point_residual"] for x in r["contractive"]]
