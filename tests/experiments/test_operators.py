@@ -33,7 +33,7 @@ def test_tiny_run_writes_valid_claims_and_outputs(tiny):
     # every trained operator has an observed rate, and the baselines report their training accuracy
     assert all(len(v["observed_rate"]) >= 1 for v in on_disk["contraction"].values())
     for r in on_disk["graph"][0]["noise"].values():
-        assert all("train_acc" in x for x in r["gcn2"]) and r["selected"]["num_iter"] >= 2
+        assert all("train_acc" in x for x in r["gcn2"]) and r["selected"]["max_iter"] >= 2
     table = (out / "table.md").read_text()
     assert "## Paper's claims vs ours" in table and "## Sanity checks" in table
     for name in on_disk["figures"]:

@@ -201,6 +201,17 @@ def test_schedule_is_applied_step_by_step():
     torch.testing.assert_close(layer(None, z0=torch.zeros(1, 1)), z)
 
 
+def test_schedule_iteration_count_is_max_iter_without_alias():
+    """#14: the iteration count (the paper's N) is ``max_iter``; the old name is gone, bad counts are typed errors."""
+    assert len(make_schedule("sigmoid", max_iter=7)) == 7
+    with pytest.raises(TypeError):
+        make_schedule("sigmoid", num_iter=7)
+    with pytest.raises(il.ValidationError, match="max_iter"):
+        make_schedule("linear", 0)
+    with pytest.raises(il.OptionTypeError, match="max_iter"):
+        make_schedule("linear", 2.5)
+
+
 def test_the_rate_fit_recovers_a_geometric_sequence():
     assert fit_linear_rate([3 * 0.7 ** k for k in range(20)], tail=0.5, floor_factor=None) == pytest.approx(
         0.7, rel=1e-12)

@@ -7,8 +7,9 @@ import torch
 from torch.nn import functional as F
 
 from iterlayers.errors import ShapeMismatchError, ValidationError
-from iterlayers.operators import (GAT, GCN, PIGN, edge_index_to_adjacency, gcn_edges, make_schedule,
+from iterlayers.operators import (GAT, GCN, PIGN, edge_index_to_adjacency, gcn_adjacency, gcn_edges, make_schedule,
                                   normalized_adjacency, relaxed_picard)
+from iterlayers.operators.pign import dropout
 
 EDGES = [(0, 1), (1, 2), (2, 3), (3, 0), (0, 2), (4, 5)]  # a 4-cycle with a chord, plus a separate edge
 N = 7  # node 6 is isolated
@@ -59,6 +60,43 @@ def test_normalisations_agree_with_the_hand_built_matrix():
     assert abs(float(ev.max()) - 1.0) < 1e-12 and float(ev.min()) > -1.0
 
 
+def test_cached_sparse_adjacency_is_a_hat_and_sees_changes_to_the_graph():
+    ei = _edge_index()
+    adj = gcn_adjacency(ei, N, dtype=torch.float64)
+    assert adj.layout == torch.sparse_csr
+    torch.testing.assert_close(adj.to_dense(), _hand_built_a_hat(), atol=1e-15, rtol=0)
+    assert gcn_adjacency(ei, N, dtype=torch.float64) is adj  # computed once per graph
+    torch.testing.assert_close(gcn_adjacency(ei.clone(), N, dtype=torch.float64).to_dense(), _hand_built_a_hat(),
+                               atol=1e-15, rtol=0)  # an equal copy of the edge list
+    assert gcn_adjacency(ei, N, dtype=torch.float32) is not adj  # another dtype: another matrix
+    # the caller changes the graph in place (edge 4-5 becomes 4-6): the cache must not return the old A^
+    ei[:, (ei == 5).any(0)] = torch.where(ei[:, (ei == 5).any(0)] == 5, 6, 4)
+    new = gcn_adjacency(ei, N, dtype=torch.float64).to_dense()
+    ref = normalized_adjacency(edge_index_to_adjacency(ei, N, dtype=torch.float64).to_dense())
+    torch.testing.assert_close(new, ref, atol=1e-15, rtol=0)
+    assert float(new[4, 5]) == 0.0 and float(new[4, 6]) > 0.0
+    # more nodes than the edge list mentions: another matrix, with the extra nodes isolated
+    assert gcn_adjacency(ei, N + 2, dtype=torch.float64).shape == (N + 2, N + 2)
+
+
+def test_dropout_has_the_distribution_of_inverted_dropout():
+    torch.manual_seed(0)
+    h = torch.rand(400, 250, dtype=torch.float64) + 0.5
+    for p in (0.5, 0.6):
+        out = dropout(h, p, True)
+        kept = out != 0
+        n = h.numel()
+        frac = float(kept.double().mean())
+        assert abs(frac - (1 - p)) < 4 * math.sqrt(p * (1 - p) / n)  # binomial, 4 standard errors
+        torch.testing.assert_close(out[kept], h[kept] / (1 - p))
+        hh = h.clone().requires_grad_()
+        torch.manual_seed(1)
+        g = torch.autograd.grad(dropout(hh, p, True).sum(), hh)[0]
+        torch.manual_seed(1)
+        torch.testing.assert_close(g, (dropout(h, p, True) != 0).double() / (1 - p))
+    assert dropout(h, 0.5, False) is h and dropout(h, 0.0, True) is h
+
+
 def _pign_reference(model, X, alphas):
     a_hat = _hand_built_a_hat()
     W, c = model.operator.weight.T, model.operator.conv.bias
@@ -71,12 +109,12 @@ def _pign_reference(model, X, alphas):
 @pytest.mark.parametrize("mode", ["uniform", "learnable", "scheduled"])
 def test_pign_forward_matches_the_definition(mode):
     torch.manual_seed(1)
-    num_iter, alpha = 5, 0.35
-    model = PIGN(4, 6, 3, max_iter=num_iter, alpha=alpha, alpha_mode=mode, schedule="sigmoid").double().eval()
+    n_iter, alpha = 5, 0.35
+    model = PIGN(4, 6, 3, max_iter=n_iter, alpha=alpha, alpha_mode=mode, schedule="sigmoid").double().eval()
     X = torch.randn(N, 4, dtype=torch.float64)
     a_learn = float(model.alpha.detach()) if mode == "learnable" else alpha  # float32-stored logit
-    alphas = {"uniform": [alpha] * num_iter, "learnable": [a_learn] * num_iter,
-              "scheduled": list(make_schedule("sigmoid", num_iter))}[mode]
+    alphas = {"uniform": [alpha] * n_iter, "learnable": [a_learn] * n_iter,
+              "scheduled": list(make_schedule("sigmoid", n_iter))}[mode]
     ref, _ = _pign_reference(model, X, alphas)
     with torch.no_grad():
         torch.testing.assert_close(model(X, _edge_index()), ref, atol=1e-12, rtol=0)

@@ -1,4 +1,5 @@
 """The co-author protocol's selection sees validation data only: poisoning the test split changes nothing."""
+import pytest
 import torch
 
 from iterlayers.operators import PIGN, SearchSpace, add_feature_noise, planetoid_like, random_search
@@ -22,19 +23,22 @@ def _poisoned(d):
 
 def test_search_space_draws_the_co_author_ranges():
     cfgs = SearchSpace().sample(200, seed=0)
-    assert all(2 <= c["num_iter"] <= 16 and 0.001 <= c["lr"] <= 0.019 and 0.0 <= c["weight_decay"] <= 5e-3
+    assert all(2 <= c["max_iter"] <= 16 and 0.001 <= c["lr"] <= 0.019 and 0.0 <= c["weight_decay"] <= 5e-3
                for c in cfgs)
     assert {round(c["alpha"], 2) for c in cfgs} <= {round(0.30 + 0.05 * i, 2) for i in range(12)}
     assert SearchSpace().sample(5, seed=3) == SearchSpace().sample(5, seed=3)
+    assert {c["max_iter"] for c in SearchSpace(max_iter=(4, 4)).sample(3, seed=0)} == {4}
+    with pytest.raises(TypeError):  # #14: the iteration count is max_iter, no alias for the old name
+        SearchSpace(num_iter=(2, 3))
 
 
 def test_selection_is_unchanged_when_the_test_split_is_poisoned():
     d = _data()
     bad = _poisoned(d)
     assert bool((bad.y[d.test_mask] != d.y[d.test_mask]).all())
-    cfgs = SearchSpace(num_iter=(2, 3)).sample(3, seed=0)
+    cfgs = SearchSpace(max_iter=(2, 3)).sample(3, seed=0)
     f, c = d.x.shape[1], int(d.y.max() + 1)
-    build = lambda h: PIGN(f, 8, c, max_iter=h["num_iter"], alpha=h["alpha"])  # noqa: E731
+    build = lambda h: PIGN(f, 8, c, max_iter=h["max_iter"], alpha=h["alpha"])  # noqa: E731
     best, trials = random_search(build, d, cfgs, seeds=[0], epochs=15)
     best_bad, trials_bad = random_search(build, bad, cfgs, seeds=[0], epochs=15)
     assert best == best_bad

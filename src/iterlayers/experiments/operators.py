@@ -58,20 +58,20 @@ def config(*, quick: bool, tiny: bool) -> dict:
     """The settings of one run (tiny: the test suite; quick: ``make run``; otherwise: ``make full``)."""
     if tiny:
         return dict(graphs=[("cora", 0.1)], noise=[0.0, 0.7], seeds=2, search=2, search_seeds=1, iter_range=(2, 4),
-                    lr_range=(0.015, 0.019), epochs=40, depths=[2, 8], contractive=dict(lipschitz=0.6, alpha=0.3, num_iter=4),
+                    lr_range=(0.015, 0.019), epochs=40, depths=[2, 8], contractive=dict(lipschitz=0.6, alpha=0.3, max_iter=4),
                     rising_train=3, rising_eval=8, eval_iters=8, networkx=[], tf_steps=30, tf_train=64,
                     tf_test=32, dn_steps=10, dn_samples=600, dn_channels=8, tf_seeds=2, solve_iters=20, op_eval_iters=60,
                     op_contractive=dict(penalty=0.3, max_iter=30, train_tol=1e-4))
     if quick:
         return dict(graphs=[("cora", 0.25)], noise=[0.0, 0.5, 0.7], seeds=3, search=5, search_seeds=1,
                     iter_range=(2, 16), epochs=100, eval_every=10, depths=[4, 16],
-                    contractive=dict(lipschitz=0.6, alpha=0.3, num_iter=12), rising_train=9, rising_eval=60,
-                    eval_iters=60, networkx=[], tf_steps=100, tf_train=384, tf_test=64, dn_steps=100, op_eval_iters=60,
+                    contractive=dict(lipschitz=0.6, alpha=0.3, max_iter=12), rising_train=9, rising_eval=60,
+                    eval_iters=60, networkx=[], tf_steps=200, tf_train=384, tf_test=64, dn_steps=100, op_eval_iters=60,
                     dn_samples=2000, dn_channels=16, tf_seeds=3, solve_iters=20,
                     op_contractive=dict(penalty=0.3, max_iter=30, train_tol=1e-4))
     return dict(graphs=[("cora", 1.0), ("citeseer", 1.0)], noise=[0.0, 0.5, 0.7], seeds=10, search=20,
                 search_seeds=2, iter_range=(2, 16), epochs=200, depths=[4, 8, 12, 16, 20],
-                contractive=dict(lipschitz=0.6, alpha=0.3, num_iter=12), rising_train=9, rising_eval=60,
+                contractive=dict(lipschitz=0.6, alpha=0.3, max_iter=12), rising_train=9, rising_eval=60,
                 eval_iters=60, networkx=["karate", "lesmis"], tf_steps=1500, tf_train=2048, tf_test=512,
                 dn_steps=1500, dn_samples=5000, dn_channels=32, tf_seeds=10, solve_iters=100, op_eval_iters=60,
                 op_contractive=dict(penalty=0.3, max_iter=30, train_tol=1e-4))
@@ -114,20 +114,20 @@ def _observed_rate(steps: list[float]) -> float:
     return fit_linear_rate(steps, tail=0.5, floor_factor=None) if len(steps) >= 2 else 0.0
 
 
-def _rate(model, d, num_iter: int) -> dict:
-    """Observed rate of a trained PIGN operator iterated ``num_iter`` steps in eval mode (relative steps)."""
+def _rate(model, d, steps: int) -> dict:
+    """Observed rate of a trained PIGN operator iterated ``steps`` steps in eval mode (relative steps)."""
     model.eval()
-    _, res = model.logits_trace(d.x, d.edge_index, max_iter=num_iter)
+    _, res = model.logits_trace(d.x, d.edge_index, max_iter=steps)
     pos = [r for r in res if r > FLOOR]
     return {"observed_rate": _observed_rate(pos), "final_residual": res[-1],
             "residuals": res}
 
 
-def _acc_per_iteration(model, d, num_iter: int, alpha=None) -> list[float]:
+def _acc_per_iteration(model, d, steps: int, alpha=None) -> list[float]:
     from iterlayers.operators.training import accuracy
 
     model.eval()
-    logits, _ = model.logits_trace(d.x, d.edge_index, max_iter=num_iter, alpha=alpha)
+    logits, _ = model.logits_trace(d.x, d.edge_index, max_iter=steps, alpha=alpha)
     return [accuracy(o, d.y, d.test_mask) for o in logits]
 
 
@@ -140,10 +140,10 @@ def select_pign(d, cfg: dict, seed: int):
     """Random search for PIGN on ``d``'s validation split (``d`` may carry any test labels: never read)."""
     from iterlayers.operators import PIGN, SearchSpace, random_search
 
-    space = SearchSpace(num_iter=tuple(cfg["iter_range"]), lr=tuple(cfg.get("lr_range", SearchSpace.lr)))
+    space = SearchSpace(max_iter=tuple(cfg["iter_range"]), lr=tuple(cfg.get("lr_range", SearchSpace.lr)))
     configs = space.sample(cfg["search"], seed=seed)
     f, c = d.x.shape[1], int(d.num_classes)
-    build = lambda h: PIGN(f, HIDDEN, c, max_iter=h["num_iter"], alpha=h["alpha"])  # noqa: E731
+    build = lambda h: PIGN(f, HIDDEN, c, max_iter=h["max_iter"], alpha=h["alpha"])  # noqa: E731
     seeds = [seed + s for s in range(cfg["search_seeds"])]
     best, trials = random_search(build, d, configs, seeds=seeds, epochs=cfg["epochs"],
                                  eval_every=cfg.get("eval_every", 5))
@@ -178,7 +178,7 @@ def _graph(name: str, scale: float, cfg: dict, seed: int, bar) -> dict:
             r["untrained"].append(_fit(build(best), d, lr=0.0, wd=0.0, seed=s, epochs=E, train=False))
             bar.update(1)
         if p == max(cfg["noise"]):  # iteration vs none, and the GAT family, at the highest noise
-            one = dict(best, num_iter=1)
+            one = dict(best, max_iter=1)
             r["pign_n1"] = []
             r["gat"], r["igat"], r["igat_rate"] = [], [], []
             for s in seeds:
@@ -213,7 +213,7 @@ def _contractive(d, cfg: dict, best: dict, seeds, selected_models, bar) -> dict:
         for kind in ("contractive", "unconstrained"):
             torch.manual_seed(s)
             if kind == "contractive":
-                m = PIGN(f, HIDDEN, c, max_iter=k["num_iter"], alpha=k["alpha"], lipschitz=k["lipschitz"],
+                m = PIGN(f, HIDDEN, c, max_iter=k["max_iter"], alpha=k["alpha"], lipschitz=k["lipschitz"],
                          inject=True)
                 rec = _fit(m, d, lr=best["lr"], wd=best["weight_decay"], seed=s, **_budget(cfg))
             else:
@@ -228,7 +228,7 @@ def _contractive(d, cfg: dict, best: dict, seeds, selected_models, bar) -> dict:
             rec["acc_per_iteration"] = per_it
             rec["acc_at_N"], rec["acc_at_end"] = per_it[m.max_iter], per_it[-1]
             rec["lipschitz_bound_W"] = m.operator.lipschitz_bound()
-            rec["num_iter"], rec["alpha"] = m.max_iter, float(m.alpha)
+            rec["max_iter"], rec["alpha"] = m.max_iter, float(m.alpha)
             rec.update({kk: vv for kk, vv in _rate(m, d, cfg["eval_iters"]).items() if kk != "residuals"})
             out[kind].append(rec)
         bar.update(1)
@@ -243,7 +243,7 @@ def _rising(d, cfg: dict, best: dict, seeds, bar) -> dict:
     f, c = d.x.shape[1], int(d.num_classes)
     lo, hi = (math.log(a / (1 - a)) for a in RISING)
     sched = make_schedule("sigmoid", cfg["rising_eval"], start=lo, end=hi)
-    out: dict = {"schedule": list(sched), "num_iter": cfg["rising_train"], "alpha": best["alpha"],
+    out: dict = {"schedule": list(sched), "max_iter": cfg["rising_train"], "alpha": best["alpha"],
                  "rising": [], "uniform": [], "fits": []}
     for s in seeds:
         torch.manual_seed(s)
@@ -405,11 +405,12 @@ def _evaluate_operator(m, x, y, err, cfg: dict, alpha: float, train_count: int) 
             "final_step": steps[-1] if steps else 0.0}
 
 
-def _operator_study(task: str, cfg: dict, seed: int, bar) -> dict:
+def _operator_study(task: str, cfg: dict, seed: int, bar, *, data_offset: int = 0) -> dict:
     """One operator task over seeds: the single pass, the Picard-iterated operator (N = 4, trained unrolled, the
     paper's procedure), the contractive variant (trained as a DEQ) and the untrained Picard and contractive
     models (controls). ``transformer``: the 2-D Navier-Stokes map w(0) -> w(1), relative L2 error;
-    ``denoiser``: MNIST-1D at noise sigma 0.5, MSE."""
+    ``denoiser``: MNIST-1D at noise sigma 0.5, MSE. The data of seed s are drawn with seed s + ``data_offset``
+    (the models with s): ``validation_study`` uses an offset so that its draws are disjoint from the run's."""
     k = cfg["op_contractive"]
     res: dict = {"task": task, "settings": k, "variants": {n: list(v) for n, v in VARIANTS.items()}}
     names = ("single", "picard", "contractive", "untrained", "untrained_contractive")
@@ -417,9 +418,9 @@ def _operator_study(task: str, cfg: dict, seed: int, bar) -> dict:
     if task == "transformer":
         res["solver_check"] = _solver_check()
     for s in range(seed, seed + cfg["tf_seeds"]):
-        g = torch.Generator().manual_seed(s)
+        g = torch.Generator().manual_seed(s + data_offset)
         if task == "transformer":
-            (xtr, ytr), (xte, yte) = _navier_stokes(cfg, s)
+            (xtr, ytr), (xte, yte) = _navier_stokes(cfg, s + data_offset)
             batches = lambda gen: (lambda i: (xtr[i], ytr[i]))(torch.randint(0, len(xtr), (32,), generator=gen))  # noqa
             err, steps, lr = _rel_l2, cfg["tf_steps"], 3e-3
             res.setdefault("identity_err", []).append(_rel_l2(xte, yte))  # predicting w(1) = w(0)
@@ -427,7 +428,7 @@ def _operator_study(task: str, cfg: dict, seed: int, bar) -> dict:
             from iterlayers.data import load_mnist1d
 
             sigma = 0.5
-            ds = load_mnist1d(seed=s, num_samples=cfg["dn_samples"])
+            ds = load_mnist1d(seed=s + data_offset, num_samples=cfg["dn_samples"])
             mu, sd = ds.x_train.mean(), ds.x_train.std()
             xtr, cle = (ds.x_train - mu) / sd, (ds.x_test - mu) / sd
             xte, yte = cle + sigma * torch.randn(cle.shape, generator=g), cle
@@ -441,7 +442,7 @@ def _operator_study(task: str, cfg: dict, seed: int, bar) -> dict:
             base = {"untrained": "picard", "untrained_contractive": "contractive"}.get(name, name)
             torch.manual_seed(s)
             m = _build(task, base, cfg)
-            rec: dict = {"seed": s, "num_iter": m.picard.max_iter}
+            rec: dict = {"seed": s, "max_iter": m.picard.max_iter}
             if not name.startswith("untrained"):
                 rec["train_count"] = _train_operator(m, batches, steps=steps, lr=lr, gen=g,
                                                      penalty=k["penalty"] if base == "contractive" else 0.0)
@@ -460,6 +461,32 @@ def _operator_study(task: str, cfg: dict, seed: int, bar) -> dict:
                      for c in res[n][0]["err_by_eval_iterations"]}}
         for n in names}}
     return res
+
+
+VALIDATION_OFFSET = 1000  # data seeds of the validation study: s + 1000, disjoint from every run's (0..9)
+
+
+def validation_study(task: str = "transformer", *, steps=(100, 150, 200), penalty: float | None = None, seed: int = 0,
+                     quick: bool = True) -> dict:
+    """How the training budget of the operator studies was chosen (validation data only, never a run's test
+    draws): the study of ``task`` with the run's settings but data seeds s + ``VALIDATION_OFFSET``, for each
+    Adam step budget in ``steps`` (and the contractive model's Jacobian ``penalty``, if given); the error of every
+    variant per seed, and the contractive / Picard ratio.
+    Not part of ``run`` (its cost is several of its own studies); the numbers it gave are in
+    docs/papers/operators.md."""
+    from tqdm.auto import tqdm
+
+    out = {}
+    for n in steps:
+        cfg = dict(config(quick=quick, tiny=False), tf_steps=n, dn_steps=n)
+        if penalty is not None:
+            cfg["op_contractive"] = dict(cfg["op_contractive"], penalty=penalty)
+        r = _operator_study(task, cfg, seed, tqdm(disable=True), data_offset=VALIDATION_OFFSET)
+        out[str(n)] = {name: [x["err"] for x in r[name]] for name in ("single", "picard", "contractive")}
+        out[str(n)]["contractive_residual"] = [x["fixed_point_residual"] for x in r["contractive"]]
+        out[str(n)]["ratio_minus_1"] = [c / p - 1 for c, p in zip(out[str(n)]["contractive"],
+                                                                 out[str(n)]["picard"])]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ claims
@@ -566,7 +593,7 @@ def _claims(metrics: dict, mode: str) -> list[dict]:
         mode=mode, baseline_trained=_trained(k["contractive"], tt), control={"description": "the unconstrained PIGN, same evaluation", "value": cv,
                             "interval": civ}))
     ri = clean["rising"]
-    n_tr = ri["num_iter"]
+    n_tr = ri["max_iter"]
     v, iv = seed_interval([a[-1] - a[n_tr] for a in ri["rising"]])
     cv, civ = seed_interval([a[-1] - a[n_tr] for a in ri["uniform"]])
     claims.append(make_claim(
@@ -736,11 +763,11 @@ def _plots(out: Path, metrics: dict) -> list[str]:
         accs = np.asarray(clean["rising"][kind])
         axes[1].plot(np.arange(accs.shape[1]), accs.mean(0), label=f"{kind} alpha at evaluation")
         axes[1].fill_between(np.arange(accs.shape[1]), accs.min(0), accs.max(0), alpha=0.2)
-    axes[1].axvline(clean["rising"]["num_iter"], color="gray", ls=":")
+    axes[1].axvline(clean["rising"]["max_iter"], color="gray", ls=":")
     axes[0].set(xlabel="Picard iteration at evaluation", ylabel="test accuracy",
                 title="iterated past the training count (band: seed range)")
     axes[1].set(xlabel="Picard iteration at evaluation", ylabel="test accuracy",
-                title=f"trained uniform {clean['rising']['num_iter']} steps; sigmoid alpha {RISING[0]}->{RISING[1]}")
+                title=f"trained uniform {clean['rising']['max_iter']} steps; sigmoid alpha {RISING[0]}->{RISING[1]}")
     for ax in axes:
         ax.legend(fontsize=8)
     save_figure(fig, out / "pign_convergence.png")
@@ -779,7 +806,7 @@ def _table(metrics: dict) -> str:
                 if name not in r:
                     continue
                 m, iv = seed_interval([x["test_acc"] for x in r[name]])
-                s = (f"N={sel['num_iter']}, lr={sel['lr']:.4f}, alpha={sel['alpha']:.2f}, "
+                s = (f"N={sel['max_iter']}, lr={sel['lr']:.4f}, alpha={sel['alpha']:.2f}, "
                      f"wd={sel['weight_decay']:.1e}") if name == "pign" else ""
                 lines.append(f"| {key} | {label} | {fmt(m)} [{fmt(iv[0])}, {fmt(iv[1])}] | "
                              f"{fmt(_mean([x['train_acc'] for x in r[name]]))} | "

@@ -12,7 +12,7 @@
 """
 from .denoiser import DenoisingOperator, IterativeDenoiser
 from .gcn import GAT, GCN
-from .graph_conv import check_edge_index, edge_index_to_adjacency, gcn_edges, normalized_adjacency
+from .graph_conv import check_edge_index, edge_index_to_adjacency, gcn_adjacency, gcn_edges, normalized_adjacency
 from .graph_data import (GRAPHS, PLANETOID_SHAPES, GraphData, add_feature_noise, contextual_sbm, digits_knn,
                          load_graph, networkx_graph, planetoid_like, row_normalize, stochastic_block_model)
 from .metrics import cosine_distance_matrix, mad, output_mad
@@ -27,7 +27,7 @@ from .navier_stokes import VorticitySolver, navier_stokes_pairs
 __all__ = [
     "PicardIteration", "IterativeOperator", "relaxed_picard", "relative_steps", "check_convergence",
     "ConvergenceCheck", "make_schedule", "validate_schedule", "SCHEDULES",
-    "PIGN", "PIGNOperator", "GATOperator", "SpectralCap", "ALPHA_MODES", "CONVS", "GCN", "GAT", "gcn_edges",
+    "PIGN", "PIGNOperator", "GATOperator", "SpectralCap", "ALPHA_MODES", "CONVS", "GCN", "GAT", "gcn_edges", "gcn_adjacency",
     "normalized_adjacency", "edge_index_to_adjacency", "check_edge_index", "mad", "output_mad",
     "cosine_distance_matrix", "PicardTransformer", "PatchTransformer", "FORMS", "VorticitySolver",
     "navier_stokes_pairs", "TransformerBlock", "TransformerOperator", "IterativeDenoiser",

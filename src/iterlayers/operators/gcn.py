@@ -18,8 +18,8 @@ from torch.nn import functional as F
 
 from iterlayers import _validate as V
 
-from .graph_conv import check_edge_index
-from .pign import _check_dropout
+from .graph_conv import check_edge_index, gcn_adjacency
+from .pign import _check_dropout, dropout
 
 __all__ = ["GCN", "GAT"]
 
@@ -34,16 +34,17 @@ class GCN(nn.Module):
         super().__init__()
         V.integer(num_layers, "num_layers", minimum=2)
         dims = [V.positive_int(in_features, "in_features")] + [V.positive_int(hidden, "hidden")] * (num_layers - 1)
-        self.layers = nn.ModuleList(GCNConv(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.out = GCNConv(hidden, V.positive_int(out_features, "out_features"))
+        # A^ is computed once per graph (``gcn_adjacency``), not by every layer at every call
+        self.layers = nn.ModuleList(GCNConv(a, b, normalize=False) for a, b in zip(dims[:-1], dims[1:]))
+        self.out = GCNConv(hidden, V.positive_int(out_features, "out_features"), normalize=False)
         self.dropout = _check_dropout(dropout)
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor, *, return_hidden: bool = False):
-        ei = check_edge_index(edge_index, x.shape[0])
+        adj_t = gcn_adjacency(edge_index, x.shape[0], dtype=x.dtype)
         h = x
         for conv in self.layers:
-            h = F.dropout(F.relu(conv(h, ei)), self.dropout, training=self.training)
-        out = self.out(h, ei)
+            h = dropout(F.relu(conv(h, adj_t)), self.dropout, self.training)
+        out = self.out(h, adj_t)
         return (out, h) if return_hidden else out
 
     def extra_repr(self) -> str:

@@ -10,16 +10,26 @@ A^ is symmetric with spectrum in (-1, 1] and top eigenvalue exactly 1 (eigenvect
 ||A^||_2 = 1 and a ReLU graph convolution is Lipschitz in H with constant ||W||_2 (Zappala et al.,
 arXiv 2310.01618, convergence appendix; ``check_convergence`` measures it on a learned operator).
 
+``gcn_adjacency`` gives A^ as the sparse CSR matrix ``GCNConv(normalize=False)`` multiplies with (PyG's
+``adj_t`` input: one sparse matrix product per propagation instead of a gather / scatter over the edges),
+computed once per graph and reused: a training run calls the model hundreds of times on the same
+``edge_index`` (and the plain GCN once per layer), and a random search trains many models on it.
+
 ``normalized_adjacency`` builds the same A^ as a matrix (dense or sparse): the reference the tests compare
 the message passing with, and the operand of dense spectral checks.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from iterlayers.errors import ShapeMismatchError, ValidationError
 
-__all__ = ["gcn_edges", "normalized_adjacency", "edge_index_to_adjacency", "check_edge_index"]
+__all__ = ["gcn_edges", "gcn_adjacency", "normalized_adjacency", "edge_index_to_adjacency", "check_edge_index"]
+
+_CACHE: dict = {}  # gcn_adjacency's: key -> (a private copy of edge_index, A^); see there
+_CACHE_SIZE = 8
 
 
 def check_edge_index(edge_index, num_nodes: int) -> torch.Tensor:
@@ -41,6 +51,32 @@ def gcn_edges(edge_index: torch.Tensor, num_nodes: int, *, dtype: torch.dtype = 
 
     ei = check_edge_index(edge_index, num_nodes)
     return gcn_norm(ei, None, num_nodes, add_self_loops=True, dtype=dtype)
+
+
+def gcn_adjacency(edge_index: torch.Tensor, num_nodes: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A^ = D~^{-1/2} (A + I) D~^{-1/2} of ``edge_index`` as a sparse CSR ``[N, N]`` matrix whose row i holds the
+    weights of the messages node i receives (PyG's ``adj_t``; A^ is symmetric for an undirected graph), for
+    ``GCNConv(normalize=False)(h, adj_t)``. The weights are PyG's ``gcn_norm`` (``gcn_edges``).
+
+    Cached by value: a later call with an ``edge_index`` equal to a cached one (``torch.equal`` against a
+    private copy taken at the first call, so an in-place change of the caller's tensor is seen), the same
+    ``num_nodes``, dtype and device returns the cached matrix; checking costs one comparison of the edge list,
+    computing it the normalisation and a sort. The last ``_CACHE_SIZE`` graphs are kept.
+    """
+    ei = check_edge_index(edge_index, num_nodes)
+    key = (id(edge_index), tuple(ei.shape), int(num_nodes), dtype, ei.device)
+    hit = _CACHE.get(key)
+    if hit is not None and torch.equal(hit[0], ei):
+        return hit[1]
+    norm_ei, w = gcn_edges(ei, num_nodes, dtype=dtype)
+    adj_t = torch.sparse_coo_tensor(norm_ei.flip(0), w, (num_nodes, num_nodes), check_invariants=True)
+    with warnings.catch_warnings():  # torch flags its CSR layout as beta at every conversion
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        adj_t = adj_t.coalesce().to_sparse_csr()
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    _CACHE[key] = (ei.clone(), adj_t)
+    return adj_t
 
 
 def _check_square(adj: torch.Tensor) -> None:

@@ -40,14 +40,24 @@ from iterlayers import deq_solve
 from iterlayers.errors import ShapeMismatchError, ValidationError
 from iterlayers.parametrizations import spectral_cap
 
-from .graph_conv import check_edge_index, gcn_edges
+from .graph_conv import check_edge_index, gcn_adjacency
 from .picard import PicardIteration, relative_steps, relaxed_picard
 from .schedules import SCHEDULES, make_schedule
 
-__all__ = ["PIGN", "PIGNOperator", "GATOperator", "SpectralCap", "ALPHA_MODES", "CONVS"]
+__all__ = ["PIGN", "PIGNOperator", "GATOperator", "SpectralCap", "ALPHA_MODES", "CONVS", "dropout"]
 
 ALPHA_MODES = ("uniform", "learnable", "scheduled")
 CONVS = ("gcn", "gat")
+
+
+def dropout(h: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout, the distribution of ``F.dropout``: each entry kept with probability 1 - p and scaled by
+    1 / (1 - p) (training), the identity otherwise. The mask is ``torch.rand(...) >= p``: on CPU that sampler
+    is about twice as fast as ``F.dropout``'s Bernoulli one (measured on [2708, 32]: 0.9 vs 1.9 ms), and PIGN
+    draws a mask at every Picard step (the co-author's operator has its dropout inside)."""
+    if not training or p == 0.0:
+        return h
+    return h * ((torch.rand_like(h) >= p).to(h.dtype) / (1.0 - p))
 
 
 def _check_dropout(p, name: str = "dropout") -> float:
@@ -74,8 +84,8 @@ class SpectralCap(nn.Module):
 
 
 class PIGNOperator(nn.Module):
-    """T(H, g) = Dropout(ReLU(A^ H W + c [+ U])) with ``g = (edge_index, edge_weight)`` of A^ (``gcn_edges``),
-    or ``g = (edge_index, edge_weight, U)`` with an injected input U (the encoded features, ``inject=True``)."""
+    """T(H, g) = Dropout(ReLU(A^ H W + c [+ U])) with ``g = (adj_t,)``, A^ as a sparse CSR matrix
+    (``gcn_adjacency``), or ``g = (adj_t, U)`` with an injected input U (the encoded features, ``inject=True``)."""
 
     def __init__(self, hidden: int, *, dropout: float = 0.5, lipschitz: float | None = None):
         from torch_geometric.nn import GCNConv
@@ -93,10 +103,10 @@ class PIGNOperator(nn.Module):
         return self.conv.lin.weight
 
     def forward(self, h: torch.Tensor, graph) -> torch.Tensor:
-        edge_index, edge_weight, *u = graph
-        pre = self.conv(h, edge_index, edge_weight)
+        adj_t, *u = graph
+        pre = self.conv(h, adj_t)
         pre = pre + u[0] if u else pre
-        return F.dropout(F.relu(pre), self.dropout, training=self.training)
+        return dropout(F.relu(pre), self.dropout, self.training)
 
     def lipschitz_bound(self) -> float:
         """||W||_2: a Lipschitz constant of the eval-mode operator in H (||A^||_2 = 1, ReLU 1-Lipschitz)."""
@@ -175,13 +185,14 @@ class PIGN(nn.Module):
         return self.picard.max_iter
 
     def graph(self, edge_index: torch.Tensor, num_nodes: int, dtype: torch.dtype = torch.float32):
-        """What the operator receives as its input: A^'s ``(edge_index, edge_weight)`` (GCN) or ``edge_index``."""
+        """What the operator receives as its input: ``(A^,)`` as a sparse CSR matrix (GCN; ``gcn_adjacency``, cached
+        per graph) or ``edge_index`` (GAT)."""
         if self.conv_kind == "gcn":
-            return gcn_edges(edge_index, num_nodes, dtype=dtype)
+            return (gcn_adjacency(edge_index, num_nodes, dtype=dtype),)
         return check_edge_index(edge_index, num_nodes)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(F.relu(self.encoder(x)), self.dropout, training=self.training)
+        return dropout(F.relu(self.encoder(x)), self.dropout, self.training)
 
     def _inputs(self, x, edge_index):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.encoder.in_features:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from typing import Sequence
+from iterlayers import _validate as V
 from iterlayers.errors import OptionTypeError, ValidationError
 
 __all__ = ["make_schedule", "validate_schedule", "SCHEDULES"]
@@ -36,19 +37,19 @@ def validate_schedule(schedule: Sequence[float], *, name: str = "schedule") -> t
     return values
 
 
-def make_schedule(kind: str, num_iter: int, *, alpha: float = 0.5, start: float | None = None,
+def make_schedule(kind: str, max_iter: int, *, alpha: float = 0.5, start: float | None = None,
                   end: float | None = None) -> tuple[float, ...]:
-    """A schedule of ``num_iter`` relaxation factors of the given ``kind`` (see module docstring)."""
+    """A schedule of ``max_iter`` relaxation factors a_1..a_N of the given ``kind`` (see module docstring);
+    ``max_iter`` is the iteration count, the paper's N."""
     if kind not in SCHEDULES:
         raise ValidationError(f"kind must be one of {SCHEDULES}, got {kind!r}")
-    if not isinstance(num_iter, int) or num_iter < 1:
-        raise ValidationError(f"num_iter must be a positive int, got {num_iter!r}")
+    max_iter = V.positive_int(max_iter, "max_iter")
     if kind == "uniform":
-        return validate_schedule([alpha] * num_iter)
+        return validate_schedule([alpha] * max_iter)
     defaults = {"linear": (0.5, 0.9), "sigmoid": (-1.0, 2.0), "tanh": (0.2, 1.4)}[kind]
     s = defaults[0] if start is None else float(start)
     e = defaults[1] if end is None else float(end)
-    ts = [s + (e - s) * i / max(num_iter - 1, 1) for i in range(num_iter)]
+    ts = [s + (e - s) * i / max(max_iter - 1, 1) for i in range(max_iter)]
     if kind == "linear":
         vals = ts
     elif kind == "sigmoid":

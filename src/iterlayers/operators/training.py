@@ -81,16 +81,20 @@ def train_node_classifier(model: nn.Module, data, *, x: torch.Tensor | None = No
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """The co-author random-search space for PIGN (N, lr, alpha, weight decay)."""
+    """The co-author random-search space for PIGN (N, lr, alpha, weight decay).
 
-    num_iter: tuple[int, int] = (2, 16)
+    ``max_iter`` is the range of the iteration count, the paper's N (PIGN's ``max_iter``); each sampled
+    config is a dict with keys ``max_iter``, ``lr``, ``alpha``, ``weight_decay``.
+    """
+
+    max_iter: tuple[int, int] = (2, 16)
     lr: tuple[float, float] = (0.001, 0.019)
     alpha: tuple[float, ...] = tuple(round(0.30 + 0.05 * i, 2) for i in range(12))
     weight_decay: tuple[float, float] = (0.0, 5e-3)
 
     def sample(self, n: int, *, seed: int) -> list[dict]:
         rng = np.random.default_rng(seed)
-        return [{"num_iter": int(rng.integers(self.num_iter[0], self.num_iter[1] + 1)),
+        return [{"max_iter": int(rng.integers(self.max_iter[0], self.max_iter[1] + 1)),
                  "lr": float(rng.uniform(*self.lr)), "alpha": float(rng.choice(self.alpha)),
                  "weight_decay": float(rng.uniform(*self.weight_decay))} for _ in range(V.positive_int(n, "n"))]
 
