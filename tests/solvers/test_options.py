@@ -1,9 +1,11 @@
 """Every option of every solver, and every option solve() shares: a wrong type and a wrong value each give the
 typed error of the family, naming the solver (where there is one) and the option, before any iteration."""
+import dataclasses
 import math
 
 import pytest
 import torch
+from torch import nn
 
 import iterlayers as il
 from iterlayers.errors import IterlayersError, OptionTypeError, ValidationError
@@ -160,3 +162,31 @@ def test_common_boundaries():
     assert LoopOptions(1e-3, 0, 1, "raise", 1.0 + 1e-9).max_iter == 1
     with pytest.raises(ValidationError, match="atol and rtol are both 0"):
         LoopOptions(0, 0.0, 5, "warn", 2.0)
+
+
+def test_loop_options_are_one_value_built_once_and_used_by_every_solve():
+    # Validated and normalised once; a frozen value; replace re-validates.
+    o = LoopOptions(atol=1e-6, rtol=0, max_iter=7, on_failure="ignore")
+    assert (o.atol, o.rtol, o.max_iter) == (1e-6, 0.0, 7) and isinstance(o.rtol, float)
+    with pytest.raises(ValidationError, match="^max_iter must"):
+        o.replace(max_iter=-1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.atol = 1.0  # type: ignore[misc]
+    # run_loop takes only the value
+    from iterlayers.solvers._loop import run_loop
+
+    with pytest.raises(OptionTypeError, match="options must be a LoopOptions"):
+        run_loop(lambda z: 0.5 * z, torch.ones(2, 3), solver=make_solver("picard"), options={"atol": 1e-6})
+    z, st = run_loop(lambda z: 0.5 * z, torch.ones(2, 3), solver=make_solver("picard"), options=o)
+    # |z_k| = 0.5^k sqrt(3): the step count follows from the value's atol, and max_iter caps it
+    assert st.atol == 1e-6 and st.max_iter == 7 and int(st.nstep.max()) == 7 and st.status == "max_iter"
+    # A layer builds its forward value once: every forward pass reads the same object
+    deq = il.DEQ(nn.Linear(3, 3), atol=1e-4, max_iter=9)
+    assert deq.options.loop is deq.options.loop and deq.options.loop.max_iter == 9
+    # solve_chain: keywords or a value, not both
+    from iterlayers.solvers import solve_chain
+
+    with pytest.raises(ValidationError, match=r"\['max_iter'\] given together with options="):
+        solve_chain(lambda z: 0.5 * z, torch.ones(2, 3), solvers=["picard"], options=o, max_iter=3)
+    _, cst = solve_chain(lambda z: 0.5 * z, torch.ones(2, 3), solvers=["picard", "anderson"], options=o)
+    assert cst.max_iter == 7
