@@ -596,7 +596,7 @@ def _recurrent(cfg, data: Dataset, seed: int, n_seeds: int) -> list[dict]:
         ts = seed * 1000 + s
         for T in (1, cfg["rec_T"]):
             torch.manual_seed(ts)
-            model = DeepFrameNet(arch, data.num_classes, iterations=T)
+            model = DeepFrameNet(arch, data.num_classes, max_iter=T)
             untrained_err = _error(model, data.x_test, data.y_test)
             x_tr, y_tr, x_val, y_val = _split_validation(data, ts)
             sel = select_epoch(model, x_tr, y_tr, x_val, y_val, epochs=cfg["rec_epochs"], seed=ts)
