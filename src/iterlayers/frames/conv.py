@@ -286,19 +286,23 @@ class ConvFrameArchitecture:
         per frequency, ``H`` the smaller of ``M M^H`` and ``M^H M`` (same non-zero spectrum)."""
         m_id = int(self.layout().identity[:, j].sum())
         p_in = self._sizes[j]
-        S = conv_symbol(weights[j], p_in, self.stride[j], self.kernel_size[j])
         q = self._sizes[j + 1]
-        S = S.reshape(-1, *S.shape[2:])
-        X, Y = S.real, S.imag
+        X, Y = _symbol_parts(weights[j], p_in, self.stride[j], self.kernel_size[j])
         if X.shape[-1] < X.shape[-2]:  # M^H M = (X^T X + Y^T Y) + i (X^T Y - (X^T Y)^T)
-            X, Y = X.transpose(-1, -2), Y.transpose(-1, -2)
-        X, Y = X.contiguous(), Y.contiguous()  # bmm loops over the batch on strided views
-        re = X @ X.transpose(-1, -2) + Y @ Y.transpose(-1, -2)
-        cross = Y @ X.transpose(-1, -2)
-        im = cross - cross.transpose(-1, -2)
+            X, Y = X.transpose(-1, -2), None if Y is None else Y.transpose(-1, -2)
+        X = X.contiguous()  # bmm loops over the batch on strided views
+        re = X @ X.transpose(-1, -2)
+        sq = X.pow(2).sum(dim=(-1, -2))
+        if Y is not None:
+            Y = Y.contiguous()
+            re = re + Y @ Y.transpose(-1, -2)
+            cross = Y @ X.transpose(-1, -2)
+            h = re.pow(2).sum(dim=(-1, -2)) + (cross - cross.transpose(-1, -2)).pow(2).sum(dim=(-1, -2))
+            sq = sq + Y.pow(2).sum(dim=(-1, -2))
+        else:
+            h = re.pow(2).sum(dim=(-1, -2))
         w = _rfft_weights(q, X.device).reshape(-1)
-        h2 = (w * (re.pow(2).sum(dim=(-1, -2)) + im.pow(2).sum(dim=(-1, -2)))).sum()
-        m2 = (w * (X.pow(2).sum(dim=(-1, -2)) + Y.pow(2).sum(dim=(-1, -2)))).sum()
+        h2, m2 = (w * h).sum(), (w * sq).sum()
         return (h2 + 2 * m_id * m2 + m_id ** 2 * self.feature_sizes[j]) / (1 + m_id) ** 2
 
     def _block_symbols(self, weights, *, pattern: bool = False, diagonal: bool = True):
@@ -318,9 +322,8 @@ class ConvFrameArchitecture:
             if key not in cache:
                 if self._sizes[j + 1] != q:
                     raise UnsupportedError(f"{self.name}: block needs layer {j + 1} on a coarser grid {q}")
-                S = conv_symbol(cols[j][m][1], self._row_grid(m)[1], self.stride[j], self.kernel_size[j])
-                S = S.reshape(-1, *S.shape[2:])
-                cache[key] = (S.real.contiguous(), S.imag.contiguous())
+                cache[key] = _symbol_parts(cols[j][m][1], self._row_grid(m)[1], self.stride[j],
+                                           self.kernel_size[j])
             return cache[key]
 
         for j in range(self.depth):
@@ -339,11 +342,13 @@ class ConvFrameArchitecture:
 
                 convs = [m for m in shared if cols[j][m][0] == "conv" and cols[k][m][0] == "conv"]
                 if convs:
-                    Xa, Ya = (torch.cat(t, dim=-1) for t in zip(*(symbol(j, m, q) for m in convs)))
-                    Xb, Yb = (torch.cat(t, dim=-1) for t in zip(*(symbol(k, m, q) for m in convs)))
-                    Zb = torch.cat([Xb, Yb], dim=-1).transpose(-1, -2)
-                    prod = torch.cat([torch.cat([Xa, Ya], dim=-1), torch.cat([Ya, -Xa], dim=-1)], dim=-2) @ Zb
-                    add(*prod.split(Xa.shape[-2], dim=-2))
+                    (Xa, Ya), (Xb, Yb) = (_cat([symbol(c, m, q) for m in convs]) for c in (j, k))
+                    if Ya is None:  # a real symbol (q <= 2): one real product
+                        add(Xa @ Xb.transpose(-1, -2), None)
+                    else:
+                        Zb = torch.cat([Xb, Yb], dim=-1).transpose(-1, -2)
+                        prod = torch.cat([torch.cat([Xa, Ya], dim=-1), torch.cat([Ya, -Xa], dim=-1)], dim=-2) @ Zb
+                        add(*prod.split(Xa.shape[-2], dim=-2))
                 for m in shared:
                     (ka, va), (kb, vb) = cols[j][m], cols[k][m]
                     sa = 1.0 if pattern or ka == "conv" else va
@@ -355,10 +360,10 @@ class ConvFrameArchitecture:
                             None)
                     elif ka == "eye" and kb == "conv":
                         X, Y = symbol(k, m, q)
-                        add(sa * X.transpose(-1, -2), -sa * Y.transpose(-1, -2))
+                        add(sa * X.transpose(-1, -2), None if Y is None else -sa * Y.transpose(-1, -2))
                     elif ka == "conv" and kb == "eye":
                         X, Y = symbol(j, m, q)
-                        add(sb * X, sb * Y)
+                        add(sb * X, None if Y is None else sb * Y)
                 if not pattern:
                     c = math.sqrt((1 + m_id[j]) * (1 + m_id[k]))
                     re, im = re / c, None if im is None else im / c
@@ -414,6 +419,12 @@ def _unit_tight_frame(k: int, d: int, dtype) -> torch.Tensor:
     return torch.cat(cols, 1) * math.sqrt(k / d)
 
 
+def _cat(parts) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``(X, Y)`` symbols of several row blocks side by side (the sum over shared rows is one product)."""
+    X = torch.cat([x for x, _ in parts], dim=-1)
+    return X, (None if parts[0][1] is None else torch.cat([y for _, y in parts], dim=-1))
+
+
 def _abs2(z: torch.Tensor) -> torch.Tensor:
     """``|z|^2`` with a gradient that is finite at 0 (``abs`` is not differentiable there)."""
     return z.real.pow(2) + z.imag.pow(2)
@@ -432,14 +443,34 @@ def conv_symbol(W: torch.Tensor, p: int, stride: int, kernel_size: int | None = 
     """Symbol ``A^(xi)`` ``[q, q//2 + 1, c_out, c_in s^2]`` of the circular strided convolution ``W``
     ``[c_out, c_in, f, f]`` on a ``p x p`` input (``q = p / s``), in the polyphase form of the module docstring:
     the filter is placed at ``-a`` on ``Z_p^2``, split into its ``s^2`` phases and transformed (``rfft2``)."""
+    return torch.fft.rfft2(_polyphase_kernel(W, p, stride)).permute(2, 3, 0, 1)
+
+
+def _polyphase_kernel(W: torch.Tensor, p: int, stride: int) -> torch.Tensor:
+    """``h [c_out, c_in s^2, q, q]``: the filter placed at ``-a`` on ``Z_p^2`` (the atom of output ``u = 0``),
+    split into its ``s^2`` phases (module docstring). Pad and roll only where they move something (they copy,
+    also in the backward pass)."""
     c_out, c_in, f, f2 = W.shape
     if f != f2 or f > p or p % stride:
         raise ValidationError(f"conv_symbol: filter {f}x{f2}, input {p}, stride {stride} are not compatible")
     a = (f - 1) // 2
     s, q = stride, p // stride
-    h = torch.roll(F.pad(W, (0, p - f, 0, p - f)), shifts=(-a, -a), dims=(-2, -1))  # atom of output u = 0
-    h = h.reshape(c_out, c_in, q, s, q, s).permute(0, 1, 3, 5, 2, 4).reshape(c_out, c_in * s * s, q, q)
-    return torch.fft.rfft2(h).permute(2, 3, 0, 1)
+    h = F.pad(W, (0, p - f, 0, p - f)) if p > f else W
+    h = torch.roll(h, shifts=(-a, -a), dims=(-2, -1)) if a else h
+    return h.reshape(c_out, c_in, q, s, q, s).permute(0, 1, 3, 5, 2, 4).reshape(c_out, c_in * s * s, q, q)
+
+
+def _symbol_parts(W: torch.Tensor, p: int, stride: int, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(X, Y)``: real and imaginary parts of ``conv_symbol`` flattened over the frequencies
+    ``[q (q//2 + 1), c_out, c_in s^2]``; ``Y`` is ``None`` when ``q <= 2`` (every frequency is ``0`` or ``pi``
+    per axis: the DFT is real, so the products need no imaginary half). ``q = 1`` (a fully connected frame
+    as 1x1 convolutions) is the polyphase kernel itself, no transform."""
+    q = p // stride
+    if q == 1:
+        return _polyphase_kernel(W, p, stride).permute(2, 3, 0, 1).reshape(1, W.shape[0], -1), None
+    S = conv_symbol(W, p, stride, kernel_size)
+    S = S.reshape(-1, *S.shape[2:])
+    return S.real.contiguous(), (None if q <= 2 else S.imag.contiguous())
 
 
 def conv_gram_potential(W: torch.Tensor, p: int, stride: int = 1) -> torch.Tensor:
