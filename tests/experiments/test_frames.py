@@ -85,8 +85,9 @@ def _synthetic_rows(sign):
         err = 0.1 + sign * dfp + 0.002 * rng.normal()
         rows.append({"widths": [8 * (1 + i % 4)] * (1 + i // 8), "structure": "chain", "depth": 1 + i // 8,
                      "mean_width": 8.0 * (1 + i % 4),
+                     "name": f"net{i}",
                      "d": {"dfp": dfp, "test_error": err, "params": int(rng.integers(100, 10_000)),
-                           "runs": [{}, {}, {}]}})
+                           "runs": [{}, {}, {}], "converged": True}})
     return rows
 
 
@@ -158,10 +159,10 @@ def test_dfp_weight_selection_never_sees_the_test_split():
     for w in (0.0, 300.0):
         torch.manual_seed(0)
         net = DeepFrameNet(arch, 10)
-        select_epoch(net, data.x_train, data.y_train, data.x_train, data.y_train, epochs=2, seed=0, dfp_weight=w)
+        select_epoch(net, data.x_train, data.y_train, data.x_train, data.y_train, max_epochs=2, seed=0, dfp_weight=w)
         with torch.no_grad():
             dfps.append(float(arch.potential([m.weight for m in net.layers])))
     assert dfps[1] < 0.99 * dfps[0]
     with pytest.raises(ValidationError, match="dfp_weight"):
-        select_epoch(torch.nn.Linear(2, 2), data.x_train, data.y_train, data.x_train, data.y_train, epochs=1, seed=0,
+        select_epoch(torch.nn.Linear(2, 2), data.x_train, data.y_train, data.x_train, data.y_train, max_epochs=1, seed=0,
                      dfp_weight=-1.0)

@@ -263,10 +263,12 @@ class ConvFrameArchitecture:
         return self.channels[m - 1], self._sizes[m]
 
     def _pieces(self, weights):
-        """Per column ``j``: ``{row m: ("conv", filter slice) | ("eye", sign)}`` and the column's ``m_j``."""
+        """Per column ``j``: ``{row m: ("conv", (first, last) input channel of the row in W_j) | ("eye", sign)}``
+        and the column's ``m_j``. The conv pieces of a column, in row order, are its layer's input channels in
+        order (a dense layer reads the concatenation of the earlier codes), so together they are ``W_j``."""
         lay = self.layout()
         cols = []
-        for j, W in enumerate(weights):
+        for j in range(self.depth):
             pieces, off = {}, 0
             for m in range(self.depth):
                 if not lay.pattern[m, j]:
@@ -275,56 +277,48 @@ class ConvFrameArchitecture:
                     pieces[m] = ("eye", float(lay.sign[m, j]))
                 else:
                     cm = self._row_grid(m)[0]
-                    pieces[m] = ("conv", W[:, off : off + cm])
+                    pieces[m] = ("conv", (off, off + cm))
                     off += cm
             cols.append(pieces)
         return cols, [int(lay.identity[:, j].sum()) for j in range(self.depth)]
 
-    def _diagonal_potential(self, j: int, weights) -> torch.Tensor:
+    def _symbols(self, weights) -> list[torch.Tensor]:
+        """Each layer's whole symbol ``M_j`` ``[q_j (q_j//2 + 1), c_j, in_channels_j s_j^2]`` (``_symbol``: real
+        when ``q_j <= 2``), computed once; a row piece is a slice of it (no copy)."""
+        return [_symbol(W, self._sizes[j], self.stride[j]) for j, W in enumerate(weights)]
+
+    def _diagonal_potential(self, j: int, M: torch.Tensor) -> torch.Tensor:
         """``||G_jj||_F^2`` from the layer's full symbol ``M`` (all its row pieces, one grid): ``G_jj =
         (M M^H + m_j I) / (1 + m_j)``, so ``||G_jj||^2 = (||H||^2 + 2 m_j ||M||^2 + m_j^2 c_j) / (1 + m_j)^2``
         per frequency, ``H`` the smaller of ``M M^H`` and ``M^H M`` (same non-zero spectrum)."""
         m_id = int(self.layout().identity[:, j].sum())
-        p_in = self._sizes[j]
-        q = self._sizes[j + 1]
-        X, Y = _symbol_parts(weights[j], p_in, self.stride[j], self.kernel_size[j])
-        if X.shape[-1] < X.shape[-2]:  # M^H M = (X^T X + Y^T Y) + i (X^T Y - (X^T Y)^T)
-            X, Y = X.transpose(-1, -2), None if Y is None else Y.transpose(-1, -2)
-        X = X.contiguous()  # bmm loops over the batch on strided views
-        re = X @ X.transpose(-1, -2)
-        sq = X.pow(2).sum(dim=(-1, -2))
-        if Y is not None:
-            Y = Y.contiguous()
-            re = re + Y @ Y.transpose(-1, -2)
-            cross = Y @ X.transpose(-1, -2)
-            h = re.pow(2).sum(dim=(-1, -2)) + (cross - cross.transpose(-1, -2)).pow(2).sum(dim=(-1, -2))
-            sq = sq + Y.pow(2).sum(dim=(-1, -2))
-        else:
-            h = re.pow(2).sum(dim=(-1, -2))
-        w = _rfft_weights(q, X.device).reshape(-1)
-        h2, m2 = (w * h).sum(), (w * sq).sum()
+        H = M @ _adjoint(M) if M.shape[-2] <= M.shape[-1] else _adjoint(M) @ M
+        w = _rfft_weights(self._sizes[j + 1], M.device).reshape(-1)
+        h2 = (w * _sq(H).sum(dim=(-1, -2))).sum()
+        m2 = (w * _sq(M).sum(dim=(-1, -2))).sum()
         return (h2 + 2 * m_id * m2 + m_id ** 2 * self.feature_sizes[j]) / (1 + m_id) ** 2
 
-    def _block_symbols(self, weights, *, pattern: bool = False, diagonal: bool = True):
-        """Yields ``(j, k, q, re, im)`` for every structurally non-zero Gram block ``j <= k``: the real and
-        imaginary parts of ``G^_jk`` ``[q (q//2 + 1), a, b]`` on code ``k``'s grid ``q`` (``im`` may be
-        ``None``; unnormalised columns and ``+I`` identities when ``pattern``).
+    def _block_symbols(self, weights, *, pattern: bool = False, diagonal: bool = True, symbols=None):
+        """Yields ``(j, k, q, G)`` for every structurally non-zero Gram block ``j <= k``: ``G^_jk``
+        ``[q (q//2 + 1), c_j (p_j/q)^2, c_k]`` on code ``k``'s grid ``q`` (real when ``q <= 2``, complex
+        otherwise; unnormalised columns and ``+I`` identities when ``pattern``).
 
-        Complex products are done in real arithmetic (``M = X + iY``: ``M_a M_b^H = [X_a, Y_a][X_b, Y_b]^T
-        + i [Y_a, -X_a][X_b, Y_b]^T``), and the conv x conv terms of all shared rows of one block are one
-        product of the concatenated symbols (the sum over rows is the sum over the contracted channels)."""
+        The conv x conv terms of all shared rows of a block are one product ``M_j[:, :, R] M_k[:, :, R]^H`` of
+        slices of the layers' symbols (``symbols``, default ``_symbols(weights)``) when the shared rows ``R``
+        are consecutive channels of both layers (a dense net: a prefix of both; the sum over rows is the sum
+        over the contracted channels), else one product per row."""
         cols, m_id = self._pieces(weights)
-        cache: dict = {}
+        syms = self._symbols(weights) if symbols is None else symbols
 
-        def symbol(j, m, q):
-            # row block m -> code j on grid q: (X, Y) [q (q//2+1), c_j, c_m (p_m/q)^2]
-            key = (j, m, q)
-            if key not in cache:
-                if self._sizes[j + 1] != q:
-                    raise UnsupportedError(f"{self.name}: block needs layer {j + 1} on a coarser grid {q}")
-                cache[key] = _symbol_parts(cols[j][m][1], self._row_grid(m)[1], self.stride[j],
-                                           self.kernel_size[j])
-            return cache[key]
+        def piece(j, rows, q):
+            # rows -> code j on grid q: [q (q//2+1), c_j, sum_m c_m (p_m/q)^2], a slice of M_j
+            if self._sizes[j + 1] != q:
+                raise UnsupportedError(f"{self.name}: block needs layer {j + 1} on a coarser grid {q}")
+            ph = self.stride[j] ** 2
+            return syms[j][..., cols[j][rows[0]][1][0] * ph : cols[j][rows[-1]][1][1] * ph]
+
+        def consecutive(j, rows):
+            return all(cols[j][a][1][1] == cols[j][b][1][0] for a, b in zip(rows, rows[1:]))
 
         for j in range(self.depth):
             for k in range(j if diagonal else j + 1, self.depth):
@@ -332,42 +326,27 @@ class ConvFrameArchitecture:
                 if not shared:
                     continue
                 q = self._sizes[k + 1]
-                re = im = None
-
-                def add(r, i):
-                    nonlocal re, im
-                    re = r if re is None else re + r
-                    if i is not None:
-                        im = i if im is None else im + i
-
+                terms = []
                 convs = [m for m in shared if cols[j][m][0] == "conv" and cols[k][m][0] == "conv"]
-                if convs:
-                    (Xa, Ya), (Xb, Yb) = (_cat([symbol(c, m, q) for m in convs]) for c in (j, k))
-                    if Ya is None:  # a real symbol (q <= 2): one real product
-                        add(Xa @ Xb.transpose(-1, -2), None)
-                    else:
-                        Zb = torch.cat([Xb, Yb], dim=-1).transpose(-1, -2)
-                        prod = torch.cat([torch.cat([Xa, Ya], dim=-1), torch.cat([Ya, -Xa], dim=-1)], dim=-2) @ Zb
-                        add(*prod.split(Xa.shape[-2], dim=-2))
+                groups = [convs] if convs and consecutive(j, convs) and consecutive(k, convs) else \
+                    [[m] for m in convs]
+                terms += [piece(j, g, q) @ _adjoint(piece(k, g, q)) for g in groups]
                 for m in shared:
                     (ka, va), (kb, vb) = cols[j][m], cols[k][m]
                     sa = 1.0 if pattern or ka == "conv" else va
                     sb = 1.0 if pattern or kb == "conv" else vb
                     if ka == "eye" and kb == "eye":
                         size = self.channels[j] * (self._sizes[j + 1] // q) ** 2
-                        dt, dev = weights[0].dtype, weights[0].device
-                        add((sa * sb) * torch.eye(size, dtype=dt, device=dev).expand(q * (q // 2 + 1), size, size),
-                            None)
+                        dt, dev = syms[0].real.dtype, syms[0].device
+                        terms.append((sa * sb) * torch.eye(size, dtype=dt, device=dev))
                     elif ka == "eye" and kb == "conv":
-                        X, Y = symbol(k, m, q)
-                        add(sa * X.transpose(-1, -2), None if Y is None else -sa * Y.transpose(-1, -2))
+                        terms.append(sa * _adjoint(piece(k, [m], q)))
                     elif ka == "conv" and kb == "eye":
-                        X, Y = symbol(j, m, q)
-                        add(sb * X, None if Y is None else sb * Y)
+                        terms.append(sb * piece(j, [m], q))
+                G = functools.reduce(torch.add, sorted(terms, key=lambda t: -t.dim()))  # broadcast eyes last
                 if not pattern:
-                    c = math.sqrt((1 + m_id[j]) * (1 + m_id[k]))
-                    re, im = re / c, None if im is None else im / c
-                yield j, k, q, re, im
+                    G = G / math.sqrt((1 + m_id[j]) * (1 + m_id[k]))
+                yield j, k, q, G
 
     def gram_nonzeros(self) -> int:
         """Structural non-zeros ``N`` of the global Gram matrix (module docstring), without forming it."""
@@ -377,8 +356,8 @@ class ConvFrameArchitecture:
     def _nonzeros(self) -> int:
         ones = [torch.ones(s, dtype=torch.float64) for s in self.weight_shapes()]
         total = 0
-        for j, k, q, re, im in self._block_symbols(ones, pattern=True):
-            S = torch.complex(re, torch.zeros_like(re) if im is None else im)
+        for j, k, q, G in self._block_symbols(ones, pattern=True):
+            S = G.expand(q * (q // 2 + 1), *G.shape[-2:]).to(torch.complex128)
             K = torch.fft.irfft2(S.reshape(q, q // 2 + 1, *S.shape[1:]).permute(2, 3, 0, 1), s=(q, q))
             count = int((K > 0.5).sum()) * q * q
             total += count if j == k else 2 * count
@@ -392,13 +371,11 @@ class ConvFrameArchitecture:
             raise UnsupportedError(f"{self.name}: the spectral potential is exact for circular padding only; "
                                    "use explicit_global_frame for zero padding")
         weights = [W / W.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1) for W in self._check_weights(weights)]
-        fp = None
-        for j, k, q, re, im in self._block_symbols(weights, diagonal=False):
-            sq = re.pow(2).sum(dim=(-1, -2)) + (0.0 if im is None else im.pow(2).sum(dim=(-1, -2)))
-            t = 2 * (_rfft_weights(q, re.device).reshape(-1) * sq).sum()
-            fp = t if fp is None else fp + t
-        for j in range(self.depth):
-            fp = fp + self._diagonal_potential(j, weights) if fp is not None else self._diagonal_potential(j, weights)
+        syms = self._symbols(weights)
+        fp = sum(self._diagonal_potential(j, M) for j, M in enumerate(syms))
+        for j, k, q, G in self._block_symbols(weights, diagonal=False, symbols=syms):
+            fp = fp + 2 * (_rfft_weights(q, G.device).reshape(-1) * _sq(G).expand(q * (q // 2 + 1), -1, -1)
+                           .sum(dim=(-1, -2))).sum()
         if normalize == "none":
             return fp
         if normalize == "full":
@@ -419,10 +396,14 @@ def _unit_tight_frame(k: int, d: int, dtype) -> torch.Tensor:
     return torch.cat(cols, 1) * math.sqrt(k / d)
 
 
-def _cat(parts) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The ``(X, Y)`` symbols of several row blocks side by side (the sum over shared rows is one product)."""
-    X = torch.cat([x for x, _ in parts], dim=-1)
-    return X, (None if parts[0][1] is None else torch.cat([y for _, y in parts], dim=-1))
+def _adjoint(M: torch.Tensor) -> torch.Tensor:
+    """``M^H`` per frequency (a view; ``conj`` is lazy and a no-op on a real symbol)."""
+    return M.transpose(-1, -2).conj()
+
+
+def _sq(z: torch.Tensor) -> torch.Tensor:
+    """``|z|^2`` element-wise, real or complex (``_abs2``: finite gradient at 0)."""
+    return _abs2(z) if z.is_complex() else z.pow(2)
 
 
 def _abs2(z: torch.Tensor) -> torch.Tensor:
@@ -460,17 +441,16 @@ def _polyphase_kernel(W: torch.Tensor, p: int, stride: int) -> torch.Tensor:
     return h.reshape(c_out, c_in, q, s, q, s).permute(0, 1, 3, 5, 2, 4).reshape(c_out, c_in * s * s, q, q)
 
 
-def _symbol_parts(W: torch.Tensor, p: int, stride: int, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(X, Y)``: real and imaginary parts of ``conv_symbol`` flattened over the frequencies
-    ``[q (q//2 + 1), c_out, c_in s^2]``; ``Y`` is ``None`` when ``q <= 2`` (every frequency is ``0`` or ``pi``
-    per axis: the DFT is real, so the products need no imaginary half). ``q = 1`` (a fully connected frame
-    as 1x1 convolutions) is the polyphase kernel itself, no transform."""
+def _symbol(W: torch.Tensor, p: int, stride: int) -> torch.Tensor:
+    """``conv_symbol`` flattened over the frequencies, ``[q (q//2 + 1), c_out, c_in s^2]``; real when
+    ``q <= 2`` (every frequency is ``0`` or ``pi`` per axis: the DFT is real, so products stay real);
+    ``q = 1`` (a fully connected frame as 1x1 convolutions) is the polyphase kernel itself, no transform."""
     q = p // stride
     if q == 1:
-        return _polyphase_kernel(W, p, stride).permute(2, 3, 0, 1).reshape(1, W.shape[0], -1), None
-    S = conv_symbol(W, p, stride, kernel_size)
+        return _polyphase_kernel(W, p, stride).reshape(1, W.shape[0], -1)
+    S = conv_symbol(W, p, stride)
     S = S.reshape(-1, *S.shape[2:])
-    return S.real.contiguous(), (None if q <= 2 else S.imag.contiguous())
+    return S.real.contiguous() if q <= 2 else S
 
 
 def conv_gram_potential(W: torch.Tensor, p: int, stride: int = 1) -> torch.Tensor:
