@@ -223,3 +223,25 @@ def test_select_epoch_trains_to_the_plateau_and_reports_it():
     assert not capped["converged"] and capped["epochs_run"] == 2
     with pytest.raises(ValidationError, match="max_epochs"):
         select_epoch(net, x, y, xv, yv, max_epochs=0, seed=0)
+
+
+def test_chain_candidates_match_the_explicit_global_frame():
+    # The closed-form / circulant candidate values of a chain with tight (harmonic or orthonormal) layer
+    # frames against the explicitly assembled, column-normalised frame and its Gram matrix, averaged over the
+    # chain's structural support (blocks (j, j) and (j, j +- 1); the frames' own exact zeros do not count).
+    from iterlayers.experiments.frames import _chain_candidates, _tight_frame
+    from iterlayers.frames import assemble_global_frame, gram_matrix
+
+    widths, d0 = (6, 10, 4), 4
+    dims = (d0,) + widths
+    frame = assemble_global_frame([_tight_frame(dims[j], dims[j + 1]) for j in range(3)], structure="chain",
+                                  normalize_atoms=True)
+    G = gram_matrix(frame.matrix)
+    block = torch.repeat_interleave(torch.arange(3), torch.tensor(widths))
+    support = (block.view(-1, 1) - block.view(1, -1)).abs() <= 1
+    off = support & ~torch.eye(len(block), dtype=torch.bool)
+    c = _chain_candidates(widths, d0)
+    assert c["nonzero"] == pytest.approx(float(G[support].pow(2).sum() / support.sum()), rel=1e-10)
+    assert c["offdiagonal"] == pytest.approx(float(G[off].pow(2).mean()), rel=1e-10)
+    assert c["rms"] == pytest.approx(float(G[off].pow(2).mean().sqrt()), rel=1e-10)
+    assert c["mean_abs"] == pytest.approx(float(G[off].abs().mean()), rel=1e-10)
