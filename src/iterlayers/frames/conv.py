@@ -282,26 +282,24 @@ class ConvFrameArchitecture:
             cols.append(pieces)
         return cols, [int(lay.identity[:, j].sum()) for j in range(self.depth)]
 
-    def _symbols(self, weights) -> list[torch.Tensor]:
-        """Each layer's whole symbol ``M_j`` ``[q_j (q_j//2 + 1), c_j, in_channels_j s_j^2]`` (``_symbol``: real
-        when ``q_j <= 2``), computed once; a row piece is a slice of it (no copy)."""
-        return [_symbol(W, self._sizes[j], self.stride[j]) for j, W in enumerate(weights)]
+    def _symbols(self, weights) -> list["_Symbol"]:
+        """Each layer's whole symbol ``M_j`` (``_Symbol``: ``c_j x in_channels_j s_j^2`` per frequency), computed
+        once; a row piece is a slice of it (no copy)."""
+        return [_Symbol.of(W, self._sizes[j], self.stride[j]) for j, W in enumerate(weights)]
 
-    def _diagonal_potential(self, j: int, M: torch.Tensor) -> torch.Tensor:
+    def _diagonal_potential(self, j: int, M: "_Symbol") -> torch.Tensor:
         """``||G_jj||_F^2`` from the layer's full symbol ``M`` (all its row pieces, one grid): ``G_jj =
         (M M^H + m_j I) / (1 + m_j)``, so ``||G_jj||^2 = (||H||^2 + 2 m_j ||M||^2 + m_j^2 c_j) / (1 + m_j)^2``
         per frequency, ``H`` the smaller of ``M M^H`` and ``M^H M`` (same non-zero spectrum)."""
         m_id = int(self.layout().identity[:, j].sum())
-        H = M @ _adjoint(M) if M.shape[-2] <= M.shape[-1] else _adjoint(M) @ M
-        w = _rfft_weights(self._sizes[j + 1], M.device).reshape(-1)
-        h2 = (w * _sq(H).sum(dim=(-1, -2))).sum()
-        m2 = (w * _sq(M).sum(dim=(-1, -2))).sum()
+        H = M @ M.H if M.shape[-2] <= M.shape[-1] else M.H @ M
+        h2, m2 = H.norm2(), M.norm2()
         return (h2 + 2 * m_id * m2 + m_id ** 2 * self.feature_sizes[j]) / (1 + m_id) ** 2
 
     def _block_symbols(self, weights, *, pattern: bool = False, diagonal: bool = True, symbols=None):
-        """Yields ``(j, k, q, G)`` for every structurally non-zero Gram block ``j <= k``: ``G^_jk``
-        ``[q (q//2 + 1), c_j (p_j/q)^2, c_k]`` on code ``k``'s grid ``q`` (real when ``q <= 2``, complex
-        otherwise; unnormalised columns and ``+I`` identities when ``pattern``).
+        """Yields ``(j, k, q, G)`` for every structurally non-zero Gram block ``j <= k``: ``G^_jk`` (a
+        ``_Symbol``, ``c_j (p_j/q)^2 x c_k`` per frequency) on code ``k``'s grid ``q`` (unnormalised columns and
+        ``+I`` identities when ``pattern``).
 
         The conv x conv terms of all shared rows of a block are one product ``M_j[:, :, R] M_k[:, :, R]^H`` of
         slices of the layers' symbols (``symbols``, default ``_symbols(weights)``) when the shared rows ``R``
@@ -315,7 +313,7 @@ class ConvFrameArchitecture:
             if self._sizes[j + 1] != q:
                 raise UnsupportedError(f"{self.name}: block needs layer {j + 1} on a coarser grid {q}")
             ph = self.stride[j] ** 2
-            return syms[j][..., cols[j][rows[0]][1][0] * ph : cols[j][rows[-1]][1][1] * ph]
+            return syms[j].cols(cols[j][rows[0]][1][0] * ph, cols[j][rows[-1]][1][1] * ph)
 
         def consecutive(j, rows):
             return all(cols[j][a][1][1] == cols[j][b][1][0] for a, b in zip(rows, rows[1:]))
@@ -330,20 +328,19 @@ class ConvFrameArchitecture:
                 convs = [m for m in shared if cols[j][m][0] == "conv" and cols[k][m][0] == "conv"]
                 groups = [convs] if convs and consecutive(j, convs) and consecutive(k, convs) else \
                     [[m] for m in convs]
-                terms += [piece(j, g, q) @ _adjoint(piece(k, g, q)) for g in groups]
+                terms += [piece(j, g, q) @ piece(k, g, q).H for g in groups]
                 for m in shared:
                     (ka, va), (kb, vb) = cols[j][m], cols[k][m]
                     sa = 1.0 if pattern or ka == "conv" else va
                     sb = 1.0 if pattern or kb == "conv" else vb
                     if ka == "eye" and kb == "eye":
                         size = self.channels[j] * (self._sizes[j + 1] // q) ** 2
-                        dt, dev = syms[0].real.dtype, syms[0].device
-                        terms.append((sa * sb) * torch.eye(size, dtype=dt, device=dev))
+                        terms.append((sa * sb) * _Symbol.eye(size, q, syms[0].R))
                     elif ka == "eye" and kb == "conv":
-                        terms.append(sa * _adjoint(piece(k, [m], q)))
+                        terms.append(sa * piece(k, [m], q).H)
                     elif ka == "conv" and kb == "eye":
                         terms.append(sb * piece(j, [m], q))
-                G = functools.reduce(torch.add, sorted(terms, key=lambda t: -t.dim()))  # broadcast eyes last
+                G = functools.reduce(lambda a, b: a + b, sorted(terms, key=lambda t: -t.R.dim()))  # eyes broadcast
                 if not pattern:
                     G = G / math.sqrt((1 + m_id[j]) * (1 + m_id[k]))
                 yield j, k, q, G
@@ -354,13 +351,20 @@ class ConvFrameArchitecture:
 
     @functools.cached_property
     def _nonzeros(self) -> int:
-        ones = [torch.ones(s, dtype=torch.float64) for s in self.weight_shapes()]
+        # float32 first (half the cost on large nets): the kernels are non-negative integers, so the count is
+        # exact as long as every entry is within 0.1 of an integer (checked); float64 otherwise
+        return self._count_nonzeros(torch.float32) or self._count_nonzeros(torch.float64)
+
+    def _count_nonzeros(self, dtype) -> int | None:
+        ones = [torch.ones(s, dtype=dtype) for s in self.weight_shapes()]
         total = 0
-        for j, k, q, G in self._block_symbols(ones, pattern=True):
-            S = G.expand(q * (q // 2 + 1), *G.shape[-2:]).to(torch.complex128)
-            K = torch.fft.irfft2(S.reshape(q, q // 2 + 1, *S.shape[1:]).permute(2, 3, 0, 1), s=(q, q))
-            count = int((K > 0.5).sum()) * q * q
-            total += count if j == k else 2 * count
+        with torch.no_grad():
+            for j, k, q, G in self._block_symbols(ones, pattern=True):
+                K = torch.fft.irfft2(G.rfft().permute(2, 3, 0, 1), s=(q, q))
+                if dtype != torch.float64 and float((K - K.round()).abs().max()) > 0.1:
+                    return None
+                count = int((K > 0.5).sum()) * q * q
+                total += count if j == k else 2 * count
         return total
 
     def potential(self, weights, *, normalize: str = "nonzero") -> torch.Tensor:
@@ -374,8 +378,7 @@ class ConvFrameArchitecture:
         syms = self._symbols(weights)
         fp = sum(self._diagonal_potential(j, M) for j, M in enumerate(syms))
         for j, k, q, G in self._block_symbols(weights, diagonal=False, symbols=syms):
-            fp = fp + 2 * (_rfft_weights(q, G.device).reshape(-1) * _sq(G).expand(q * (q // 2 + 1), -1, -1)
-                           .sum(dim=(-1, -2))).sum()
+            fp = fp + 2 * G.norm2()
         if normalize == "none":
             return fp
         if normalize == "full":
@@ -394,16 +397,6 @@ def _unit_tight_frame(k: int, d: int, dtype) -> torch.Tensor:
     ang = 2 * math.pi * i * m / k
     cols += [torch.cos(ang) * math.sqrt(2.0 / k), torch.sin(ang) * math.sqrt(2.0 / k)]
     return torch.cat(cols, 1) * math.sqrt(k / d)
-
-
-def _adjoint(M: torch.Tensor) -> torch.Tensor:
-    """``M^H`` per frequency (a view; ``conj`` is lazy and a no-op on a real symbol)."""
-    return M.transpose(-1, -2).conj()
-
-
-def _sq(z: torch.Tensor) -> torch.Tensor:
-    """``|z|^2`` element-wise, real or complex (``_abs2``: finite gradient at 0)."""
-    return _abs2(z) if z.is_complex() else z.pow(2)
 
 
 def _abs2(z: torch.Tensor) -> torch.Tensor:
@@ -441,16 +434,103 @@ def _polyphase_kernel(W: torch.Tensor, p: int, stride: int) -> torch.Tensor:
     return h.reshape(c_out, c_in, q, s, q, s).permute(0, 1, 3, 5, 2, 4).reshape(c_out, c_in * s * s, q, q)
 
 
-def _symbol(W: torch.Tensor, p: int, stride: int) -> torch.Tensor:
-    """``conv_symbol`` flattened over the frequencies, ``[q (q//2 + 1), c_out, c_in s^2]``; real when
-    ``q <= 2`` (every frequency is ``0`` or ``pi`` per axis: the DFT is real, so products stay real);
-    ``q = 1`` (a fully connected frame as 1x1 convolutions) is the polyphase kernel itself, no transform."""
-    q = p // stride
-    if q == 1:
-        return _polyphase_kernel(W, p, stride).reshape(1, W.shape[0], -1)
-    S = conv_symbol(W, p, stride)
-    S = S.reshape(-1, *S.shape[2:])
-    return S.real.contiguous() if q <= 2 else S
+@functools.lru_cache(maxsize=None)
+def _frequencies(q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat ``rfft2`` indices ``a (q//2 + 1) + b`` of the Hermitian-unique frequencies of ``Z_q^2``: the
+    self-conjugate ones (``2a = 2b = 0 mod q``: the symbol is real there) and one of each remaining conjugate
+    pair (``rfft2`` keeps both members of a pair in its columns ``b = 0`` and ``b = q/2``); and the
+    ``(duplicate, source)`` indices of those second members (``S[duplicate] = conj(S[source])``)."""
+    h = q // 2 + 1
+    real, cplx, dup, src = [], [], [], []
+    for a in range(q):
+        for b in range(h):
+            self_conj = (2 * a) % q == 0 and (2 * b) % q == 0
+            paired_column = (2 * b) % q == 0  # b = 0 or b = q/2: (a, b) and (-a, b) are conjugates
+            if self_conj:
+                real.append(a * h + b)
+            elif paired_column and a > q - a:
+                dup.append(a * h + b)
+                src.append((q - a) * h + b)
+            else:
+                cplx.append(a * h + b)
+    return tuple(torch.tensor(v, dtype=torch.long) for v in (real, cplx, dup, src))
+
+
+@dataclass(frozen=True)
+class _Symbol:
+    """A block-circulant operator on ``Z_q^2`` by its symbol at the Hermitian-unique frequencies
+    (``_frequencies``): ``R`` ``[n_r, a, b]`` real at the self-conjugate ones, ``C`` ``[n_c, a, b]`` complex
+    (``None`` when ``q <= 2``: every frequency is self-conjugate) at one of each conjugate pair. Products,
+    adjoints and sums act per frequency; ``||M||_F^2 = sum ||R||^2 + 2 sum ||C||^2`` (Parseval, the pair's
+    other member has the same norm). Real arithmetic where the symbol is real: about 40% fewer real
+    multiplications than complex products at every ``rfft2`` frequency (q = 4)."""
+
+    R: torch.Tensor
+    C: torch.Tensor | None
+    q: int
+
+    @classmethod
+    def of(cls, W: torch.Tensor, p: int, stride: int) -> "_Symbol":
+        """The symbol of the circular strided convolution ``W`` on a ``p x p`` input (``conv_symbol``); ``q = 1``
+        (a fully connected frame as 1x1 convolutions) is the polyphase kernel itself, no transform."""
+        q = p // stride
+        if q == 1:
+            return cls(_polyphase_kernel(W, p, stride).reshape(1, W.shape[0], -1), None, 1)
+        S = conv_symbol(W, p, stride)
+        S = S.reshape(-1, *S.shape[2:])
+        real, cplx, _, _ = _frequencies(q)
+        return cls(S[real.to(S.device)].real.contiguous(), S[cplx.to(S.device)] if len(cplx) else None, q)
+
+    def cols(self, a: int, b: int) -> "_Symbol":
+        """Input channels ``[a, b)`` (a view)."""
+        return _Symbol(self.R[..., a:b], None if self.C is None else self.C[..., a:b], self.q)
+
+    @property
+    def H(self) -> "_Symbol":
+        """The adjoint (transpose of the operator): ``M^H`` per frequency (views; ``conj`` is lazy)."""
+        return _Symbol(self.R.transpose(-1, -2), None if self.C is None else self.C.transpose(-1, -2).conj(), self.q)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.R.shape
+
+    def __matmul__(self, other: "_Symbol") -> "_Symbol":
+        return _Symbol(self.R @ other.R, None if self.C is None else self.C @ other.C, self.q)
+
+    def __mul__(self, c: float) -> "_Symbol":
+        return _Symbol(c * self.R, None if self.C is None else c * self.C, self.q)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c: float) -> "_Symbol":
+        return self * (1.0 / c)
+
+    def __add__(self, other: "_Symbol") -> "_Symbol":
+        return _Symbol(self.R + other.R, None if self.C is None else self.C + other.C, self.q)
+
+    @classmethod
+    def eye(cls, size: int, q: int, like: torch.Tensor) -> "_Symbol":
+        I = torch.eye(size, dtype=like.real.dtype, device=like.device)
+        return cls(I, None if q <= 2 else I.to(torch.complex64 if I.dtype == torch.float32 else torch.complex128), q)
+
+    def norm2(self) -> torch.Tensor:
+        """``||M||_F^2`` summed over the whole spectrum (the unique frequencies with their multiplicities)."""
+        n = self.R.pow(2).sum() * (len(_frequencies(self.q)[0]) if self.R.dim() == 2 else 1)
+        if self.C is not None:
+            n = n + 2 * _abs2(self.C).sum() * (len(_frequencies(self.q)[1]) if self.C.dim() == 2 else 1)
+        return n
+
+    def rfft(self) -> torch.Tensor:
+        """The ``rfft2``-layout symbol ``[q, q//2 + 1, a, b]`` (complex), duplicates filled by conjugation."""
+        real, cplx, dup, src = _frequencies(self.q)
+        R = self.R.expand(len(real), *self.R.shape[-2:])
+        dt = torch.complex64 if R.dtype == torch.float32 else torch.complex128
+        S = torch.zeros(self.q * (self.q // 2 + 1), *R.shape[-2:], dtype=dt, device=R.device)
+        S[real] = R.to(dt)
+        if self.C is not None:
+            S[cplx] = self.C.expand(len(cplx), *self.C.shape[-2:]).to(dt)
+            S[dup] = S[src].conj()
+        return S.reshape(self.q, self.q // 2 + 1, *R.shape[-2:])
 
 
 def conv_gram_potential(W: torch.Tensor, p: int, stride: int = 1) -> torch.Tensor:
