@@ -223,6 +223,8 @@ def test_select_epoch_trains_to_the_plateau_and_reports_it():
     assert not capped["converged"] and capped["epochs_run"] == 2
     with pytest.raises(ValidationError, match="max_epochs"):
         select_epoch(net, x, y, xv, yv, max_epochs=0, seed=0)
+    with pytest.raises(ValidationError, match="plateau"):
+        select_epoch(net, x, y, xv, yv, max_epochs=1, seed=0, plateau={"patience": 3})
 
 
 def test_chain_candidates_match_the_explicit_global_frame():

@@ -359,6 +359,8 @@ def select_epoch(model: nn.Module, x_tr, y_tr, x_val, y_val, *, max_epochs: int,
     dfp_every = positive_int(dfp_every, "dfp_every", where="select_epoch")
     if dfp_weight and not isinstance(model, DeepFrameNet):
         raise ValidationError(f"select_epoch: dfp_weight needs a DeepFrameNet, got {type(model).__name__}")
+    if plateau is not None and (not isinstance(plateau, dict) or set(plateau) - set(PLATEAU)):
+        raise ValidationError(f"select_epoch: plateau must be a dict with keys among {sorted(PLATEAU)}, got {plateau!r}")
     rule = dict(PLATEAU, **(plateau or {}))
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
