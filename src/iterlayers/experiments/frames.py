@@ -74,7 +74,7 @@ SETTINGS = {
         conv_sel_depths=[1, 2, 3, 4], conv_sel_widths=[8, 16, 32], conv_sel_epochs=80,
     ),
     "quick": dict(
-        depths=[1, 2, 3], widths=[16, 32], dfp_steps=40, epochs={"digits": 150, "mnist1d": 150},
+        depths=[1, 2, 3], widths=[16, 32], dfp_steps=40, epochs={"digits": 150, "mnist1d": 250},
         lr=1e-2, batch=256, plateau=PLATEAU,
         mnist1d_samples=2000, seeds=3, fc_family=100,
         rec_widths=(64, 64), rec_T=5, rec_epochs=12, eps_inf=[0.1], pgd_steps=100, pgd_restarts=5,
