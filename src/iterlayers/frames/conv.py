@@ -29,9 +29,10 @@ block of layers ``j <= k`` is ``G_jk = sum_r P_rj^T P_rk / sqrt((1 + m_j)(1 + m_
     G^_jk(xi) = sum_r M_rj(xi) M_rk(xi)^H / sqrt((1 + m_j)(1 + m_k)),
     ||G||_F^2 = sum_j sum_xi ||G^_jj||^2 + 2 sum_{j<k} sum_xi ||G^_jk||^2,
 
-with the real FFT (``xi`` and ``-xi`` have conjugate symbols, weight 2 off the self-conjugate columns). Cost per
-conv x conv product: ``q^2 c_out^2 c_in s^2``; memory: the filters placed on their input grid. The dense Toeplitz
-matrix (``(c p^2)^2`` entries) is never formed.
+over the Hermitian-unique frequencies only (``xi`` and ``-xi`` have conjugate symbols, so each pair counts
+twice; the self-conjugate ``xi``, ``2 xi = 0 mod q``, have real symbols and use real products: ``_Symbol``).
+Cost per conv x conv product: about ``q^2 / 2`` complex ``c_out x c_in s^2 x c_out`` products; memory: the
+filters placed on their input grid. The dense Toeplitz matrix (``(c p^2)^2`` entries) is never formed.
 
 **Structural support N** (the DFP's denominator): the same blocks for all-ones filters and ``+I`` identities
 (no cancellation) give non-negative integer kernels ``K_jk[t]`` (``irfft2``); ``N = sum q^2 #{K_jk[t] > 1/2}``.
