@@ -10,7 +10,7 @@ threshold, a negative control by the same code path):
    from the CVPR figures (``PAPER_FC_CIFAR10``), under every candidate normalisation (``NORMALIZATIONS``), and
    a family of ~100 FC nets (depths 1-4, widths 8-3200, non-uniform) for the range of the figure.
 2. *Model selection.* A family of FC nets (uniform and expanding widths; chain / residual / dense as in the
-   papers' Fig. 1) on digits and on MNIST-1D: minimum DFP (Adam on the weights, no data) and the test error
+   papers' Fig. 1) on digits and on MNIST-1D: minimum DFP (L-BFGS on the weights, no data) and the test error
    after training with the epoch selected on a validation split (the test split is used once, after selection),
    over seeds. Per dataset: Spearman of the DFP with the error, against parameter count, mean width and depth as
    predictors on the same nets, the partial rank correlation given parameter count, and the within-depth /
@@ -286,7 +286,7 @@ def _conv_claims(ref, cfg, mode, seed) -> tuple[list[dict], dict]:
         control={"description": "the residual code path with a skip span >= depth (no shortcut) in the "
                                 "residual's place", "value": ctrl},
         note="partly definitional under normalize='nonzero' (identity blocks enlarge N); dense values are "
-             "upper bounds (Adam), chain / residual exact"))
+             "upper bounds (L-BFGS from the tight start), chain / residual exact"))
     return claims, {"order_comparisons": comps, "no_shortcut": no_skip}
 
 
@@ -931,7 +931,7 @@ def _plots(out: Path, m, names, cfg) -> list[str]:
             sel = sorted((r for r in conv if r["structure"] == s and r["depth"] == depth), key=lambda r: r["params"])
             if sel:
                 ax.plot([r["params"] for r in sel], [r["minimum_dfp"] for r in sel], marker=marker, color=col,
-                        label=f"{s}, depth {depth}" + ("" if all(r["exact"] for r in sel) else " (Adam)"))
+                        label=f"{s}, depth {depth}" + ("" if all(r["exact"] for r in sel) else " (L-BFGS)"))
     pe = m["paper_reference"]["conv_efficiency_paper"]
     ax.scatter([pe["start"]["params"]], [pe["start"]["minimum_dfp"]], marker="x", c="tab:red", label="paper read-out")
     ax.plot(pe["end"]["params"], pe["end"]["minimum_dfp"], "x", c="tab:red")
@@ -975,7 +975,7 @@ def _table(m, names) -> str:
           "`iterlayers.frames.deep_potential.global_frame_potential`; the kept one is `nonzero`.",
           "", "![paper reference](paper_reference.png)", "",
           "### Conv parameter efficiency (3x32x32 input, 8x8 patch stem, 3x3 circular convs on a 4x4 grid)", "",
-          "Chain / residual: the tight start attains the lower bound (exact minimum); dense: Adam from the tight "
+          "Chain / residual: the tight start attains the lower bound (exact minimum); dense: L-BFGS from the tight "
           "start (an upper bound on its minimum; its lower bound beside it).", "",
           "| structure | channels | depth | params | min DFP | lower bound | exact |", "|---|---|---|---|---|---|---|"]
     for r in m["paper_reference"]["conv_efficiency"]:
