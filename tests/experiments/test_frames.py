@@ -7,8 +7,8 @@ import torch
 
 from iterlayers.errors import ValidationError
 from iterlayers.experiments.frames import (
-    SETTINGS, _conv_claims, _model_selection, _order_fraction, _regularised, _select_one, _selection_claims, run,
-    select_epoch,
+    PLATEAU, SETTINGS, _conv_claims, _model_selection, _order_fraction, _regularised, _select_one, _selection_claims,
+    plateaued, run, select_epoch,
 )
 
 from claims_checks import assert_claims_valid
@@ -45,7 +45,8 @@ def test_tiny_frames_experiment_claims_and_files(tiny):
     for r in conv:
         assert {"structure", "params", "minimum_dfp"} <= set(r) and r["minimum_dfp"] >= r["lower_bound"] * (1 - 1e-6)
         assert r["exact"] == (r["structure"] != "dense")
-    assert {"conv_dfp_falls_with_params", "conv_structure_order", "dfp_regularisation"} <= ids
+    assert {"conv_dfp_falls_with_params", "conv_structure_order", "dfp_regularisation_digits",
+            "dfp_regularisation_mnist1d"} <= ids
     conv_ids = {f"dfp_rank_digits_conv", "dfp_partial_digits_conv", "within_depth_digits_conv"}
     assert conv_ids <= ids
     assert {r["structure"] for r in saved["conv_architectures"]} == {"chain", "residual", "dense"}
@@ -55,6 +56,14 @@ def test_tiny_frames_experiment_claims_and_files(tiny):
         assert isinstance(d["converged"], bool) and len(d["runs"]) == SETTINGS["tiny"]["seeds"]
     reg = saved["dfp_regularisation"]
     assert {r["kind"] for r in reg} == {"plain", "regularised"} and all(r["dfp"] > 0 for r in reg)
+    assert {r["dataset"] for r in reg} == {"digits", "mnist1d"}
+    for name in ("digits", "mnist1d", "digits_conv"):  # every net reports its convergence; claims use converged ones
+        sel = saved["selection_statistics"][name]
+        rows = saved["conv_architectures" if name == "digits_conv" else "architectures"]
+        assert sel["dropped"] == [r["name"] for r in rows if not r[name]["converged"]]
+        assert sel["n_nets"] == sum(r[name]["converged"] for r in rows)
+        for r in rows:
+            assert all(1 <= x["epoch"] <= x["epochs_run"] and 0 <= x["final_train_accuracy"] <= 1 for x in r[name]["runs"])
     assert all(r["dfp_weight"] == 0.0 for r in reg if r["kind"] == "plain")
     table = (out / "table.md").read_text()
     assert "## Paper's claims vs ours" in table and "## Sanity checks" in table and "Conv parameter efficiency" in table
@@ -77,16 +86,17 @@ def test_selection_never_sees_the_test_split():
     assert [a["test_error"] for a in clean] != [b["test_error"] for b in dirty]  # the poison did reach the test
 
 
-def _synthetic_rows(sign):
+def _synthetic_rows(sign, n=16):
     rng = np.random.default_rng(0)
     rows = []
-    for i in range(16):
+    for i in range(n):
         dfp = 0.01 * (i + 1)
         err = 0.1 + sign * dfp + 0.002 * rng.normal()
         rows.append({"widths": [8 * (1 + i % 4)] * (1 + i // 8), "structure": "chain", "depth": 1 + i // 8,
                      "mean_width": 8.0 * (1 + i % 4),
+                     "name": f"net{i}",
                      "d": {"dfp": dfp, "test_error": err, "params": int(rng.integers(100, 10_000)),
-                           "runs": [{}, {}, {}]}})
+                           "runs": [{}, {}, {}], "converged": True}})
     return rows
 
 
@@ -158,10 +168,82 @@ def test_dfp_weight_selection_never_sees_the_test_split():
     for w in (0.0, 300.0):
         torch.manual_seed(0)
         net = DeepFrameNet(arch, 10)
-        select_epoch(net, data.x_train, data.y_train, data.x_train, data.y_train, epochs=2, seed=0, dfp_weight=w)
+        select_epoch(net, data.x_train, data.y_train, data.x_train, data.y_train, max_epochs=2, seed=0, dfp_weight=w)
         with torch.no_grad():
             dfps.append(float(arch.potential([m.weight for m in net.layers])))
     assert dfps[1] < 0.99 * dfps[0]
     with pytest.raises(ValidationError, match="dfp_weight"):
-        select_epoch(torch.nn.Linear(2, 2), data.x_train, data.y_train, data.x_train, data.y_train, epochs=1, seed=0,
+        select_epoch(torch.nn.Linear(2, 2), data.x_train, data.y_train, data.x_train, data.y_train, max_epochs=1, seed=0,
                      dfp_weight=-1.0)
+
+
+def test_claims_use_converged_nets_only():
+    # 16 nets where DFP and error agree, plus 8 unconverged nets whose errors run the other way: dropped, the
+    # verdict is that of the 16; marked converged, they flip it.
+    good = _synthetic_rows(+1)
+    bad = _synthetic_rows(-1, n=8)
+    for i, r in enumerate(bad):
+        r["name"], r["d"] = f"bad{i}", dict(r["d"], dfp=0.2 + 0.05 * i, converged=False)
+    cfg = dict(SETTINGS["tiny"], n_perm=100)
+    claims, stats = _selection_claims(good + bad, ["d"], cfg, "quick", 0)
+    by = {c["id"]: c for c in claims}
+    assert stats["d"]["dropped"] == [f"bad{i}" for i in range(8)] and stats["d"]["n_nets"] == 16
+    assert by["dfp_rank_d"]["verdict"] == "holds"
+    flipped = [dict(r, d=dict(r["d"], converged=True)) for r in bad]
+    by2 = {c["id"]: c for c in _selection_claims(good + flipped, ["d"], cfg, "quick", 0)[0]}
+    assert by2["dfp_rank_d"]["value"] < by["dfp_rank_d"]["value"] - 0.3
+    few = {c["id"]: c for c in _selection_claims(bad + good[:3], ["d"], cfg, "quick", 0)[0]}
+    assert few["dfp_rank_d"]["verdict"] == "not testable here"  # < MIN_NETS converged nets: nothing to rank
+
+
+def test_plateau_rule():
+    rule = dict(window=3, rtol=0.02, loss_floor=0.01)
+    falling = [1.0 * 0.9 ** t for t in range(30)]  # -10% per epoch: never a plateau until the floor
+    assert not any(plateaued(falling[: t + 1], **rule) for t in range(20))
+    assert plateaued([0.5] * 6, **rule) and not plateaued([0.5] * 5, **rule)  # needs two full windows
+    assert plateaued([2.0, 0.009], **rule)  # the training set is fitted
+    assert plateaued([1.0, 1.0, 1.0, 0.995, 0.99, 0.985], **rule)  # 1.2% over a window: a plateau
+    assert set(PLATEAU) == {"window", "rtol", "loss_floor"}
+
+
+def test_select_epoch_trains_to_the_plateau_and_reports_it():
+    from iterlayers.data import load_digits
+    from iterlayers.frames import DeepFrameNet, FrameArchitecture
+
+    data = load_digits(seed=0).subset(300, 50)
+    x, y, xv, yv = data.x_train[:240], data.y_train[:240], data.x_train[240:], data.y_train[240:]
+    torch.manual_seed(0)
+    net = DeepFrameNet(FrameArchitecture((64,), (32,)), 10)
+    out = select_epoch(net, x, y, xv, yv, max_epochs=200, seed=0, lr=1e-2, batch=64)
+    assert out["converged"] and out["epochs_run"] < 200 and 1 <= out["epoch"] <= out["epochs_run"]
+    assert out["final_train_loss"] <= PLATEAU["loss_floor"] or out["epochs_run"] >= 2 * PLATEAU["window"]
+    assert out["final_train_accuracy"] > 0.95  # digits: a 32-unit net fits its training split
+    torch.manual_seed(0)
+    capped = select_epoch(DeepFrameNet(FrameArchitecture((64,), (32,)), 10), x, y, xv, yv, max_epochs=2, seed=0)
+    assert not capped["converged"] and capped["epochs_run"] == 2
+    with pytest.raises(ValidationError, match="max_epochs"):
+        select_epoch(net, x, y, xv, yv, max_epochs=0, seed=0)
+    with pytest.raises(ValidationError, match="plateau"):
+        select_epoch(net, x, y, xv, yv, max_epochs=1, seed=0, plateau={"patience": 3})
+
+
+def test_chain_candidates_match_the_explicit_global_frame():
+    # The closed-form / circulant candidate values of a chain with tight (harmonic or orthonormal) layer
+    # frames against the explicitly assembled, column-normalised frame and its Gram matrix, averaged over the
+    # chain's structural support (blocks (j, j) and (j, j +- 1); the frames' own exact zeros do not count).
+    from iterlayers.experiments.frames import _chain_candidates, _tight_frame
+    from iterlayers.frames import assemble_global_frame, gram_matrix
+
+    widths, d0 = (6, 10, 4), 4
+    dims = (d0,) + widths
+    frame = assemble_global_frame([_tight_frame(dims[j], dims[j + 1]) for j in range(3)], structure="chain",
+                                  normalize_atoms=True)
+    G = gram_matrix(frame.matrix)
+    block = torch.repeat_interleave(torch.arange(3), torch.tensor(widths))
+    support = (block.view(-1, 1) - block.view(1, -1)).abs() <= 1
+    off = support & ~torch.eye(len(block), dtype=torch.bool)
+    c = _chain_candidates(widths, d0)
+    assert c["nonzero"] == pytest.approx(float(G[support].pow(2).sum() / support.sum()), rel=1e-10)
+    assert c["offdiagonal"] == pytest.approx(float(G[off].pow(2).mean()), rel=1e-10)
+    assert c["rms"] == pytest.approx(float(G[off].pow(2).mean().sqrt()), rel=1e-10)
+    assert c["mean_abs"] == pytest.approx(float(G[off].abs().mean()), rel=1e-10)

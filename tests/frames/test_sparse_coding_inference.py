@@ -46,7 +46,7 @@ def _scipy_solution(xt, B, lam):
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_apg_and_deq_reach_kkt_point_and_scipy_optimum(structure):
     net, x, xt, B, lam = _problem(structure)
-    w_apg = apg(xt, B, lam, iterations=3000)
+    w_apg = apg(xt, B, lam, max_iter=3000)
     w_deq = solve_sparse_coding(xt, B, lam, solver="deq", deq_options={"atol": 1e-10, "max_iter": 2000})
     w_ref = _scipy_solution(xt, B, lam)
     f_ref = objective(w_ref, xt, B, lam)
@@ -63,7 +63,7 @@ def test_apg_and_deq_reach_kkt_point_and_scipy_optimum(structure):
 def test_apg_objective_decreases_with_iterations():
     net, x, xt, B, lam = _problem("chain", seed=1)
     w0 = torch.cat(feed_forward(x, net.layer_frames(), net.lambdas()), -1).detach()
-    f = [objective(apg(xt, B, lam, w0=w0, iterations=t), xt, B, lam).mean().item() for t in (0, 5, 50, 500)]
+    f = [objective(apg(xt, B, lam, w0=w0, max_iter=t), xt, B, lam).mean().item() for t in (0, 5, 50, 500)]
     assert f[0] > f[1] > f[2] >= f[3] - 1e-12
 
 
@@ -100,10 +100,10 @@ def test_recurrent_network_approaches_exact_inference_and_deq_gradient():
     exact = _scipy_solution(xt, B, lam)
     errs = []
     for T in (1, 5, 100):
-        net.iterations = T
+        net.max_iter = T
         errs.append((torch.cat(net.encode(x), -1) - exact).abs().max().item())
     assert errs[0] > errs[1] > errs[2]
-    net.iterations, net.solver = 1, "deq"
+    net.max_iter, net.solver = 1, "deq"
     net.deq_options = {"atol": 1e-11, "max_iter": 1000}
     assert torch.allclose(torch.cat(net.encode(x), -1), exact, atol=1e-5)
     # implicit gradient w.r.t. the input vs central finite differences of the exact solution
@@ -120,8 +120,12 @@ def test_recurrent_network_approaches_exact_inference_and_deq_gradient():
 
 def test_bad_options():
     arch = FrameArchitecture((4,), (3,))
-    with pytest.raises(ValueError, match="iterations"):
-        DeepFrameNet(arch, 2, iterations=0)
+    with pytest.raises(ValueError, match="max_iter"):
+        DeepFrameNet(arch, 2, max_iter=0)
+    with pytest.raises(TypeError):  # the old name is gone (no alias; #14)
+        DeepFrameNet(arch, 2, iterations=3)
+    with pytest.raises(ValueError, match="max_iter"):
+        apg(torch.zeros(2, 7), torch.randn(7, 3), torch.zeros(3), max_iter=-1)
     with pytest.raises(ValueError, match="solver"):
         DeepFrameNet(arch, 2, solver="ista")
     with pytest.raises(ValueError, match="input"):

@@ -7,6 +7,7 @@ minimisation and the construction of the trainable network.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -144,11 +145,16 @@ class FrameArchitecture:
     def as_conv(self):
         """The same frame as a ``ConvFrameArchitecture`` of 1x1 convolutions on a 1x1 grid (``fc`` only): its
         per-frequency potential is the block-by-block one (a single frequency, the smaller side of every
-        diagonal block), no ``K x K`` Gram matrix; weights map by ``W.view(n, in, 1, 1)``."""
-        from .conv import ConvFrameArchitecture
-
+        diagonal block), no ``K x K`` Gram matrix; weights map by ``W.view(n, in, 1, 1)``. Built once per
+        architecture (it caches its support ``N``, which a training penalty would otherwise recount per batch)."""
         if self.kind != "fc":
             raise UnsupportedError(f"{self.name}: as_conv is for fully connected architectures")
+        return self._conv
+
+    @functools.cached_property
+    def _conv(self):
+        from .conv import ConvFrameArchitecture
+
         return ConvFrameArchitecture((self.input_shape[0], 1, 1), self.widths, kernel_size=1, stride=1,
                                      structure=self.structure, skip=self.skip)
 

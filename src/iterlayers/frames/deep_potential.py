@@ -47,6 +47,7 @@ __all__ = [
     "deep_frame_potential_lower_bound",
     "DFPResult",
     "minimize_deep_frame_potential",
+    "METHODS",
 ]
 
 NORMALIZATIONS = ("nonzero", "none", "full", "offdiagonal", "rms", "mean_abs")
@@ -228,6 +229,9 @@ class DFPResult:
     steps: int = 0
 
 
+METHODS = ("adam", "lbfgs")
+
+
 def minimize_deep_frame_potential(
     architecture,
     *,
@@ -238,41 +242,72 @@ def minimize_deep_frame_potential(
     dtype: torch.dtype = torch.float32,
     normalize: str = "nonzero",
     init: Sequence[torch.Tensor] | None = None,
+    method: str = "adam",
+    history_size: int = 10,
 ) -> DFPResult:
-    """Minimal deep frame potential of ``architecture``, by Adam on the weights from a Gaussian start (or from
-    ``init``, e.g. ``ConvFrameArchitecture.tight_weights()``), no data.
+    """Minimal deep frame potential of ``architecture`` from a Gaussian start (or from ``init``, e.g.
+    ``ConvFrameArchitecture.tight_weights()``), no data.
 
-    Returns the best weights seen. Stops after ``steps`` or when the relative decrease over 10 steps falls below ``tol``. The potential is
-    invariant to the scale of every atom, so the raw weights are optimised directly.
+    ``method="adam"`` (the reference): ``steps`` Adam steps of size ``lr``; stops early when the relative
+    decrease over 10 steps falls below ``tol``. ``method="lbfgs"``: ``torch.optim.LBFGS`` (``history_size``
+    curvature pairs, strong-Wolfe line search, ``lr`` unused) for at most ``steps`` iterations (each one or
+    more evaluations) on the DFP relative to its start, stopping when that changes by less than ``tol``;
+    far fewer evaluations for the same minimum (tests compare it with long Adam runs), which is what makes
+    a 10^7-parameter dense conv net fit in about a minute. Returns the best weights evaluated; ``history``
+    holds every evaluation. The potential is invariant to the scale of every atom, so the raw weights are
+    optimised directly.
     """
     if not isinstance(architecture, (FrameArchitecture, ConvFrameArchitecture)):
         raise OptionTypeError(f"architecture must be a FrameArchitecture or ConvFrameArchitecture, got "
                         f"{type(architecture).__name__}")
-    if steps < 0:
-        raise ValidationError(f"steps must be >= 0, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValidationError(f"steps must be an int >= 0, got {steps!r}")
     if lr <= 0:
         raise ValidationError(f"lr must be > 0, got {lr}")
+    if method not in METHODS:
+        raise ValidationError(f"method must be one of {METHODS}, got {method!r}")
     _check_normalize(normalize)
     g = torch.Generator().manual_seed(int(seed))
     start = architecture.init_weights(generator=g, dtype=dtype) if init is None else \
         [w.detach().to(dtype).clone() for w in init]
     params = [w.requires_grad_(True) for w in start]
-    opt = torch.optim.Adam(params, lr=lr)
     history: list[float] = []
-    best = (math.inf, [p.detach().clone() for p in params])
+    best = [math.inf, [p.detach().clone() for p in params]]
+
+    def evaluate() -> torch.Tensor:
+        dfp = deep_frame_potential((architecture, params), normalize=normalize)
+        history.append(float(dfp.detach()))
+        if history[-1] < best[0]:
+            best[:] = [history[-1], [p.detach().clone() for p in params]]
+        return dfp
+
     with torch.enable_grad():
-        for t in range(steps + 1):
-            opt.zero_grad(set_to_none=True)
-            dfp = deep_frame_potential((architecture, params), normalize=normalize)
-            history.append(float(dfp.detach()))
-            if history[-1] < best[0]:
-                best = (history[-1], [p.detach().clone() for p in params])
-            if t == steps:
-                break
-            if t >= 10 and (history[-11] - history[-1]) <= tol * abs(history[-11]):
-                break
-            dfp.backward()
-            opt.step()
+        if method == "lbfgs":
+            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max(steps, 1), history_size=history_size,
+                                    line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=tol)
+
+            def closure():
+                opt.zero_grad(set_to_none=True)
+                dfp = evaluate()
+                rel = dfp / history[0]  # the start's scale: tolerances are relative
+                rel.backward()
+                return rel
+
+            if steps:
+                opt.step(closure)
+            else:
+                evaluate()
+        else:
+            opt = torch.optim.Adam(params, lr=lr)
+            for t in range(steps + 1):
+                opt.zero_grad(set_to_none=True)
+                dfp = evaluate()
+                if t == steps:
+                    break
+                if t >= 10 and (history[-11] - history[-1]) <= tol * abs(history[-11]):
+                    break
+                dfp.backward()
+                opt.step()
     return DFPResult(
         architecture=architecture,
         dfp=best[0],

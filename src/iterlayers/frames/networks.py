@@ -3,9 +3,9 @@
 ``DeepFrameNet`` holds the layer weights of a ``FrameArchitecture`` (chain / residual / dense; fully connected
 or 1-D convolutional) and a linear classifier. Its representation is the sparse code of the input:
 
-- ``iterations=1``: the feed-forward approximation, i.e. the ordinary ReLU network
+- ``max_iter=1``: the feed-forward approximation, i.e. the ordinary ReLU network
   ``w_j = ReLU(B_j^T u_j + b_j)`` (chain MLP / ResNet / DenseNet);
-- ``iterations=T > 1``: the recurrent network of Murdock, Cazenavette & Lucey (arXiv 2103.05804):
+- ``max_iter=T > 1``: the recurrent network of Murdock, Cazenavette & Lucey (arXiv 2103.05804):
   the feed-forward pass followed by ``T - 1`` accelerated proximal-gradient steps on the global multilayer
   sparse-coding problem with the *same* weights (``lambda_j = -b_j``), approaching exact inference;
 - ``solver="deq"``: exact inference as the fixed point of the proximal-gradient map, through
@@ -31,7 +31,8 @@ __all__ = ["DeepFrameNet"]
 class DeepFrameNet(nn.Module):
     """Classifier whose features are (approximate) multilayer sparse codes of the input.
 
-    Options (keyword-only): ``iterations`` (``T >= 1``), ``solver`` in ``("apg", "deq")``, ``ridge >= 0``
+    Options (keyword-only): ``max_iter`` (``T >= 1``: the number of inference iterations, the papers'
+    "iterations" / "T"; the feed-forward pass counts as the first), ``solver`` in ``("apg", "deq")``, ``ridge >= 0``
     (adds ``ridge/2 ||w||^2`` so the problem stays bounded when biases are positive), ``deq_options``.
     """
 
@@ -40,7 +41,7 @@ class DeepFrameNet(nn.Module):
         architecture: FrameArchitecture,
         num_classes: int,
         *,
-        iterations: int = 1,
+        max_iter: int = 1,
         solver: str = "apg",
         ridge: float = 0.0,
         deq_options=None,
@@ -48,8 +49,8 @@ class DeepFrameNet(nn.Module):
         super().__init__()
         if not isinstance(architecture, FrameArchitecture):
             raise OptionTypeError(f"architecture must be a FrameArchitecture, got {type(architecture).__name__}")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValidationError(f"iterations must be an int >= 1, got {iterations!r}")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ValidationError(f"DeepFrameNet: max_iter must be an int >= 1, got {max_iter!r}")
         if solver not in SOLVERS:
             raise ValidationError(f"solver must be one of {SOLVERS}, got {solver!r}")
         if not (isinstance(num_classes, int) and num_classes >= 2):
@@ -57,7 +58,7 @@ class DeepFrameNet(nn.Module):
         if ridge < 0:
             raise ValidationError(f"ridge must be >= 0, got {ridge}")
         self.architecture = architecture
-        self.iterations = iterations
+        self.max_iter = max_iter
         self.solver = solver
         self.ridge = float(ridge)
         self.deq_options = _deq_options(deq_options)  # one DEQOptions value, validated once
@@ -92,7 +93,7 @@ class DeepFrameNet(nn.Module):
         return self.architecture.global_frame([m.weight for m in self.layers], normalize_atoms=False)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The codes ``[w_1, ..., w_l]`` after ``iterations`` steps (or at the equilibrium)."""
+        """The codes ``[w_1, ..., w_l]`` after ``max_iter`` steps (or at the equilibrium)."""
         d0 = math.prod(self.architecture.input_shape)
         if x.dim() < 2 or math.prod(x.shape[1:]) != d0:
             raise ValidationError(
@@ -101,7 +102,7 @@ class DeepFrameNet(nn.Module):
         x = x.reshape(x.shape[0], d0)
         frames, lams = self.layer_frames(), self.lambdas()
         codes = feed_forward(x, frames, lams, structure=self.structure, skip=self.architecture.skip)
-        if self.iterations == 1 and self.solver == "apg":
+        if self.max_iter == 1 and self.solver == "apg":
             return codes
         frame = assemble_global_frame(frames, structure=self.structure, normalize_atoms=False,
                                       skip=self.architecture.skip)
@@ -112,7 +113,7 @@ class DeepFrameNet(nn.Module):
             torch.cat(lams),
             w0=torch.cat(codes, dim=-1),
             solver=self.solver,
-            iterations=self.iterations - 1,
+            max_iter=self.max_iter - 1,
             ridge=self.ridge,
             deq_options=self.deq_options,
         )
@@ -131,5 +132,5 @@ class DeepFrameNet(nn.Module):
         a = self.architecture
         return (
             f"kind={a.kind!r}, structure={a.structure!r}, input_shape={a.input_shape}, widths={a.widths}, "
-            f"skip={a.skip}, iterations={self.iterations}, solver={self.solver!r}, ridge={self.ridge}"
+            f"skip={a.skip}, max_iter={self.max_iter}, solver={self.solver!r}, ridge={self.ridge}"
         )

@@ -148,18 +148,21 @@ def apg(
     lam: torch.Tensor,
     *,
     w0: torch.Tensor | None = None,
-    iterations: int = 100,
+    max_iter: int = 100,
     step: float | torch.Tensor | None = None,
     ridge: float = 0.0,
 ) -> torch.Tensor:
-    """``iterations`` FISTA steps on ``min_{w >= 0} F`` from ``w0`` (default 0); differentiable (unrolled)."""
-    if iterations < 0:
-        raise ValidationError(f"iterations must be >= 0, got {iterations}")
+    """``max_iter`` FISTA steps on ``min_{w >= 0} F`` from ``w0`` (default 0); differentiable (unrolled).
+
+    ``max_iter`` is the papers' iteration count of inference beyond the feed-forward pass (``T - 1``): exactly
+    that many steps are taken (no early stop, so the unrolled graph has a fixed depth)."""
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValidationError(f"apg: max_iter must be an int >= 0, got {max_iter!r}")
     if step is None:
         step = 1.0 / lipschitz_constant(B, ridge=ridge)
     w_prev = x_tilde.new_zeros(x_tilde.shape[0], B.shape[1]) if w0 is None else w0
     y = w_prev
-    for k in range(iterations):
+    for k in range(max_iter):
         w = prox_grad_step(y, x_tilde, B, lam, step, ridge=ridge)
         y = w + fista_momentum(k) * (w - w_prev)
         w_prev = w
@@ -184,17 +187,17 @@ def solve_sparse_coding(
     *,
     w0: torch.Tensor | None = None,
     solver: str = "apg",
-    iterations: int = 100,
+    max_iter: int = 100,
     ridge: float = 0.0,
     deq_options: "DEQOptions | dict | None" = None,
 ) -> torch.Tensor:
-    """Exact inference: ``apg`` (``iterations`` unrolled FISTA steps) or ``deq`` (fixed point of the
+    """Exact inference: ``apg`` (``max_iter`` unrolled FISTA steps, the papers' ``T - 1``) or ``deq`` (fixed point of the
     proximal-gradient map by ``iterlayers.deq_solve``, implicit gradients; ``deq_options``: a DEQOptions, or
     a dict of its fields applied over :data:`SPARSE_CODING_OPTIONS`)."""
     if solver not in SOLVERS:
         raise ValidationError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if solver == "apg":
-        return apg(x_tilde, B, lam, w0=w0, iterations=iterations, ridge=ridge)
+        return apg(x_tilde, B, lam, w0=w0, max_iter=max_iter, ridge=ridge)
     step = 1.0 / lipschitz_constant(B, ridge=ridge)
     z0 = x_tilde.new_zeros(x_tilde.shape[0], B.shape[1]) if w0 is None else w0.detach()
     return deq_solve(lambda z: prox_grad_step(z, x_tilde, B, lam, step, ridge=ridge), z0,
