@@ -239,5 +239,5 @@ def test_fista_momentum_is_beck_teboulle_and_shared():
     B = torch.eye(3, dtype=torch.float64)
     x = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
     lam = torch.zeros(3, dtype=torch.float64)
-    one = apg(x, B, lam, iterations=1, step=0.5)
+    one = apg(x, B, lam, max_iter=1, step=0.5)
     torch.testing.assert_close(one, prox_grad_step(torch.zeros(1, 3, dtype=torch.float64), x, B, lam, 0.5))

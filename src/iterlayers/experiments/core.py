@@ -30,10 +30,18 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
+import iterlayers as il
 from iterlayers.analysis import fit_linear_rate
+from iterlayers.data import load_digits
+from iterlayers.experiments.claims import (Threshold, claims_markdown, fmt, make_claim, mode_of, new_figure,
+                                           read_metrics, sanity_check, sanity_markdown, save_figure, seed_interval,
+                                           write_metrics)
+from iterlayers.models.deq_mlp import DEQMLP
+from iterlayers.training import TrainConfig, train
 
 __all__ = ["run", "settings"]
 
@@ -52,7 +60,6 @@ def settings(*, quick: bool, tiny: bool) -> dict:
 
 def _solver_traces(f, z0: torch.Tensor, *, atol: float, max_iter: int) -> dict:
     """Picard, Anderson and Broyden on ``z = f(z)`` from ``z0``: residual traces and iteration counts."""
-    import iterlayers as il
 
     out = {}
     for name in ("picard", "anderson", "broyden"):
@@ -83,7 +90,6 @@ def _banach_ratio(trace: torch.Tensor, lipschitz: float, atol: float) -> float:
 
 def _gradient_check(model, x: torch.Tensor, y: torch.Tensor, *, max_iter: int) -> float:
     """Relative difference between implicit and unrolled parameter gradients of the loss, in float64."""
-    from iterlayers.models.deq_mlp import DEQMLP
 
     grads = {}
     for mode in ("implicit", "unrolled"):
@@ -99,7 +105,6 @@ def _gradient_check(model, x: torch.Tensor, y: torch.Tensor, *, max_iter: int) -
 
 
 def _plot_residuals(traces: dict, lipschitz: float, atol: float, path: Path) -> None:
-    from iterlayers.experiments.claims import new_figure, save_figure
 
     fig, (ax,) = new_figure(1, 6.4, 4.2)
     colors = {"picard": "tab:blue", "anderson": "tab:orange", "broyden": "tab:green"}
@@ -125,9 +130,7 @@ def _plot_residuals(traces: dict, lipschitz: float, atol: float, path: Path) -> 
 
 def _plot_training(history: dict, path: Path) -> None:
     """Test accuracy per epoch, mean over seeds with the min-max band, for DEQ, MLP and the control."""
-    import numpy as np
 
-    from iterlayers.experiments.claims import new_figure, save_figure
 
     fig, (a1, a2) = new_figure(2, 4.6, 3.6)
     styles = {"deq": ("o-", "DEQ"), "mlp": ("s--", "explicit MLP"), "control": ("x:", "DEQ, permuted labels")}
@@ -154,7 +157,6 @@ def _plot_training(history: dict, path: Path) -> None:
 
 def _table(m: dict) -> str:
     """``table.md``, rendered from the metrics alone."""
-    from iterlayers.experiments.claims import claims_markdown, fmt, sanity_markdown
 
     s = m["settings"]
     lines = [
@@ -183,7 +185,6 @@ def _table(m: dict) -> str:
 
 def _permuted_label_file(path: Path, data, seed: int) -> Path:
     """The digits split with its training labels permuted (the control's data: inputs kept, labels uninformative)."""
-    import numpy as np
 
     g = torch.Generator().manual_seed(10_000 + seed)
     perm = torch.randperm(len(data.y_train), generator=g)
@@ -194,10 +195,6 @@ def _permuted_label_file(path: Path, data, seed: int) -> Path:
 
 def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> dict:
     """Train over seeds, solve, check gradients; write ``metrics.json``, ``table.md`` and figures into ``out``."""
-    from iterlayers.data import load_digits
-    from iterlayers.experiments.claims import (Threshold, make_claim, mode_of, sanity_check, seed_interval,
-                                               write_metrics)
-    from iterlayers.training import TrainConfig, train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -322,7 +319,6 @@ def run(*, out: Path, quick: bool = True, tiny: bool = False, seed: int = 0) -> 
         "history": history,
     }
     write_metrics(out, metrics, settings=s, mode=mode, claims=claims, sanity_checks=sanity)
-    from iterlayers.experiments.claims import read_metrics
 
     metrics = read_metrics(out)
     _plot_residuals(traces0, lipschitz, solve_atol, out / "residuals.png")

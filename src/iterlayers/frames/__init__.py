@@ -24,7 +24,7 @@ from .deep_potential import (
 from .global_frame import STRUCTURES, GlobalFrame, assemble_global_frame, conv_matrix
 from .networks import DeepFrameNet
 from .sparse_coding import (
-    SOLVERS,
+    SPARSE_CODING_SOLVERS,
     apg,
     feed_forward,
     kkt_residual,
@@ -50,6 +50,6 @@ __all__ = [
     "deep_frame_potential_lower_bound", "global_frame_potential", "minimize_deep_frame_potential",
     "STRUCTURES", "GlobalFrame", "assemble_global_frame", "conv_matrix", "frame_potential",
     "frame_potential_lower_bound", "gram_matrix", "mutual_coherence", "normalize_columns", "welch_bound",
-    "DeepFrameNet", "SOLVERS", "apg", "feed_forward", "kkt_residual", "lipschitz_constant", "objective",
+    "DeepFrameNet", "SPARSE_CODING_SOLVERS", "apg", "feed_forward", "kkt_residual", "lipschitz_constant", "objective",
     "objective_gradient", "pad_input", "prox_grad_step", "solve_sparse_coding",
 ]

@@ -153,7 +153,7 @@ class FrameArchitecture:
 
     @functools.cached_property
     def _conv(self):
-        from .conv import ConvFrameArchitecture
+        from .conv import ConvFrameArchitecture  # conv.py builds on this module: resolved at call time
 
         return ConvFrameArchitecture((self.input_shape[0], 1, 1), self.widths, kernel_size=1, stride=1,
                                      structure=self.structure, skip=self.skip)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .architecture import FrameArchitecture
 from .global_frame import GlobalFrame, assemble_global_frame
-from .sparse_coding import SOLVERS, _deq_options, feed_forward, pad_input, solve_sparse_coding
+from .sparse_coding import SPARSE_CODING_SOLVERS, _deq_options, feed_forward, pad_input, solve_sparse_coding
 from iterlayers.errors import OptionTypeError, ValidationError
 
 __all__ = ["DeepFrameNet"]
@@ -51,8 +51,8 @@ class DeepFrameNet(nn.Module):
             raise OptionTypeError(f"architecture must be a FrameArchitecture, got {type(architecture).__name__}")
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise ValidationError(f"DeepFrameNet: max_iter must be an int >= 1, got {max_iter!r}")
-        if solver not in SOLVERS:
-            raise ValidationError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        if solver not in SPARSE_CODING_SOLVERS:
+            raise ValidationError(f"solver must be one of {SPARSE_CODING_SOLVERS}, got {solver!r}")
         if not (isinstance(num_classes, int) and num_classes >= 2):
             raise ValidationError(f"num_classes must be an int >= 2, got {num_classes!r}")
         if ridge < 0:

@@ -43,7 +43,7 @@ from .global_frame import STRUCTURES
 from iterlayers.errors import ValidationError
 
 __all__ = [
-    "SOLVERS",
+    "SPARSE_CODING_SOLVERS",
     "pad_input",
     "objective",
     "objective_gradient",
@@ -55,7 +55,7 @@ __all__ = [
     "solve_sparse_coding",
 ]
 
-SOLVERS = ("apg", "deq")
+SPARSE_CODING_SOLVERS = ("apg", "deq")
 
 
 def pad_input(x: torch.Tensor, total_rows: int) -> torch.Tensor:
@@ -194,8 +194,8 @@ def solve_sparse_coding(
     """Exact inference: ``apg`` (``max_iter`` unrolled FISTA steps, the papers' ``T - 1``) or ``deq`` (fixed point of the
     proximal-gradient map by ``iterlayers.deq_solve``, implicit gradients; ``deq_options``: a DEQOptions, or
     a dict of its fields applied over :data:`SPARSE_CODING_OPTIONS`)."""
-    if solver not in SOLVERS:
-        raise ValidationError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if solver not in SPARSE_CODING_SOLVERS:
+        raise ValidationError(f"solver must be one of {SPARSE_CODING_SOLVERS}, got {solver!r}")
     if solver == "apg":
         return apg(x_tilde, B, lam, w0=w0, max_iter=max_iter, ridge=ridge)
     step = 1.0 / lipschitz_constant(B, ridge=ridge)
