@@ -337,3 +337,47 @@ def test_nfe_counts_every_evaluation_of_f(solver, opts):
     with torch.no_grad():
         true_res = (cell(sol.z, x) - sol.z).norm(dim=1)
     torch.testing.assert_close(sol.stats.abs_residual, true_res, rtol=1e-6, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", ["per_sample", "joint", "device", "excluded"])
+def test_anderson_never_reads_history_slots_it_has_not_written(monkeypatch, mode):
+    # Anderson's histories are allocated uninitialised: filled with NaN instead of zeros, every result must be
+    # bitwise the same (a read of an unwritten slot would turn a row into NaN or change its iterate).
+    torch.manual_seed(3)
+    A = 0.15 * torch.randn(6, 10, 10, dtype=torch.float64)
+    c = torch.randn(6, 10, dtype=torch.float64) * torch.logspace(-3, 1, 6, dtype=torch.float64).unsqueeze(1)
+    # (samples converge at different steps)
+    if mode == "excluded":
+        c[2, 0] = float("nan")
+
+    def f(z, aa, cc):
+        return torch.tanh(torch.einsum("bij,bj->bi", aa, z) + cc)
+
+    kw = dict(solver="anderson", m=4, atol=1e-9, rtol=0.0, max_iter=60, on_failure="ignore", args=(A, c),
+              stopping="joint" if mode == "joint" else "per_sample")
+    runs = {}
+    for fill in (0.0, float("nan")):
+        orig = torch.Tensor.new_empty
+
+        def new_empty(self, *size, _fill=fill, **k):
+            return orig(self, *size, **k).fill_(_fill)
+
+        monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
+        if mode == "device":
+            from iterlayers.solvers import LoopOptions, make_solver, run_loop
+
+            z, st = run_loop(f, torch.zeros_like(c), solver=make_solver("anderson", {"m": 4}), args=(A, c),
+                             stopping="per_sample",
+                             options=LoopOptions(atol=1e-9, rtol=0.0, max_iter=60, on_failure="ignore",
+                                                 check_every=3))
+        else:
+            z, st = il.solve(f, torch.zeros_like(c), **kw)
+        monkeypatch.setattr(torch.Tensor, "new_empty", orig)
+        runs["nan" if fill != fill else "zero"] = (z, st)
+    (z0, s0), (zn, sn) = runs["zero"], runs["nan"]
+    assert torch.equal(torch.nan_to_num(z0, nan=7.0), torch.nan_to_num(zn, nan=7.0))
+    assert torch.equal(s0.nstep, sn.nstep) and torch.equal(s0.converged, sn.converged)
+    live = ~s0.diverged
+    assert bool(s0.converged[live].all())
+    if mode != "joint":  # the rows stopped at different steps, so later steps read a subset of the rows
+        assert int(s0.nstep.max()) > int(s0.nstep[live].min())
