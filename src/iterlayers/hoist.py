@@ -342,7 +342,7 @@ def cell_fingerprint(cell: nn.Module, modules: tuple | None = None) -> tuple:
             tuple([(k, v is None) for k, v in m._parameters.items()]),
             tuple([(k, v is None) for k, v in m._buffers.items()]),
             tuple([(k, v is None) for k, v in m._modules.items()]),
-            bool(m._forward_hooks or m._forward_pre_hooks),
+            _has_hooks(m),
         ))
     return tuple(parts)
 

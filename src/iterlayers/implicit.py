@@ -51,7 +51,7 @@ from .cells import submodules
 from .errors import (ConvergenceWarning, NonFiniteInputError, OptionTypeError, ShapeMismatchError, UnsupportedError,
                      ValidationError)
 from .hoist import cell_fingerprint, input_signature, split_cell
-from .solvers import (CONVERGED, ON_FAILURE, LoopOptions, SolverStats, StateSpec, make_chain, make_solver,
+from .solvers import (CONVERGED, LoopOptions, SolverStats, StateSpec, make_chain, make_solver,
                       report_failure, run_loop, solve_chain)
 from .unrolling import unroll
 

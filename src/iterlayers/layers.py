@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -11,11 +10,10 @@ import torch
 from torch import nn
 
 from . import _validate
-from . import _validate as V
 from . import cells
 from .analysis.regularization import jacobian_frobenius_penalty
 from .analysis.spectral import spectral_radius
-from .errors import OptionTypeError, ShapeMismatchError, UnsupportedError, ValidationError
+from .errors import OptionTypeError, ShapeMismatchError, ValidationError
 from .implicit import CellTraits, DEQOptions, _frozen_statistics, _rebind, _snapshot, deq_solve
 from .solvers import StateSpec
 from .unrolling import unroll
@@ -481,9 +479,9 @@ class Unrolled(nn.Module):
         if not callable(cell):
             raise OptionTypeError(f"cell must be a module or callable cell(z, x), got {type(cell).__name__}")
         self.cell = cell
-        self.max_iter = V.non_negative_int(max_iter, "max_iter", where="Unrolled")
-        self.damping = V.in_range(damping, "damping", where="Unrolled", low=0.0, high=1.0, low_open=True)
-        self.return_all = V.boolean(return_all, "return_all", where="Unrolled")
+        self.max_iter = _validate.non_negative_int(max_iter, "max_iter", where="Unrolled")
+        self.damping = _validate.in_range(damping, "damping", where="Unrolled", low=0.0, high=1.0, low_open=True)
+        self.return_all = _validate.boolean(return_all, "return_all", where="Unrolled")
         self.stats: dict = {"forward": None, "backward": None}
 
     def forward(self, x, z0=None):

@@ -25,7 +25,6 @@ Writes ``metrics.json``, ``table.md`` (rendered from the metrics), ``residuals.p
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path

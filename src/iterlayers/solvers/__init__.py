@@ -6,7 +6,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import _validate as v
 from ._loop import ON_FAILURE, FixedPointSolver, LoopOptions, StateSpec, report_failure, run_loop
 from .anderson import AndersonSolver
 from .broyden import BroydenSolver
