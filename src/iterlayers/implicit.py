@@ -984,7 +984,7 @@ def implicit_backward(
 
     def adjoint(w):
         (vjp,) = torch.autograd.grad(fz, z_star, w * scale, retain_graph=True)
-        return vjp / scale + rhs
+        return torch.addcdiv(rhs, vjp, scale)  # vjp / scale + rhs in one pass
 
     loop = LoopOptions(atol=atol, rtol=rtol, max_iter=max_iter, on_failure=on_failure,
                        divergence_ratio=divergence_ratio, check_every=check_every, where="implicit_backward")

@@ -381,3 +381,23 @@ def test_anderson_never_reads_history_slots_it_has_not_written(monkeypatch, mode
     assert bool(s0.converged[live].all())
     if mode != "joint":  # the rows stopped at different steps, so later steps read a subset of the rows
         assert int(s0.nstep.max()) > int(s0.nstep[live].min())
+
+
+def test_anderson_refuses_a_stepping_row_it_holds_no_history_for():
+    # The histories are compacted to the stepping rows when per-sample stopping freezes samples; that rests
+    # on the set only shrinking. A step on a row dropped earlier (or a same-size but different set) must
+    # raise instead of mixing an uninitialised history.
+    from iterlayers.solvers import make_solver
+
+    s = make_solver("anderson", {"m": 3})
+    z = torch.randn(4, 5, dtype=F64)
+    state = s.init(z, torch.tanh(z))
+    f = torch.tanh
+    s.step(state, z, f(z), None, f)
+    keep = torch.tensor([0, 2, 3])
+    z_new, _ = s.step(state, z[keep], f(z[keep]), keep, f)
+    assert state["G"].shape[0] == 3  # compacted to the stepping rows
+    with pytest.raises(RuntimeError, match="no history"):
+        s.step(state, z[[0, 1]], f(z[[0, 1]]), torch.tensor([0, 1]), f)
+    with pytest.raises(RuntimeError, match="without shrinking"):
+        s.step(state, z[[0, 1, 2]], f(z[[0, 1, 2]]), torch.tensor([0, 1, 2]), f)

@@ -145,7 +145,11 @@ def is_converged(residual: torch.Tensor, fnorm: torch.Tensor | None, atol: float
     """
     if rtol == 0 or fnorm is None:
         return residual <= atol  # NaN and inf fail this already
-    return (residual <= atol + rtol * fnorm) & (residual < math.inf)  # NaN fails both; a norm is never -inf
+    tol = rtol * fnorm if atol == 0 else rtol * fnorm + atol
+    # The tolerance capped at the largest finite value: an infinite ||f|| then leaves a finite bound that an
+    # infinite residual fails, a NaN one stays NaN (fails), and a NaN residual fails any bound; three kernels
+    # instead of a separate finiteness test's two more.
+    return residual <= tol.clamp_max_(torch.finfo(tol.dtype).max)
 
 
 @dataclass
@@ -662,6 +666,8 @@ class _Loop:
         self.info["stopping"] = {"joint": "joint", "per_sample": "per_sample",
                                  "verify": "per_sample (no row stopped early)"}[stopping]
         self.full_out = None  # closure path: the last whole-batch output, frozen rows included
+        self._sliced = None  # (idx, args at idx) of the last sub-batch evaluation
+        self._stepped = None  # (idx, z rows, z, f(z), f rows) stored by the last sub-batch step
         self.probe, self.probe_out = None, None  # sliced path: frozen rows evaluated with the first sub-batch
         self.sub_batched = False  # some step ran on a strict subset of the system
         self.final_checked = False
@@ -706,12 +712,22 @@ class _Loop:
                 flat = self._flat(out, both.numel(), check)
                 self.probe_out = flat[n:]
                 return flat[:n]
-            out = self.f(spec.unflatten(zr), *_slice_args(self.args, idx, B), **self.kwargs)
+            out = self.f(spec.unflatten(zr), *self.sliced_args(idx), **self.kwargs)
             return self._flat(out, idx.numel(), check)
         zz = zfull.index_copy(0, idx, zr)
         flat = self._flat(self.f(spec.unflatten(zz), *self.args, **self.kwargs), B, check)
         self.full_out = flat
         return flat.index_select(0, idx)
+
+    def sliced_args(self, idx: torch.Tensor) -> tuple:
+        """The batched args at rows ``idx``, gathered once per stepping set: the set changes only when samples
+        freeze, so most iterations reuse the last gather (checked equal, not assumed)."""
+        last = self._sliced
+        if last is not None and last[0].numel() == idx.numel() and torch.equal(last[0], idx):
+            return last[1]
+        sliced = _slice_args(self.args, idx, self.B)
+        self._sliced = (idx, sliced)
+        return sliced
 
     def _flat(self, out, n: int, check: bool) -> torch.Tensor:
         spec = self.spec
@@ -759,8 +775,11 @@ class _Loop:
         self.converged = is_converged(r, fn, self.atol, self.rtol) & ~self.diverged
         self.best_res = torch.where(self.diverged, inf, r)
         # best_z / best_fz are the current z / fz themselves while every sample's best iterate is its current
-        # one (the usual case for a converging solve), so tracking the best costs no copy.
+        # one (the usual case for a converging solve), so tracking the best costs no copy. Per-sample stopping
+        # keeps them lazily (None): row i's best is z[i] where best_is_last[i], else saved_z[i], a private
+        # buffer into which a row is copied at the step it stops being its best (see best()).
         self.best_z, self.best_fz = z, fz
+        self.saved_z = self.saved_fz = None
         self.best_is_last = torch.ones(B, dtype=torch.bool, device=z.device)
         self.nstep = torch.zeros(B, dtype=torch.long, device=z.device)
         self.trace = [r.clone()] if self.return_trace else None
@@ -845,9 +864,10 @@ class _Loop:
                 # Every step so far ran on the whole system, so fz is f(z) evaluated in the whole batch.
                 self.probe = self._probe_idx = self.probe_rows()
                 self._probe_ref = None if self.probe is None else (rows(z, self.probe), rows(fz, self.probe))
+            zr, fr = self.stepping_rows(idx)
             try:
                 z_new, fz_new = self.solver.step(
-                    self.state, rows(z, idx), rows(fz, idx), idx, lambda zz, _i=idx, _z=z: self.evaluate(zz, _i, _z)
+                    self.state, zr, fr, idx, lambda zz, _i=idx, _z=z: self.evaluate(zz, _i, _z)
                 )
             except (RuntimeError, IndexError, ValueError) as err:
                 if not (partial and self.verify and not self.final_checked) or isinstance(err, ConvergenceError):
@@ -875,11 +895,23 @@ class _Loop:
                 self.finished = self.joint_update()
             else:
                 self.sub_batched |= partial
-                self.per_sample_update(idx, r_new, fn_new, partial, first)
+                self.per_sample_update(idx, r_new, fn_new, partial, first, z, fz)
             if self.it in self.keep:
                 self.kept[self.it] = self.z  # never modified in place: the loop replaces, it does not write
             if self.return_trace:
                 self.trace.append(self.last_res.clone())
+
+    def stepping_rows(self, idx):
+        """Rows ``idx`` of ``z`` and ``f(z)``: the last step's own outputs when it stepped the same rows and the
+        state is the one it stored (the usual case between two freezes; nothing replaced z since), else a
+        gather."""
+        if idx is None:
+            return self.z, self.fz
+        last = self._stepped
+        if (last is not None and last[2] is self.z and last[3] is self.fz and last[0].numel() == idx.numel()
+                and torch.equal(last[0], idx)):
+            return last[1], last[4]
+        return rows(self.z, idx), rows(self.fz, idx)
 
     def store(self, z, fz, idx, z_new, fz_new):
         """Put a step's rows ``idx`` (``None``: all) of ``z_new, f(z_new)`` and their residuals into the state;
@@ -890,6 +922,7 @@ class _Loop:
         else:
             self.z = z.index_copy(0, idx, z_new)
             self.fz = fz.index_copy(0, idx, fz_new)
+            self._stepped = (idx, z_new, self.z, self.fz, fz_new)  # (never written in place: see stepping_rows)
             self.last_res = self.last_res.index_copy(0, idx, r_new)
             if fn_new is not None:
                 self.last_fn = self.last_fn.index_copy(0, idx, fn_new)
@@ -988,8 +1021,18 @@ class _Loop:
         cand = torch.cat([(~self.done).nonzero().flatten(), (self.done & live).nonzero().flatten()])
         return cand[: max(1, self.n_sys // 8)] if cand.numel() else None
 
-    def per_sample_update(self, idx, r_new, fn_new, partial: bool, first: bool) -> None:
+    def best(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best iterate of every sample and ``f`` there (materialised from the lazy form if needed)."""
+        if self.best_z is None:
+            keep = self.best_is_last.unsqueeze(1)
+            # (every row that is not its own best has been written into saved_z / saved_fz)
+            self.best_z = torch.where(keep, self.z, self.saved_z)
+            self.best_fz = torch.where(keep, self.fz, self.saved_fz)
+        return self.best_z, self.best_fz
+
+    def per_sample_update(self, idx, r_new, fn_new, partial: bool, first: bool, z_prev, fz_prev) -> None:
         conv_new = is_converged(r_new, fn_new, self.atol, self.rtol)
+        was_best = self.best_is_last
         if idx is None:
             # Every sample took this step (the usual early iterations): no masks, no scatter.
             improved = r_new < self.best_res
@@ -1022,21 +1065,26 @@ class _Loop:
                 coupled = _disagree(self.probe_out, fp, zp, live, conv, self)
                 self.probe_out = self._probe_ref = None
             self.pending = False
+        # Rows whose best iterate is the one this step moved away from: copied into the saved buffers (a few
+        # rows, usually none), instead of two whole-batch selects of the best iterate per step.
+        lost = was_best & ~self.best_is_last
         # The one host sync of the iteration: counts of one stacked reduction, so "all"/"any" need no extra
         # reductions (in a whole-batch step best_is_last is improved: its count is improved's).
-        masks = [improved, self.done] if idx is None else [self.best_is_last, improved, self.done]
-        counts = torch.stack(masks).sum(1)
+        counts = torch.stack([self.best_is_last, lost, self.done]).sum(1)
         if coupled is not None:
             counts = torch.cat([counts, coupled.reshape(1).long()])
         flags = counts.tolist()
-        if idx is None:
-            flags.insert(0, flags[0])
+        if flags[1]:
+            rows_lost = lost.nonzero().flatten()
+            if self.saved_z is None:
+                # Uninitialised: a row is read only where best_is_last is false, i.e. after it was written here.
+                self.saved_z, self.saved_fz = torch.empty_like(z_prev), torch.empty_like(fz_prev)
+            self.saved_z.index_copy_(0, rows_lost, z_prev.index_select(0, rows_lost))
+            self.saved_fz.index_copy_(0, rows_lost, fz_prev.index_select(0, rows_lost))
         if flags[0] == self.B:
             self.best_z, self.best_fz = self.z, self.fz
-        elif flags[1]:
-            keep = improved.unsqueeze(1)
-            self.best_z = torch.where(keep, self.z, self.best_z)
-            self.best_fz = torch.where(keep, self.fz, self.best_fz)
+        else:
+            self.best_z = self.best_fz = None  # lazy: best() materialises them when asked
         self.n_active = self.B - flags[2]
         self.finished = self.n_active == 0
         if coupled is not None:
@@ -1051,8 +1099,9 @@ class _Loop:
     def restore_diverged(self) -> None:
         """Before a switch to joint stopping: samples that diverged go back to their best iterate."""
         keep = self.diverged.unsqueeze(1)
-        self.z = torch.where(keep, self.best_z, self.z)
-        self.fz = torch.where(keep, self.best_fz, self.fz)
+        best_z, best_fz = self.best()
+        self.z = torch.where(keep, best_z, self.z)
+        self.fz = torch.where(keep, best_fz, self.fz)
 
     def final_check(self) -> bool:
         """The end of a verified sliced solve: ``f`` on the whole system at the returned iterate, compared
@@ -1063,7 +1112,7 @@ class _Loop:
         if self.verified:
             self.info["stopping"] = "per_sample (verified by an earlier solve; probe passed)"
             return False
-        self.z, self.fz = self.best_z, self.best_fz
+        self.z, self.fz = self.best()
         f_sys = self.evaluate(rows(self.z, self.sys_idx), self.sys_idx, self.z)
         if not bool(self.disagree(f_sys, self.sys_idx)):
             self.info["stopping"] = "per_sample (verified)"
@@ -1121,7 +1170,7 @@ class _Loop:
 
     # -- result --------------------------------------------------------------------------------------------
     def result(self):
-        out_z, best_fz, out_res = self.best_z, self.best_fz, self.best_res
+        (out_z, best_fz), out_res = self.best(), self.best_res
         if self.solver.verify_final:
             f_sys = self.evaluate(rows(out_z, self.sys_idx), self.sys_idx, out_z)
             best_fz = f_sys if self.sys_idx is None else torch.zeros_like(out_z).index_copy(0, self.sys_idx, f_sys)
