@@ -1069,7 +1069,7 @@ class _Loop:
         # rows, usually none), instead of two whole-batch selects of the best iterate per step.
         lost = was_best & ~self.best_is_last
         # The one host sync of the iteration: counts of one stacked reduction, so "all"/"any" need no extra
-        # reductions (in a whole-batch step best_is_last is improved: its count is improved's).
+        # reductions.
         counts = torch.stack([self.best_is_last, lost, self.done]).sum(1)
         if coupled is not None:
             counts = torch.cat([counts, coupled.reshape(1).long()])
