@@ -668,6 +668,7 @@ class _Loop:
         self.full_out = None  # closure path: the last whole-batch output, frozen rows included
         self._sliced = None  # (idx, args at idx) of the last sub-batch evaluation
         self._stepped = None  # (idx, z rows, z, f(z), f rows) stored by the last sub-batch step
+        self._idx = None  # the stepping rows of per-sample stopping, recomputed when samples freeze
         self.probe, self.probe_out = None, None  # sliced path: frozen rows evaluated with the first sub-batch
         self.sub_batched = False  # some step ran on a strict subset of the system
         self.final_checked = False
@@ -721,9 +722,10 @@ class _Loop:
 
     def sliced_args(self, idx: torch.Tensor) -> tuple:
         """The batched args at rows ``idx``, gathered once per stepping set: the set changes only when samples
-        freeze, so most iterations reuse the last gather (checked equal, not assumed)."""
+        freeze, so most iterations reuse the last gather (the loop passes the same index object while the
+        set is unchanged; see iterate)."""
         last = self._sliced
-        if last is not None and last[0].numel() == idx.numel() and torch.equal(last[0], idx):
+        if last is not None and last[0] is idx:
             return last[1]
         sliced = _slice_args(self.args, idx, self.B)
         self._sliced = (idx, sliced)
@@ -855,8 +857,12 @@ class _Loop:
         while self.it < self.max_iter and not self.finished:
             if self.mode == "joint" or self.n_active == self.n_sys:
                 idx = self.sys_idx
+            elif self._idx is None or self._idx.numel() != self.n_active:
+                idx = self._idx = (~self.done).nonzero().flatten()
             else:
-                idx = (~self.done).nonzero().flatten()
+                # done only grows under per-sample stopping (a frozen row's flags are never rewritten), so the
+                # same count is the same set: the same index object, which the reuse below tests by identity.
+                idx = self._idx
             partial = self.mode == "per_sample" and self.n_active < self.n_sys
             first = partial and self.pending
             z, fz = self.z, self.fz
@@ -908,8 +914,7 @@ class _Loop:
         if idx is None:
             return self.z, self.fz
         last = self._stepped
-        if (last is not None and last[2] is self.z and last[3] is self.fz and last[0].numel() == idx.numel()
-                and torch.equal(last[0], idx)):
+        if last is not None and last[0] is idx and last[2] is self.z and last[3] is self.fz:
             return last[1], last[4]
         return rows(self.z, idx), rows(self.fz, idx)
 
