@@ -33,6 +33,11 @@ converged or not), the training loop passing ``DEQ(u, z0=cached)``. iterlayers +
 adjoint): also the adjoint ``u`` of each sample (``layer.stats["adjoint"]``) in a second cache, passed back as
 ``DEQ(u, z0=..., adjoint_start=...)`` when every sample of the batch hits.
 
+iterlayers (joint stopping): the same DEQ with ``stopping="joint"``: every row iterates until all pass (here: to
+``max_iter``), no sub-batches. ``--seeds N`` repeats every case over N seeds (initialisation and batch order)
+and reports, per configuration, the epoch CPU ratio to torchdeq and the test-accuracy difference to torchdeq
+paired by seed, each with a 95% t-interval; the table shows seed 0.
+
 The cell-work floor (per case): one evaluation of the trained cell on a batch of 64 without a graph, and one
 vector-Jacobian product through it, timed after training (median of 30, interleaved); torchdeq's cell calls
 per epoch times the first plus its adjoint iterations times the second, divided by torchdeq's epoch time, is
@@ -122,7 +127,7 @@ class Run:
     """One configuration being trained: its model copy, optimiser, counters and per-epoch records."""
 
     def __init__(self, name: str, base: Net, lib: str, tol: float, max_iter: int, cache: FixedPointCache | None,
-                 adjoint_cache: FixedPointCache | None = None):
+                 adjoint_cache: FixedPointCache | None = None, stopping: str = "auto"):
         self.name, self.lib, self.cache, self.adjoint_cache = name, lib, cache, adjoint_cache
         self.net = copy.deepcopy(base)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
@@ -131,7 +136,7 @@ class Run:
         if lib == "iterlayers":
             self.deq = il.DEQ(self.net.cell, solver="anderson", solver_options={"m": 5}, atol=0.0, rtol=tol,
                               max_iter=max_iter, backward_solver="anderson", backward_atol=0.0, backward_rtol=tol,
-                              backward_max_iter=max_iter, on_failure="ignore")
+                              backward_max_iter=max_iter, on_failure="ignore", stopping=stopping)
         else:
             self.deq = get_deq(ift=True, f_solver="anderson", f_max_iter=max_iter, f_tol=tol, f_stop_mode="rel",
                                b_solver="anderson", b_max_iter=max_iter, b_tol=tol, b_stop_mode="rel")
@@ -215,57 +220,27 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer epochs (under 3 minutes on 2 cores)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="CPU threads of torch (see the module docstring)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat every case over this many seeds (initialisation and "
+                   "batch order) and report intervals of the ratios and of the accuracy difference to torchdeq")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     allocator = pin_allocator()
     epochs = a.epochs or (3 if a.quick else 10)
     batch = 64
     xtr, ytr, xte, yte = digits()
-    steps_per_epoch = -(-len(ytr) // batch)
-    rows, caches = [], {}
+    rows, caches, seeds = [], {}, {}
     for case, (kind, tol, max_iter) in CASES.items():
-        base = Net(kind)
-        # Under shuffling two visits of a sample are 1 to 2 * steps_per_epoch - 1 steps apart.
-        cache = caches[case] = FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch)
-        runs = [Run("torchdeq", base, "torchdeq", tol, max_iter, None),
-                Run("iterlayers", base, "iterlayers", tol, max_iter, None),
-                Run("iterlayers + cache", base, "iterlayers", tol, max_iter, cache),
-                Run("iterlayers + cache (forward and adjoint)", base, "iterlayers", tol, max_iter,
-                    FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch),
-                    FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch))]
-        gen = torch.Generator().manual_seed(0)
-        for e in range(epochs):
-            order = torch.randperm(len(ytr), generator=gen)
-            # Round-robin by epoch, the starting configuration rotating, so none always runs first.
-            for r in runs[e % len(runs):] + runs[:e % len(runs)]:
-                r.epoch(xtr, ytr, order, batch, e * steps_per_epoch)
-        case_rows = []
-        for r in runs:
-            later = r.epochs[1:] if len(r.epochs) > 1 else r.epochs
-            case_rows.append({
-                "case": case, "config": r.name, "tol": tol, "max_iter": max_iter,
-                "epoch_wall_s": statistics.median(ep["wall_s"] for ep in later),
-                "epoch_cpu_s": statistics.median(ep["cpu_s"] for ep in later),
-                "fwd_nfe_per_epoch": statistics.median(ep["fwd_nfe"] for ep in later),
-                "bwd_nfe_per_epoch": statistics.median(ep["bwd_nfe"] for ep in later),
-                "first_loss": r.epochs[0]["train_loss"], "final_loss": r.epochs[-1]["train_loss"],
-                "test_acc": r.accuracy(xte, yte), "epochs": r.epochs,
-                **{f"{ph}_converged": (None if later[0][f"{ph}_converged"] is None else
-                                       statistics.mean(ep[f"{ph}_converged"] for ep in later))
-                   for ph in ("forward", "backward")},
-            })
-        ref = case_rows[0]
-        floor = cell_work(runs[0].net, xtr[:batch])
-        ref["cell_work"] = floor
-        floor_s = ref["fwd_nfe_per_epoch"] * floor["eval_s"] + ref["bwd_nfe_per_epoch"] * floor["vjp_s"]
-        for row in case_rows:
-            row["floor_ratio"] = floor_s / ref["epoch_cpu_s"]
-            row["wall_ratio"] = row["epoch_wall_s"] / ref["epoch_wall_s"]
-            row["cpu_ratio"] = row["epoch_cpu_s"] / ref["epoch_cpu_s"]
-            row["fwd_nfe_ratio"] = row["fwd_nfe_per_epoch"] / ref["fwd_nfe_per_epoch"]
-        rows += case_rows
+        per_seed = []
+        for seed in range(a.seeds):
+            case_rows, cache = train_case(case, kind, tol, max_iter, seed, epochs, batch, xtr, ytr, xte, yte)
+            per_seed.append(case_rows)
+            if seed == 0:
+                rows += case_rows
+                caches[case] = cache
+        if a.seeds > 1:
+            seeds[case] = seed_summary(per_seed)
     stats = {case: c.stats() for case, c in caches.items()}
-    summary = {"rows": rows, "cache": stats, "threads": torch.get_num_threads(),
+    summary = {"rows": rows, "cache": stats, "seeds": seeds, "threads": torch.get_num_threads(),
                "settings": {"epochs": epochs, "batch": batch, "cases": CASES, "n_train": len(ytr),
                             "n_test": len(yte), "allocator": allocator, "quick": a.quick}}
     a.out.mkdir(parents=True, exist_ok=True)
@@ -288,6 +263,12 @@ def main(argv=None):
             md.append(f"Cell-work floor, {row['case']}: one evaluation {1e3 * w['eval_s']:.2f} ms, one VJP "
                       f"{1e3 * w['vjp_s']:.2f} ms (batch {batch}); at torchdeq's counts per epoch "
                       f"{row['floor_ratio']:.2f} of its epoch CPU time: the ratio a loop with no overhead would reach.")
+    for case, by_config in seeds.items():
+        for config, v in by_config.items():
+            (r, ri), (d, di) = v["cpu_ratio"], v["acc_minus_torchdeq"]
+            md.append(f"Over {v['n']} seeds, {case}, {config}: epoch CPU ratio to torchdeq {r:.2f} [{ri[0]:.2f}, "
+                      f"{ri[1]:.2f}]; test accuracy minus torchdeq's, paired by seed, {d:+.4f} [{di[0]:+.4f}, "
+                      f"{di[1]:+.4f}] (95% t-intervals).")
     for case, cs in stats.items():
         md.append(f"Cache, {case}: hit rate {cs['hit_rate']:.2f} over all lookups (epoch 1 is all misses), "
                   f"{cs['nbytes'] / 2**20:.2f} MB for {cs['capacity']} samples, mean forward iterations per "
@@ -298,6 +279,68 @@ def main(argv=None):
     (a.out / "training.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return summary
+
+
+def train_case(case, kind, tol, max_iter, seed, epochs, batch, xtr, ytr, xte, yte):
+    """Train every configuration of one case from the same weights (``seed``: initialisation and batch order);
+    returns the case's rows (first: torchdeq) and the forward cache of the "+ cache" configuration."""
+    steps_per_epoch = -(-len(ytr) // batch)
+    base = Net(kind, seed=seed)
+    # Under shuffling two visits of a sample are 1 to 2 * steps_per_epoch - 1 steps apart.
+    cache = FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch)
+    runs = [Run("torchdeq", base, "torchdeq", tol, max_iter, None),
+            Run("iterlayers", base, "iterlayers", tol, max_iter, None),
+            Run("iterlayers + cache", base, "iterlayers", tol, max_iter, cache),
+            Run("iterlayers + cache (forward and adjoint)", base, "iterlayers", tol, max_iter,
+                FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch),
+                FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch)),
+            Run("iterlayers (joint stopping)", base, "iterlayers", tol, max_iter, None, stopping="joint")]
+    gen = torch.Generator().manual_seed(seed)
+    for e in range(epochs):
+        order = torch.randperm(len(ytr), generator=gen)
+        # Round-robin by epoch, the starting configuration rotating, so none always runs first.
+        for r in runs[e % len(runs):] + runs[:e % len(runs)]:
+            r.epoch(xtr, ytr, order, batch, e * steps_per_epoch)
+    case_rows = []
+    for r in runs:
+        later = r.epochs[1:] if len(r.epochs) > 1 else r.epochs
+        case_rows.append({
+            "case": case, "config": r.name, "tol": tol, "max_iter": max_iter,
+            "epoch_wall_s": statistics.median(ep["wall_s"] for ep in later),
+            "epoch_cpu_s": statistics.median(ep["cpu_s"] for ep in later),
+            "fwd_nfe_per_epoch": statistics.median(ep["fwd_nfe"] for ep in later),
+            "bwd_nfe_per_epoch": statistics.median(ep["bwd_nfe"] for ep in later),
+            "first_loss": r.epochs[0]["train_loss"], "final_loss": r.epochs[-1]["train_loss"],
+            "test_acc": r.accuracy(xte, yte), "epochs": r.epochs,
+            **{f"{ph}_converged": (None if later[0][f"{ph}_converged"] is None else
+                                   statistics.mean(ep[f"{ph}_converged"] for ep in later))
+               for ph in ("forward", "backward")},
+        })
+    ref = case_rows[0]
+    floor = cell_work(runs[0].net, xtr[:batch])
+    ref["cell_work"] = floor
+    floor_s = ref["fwd_nfe_per_epoch"] * floor["eval_s"] + ref["bwd_nfe_per_epoch"] * floor["vjp_s"]
+    for row in case_rows:
+        row["floor_ratio"] = floor_s / ref["epoch_cpu_s"]
+        row["wall_ratio"] = row["epoch_wall_s"] / ref["epoch_wall_s"]
+        row["cpu_ratio"] = row["epoch_cpu_s"] / ref["epoch_cpu_s"]
+        row["fwd_nfe_ratio"] = row["fwd_nfe_per_epoch"] / ref["fwd_nfe_per_epoch"]
+    return case_rows, cache
+
+
+def seed_summary(per_seed: list[list[dict]]) -> dict:
+    """Per configuration over the seeds: the epoch CPU ratio to torchdeq and the test-accuracy difference to
+    torchdeq paired by seed, each as mean and 95% t-interval (``claims.seed_interval``)."""
+    from iterlayers.experiments.claims import seed_interval
+
+    out = {}
+    for i, row in enumerate(per_seed[0][1:], start=1):
+        ratio = [rs[i]["cpu_ratio"] for rs in per_seed]
+        dacc = [rs[i]["test_acc"] - rs[0]["test_acc"] for rs in per_seed]
+        out[row["config"]] = {"cpu_ratio": seed_interval(ratio), "acc_minus_torchdeq": seed_interval(dacc),
+                              "n": len(per_seed), "torchdeq_acc": [rs[0]["test_acc"] for rs in per_seed],
+                              "acc": [rs[i]["test_acc"] for rs in per_seed]}
+    return out
 
 
 def cell_work(net: Net, x: torch.Tensor, reps: int = 30) -> dict:
