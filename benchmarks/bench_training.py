@@ -191,7 +191,7 @@ class Run:
                 # Every finite row, converged or not: an iterate that ran out of iterations is still a far
                 # better start than zeros for the next visit (the solve still iterates to the tolerance).
                 self.cache.store(ids, z.detach(), step=step0 + k, mask=torch.isfinite(st.abs_residual))
-                self.cache.record(st.nstep, hit)
+                self.cache.record(st.nstep, hit, st.converged)
                 hits += int(hit.sum())
                 looked += len(ids)
             if self.adjoint_cache is not None and self.deq.stats.get("adjoint") is not None:
@@ -272,7 +272,9 @@ def main(argv=None):
     for case, cs in stats.items():
         md.append(f"Cache, {case}: hit rate {cs['hit_rate']:.2f} over all lookups (epoch 1 is all misses), "
                   f"{cs['nbytes'] / 2**20:.2f} MB for {cs['capacity']} samples, mean forward iterations per "
-                  f"sample warm {cs['mean_steps_warm']:.1f} vs cold {cs['mean_steps_cold']:.1f}.")
+                  f"sample warm {cs['mean_steps_warm']:.1f} vs cold {cs['mean_steps_cold']:.1f}; "
+                  f"{cs['warm_unconverged_rate']:.2f} of the warm-started samples ended at max_iter (their "
+                  f"results depend on the start).")
     md += ["", f"Digits 8x8, {len(ytr)} train / {len(yte)} test, {epochs} epochs (medians over epochs "
            f"2-{epochs}), batch {batch}, Adam 1e-3; Anderson forward and backward at the case's relative "
            f"tolerance; CPU threads {torch.get_num_threads()}; {allocator}."]

@@ -183,3 +183,36 @@ def test_docs_example_runs_as_written(capsys):
     exec(compile(text.split("```python\n")[1].split("```")[0], "docs/cache.md", "exec"), {})
     out = capsys.readouterr().out
     assert out.startswith("hit rate 0.67, iterations warm ")
+
+
+def test_warm_starts_that_end_unconverged_are_counted():
+    # At max_iter the returned state depends on the start, so a cache then changes results: the statistics
+    # must say how often (a silent change would be read as "the same answer, faster").
+    cell = TanhCell(16, norm=0.99, seed=1)
+    x = torch.randn(8, 16, dtype=torch.float64)
+    ids = torch.arange(8)
+    layer = il.DEQ(cell, solver="picard", atol=1e-12, rtol=0.0, max_iter=3, on_failure="ignore")
+    cache = FixedPointCache(capacity=8)
+    with torch.no_grad():
+        z0, hit = cache.lookup(ids, like=layer.initial_state(x), step=0)
+        z = layer(x, z0=z0)
+        st = layer.stats["forward"]
+        cache.record(st.nstep, hit, st.converged)
+        cache.store(ids, z, step=0)  # every row, converged or not (what the guarantee does not cover)
+        z0, hit = cache.lookup(ids, like=layer.initial_state(x), step=1)
+        assert bool(hit.all())
+        z_warm = layer(x, z0=z0)
+        st = layer.stats["forward"]
+        assert not bool(st.converged.any())  # 3 Picard steps cannot reach 1e-12 at rate 0.99
+        cache.record(st.nstep, hit, st.converged)
+        z_cold = layer(x)
+    s = cache.stats()
+    assert s["warm_unconverged"] == 8 and s["warm_unconverged_rate"] == 1.0
+    # and the results did change with the start (measured, not assumed)
+    assert float((z_warm - z_cold).abs().max()) > 1e-6
+    # a converged warm start is not counted
+    cache2 = FixedPointCache(capacity=8)
+    cache2.record(torch.full((8,), 2), torch.ones(8, dtype=torch.bool), torch.ones(8, dtype=torch.bool))
+    assert cache2.stats()["warm_unconverged"] == 0 and cache2.stats()["warm_unconverged_rate"] == 0.0
+    with pytest.raises(OptionTypeError, match="converged"):
+        cache2.record(torch.ones(2), torch.ones(2, dtype=torch.bool), torch.ones(3, dtype=torch.bool))

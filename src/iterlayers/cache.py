@@ -20,12 +20,14 @@ Usage (``ids`` are the dataset indices of the batch; a CPU integer tensor avoids
     z0, hit = cache.lookup(ids, like=layer.initial_state(x), step=step)
     z = layer(x, z0=z0)
     cache.store(ids, z, step=step, mask=layer.stats["forward"].converged)
-    cache.record(layer.stats["forward"].nstep, hit)
+    cache.record(layer.stats["forward"].nstep, hit, layer.stats["forward"].converged)
 
 Memory is one table of ``capacity`` rows of the flattened state, allocated at the first :meth:`store` on the
 state's device and dtype (``nbytes``); when it is full the least recently used entry is evicted. Statistics
 (:meth:`stats`): ``hits``, ``misses`` (never stored or evicted), ``stale`` (older than ``max_age``),
-``rejected`` (failed the residual check), ``evictions``, and, from what :meth:`record` was given, the mean
+``rejected`` (failed the residual check), ``evictions``, ``warm_unconverged`` (warm-started samples that ended
+at ``max_iter``, whose results depend on the start: see :meth:`record`) with its rate over the warm samples
+recorded with their flags, and, from what :meth:`record` was given, the mean
 iterations of warm and cold samples and the iterations saved, estimated as ``n_warm * (mean_cold -
 mean_warm)`` (an estimate: it assumes a warm sample would have needed the cold mean).
 
@@ -65,8 +67,9 @@ class FixedPointCache:
         self.free = list(range(self.capacity - 1, -1, -1))  # unused rows of the table (popped from the end)
         self.stored_at: list[int] = [0] * self.capacity  # step at which each row was stored
         self.step = 0  # the latest step given to store(): the clock of a lookup without step=
-        self.counts = dict(hits=0, misses=0, stale=0, rejected=0, evictions=0)
-        self.steps = dict(warm=0, n_warm=0, cold=0, n_cold=0)
+        self.counts = dict(hits=0, misses=0, stale=0, rejected=0, evictions=0, warm_unconverged=0)
+        # n_recorded_converged: warm samples recorded together with their converged flags
+        self.steps = dict(warm=0, n_warm=0, cold=0, n_cold=0, n_recorded_converged=0)
 
     # -- keys ----------------------------------------------------------------------------------------------
     def _ids(self, ids, batch: int | None, where: str) -> list[int]:
@@ -179,16 +182,31 @@ class FixedPointCache:
             src = flat.detach().index_select(0, torch.tensor(rows, device=flat.device))
             self.table.index_copy_(0, torch.tensor(slots, device=flat.device), src)
 
-    def record(self, nstep: torch.Tensor, hit: torch.Tensor) -> None:
+    def record(self, nstep: torch.Tensor, hit: torch.Tensor, converged: torch.Tensor | None = None) -> None:
         """Account the iterations ``nstep`` (``[B]``, e.g. ``stats.nstep``) of a solve started from
-        :meth:`lookup`'s ``hit`` mask: the basis of the iterations-saved estimate in :meth:`stats`."""
+        :meth:`lookup`'s ``hit`` mask: the basis of the iterations-saved estimate in :meth:`stats`.
+
+        ``converged`` (``[B]`` bool, e.g. ``stats.converged``): which samples met the tolerance. A warm-started
+        sample that did not (it stopped at ``max_iter``) returned a state that depends on where it started, so
+        the guarantee of the module docstring does not hold for it; :meth:`stats` counts these
+        (``warm_unconverged``) so that a cache changing results is visible, not silent."""
         if not (isinstance(nstep, torch.Tensor) and isinstance(hit, torch.Tensor) and hit.dtype == torch.bool
                 and nstep.shape == hit.shape and hit.dim() == 1):
             raise OptionTypeError(f"FixedPointCache.record: nstep and hit must be [B] tensors (hit bool), got "
                                   f"{_describe(nstep)} and {_describe(hit)}")
+        if converged is not None and not (isinstance(converged, torch.Tensor) and converged.dtype == torch.bool
+                                          and converged.shape == hit.shape):
+            raise OptionTypeError(f"FixedPointCache.record: converged must be a [B] bool tensor like hit, got "
+                                  f"{_describe(converged)}")
         n = nstep.to(torch.float64)
         h = hit.to(n.device)
-        warm, cold, n_warm = torch.stack([n[h].sum(), n[~h].sum(), h.sum().to(n.dtype)]).tolist()
+        parts = [n[h].sum(), n[~h].sum(), h.sum().to(n.dtype)]
+        if converged is not None:
+            parts.append((h & ~converged.to(h.device)).sum().to(n.dtype))
+        warm, cold, n_warm, *unconverged = torch.stack(parts).tolist()
+        if unconverged:
+            self.counts["warm_unconverged"] += int(unconverged[0])
+            self.steps["n_recorded_converged"] += int(n_warm)
         self.steps["warm"] += warm
         self.steps["cold"] += cold
         self.steps["n_warm"] += int(n_warm)
@@ -223,7 +241,9 @@ class FixedPointCache:
         mean_warm = s["warm"] / s["n_warm"] if s["n_warm"] else float("nan")
         mean_cold = s["cold"] / s["n_cold"] if s["n_cold"] else float("nan")
         saved = s["n_warm"] * (mean_cold - mean_warm) if s["n_warm"] and s["n_cold"] else float("nan")
+        checked = s["n_recorded_converged"]
         return {**c, "lookups": looked, "hit_rate": c["hits"] / looked if looked else 0.0, "entries": len(self),
+                "warm_unconverged_rate": c["warm_unconverged"] / checked if checked else float("nan"),
                 "capacity": self.capacity, "nbytes": self.nbytes, "mean_steps_warm": mean_warm,
                 "mean_steps_cold": mean_cold, "steps_saved_estimate": saved}
 
