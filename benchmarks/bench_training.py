@@ -185,7 +185,8 @@ class Run:
             loss_sum += float(loss.detach()) * len(ids)
             if self.lib == "iterlayers":
                 for phase in conv:
-                    conv[phase].append(float(self.deq.stats[phase].converged.float().mean()))
+                    if self.deq.stats.get(phase) is not None:  # (no adjoint solve: phantom or JFB gradients)
+                        conv[phase].append(float(self.deq.stats[phase].converged.float().mean()))
             if self.cache is not None:
                 st = self.deq.stats["forward"]
                 # Every finite row, converged or not: an iterate that ran out of iterations is still a far
