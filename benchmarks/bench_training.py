@@ -124,10 +124,11 @@ def digits(seed: int = 0):
 
 
 class Run:
-    """One configuration being trained: its model copy, optimiser, counters and per-epoch records."""
+    """One configuration being trained: its model copy, optimiser, counters and per-epoch records. ``options``:
+    further :class:`iterlayers.DEQ` options of an iterlayers configuration (``stopping=``, ``backward=``)."""
 
     def __init__(self, name: str, base: Net, lib: str, tol: float, max_iter: int, cache: FixedPointCache | None,
-                 adjoint_cache: FixedPointCache | None = None, stopping: str = "auto"):
+                 adjoint_cache: FixedPointCache | None = None, **options):
         self.name, self.lib, self.cache, self.adjoint_cache = name, lib, cache, adjoint_cache
         self.net = copy.deepcopy(base)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
@@ -136,7 +137,7 @@ class Run:
         if lib == "iterlayers":
             self.deq = il.DEQ(self.net.cell, solver="anderson", solver_options={"m": 5}, atol=0.0, rtol=tol,
                               max_iter=max_iter, backward_solver="anderson", backward_atol=0.0, backward_rtol=tol,
-                              backward_max_iter=max_iter, on_failure="ignore", stopping=stopping)
+                              backward_max_iter=max_iter, on_failure="ignore", **options)
         else:
             self.deq = get_deq(ift=True, f_solver="anderson", f_max_iter=max_iter, f_tol=tol, f_stop_mode="rel",
                                b_solver="anderson", b_max_iter=max_iter, b_tol=tol, b_stop_mode="rel")
