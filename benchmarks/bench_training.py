@@ -29,9 +29,11 @@ gradient; at the solution these differ by at most the factor ``||(I - J^T)^{-1}|
 
 iterlayers + cache: :class:`iterlayers.cache.FixedPointCache` keyed by dataset index (capacity = the training
 set, ``max_age`` = two epochs of steps (under shuffling, the previous visit), every finite row stored,
-converged or not), the training loop passing ``DEQ(u, z0=cached)``. iterlayers + cache (forward and
-adjoint): also the adjoint ``u`` of each sample (``layer.stats["adjoint"]``) in a second cache, passed back as
-``DEQ(u, z0=..., adjoint_start=...)`` when every sample of the batch hits.
+converged or not), the training loop passing ``DEQ(u, z0=cached)``. iterlayers + cache (converged rows): the
+same, storing only the rows whose solve met the tolerance (``mask=stats.converged``), so every warm start is
+an equilibrium of earlier weights. iterlayers + cache (forward and adjoint): also the adjoint ``u`` of each
+sample (``layer.stats["adjoint"]``) in a second cache, passed back as ``DEQ(u, z0=..., adjoint_start=...)``
+when every sample of the batch hits (both caches storing every finite row).
 
 iterlayers (joint stopping): the same DEQ with ``stopping="joint"``: every row iterates until all pass (here: to
 ``max_iter``), no sub-batches. ``--seeds N`` repeats every case over N seeds (initialisation and batch order)
@@ -43,6 +45,11 @@ vector-Jacobian product through it, timed after training (median of 30, interlea
 per epoch times the first plus its adjoint iterations times the second, divided by torchdeq's epoch time, is
 the ratio a library with no overhead at all (no solver arithmetic, no bookkeeping, no Python) would reach at
 torchdeq's evaluation counts. Where it is near the target, only fewer or cheaper evaluations could meet it.
+The Anderson floor adds, per iteration at torchdeq's counts, the CPU time of the bare Anderson(m=5) update of
+the same state (:func:`bare_anderson`: the two history writes, the Gram row, the small solve, the mix, the two
+norms of a relative test, and nothing else), timed between real cell evaluations: the ratio a loop doing only
+the cell and that arithmetic would reach. Where it is above the target, no eager-PyTorch Anderson loop at
+these iteration counts meets it on this machine; only fewer iterations or fused kernels could.
 
 Reported per configuration: epoch time (median of the epochs after the first; wall and process CPU time),
 forward evaluations of the cell per epoch (counted by a hook on the cell's first convolution, the same count
@@ -128,8 +135,9 @@ class Run:
     further :class:`iterlayers.DEQ` options of an iterlayers configuration (``stopping=``, ``backward=``)."""
 
     def __init__(self, name: str, base: Net, lib: str, tol: float, max_iter: int, cache: FixedPointCache | None,
-                 adjoint_cache: FixedPointCache | None = None, **options):
+                 adjoint_cache: FixedPointCache | None = None, converged_only: bool = False, **options):
         self.name, self.lib, self.cache, self.adjoint_cache = name, lib, cache, adjoint_cache
+        self.converged_only = converged_only  # the forward cache stores converged rows only (else every finite row)
         self.net = copy.deepcopy(base)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3)
         self.calls = Counter(self.net.counted)
@@ -190,9 +198,10 @@ class Run:
                         conv[phase].append(float(self.deq.stats[phase].converged.float().mean()))
             if self.cache is not None:
                 st = self.deq.stats["forward"]
-                # Every finite row, converged or not: an iterate that ran out of iterations is still a far
-                # better start than zeros for the next visit (the solve still iterates to the tolerance).
-                self.cache.store(ids, z.detach(), step=step0 + k, mask=torch.isfinite(st.abs_residual))
+                # Every finite row, converged or not (an iterate that ran out of iterations is still a far
+                # better start than zeros), or only the converged ones (a start that is an equilibrium).
+                self.cache.store(ids, z.detach(), step=step0 + k,
+                                 mask=st.converged if self.converged_only else torch.isfinite(st.abs_residual))
                 self.cache.record(st.nstep, hit, st.converged)
                 hits += int(hit.sum())
                 looked += len(ids)
@@ -230,19 +239,17 @@ def main(argv=None):
     epochs = a.epochs or (3 if a.quick else 10)
     batch = 64
     xtr, ytr, xte, yte = digits()
-    rows, caches, seeds = [], {}, {}
+    rows, seeds = [], {}
     for case, (kind, tol, max_iter) in CASES.items():
         per_seed = []
         for seed in range(a.seeds):
-            case_rows, cache = train_case(case, kind, tol, max_iter, seed, epochs, batch, xtr, ytr, xte, yte)
+            case_rows = train_case(case, kind, tol, max_iter, seed, epochs, batch, xtr, ytr, xte, yte)
             per_seed.append(case_rows)
             if seed == 0:
                 rows += case_rows
-                caches[case] = cache
         if a.seeds > 1:
             seeds[case] = seed_summary(per_seed)
-    stats = {case: c.stats() for case, c in caches.items()}
-    summary = {"rows": rows, "cache": stats, "seeds": seeds, "threads": torch.get_num_threads(),
+    summary = {"rows": rows, "seeds": seeds, "threads": torch.get_num_threads(),
                "settings": {"epochs": epochs, "batch": batch, "cases": CASES, "n_train": len(ytr),
                             "n_test": len(yte), "allocator": allocator, "quick": a.quick}}
     a.out.mkdir(parents=True, exist_ok=True)
@@ -264,15 +271,23 @@ def main(argv=None):
             w = row["cell_work"]
             md.append(f"Cell-work floor, {row['case']}: one evaluation {1e3 * w['eval_s']:.2f} ms, one VJP "
                       f"{1e3 * w['vjp_s']:.2f} ms (batch {batch}); at torchdeq's counts per epoch "
-                      f"{row['floor_ratio']:.2f} of its epoch CPU time: the ratio a loop with no overhead would reach.")
+                      f"{row['floor_ratio']:.2f} of its epoch CPU time: the ratio a loop with no overhead would "
+                      f"reach. With the bare Anderson(m={w['m']}) arithmetic of each iteration added "
+                      f"({1e3 * w['anderson_step_s']:.2f} ms per iteration): {row['anderson_floor_ratio']:.2f}, the "
+                      f"ratio a loop doing nothing but the cell and the Anderson update would reach at torchdeq's "
+                      f"counts.")
     for case, by_config in seeds.items():
         for config, v in by_config.items():
             (r, ri), (d, di) = v["cpu_ratio"], v["acc_minus_torchdeq"]
             md.append(f"Over {v['n']} seeds, {case}, {config}: epoch CPU ratio to torchdeq {r:.2f} [{ri[0]:.2f}, "
                       f"{ri[1]:.2f}]; test accuracy minus torchdeq's, paired by seed, {d:+.4f} [{di[0]:+.4f}, "
                       f"{di[1]:+.4f}] (95% t-intervals).")
-    for case, cs in stats.items():
-        md.append(f"Cache, {case}: hit rate {cs['hit_rate']:.2f} over all lookups (epoch 1 is all misses), "
+    for row in rows:
+        cs = row["cache_stats"]
+        if cs is None:
+            continue
+        md.append(f"Cache, {row['case']}, {row['config']}: hit rate {cs['hit_rate']:.2f} over all lookups "
+                  f"(epoch 1 is all misses), "
                   f"{cs['nbytes'] / 2**20:.2f} MB for {cs['capacity']} samples, mean forward iterations per "
                   f"sample warm {cs['mean_steps_warm']:.1f} vs cold {cs['mean_steps_cold']:.1f}; "
                   f"{cs['warm_unconverged_rate']:.2f} of the warm-started samples ended at max_iter (their "
@@ -287,7 +302,7 @@ def main(argv=None):
 
 def train_case(case, kind, tol, max_iter, seed, epochs, batch, xtr, ytr, xte, yte):
     """Train every configuration of one case from the same weights (``seed``: initialisation and batch order);
-    returns the case's rows (first: torchdeq) and the forward cache of the "+ cache" configuration."""
+    returns the case's rows (first: torchdeq)."""
     steps_per_epoch = -(-len(ytr) // batch)
     base = Net(kind, seed=seed)
     # Under shuffling two visits of a sample are 1 to 2 * steps_per_epoch - 1 steps apart.
@@ -295,6 +310,8 @@ def train_case(case, kind, tol, max_iter, seed, epochs, batch, xtr, ytr, xte, yt
     runs = [Run("torchdeq", base, "torchdeq", tol, max_iter, None),
             Run("iterlayers", base, "iterlayers", tol, max_iter, None),
             Run("iterlayers + cache", base, "iterlayers", tol, max_iter, cache),
+            Run("iterlayers + cache (converged rows)", base, "iterlayers", tol, max_iter,
+                FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch), converged_only=True),
             Run("iterlayers + cache (forward and adjoint)", base, "iterlayers", tol, max_iter,
                 FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch),
                 FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch)),
@@ -316,6 +333,7 @@ def train_case(case, kind, tol, max_iter, seed, epochs, batch, xtr, ytr, xte, yt
             "bwd_nfe_per_epoch": statistics.median(ep["bwd_nfe"] for ep in later),
             "first_loss": r.epochs[0]["train_loss"], "final_loss": r.epochs[-1]["train_loss"],
             "test_acc": r.accuracy(xte, yte), "epochs": r.epochs,
+            "cache_stats": None if r.cache is None else r.cache.stats(),
             **{f"{ph}_converged": (None if later[0][f"{ph}_converged"] is None else
                                    statistics.mean(ep[f"{ph}_converged"] for ep in later))
                for ph in ("forward", "backward")},
@@ -324,12 +342,17 @@ def train_case(case, kind, tol, max_iter, seed, epochs, batch, xtr, ytr, xte, yt
     floor = cell_work(runs[0].net, xtr[:batch])
     ref["cell_work"] = floor
     floor_s = ref["fwd_nfe_per_epoch"] * floor["eval_s"] + ref["bwd_nfe_per_epoch"] * floor["vjp_s"]
+    # Anderson iterations at torchdeq's counts: per batch, its forward cell calls less the first evaluation and
+    # the differentiable one after the solve; every adjoint iteration.
+    iterations = max(0, ref["fwd_nfe_per_epoch"] - 2 * steps_per_epoch) + ref["bwd_nfe_per_epoch"]
+    anderson_floor_s = floor_s + iterations * floor["anderson_step_s"]
     for row in case_rows:
         row["floor_ratio"] = floor_s / ref["epoch_cpu_s"]
+        row["anderson_floor_ratio"] = anderson_floor_s / ref["epoch_cpu_s"]
         row["wall_ratio"] = row["epoch_wall_s"] / ref["epoch_wall_s"]
         row["cpu_ratio"] = row["epoch_cpu_s"] / ref["epoch_cpu_s"]
         row["fwd_nfe_ratio"] = row["fwd_nfe_per_epoch"] / ref["fwd_nfe_per_epoch"]
-    return case_rows, cache
+    return case_rows
 
 
 def seed_summary(per_seed: list[list[dict]]) -> dict:
@@ -347,9 +370,11 @@ def seed_summary(per_seed: list[list[dict]]) -> dict:
     return out
 
 
-def cell_work(net: Net, x: torch.Tensor, reps: int = 30) -> dict:
+def cell_work(net: Net, x: torch.Tensor, reps: int = 30, m: int = 5) -> dict:
     """Median CPU time of one no-graph evaluation of the cell and of one VJP through it, on the batch ``x``
-    at a state near the trained fixed point (a few plain iterations from zero), interleaved."""
+    at a state near the trained fixed point (a few plain iterations from zero), interleaved; and the CPU time
+    per iteration of a bare Anderson(``m``) solve of that state (:func:`bare_anderson`), timed between real
+    evaluations of the cell, so the histories are as cold in cache as in a solve."""
     net.eval()
     with torch.no_grad():
         u = net.inject(x)
@@ -368,8 +393,54 @@ def cell_work(net: Net, x: torch.Tensor, reps: int = 30) -> dict:
         c0 = time.process_time()
         torch.autograd.grad(fz, zg, v, retain_graph=True)
         vj.append(time.process_time() - c0)
+    with torch.no_grad():
+        steps = [bare_anderson(lambda zz: net.cell(zz.view_as(z), u).reshape(len(x), -1), z.reshape(len(x), -1),
+                               m=m, iters=30) for _ in range(max(3, reps // 6))]
     net.train()
-    return {"eval_s": statistics.median(ev), "vjp_s": statistics.median(vj)}
+    return {"eval_s": statistics.median(ev), "vjp_s": statistics.median(vj),
+            "anderson_step_s": statistics.median(steps), "m": m}
+
+
+def bare_anderson(f, z: torch.Tensor, m: int = 5, iters: int = 30, lam: float = 1e-4) -> float:
+    """Mean CPU time per iteration of the arithmetic every Anderson(m) iteration of a relative-tolerance
+    solve performs, without anything else (:func:`anderson_update`, then the two norms a relative stopping
+    test needs). No stopping logic, safeguard, best iterate or statistics; ``f``'s own time is excluded. Both
+    libraries perform at least this per iteration (torchdeq's Anderson is the same type-II update), so at
+    their iteration counts it bounds from below what any eager-PyTorch Anderson loop can cost on this
+    machine."""
+    b, n = z.shape
+    G, Y = z.new_empty(b, m, n), z.new_empty(b, m, n)
+    H = z.new_zeros(b, m, m, dtype=torch.float64)
+    eye, ones = torch.eye(m, dtype=torch.float64), z.new_ones(b, m, 1, dtype=torch.float64)
+    fz, spent = f(z), 0.0
+    for k in range(iters):
+        c0 = time.process_time()
+        z = anderson_update(G, Y, H, eye, ones, z, fz, k % m, min(k + 1, m), lam)
+        spent += time.process_time() - c0
+        fz = f(z)
+        c0 = time.process_time()
+        torch.linalg.vector_norm(fz - z, dim=1), torch.linalg.vector_norm(fz, dim=1)
+        spent += time.process_time() - c0
+    return spent / iters
+
+
+def anderson_update(G, Y, H, eye, ones, z, fz, slot: int, nh: int, lam: float) -> torch.Tensor:
+    """The next Anderson iterate from ``z, f(z)``, nothing else: ``g = f(z) - z`` and ``f(z)`` into ring slot
+    ``slot`` of the histories ``G, Y`` (``[b, m, n]``), the new row and column of the Gram matrix ``H``
+    (float64), the ridge-regularised mixing system over the ``nh`` stored entries, the mix. The same formulas as
+    :class:`iterlayers.solvers.AndersonSolver`'s fast path (``benchmarks/compile_probe.py`` compiles it)."""
+    g = torch.sub(fz, z, out=G[:, slot])
+    Y[:, slot] = fz
+    row = torch.bmm(g.unsqueeze(1), G[:, :nh].transpose(1, 2)).squeeze(1).to(torch.float64)
+    H[:, slot, :nh] = row
+    H[:, :nh, slot] = row
+    if nh == 1:
+        return fz
+    Hh = H[:, :nh, :nh]
+    scale = Hh.diagonal(dim1=1, dim2=2).amin(-1, keepdim=True)
+    a, _ = torch.linalg.solve_ex(torch.addcmul(Hh, scale.unsqueeze(-1), eye[:nh, :nh], value=lam), ones[:, :nh])
+    alpha = (a.squeeze(-1) / a.sum((1, 2)).unsqueeze(-1)).to(z.dtype)
+    return torch.bmm(alpha.unsqueeze(1), Y[:, :nh]).squeeze(1)
 
 
 def _fraction(v) -> str:

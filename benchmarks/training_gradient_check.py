@@ -14,10 +14,18 @@ equilibrium, and ``||W||_2`` (above 1 the cell is no longer a contraction).
 phantom and JFB gradients (``backward=``), every configuration from the same weights and batches, and prints
 per seed the training-loss curve, the number of epochs whose loss rose, and the test accuracy; then each
 configuration's test accuracy minus torchdeq's, paired by seed, with a 95% t-interval (about 2 minutes).
+
+``--audit [--epochs 2]`` asks the same question of the ResNet case (the DEQ tutorial's cell): it trains it as
+``bench_training.py`` does, then (1) solves 8 training samples in float64 with Anderson (m=5) to an absolute
+residual of 1e-10 with up to 1000 iterations and prints how many have a fixed point it reaches, after how many
+iterations, and where the others stall; (2) runs :func:`iterlayers.audit_gradients` on those samples (the
+benchmark's DEQ, cross-entropy loss of the head), whose verdict says whether any gradient mode can be
+trusted there (about a minute).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -61,17 +69,59 @@ def modes(seeds: int) -> None:
             print(f"{name}: test accuracy minus torchdeq's, paired by seed, {m:+.4f} [{lo:+.4f}, {hi:+.4f}]")
 
 
+def audit(seed: int, epochs: int, n: int = 8) -> None:
+    """The ResNet case: does it have fixed points the solver reaches, and which gradient can be trusted there
+    (see the module docstring)."""
+    xtr, ytr, _, _ = bt.digits()
+    run = bt.Run("iterlayers", bt.Net("resnet", seed=seed), "iterlayers", 1e-2, 30, None)
+    gen = torch.Generator().manual_seed(seed)
+    for e in range(epochs):
+        run.epoch(xtr, ytr, torch.randperm(len(ytr), generator=gen), 64, e * 23)
+    net = run.net
+    print(f"ResNet case, seed {seed}, after {epochs} epochs; train loss per epoch: "
+          + " ".join(f"{ep['train_loss']:.3f}" for ep in run.epochs))
+    xb, yb = xtr[:n], ytr[:n]
+    with torch.no_grad():
+        u = net.inject(xb)
+        cell = copy.deepcopy(net.cell).double()
+        u64 = u.double()
+        sol = il.solve(cell, torch.zeros_like(u64), args=(u64,), solver="anderson", m=5, atol=1e-10, rtol=0.0,
+                       max_iter=1000, on_failure="ignore")
+        st = sol.stats
+        fnorm = torch.linalg.vector_norm(cell(sol.z, u64).flatten(1), dim=1)
+        rel = st.abs_residual / fnorm
+    conv = st.converged
+    print(f"fixed points (float64, Anderson m=5, |f(z) - z| <= 1e-10, up to 1000 iterations): {int(conv.sum())} of "
+          f"{n} samples reach one" + (f", after {st.nstep[conv].float().mean():.0f} iterations on average"
+                                      if bool(conv.any()) else "")
+          + ("" if bool(conv.all()) else
+             f"; the others stall at relative residuals {', '.join(f'{float(r):.1e}' for r in rel[~conv])}"))
+    with torch.no_grad():
+        run.deq(u)
+    bst = run.deq.stats["forward"]
+    print(f"the benchmark's own solve of these samples (float32, relative 1e-2, 30 iterations): "
+          f"{int(bst.converged.sum())} of {n} meet its tolerance")
+    head = copy.deepcopy(net.head).double()
+    report = il.audit_gradients(run.deq, u.detach(), loss=lambda z: torch.nn.functional.cross_entropy(head(z), yb),
+                                n_directions=4, reference_max_iter=1000)
+    print(report)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=2)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--modes", action="store_true", help="train with each gradient mode instead (see above)")
     p.add_argument("--seeds", type=int, default=3, help="with --modes: the number of seeds")
+    p.add_argument("--audit", action="store_true", help="the ResNet case: fixed points and gradient audit (see above)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     pin_allocator()
     if a.modes:
         modes(a.seeds)
+        return
+    if a.audit:
+        audit(a.seed, a.epochs)
         return
     xtr, ytr, _, _ = bt.digits()
     run = bt.Run("iterlayers", bt.Net("mlp", seed=a.seed), "iterlayers", 1e-4, 50, None)

@@ -1,0 +1,68 @@
+"""Does ``torch.compile`` make the Anderson update cheaper on this CPU? A probe, not part of ``make bench``.
+
+Run: ``python benchmarks/compile_probe.py`` (about a minute, one thread; needs a C++ compiler for inductor).
+
+Times 30-iteration Anderson(m=5) solves of ``z = 0.9 tanh(z) + x`` on a ``64 x 1024`` float32 state (the
+training benchmark's ResNet state size; the cell is deliberately cheap, so the update dominates) with
+:func:`bench_training.anderson_update` run eagerly and compiled by ``torch.compile`` with static shapes
+(``dynamic=False``, one graph per ring slot and history length) and with ``dynamic=True``. Prints the compile
+time, the median CPU time per solve (15 repetitions, the first 3 dropped) and the largest difference of the
+compiled solves' results from the eager one. The update is ~15 small kernels on ``[b, m]`` and ``[b, m, n]``
+tensors, so a compiled version could only win by fusing them; the mixing system's batched solve and the two
+batched matrix products stay library calls either way.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_training import anderson_update  # noqa: E402
+
+
+def solve(update, x, m: int = 5, iters: int = 30, lam: float = 1e-4) -> torch.Tensor:
+    z = torch.zeros_like(x)
+    b, n = z.shape
+    G, Y = z.new_empty(b, m, n), z.new_empty(b, m, n)
+    H = z.new_zeros(b, m, m, dtype=torch.float64)
+    eye, ones = torch.eye(m, dtype=torch.float64), z.new_ones(b, m, 1, dtype=torch.float64)
+    fz = 0.9 * torch.tanh(z) + x
+    for k in range(iters):
+        z = update(G, Y, H, eye, ones, z, fz, k % m, min(k + 1, m), lam)
+        fz = 0.9 * torch.tanh(z) + x
+    return z
+
+
+def timed(fn, reps: int = 15) -> float:
+    times = []
+    for _ in range(reps):
+        c0 = time.process_time()
+        fn()
+        times.append(time.process_time() - c0)
+    return statistics.median(times[3:])
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    torch._dynamo.config.recompile_limit = 64  # (slot, nh) pairs: one graph each under static shapes
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = solve(anderson_update, x)
+        print(f"eager: {1e3 * timed(lambda: solve(anderson_update, x)):.1f} ms per 30-iteration solve")
+        for dynamic in (False, True):
+            compiled = torch.compile(anderson_update, dynamic=dynamic)
+            c0 = time.time()
+            out = solve(compiled, x)
+            first = time.time() - c0
+            t = timed(lambda: solve(compiled, x))
+            print(f"compiled (dynamic={dynamic}): {1e3 * t:.1f} ms per solve after {first:.0f} s of compiling; "
+                  f"largest difference from eager {float((out - ref).abs().max()):.1e}")
+        print(f"eager again: {1e3 * timed(lambda: solve(anderson_update, x)):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
