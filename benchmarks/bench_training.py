@@ -214,6 +214,15 @@ class Run:
                             "train_loss": loss_sum / len(order), "hit_rate": hits / looked if looked else None,
                             **{f"{ph}_converged": (sum(v) / len(v) if v else None) for ph, v in conv.items()}})
 
+    def train(self, x, y, epochs: int, seed: int, batch: int = 64) -> torch.Generator:
+        """``epochs`` epochs alone, each in a fresh permutation drawn from a generator seeded with ``seed``
+        (the batch order :func:`train_case` uses); returns the generator, to draw later orders from."""
+        gen = torch.Generator().manual_seed(seed)
+        steps = -(-len(y) // batch)
+        for e in range(epochs):
+            self.epoch(x, y, torch.randperm(len(y), generator=gen), batch, e * steps)
+        return gen
+
     @torch.no_grad()
     def accuracy(self, x, y, batch: int = 256) -> float:
         self.net.eval()

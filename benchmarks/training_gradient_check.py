@@ -74,9 +74,7 @@ def audit(seed: int, epochs: int, n: int = 8) -> None:
     (see the module docstring)."""
     xtr, ytr, _, _ = bt.digits()
     run = bt.Run("iterlayers", bt.Net("resnet", seed=seed), "iterlayers", 1e-2, 30, None)
-    gen = torch.Generator().manual_seed(seed)
-    for e in range(epochs):
-        run.epoch(xtr, ytr, torch.randperm(len(ytr), generator=gen), 64, e * 23)
+    run.train(xtr, ytr, epochs, seed)
     net = run.net
     print(f"ResNet case, seed {seed}, after {epochs} epochs; train loss per epoch: "
           + " ".join(f"{ep['train_loss']:.3f}" for ep in run.epochs))
@@ -125,9 +123,7 @@ def main(argv=None):
         return
     xtr, ytr, _, _ = bt.digits()
     run = bt.Run("iterlayers", bt.Net("mlp", seed=a.seed), "iterlayers", 1e-4, 50, None)
-    gen = torch.Generator().manual_seed(a.seed)
-    for e in range(a.epochs):
-        run.epoch(xtr, ytr, torch.randperm(len(ytr), generator=gen), 64, e * 23)
+    run.train(xtr, ytr, a.epochs, a.seed)
     net = run.net
     print("train loss per epoch:", " ".join(f"{ep['train_loss']:.3f}" for ep in run.epochs))
     print(f"||W||_2 = {float(torch.linalg.matrix_norm(net.cell.W.weight.detach(), 2)):.3f}")

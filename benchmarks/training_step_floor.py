@@ -85,9 +85,7 @@ def main(argv=None) -> None:
     pin_allocator()
     xtr, ytr, _, _ = bt.digits()
     trained = bt.Run("torchdeq", bt.Net("resnet", seed=a.seed), "torchdeq", 1e-2, 30, None)
-    gen = torch.Generator().manual_seed(a.seed)
-    for e in range(a.epochs):
-        trained.epoch(xtr, ytr, torch.randperm(len(ytr), generator=gen), 64, e * 23)
+    gen = trained.train(xtr, ytr, a.epochs, a.seed)
     net = trained.net
     runs = {"torchdeq": bt.Run("torchdeq", net, "torchdeq", 1e-2, 30, None),
             "iterlayers": bt.Run("iterlayers", net, "iterlayers", 1e-2, 30, None),
