@@ -314,16 +314,17 @@ def train_case(case, kind, tol, max_iter, seed, epochs, batch, xtr, ytr, xte, yt
     returns the case's rows (first: torchdeq)."""
     steps_per_epoch = -(-len(ytr) // batch)
     base = Net(kind, seed=seed)
-    # Under shuffling two visits of a sample are 1 to 2 * steps_per_epoch - 1 steps apart.
-    cache = FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch)
+
+    def cache():
+        # Under shuffling two visits of a sample are 1 to 2 * steps_per_epoch - 1 steps apart.
+        return FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch)
+
     runs = [Run("torchdeq", base, "torchdeq", tol, max_iter, None),
             Run("iterlayers", base, "iterlayers", tol, max_iter, None),
-            Run("iterlayers + cache", base, "iterlayers", tol, max_iter, cache),
-            Run("iterlayers + cache (converged rows)", base, "iterlayers", tol, max_iter,
-                FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch), converged_only=True),
-            Run("iterlayers + cache (forward and adjoint)", base, "iterlayers", tol, max_iter,
-                FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch),
-                FixedPointCache(capacity=len(ytr), max_age=2 * steps_per_epoch)),
+            Run("iterlayers + cache", base, "iterlayers", tol, max_iter, cache()),
+            Run("iterlayers + cache (converged rows)", base, "iterlayers", tol, max_iter, cache(),
+                converged_only=True),
+            Run("iterlayers + cache (forward and adjoint)", base, "iterlayers", tol, max_iter, cache(), cache()),
             Run("iterlayers (joint stopping)", base, "iterlayers", tol, max_iter, None, stopping="joint")]
     gen = torch.Generator().manual_seed(seed)
     for e in range(epochs):
