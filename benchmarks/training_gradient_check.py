@@ -15,11 +15,11 @@ phantom and JFB gradients (``backward=``), every configuration from the same wei
 per seed the training-loss curve, the number of epochs whose loss rose, and the test accuracy; then each
 configuration's test accuracy minus torchdeq's, paired by seed, with a 95% t-interval (about 2 minutes).
 
-``--audit [--epochs E] [--seed S]`` asks the same question of the ResNet case (the DEQ tutorial's cell): it trains it as
-``bench_training.py`` does, then (1) solves 8 training samples in float64 with Anderson (m=5) to an absolute
-residual of 1e-10 with up to 1000 iterations and prints how many have a fixed point it reaches, after how many
-iterations, and where the others stall; (2) runs :func:`iterlayers.audit_gradients` on those samples (the
-benchmark's DEQ, cross-entropy loss of the head), whose verdict says whether any gradient mode can be
+``--audit [--epochs E] [--seed S]`` asks the same question of the ResNet case (the DEQ tutorial's cell): it
+trains it as ``bench_training.py`` does, then (1) solves 8 training samples in float64 with Anderson (m=5) to
+an absolute residual of 1e-10 with up to 1000 iterations and prints how many have a fixed point it reaches,
+after how many iterations, and where the others stall; (2) runs :func:`iterlayers.audit_gradients` on those
+samples (the benchmark's DEQ, cross-entropy loss of the head), whose verdict says whether any gradient mode can be
 trusted there (about a minute).
 """
 from __future__ import annotations
