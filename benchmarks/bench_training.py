@@ -413,25 +413,42 @@ def cell_work(net: Net, x: torch.Tensor, reps: int = 30, m: int = 5) -> dict:
 
 def bare_anderson(f, z: torch.Tensor, m: int = 5, iters: int = 30, lam: float = 1e-4) -> float:
     """Mean CPU time per iteration of the arithmetic every Anderson(m) iteration of a relative-tolerance
-    solve performs, without anything else (:func:`anderson_update`, then the two norms a relative stopping
-    test needs). No stopping logic, safeguard, best iterate or statistics; ``f``'s own time is excluded. Both
-    libraries perform at least this per iteration (torchdeq's Anderson is the same type-II update), so at
-    their iteration counts it bounds from below what any eager-PyTorch Anderson loop can cost on this
-    machine."""
+    solve performs, without anything else (:func:`bare_solve`: :func:`anderson_update`, then the two norms a
+    relative stopping test needs). No stopping logic, safeguard, best iterate or statistics; ``f``'s own time
+    is excluded. Both libraries perform at least this per iteration (torchdeq's Anderson is the same type-II
+    update), so at their iteration counts it bounds from below what any eager-PyTorch Anderson loop can cost
+    on this machine."""
+    spent = [0.0]
+    bare_solve(f, z, iters=iters, m=m, lam=lam, clock=spent)
+    return spent[0] / iters
+
+
+def bare_solve(f, z: torch.Tensor, iters: int = 30, m: int = 5, lam: float = 1e-4, update=None, norms: bool = True,
+               clock: list | None = None, iterates: dict | None = None) -> torch.Tensor:
+    """``iters`` Anderson(m) iterations of ``z = f(z)`` from ``z`` (``[b, n]``), each :func:`anderson_update`
+    (or ``update``, a function with its signature, e.g. a compiled one), then ``f``, then (``norms``) the two
+    norms of a relative stopping test, and nothing else; returns the last iterate. ``clock``: a one-element
+    list to which the CPU time spent outside ``f`` is added; ``iterates``: a dict receiving iterate ``k``
+    under key ``k``."""
+    update = anderson_update if update is None else update
     b, n = z.shape
     G, Y = z.new_empty(b, m, n), z.new_empty(b, m, n)
     H = z.new_zeros(b, m, m, dtype=torch.float64)
     eye, ones = torch.eye(m, dtype=torch.float64), z.new_ones(b, m, 1, dtype=torch.float64)
-    fz, spent = f(z), 0.0
+    fz = f(z)
     for k in range(iters):
         c0 = time.process_time()
-        z = anderson_update(G, Y, H, eye, ones, z, fz, k % m, min(k + 1, m), lam)
-        spent += time.process_time() - c0
+        z = update(G, Y, H, eye, ones, z, fz, k % m, min(k + 1, m), lam)
+        c1 = time.process_time()
         fz = f(z)
-        c0 = time.process_time()
-        torch.linalg.vector_norm(fz - z, dim=1), torch.linalg.vector_norm(fz, dim=1)
-        spent += time.process_time() - c0
-    return spent / iters
+        c2 = time.process_time()
+        if norms:
+            torch.linalg.vector_norm(fz - z, dim=1), torch.linalg.vector_norm(fz, dim=1)
+        if clock is not None:
+            clock[0] += (c1 - c0) + (time.process_time() - c2)
+        if iterates is not None:
+            iterates[k + 1] = z
+    return z
 
 
 def anderson_update(G, Y, H, eye, ones, z, fz, slot: int, nh: int, lam: float) -> torch.Tensor:

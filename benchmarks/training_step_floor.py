@@ -38,26 +38,12 @@ import bench_training as bt  # noqa: E402
 from bench_torchdeq import pin_allocator  # noqa: E402
 
 
-def bare_solve(F, z: torch.Tensor, iters: int = 30, m: int = 5, lam: float = 1e-4) -> torch.Tensor:
-    """``iters`` Anderson(m) iterations of ``z = F(z)`` and the norms of a relative test, nothing else."""
-    b, n = z.shape
-    G, Y = z.new_empty(b, m, n), z.new_empty(b, m, n)
-    H = z.new_zeros(b, m, m, dtype=torch.float64)
-    eye, ones = torch.eye(m, dtype=torch.float64), z.new_ones(b, m, 1, dtype=torch.float64)
-    fz = F(z)
-    for k in range(iters):
-        z = bt.anderson_update(G, Y, H, eye, ones, z, fz, k % m, min(k + 1, m), lam)
-        fz = F(z)
-        torch.linalg.vector_norm(fz - z, dim=1), torch.linalg.vector_norm(fz, dim=1)
-    return z
-
-
 def bare_step(net: bt.Net, xb: torch.Tensor, yb: torch.Tensor, iters: int = 30) -> list[torch.Tensor]:
     """Forward solve, implicit backward (Anderson on the adjoint); returns the parameter gradients."""
     b = len(xb)
     u = net.inject(xb)
     with torch.no_grad():
-        z = bare_solve(lambda zz: net.cell(zz.view_as(u), u).reshape(b, -1), u.new_zeros(b, u[0].numel()), iters)
+        z = bt.bare_solve(lambda zz: net.cell(zz.view_as(u), u).reshape(b, -1), u.new_zeros(b, u[0].numel()), iters)
     zg = z.view_as(u).requires_grad_()
     fz = net.cell(zg, u)  # one differentiable evaluation at the solution
     out = fz.detach().requires_grad_()
@@ -69,7 +55,7 @@ def bare_step(net: bt.Net, xb: torch.Tensor, yb: torch.Tensor, iters: int = 30) 
     def adjoint_map(w):
         return torch.autograd.grad(fz, zg, w.view_as(fz), retain_graph=True)[0].reshape(b, -1) + gz
 
-    w = bare_solve(adjoint_map, gz.clone(), iters)
+    w = bt.bare_solve(adjoint_map, gz.clone(), iters)
     rest = [*net.inject.parameters(), *net.cell.parameters()]
     grest = torch.autograd.grad(fz, rest, w.view_as(fz))
     return [*grest, *ghead]
@@ -102,7 +88,7 @@ def main(argv=None) -> None:
     with torch.no_grad():
         u = net.inject(xb)
         b = len(xb)
-        bare = bare_solve(lambda zz: net.cell(zz.view_as(u), u).reshape(b, -1), u.new_zeros(b, u[0].numel()))
+        bare = bt.bare_solve(lambda zz: net.cell(zz.view_as(u), u).reshape(b, -1), u.new_zeros(b, u[0].numel()))
         sol = il.solve(net.cell, torch.zeros_like(u), args=(u,), solver="anderson", m=5, atol=0.0, rtol=1e-2,
                        max_iter=30, stopping="joint", keep=(30,), on_failure="ignore")
     diff = float((sol.stats.iterates[30].reshape(b, -1) - bare).abs().max())
